@@ -1,0 +1,22 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (everything CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench soak
+
+demo: $(VENV)/.installed
+	$(BIN)/trims demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/coldstart.py
+
+# torch first, from the CPU build: anything that pulls torch in later would fetch CUDA builds.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@

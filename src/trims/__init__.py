@@ -1,0 +1,63 @@
+"""trims: deep-learning models resident on the node, shared zero-copy and read-only.
+
+    import trims
+    with trims.connect() as client:
+        with client.open("resnet50:1") as model:   # Mapping[str, numpy.ndarray]
+            ...
+
+Framework adapters live in their own modules (``trims.torch``); importing ``trims``
+imports no framework.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .client import Client, ModelView, connect
+from .errors import (
+    CapacityError,
+    ConfigError,
+    ConnectionLost,
+    DaemonUnavailable,
+    IntegrityError,
+    InternalError,
+    InvalidModel,
+    InvalidName,
+    LocalProtocolError,
+    ModelBusy,
+    ModelMismatch,
+    ModelNotFound,
+    ProtocolError,
+    RemoteProtocolError,
+    RequestError,
+    StorageError,
+    TrimsError,
+)
+from .protocol import ModelSummary, PushResult, TensorEntry
+
+__all__ = [
+    "__version__",
+    "connect",
+    "Client",
+    "ModelView",
+    "ModelSummary",
+    "PushResult",
+    "TensorEntry",
+    "TrimsError",
+    "ConfigError",
+    "ModelMismatch",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "DaemonUnavailable",
+    "ConnectionLost",
+    "RequestError",
+    "InvalidName",
+    "ModelNotFound",
+    "InvalidModel",
+    "ModelBusy",
+    "CapacityError",
+    "IntegrityError",
+    "StorageError",
+    "InternalError",
+]

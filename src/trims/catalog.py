@@ -1,0 +1,256 @@
+"""The store directory: names, manifests, segments and side files, each written atomically.
+
+Layout (every file is written to ``tmp/``, fsynced, then renamed into place)::
+
+    <store>/lock                      held (flock) by the one daemon using this store
+    <store>/tags.json                 {"resnet50:1": "sha256:…"}: names point at digests
+    <store>/models/<hex>.json         Manifest, named by the model digest
+    <store>/segments/<hex>.json       SegmentLayout, named by the segment id
+    <store>/segments/<hex>.bin        the segment's bytes
+    <store>/files/<hex>               side files (config.json, tokenizer), by content digest
+    <store>/tmp/                      partial writes; emptied at start
+
+A crash at any point leaves either the old or the new state visible: a segment is renamed
+into place before the manifest that uses it, and a manifest before the tag that names it.
+What a crash leaves unreferenced is collected at the next start.
+
+Not thread-safe: the store serialises every call.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import digest as digests
+from .errors import ConfigError, StorageError
+from .records import Manifest, SegmentLayout
+
+log = logging.getLogger("trims.catalog")
+
+FORMAT = "trims-store 1\n"
+
+
+class Catalog:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock_fd = self._take_lock()
+        self.tags: dict[str, str] = {}
+        self.manifests: dict[str, Manifest] = {}
+        self.segments: dict[str, SegmentLayout] = {}
+        self.locations: dict[str, tuple[str, int]] = {}  # tensor digest -> (segment, offset)
+        self._load()
+
+    # --- paths ------------------------------------------------------------------------
+
+    def segment_path(self, segment_id: str) -> Path:
+        return self.root / "segments" / f"{digests.hex_of(segment_id)}.bin"
+
+    def file_path(self, file_digest: str) -> Path:
+        return self.root / "files" / digests.hex_of(file_digest)
+
+    def temp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    # --- writes -------------------------------------------------------------------------
+
+    def add_segment(self, layout: SegmentLayout, data_path: Path) -> None:
+        """Move a complete, fsynced segment file into place and record its layout."""
+        _rename_durably(data_path, self.segment_path(layout.id))
+        self._write_json(self.root / "segments" / f"{digests.hex_of(layout.id)}.json", layout.to_json())
+        self._index_segment(layout)
+
+    def add_file(self, file_digest: str, data: bytes) -> None:
+        if not self.file_path(file_digest).exists():
+            self._write_bytes(self.file_path(file_digest), data)
+
+    def read_file(self, file_digest: str) -> bytes:
+        return self.file_path(file_digest).read_bytes()
+
+    def add_manifest(self, manifest: Manifest) -> None:
+        if manifest.digest not in self.manifests:
+            self._write_json(self._manifest_path(manifest.digest), manifest.to_json())
+            self.manifests[manifest.digest] = manifest
+
+    def set_tag(self, name: str, model_digest: str) -> None:
+        tags = {**self.tags, name: model_digest}
+        self._write_json(self.root / "tags.json", tags)
+        self.tags = tags
+
+    def remove_tag(self, name: str) -> None:
+        tags = {k: v for k, v in self.tags.items() if k != name}
+        self._write_json(self.root / "tags.json", tags)
+        self.tags = tags
+
+    def collect_garbage(self, keep_segments: set[str]) -> int:
+        """Delete models no tag names, then segments and files no model uses; bytes freed.
+
+        ``keep_segments`` are segments still leased to clients: their files stay until a
+        later collection.
+        """
+        tagged = set(self.tags.values())
+        for model_digest in [d for d in self.manifests if d not in tagged]:
+            _unlink(self._manifest_path(model_digest))
+            del self.manifests[model_digest]
+        used_segments = {
+            self.locations[t.digest][0]
+            for m in self.manifests.values()
+            for t in m.tensors
+            if t.digest in self.locations
+        }
+        freed = 0
+        for segment_id in [s for s in self.segments if s not in used_segments | keep_segments]:
+            freed += self.segments[segment_id].size
+            self._drop_segment(segment_id)
+        used_files = {d for m in self.manifests.values() for d in m.files.values()}
+        for path in (self.root / "files").iterdir():
+            if digests.PREFIX + path.name not in used_files:
+                freed += path.stat().st_size
+                _unlink(path)
+        return freed
+
+    def disk_bytes(self) -> int:
+        files = sum(p.stat().st_size for p in (self.root / "files").iterdir())
+        return files + sum(layout.size for layout in self.segments.values())
+
+    # --- loading ------------------------------------------------------------------------
+
+    def _take_lock(self) -> int:
+        for sub in ("models", "segments", "files", "tmp"):
+            (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"another trims daemon is using the store {self.root}; stop it or pass "
+                "--store with another directory"
+            ) from None
+        return fd
+
+    def close(self) -> None:
+        os.close(self._lock_fd)
+
+    def _load(self) -> None:
+        format_file = self.root / "format"
+        if format_file.exists() and format_file.read_text() != FORMAT:
+            raise ConfigError(f"{self.root} holds a store of another format: {format_file.read_text()!r}")
+        if not format_file.exists():
+            self._write_bytes(format_file, FORMAT.encode())
+        shutil.rmtree(self.temp_dir())
+        self.temp_dir().mkdir(mode=0o700)
+        self._load_segments()
+        self._load_manifests()
+        tags = self._read_json(self.root / "tags.json") or {}
+        self.tags = {name: d for name, d in tags.items() if self._usable_tag(name, d)}
+
+    def _load_segments(self) -> None:
+        for path in (self.root / "segments").glob("*.json"):
+            doc = self._read_json(path)
+            try:
+                layout = SegmentLayout.from_json(doc)
+                size_on_disk = self.segment_path(layout.id).stat().st_size
+            except (TypeError, KeyError, ValueError, OSError) as exc:
+                log.error("segment %s is unusable and was skipped: %s", path.name, exc)
+                continue
+            if size_on_disk != layout.size:
+                log.error("segment %s has %d bytes, expected %d; skipped", path.name, size_on_disk, layout.size)
+                continue
+            self._index_segment(layout)
+        known = {digests.hex_of(s) for s in self.segments}
+        for path in (self.root / "segments").glob("*.bin"):
+            if path.stem not in known:  # a push interrupted between its two renames
+                _unlink(path)
+
+    def _load_manifests(self) -> None:
+        for path in (self.root / "models").glob("*.json"):
+            try:
+                manifest = Manifest.from_json(self._read_json(path))
+            except (TypeError, KeyError, ValueError) as exc:
+                log.error("model manifest %s is unusable and was skipped: %s", path.name, exc)
+                continue
+            missing = [t.name for t in manifest.tensors if t.digest not in self.locations]
+            if missing:
+                log.error("model %s lacks the bytes of %d tensors (e.g. %s); skipped", path.stem, len(missing), missing[0])
+                continue
+            self.manifests[manifest.digest] = manifest
+
+    def _usable_tag(self, name: str, model_digest: str) -> bool:
+        if model_digest in self.manifests:
+            return True
+        log.error("tag %s points at %s, which the store no longer holds; dropped", name, model_digest)
+        return False
+
+    def _index_segment(self, layout: SegmentLayout) -> None:
+        self.segments[layout.id] = layout
+        for entry in layout.entries:
+            self.locations.setdefault(entry.digest, (layout.id, entry.offset))
+
+    def _drop_segment(self, segment_id: str) -> None:
+        _unlink(self.root / "segments" / f"{digests.hex_of(segment_id)}.json")
+        _unlink(self.segment_path(segment_id))
+        del self.segments[segment_id]
+        self.locations = {d: loc for d, loc in self.locations.items() if loc[0] != segment_id}
+        # Another segment may hold a copy of a tensor this one indexed first.
+        for layout in self.segments.values():
+            for entry in layout.entries:
+                self.locations.setdefault(entry.digest, (layout.id, entry.offset))
+
+    def _manifest_path(self, model_digest: str) -> Path:
+        return self.root / "models" / f"{digests.hex_of(model_digest)}.json"
+
+    # --- atomic file helpers ---------------------------------------------------------------
+
+    def _read_json(self, path: Path) -> Any:
+        try:
+            return json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.error("%s is unreadable: %s", path, exc)
+            return None
+
+    def _write_json(self, path: Path, doc: Any) -> None:
+        self._write_bytes(path, json.dumps(doc, separators=(",", ":")).encode())
+
+    def _write_bytes(self, path: Path, data: bytes) -> None:
+        fd, temp = tempfile.mkstemp(dir=self.temp_dir(), prefix=path.name)
+        try:
+            with open(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            _rename_durably(Path(temp), path)
+        except OSError as exc:
+            _unlink(Path(temp))
+            raise storage_error(exc, f"writing {path.name}") from None
+
+
+def storage_error(exc: OSError, doing: str) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(f"the store's disk is full while {doing}; free space or move --store")
+    return StorageError(f"store I/O failed while {doing}: {exc.strerror or exc}")
+
+
+def _rename_durably(source: Path, target: Path) -> None:
+    os.replace(source, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,368 @@
+"""The client: connect to the node's daemon, open models as read-only mappings.
+
+``Client.open`` returns a :class:`ModelView`, a ``Mapping[str, numpy.ndarray]`` over the
+daemon's sealed segments mapped copy-on-write: no byte is copied, a write stays private to
+the process that makes it, and the descriptors are closed as soon as the memory is mapped
+(a model costs no descriptors and one mapping per segment).
+
+A lease keeps the model in the daemon's host memory. It ends at :meth:`ModelView.close`,
+when the process exits, or once nothing refers to the view or to any array or tensor made
+from it.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import threading
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, TypeVar
+
+from . import protocol, transport
+from .config import default_socket_path
+from .errors import ConnectionLost, InvalidModel, RemoteProtocolError, error_for_code
+from .protocol import ModelSummary, PushResult, TensorEntry
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["Client", "ModelView", "connect", "shared_client", "model_files"]
+
+_Reply = TypeVar("_Reply", bound=protocol.Message)
+_INDEX_FILES = ("model.safetensors.index.json",)
+_SIDE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
+
+
+def connect(socket: str | os.PathLike | None = None, *, timeout: float | None = 10.0) -> Client:
+    """A client of the daemon at ``socket`` (default: ``$TRIMS_SOCKET`` or the per-user path).
+
+    Raises :class:`~trims.errors.DaemonUnavailable` if no daemon answers.
+    """
+    client = Client(Path(socket) if socket is not None else default_socket_path(), timeout=timeout)
+    client.ping()
+    return client
+
+
+_shared: Client | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_client() -> Client:
+    """One client per process for the adapters' convenience functions (``client=None``)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared.socket_path != default_socket_path():
+            _shared = connect()
+        return _shared
+
+
+class Client:
+    """A connection to the daemon. Thread-safe; reconnects after a daemon restart.
+
+    Safe across ``fork()``: a child process opens a connection of its own on first use.
+    """
+
+    def __init__(self, socket_path: Path, *, timeout: float | None = 10.0) -> None:
+        self.socket_path = socket_path
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._channel: transport.Channel | None = None
+        self._pid = os.getpid()
+        self._generation = 0  # bumped on every new connection: leases belong to one
+        self._next_id = 0
+        self._pending_releases: list[tuple[int, int]] = []
+
+    # --- public verbs ----------------------------------------------------------------------
+
+    def ping(self) -> protocol.Pong:
+        return self._request(protocol.Ping(), protocol.Pong)[0]
+
+    def open(self, name: str) -> ModelView:
+        """Lease and map model ``name`` (``NAME[:TAG]`` or a ``sha256:`` digest)."""
+        reply, generation = self._request(protocol.Open(name=name), protocol.Opened)
+        return _map_model(reply, _Lease(self, reply.lease, generation))
+
+    def push(self, path: str | os.PathLike, name: str) -> PushResult:
+        """Register a ``.safetensors`` file or a model directory under ``name``.
+
+        The files are opened here and passed as descriptors; the daemon never opens a path.
+        """
+        files = model_files(Path(path))
+        fds: list[int] = []
+        try:
+            for _, file_path in files:
+                fds.append(os.open(file_path, os.O_RDONLY | os.O_CLOEXEC))
+            message = protocol.Push(name=name, files=tuple(label for label, _ in files), fds=tuple(fds))
+            return self._request(message, protocol.Pushed)[0].result
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def list(self) -> list[ModelSummary]:
+        return list(self._request(protocol.ListModels(), protocol.ModelList)[0].models)
+
+    def info(self, name: str) -> ModelSummary:
+        return self._request(protocol.Info(name=name), protocol.ModelDetails)[0].model
+
+    def evict(self, name: str) -> int:
+        """Drop a model from the daemon's host memory (it stays on disk); bytes freed."""
+        return self._request(protocol.Evict(name=name), protocol.Evicted)[0].freed_bytes
+
+    def remove(self, name: str) -> int:
+        """Delete a name; the bytes go once no name and no lease needs them. Bytes deleted."""
+        return self._request(protocol.Remove(name=name), protocol.Removed)[0].deleted_bytes
+
+    def stats(self) -> dict[str, Any]:
+        return self._request(protocol.Stats(), protocol.StatsReply)[0].stats
+
+    def close(self) -> None:
+        """Close the connection; the daemon ends every lease it carried."""
+        with self._lock:
+            self._drop_channel_locked()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def _request(self, message: protocol.Message, reply_type: type[_Reply]) -> tuple[_Reply, int]:
+        """Send one request and wait for its reply, reconnecting once if the daemon restarted."""
+        with self._lock:
+            for attempt in (1, 2):
+                fresh = self._channel is None or self._pid != os.getpid()
+                channel = self._channel_locked()
+                try:
+                    self._flush_releases_locked(channel)
+                    reply = self._exchange_locked(channel, message)
+                except ConnectionLost:
+                    self._drop_channel_locked()
+                    if fresh or attempt == 2:
+                        raise
+                    continue  # a stale connection to a daemon that has restarted
+                return _expect(reply, reply_type), self._generation
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _exchange_locked(self, channel: transport.Channel, message: protocol.Message) -> protocol.Message:
+        self._next_id += 1
+        request_id = self._next_id
+        channel.send(_with_id(message, request_id))
+        reply = channel.receive()
+        if reply.id != request_id and not isinstance(reply, protocol.Error):
+            _close_fds(reply.fds)
+            self._drop_channel_locked()
+            raise RemoteProtocolError(f"reply {reply.id} does not answer request {request_id}")
+        return reply
+
+    def _channel_locked(self) -> transport.Channel:
+        if self._pid != os.getpid():  # forked: the parent's connection is not ours to use
+            self._drop_channel_locked()
+            self._pid = os.getpid()
+        if self._channel is None:
+            self._channel = transport.connect(self.socket_path, timeout=self._timeout)
+            self._generation += 1
+        return self._channel
+
+    def _drop_channel_locked(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+            self._pending_releases.clear()  # those leases ended with the connection
+
+    # --- leases ---------------------------------------------------------------------------------
+
+    def _release(self, lease: int, generation: int) -> None:
+        """End a lease now (an explicit close)."""
+        with self._lock:
+            if generation == self._generation and self._channel is not None and self._pid == os.getpid():
+                try:
+                    _expect(self._exchange_locked(self._channel, protocol.Release(lease=lease)), protocol.Done)
+                except ConnectionLost:
+                    self._drop_channel_locked()
+
+    def _release_later(self, lease: int, generation: int) -> None:
+        """End a lease whose memory was garbage-collected; sent with the next request.
+
+        Runs inside the garbage collector, maybe while this thread holds the lock, so it
+        must not block or send.
+        """
+        self._pending_releases.append((lease, generation))
+
+    def _flush_releases_locked(self, channel: transport.Channel) -> None:
+        pending, self._pending_releases = self._pending_releases, []
+        for lease, generation in pending:
+            if generation == self._generation:
+                _expect(self._exchange_locked(channel, protocol.Release(lease=lease)), protocol.Done)
+
+
+class _Lease:
+    """Holds a daemon lease while anything refers to it (a view, its mappings)."""
+
+    def __init__(self, client: Client, lease: int, generation: int) -> None:
+        self._finalizer = weakref.finalize(self, client._release_later, lease, generation)
+        self._finalizer.atexit = False  # the connection closes at exit and ends it anyway
+        self._client = weakref.ref(client)
+
+    def close(self) -> None:
+        detached = self._finalizer.detach()
+        client = self._client()
+        if detached is not None and client is not None:
+            _, _, (lease, generation), _ = detached
+            client._release(lease, generation)
+
+
+class _Segment(mmap.mmap):
+    """A mapped segment that keeps its lease alive while arrays or tensors use it."""
+
+    lease: _Lease
+
+
+class ModelView(Mapping[str, "np.ndarray"]):
+    """A leased, mapped model: tensor name -> read-only ``numpy.ndarray``, no copies.
+
+    ``index`` has each tensor's safetensors dtype, shape and place; ``segments`` are the
+    mapped buffers (adapters build their own tensors from them).
+    """
+
+    def __init__(self, *, name: str, digest: str, nbytes: int, metadata: dict[str, str],
+                 index: dict[str, TensorEntry], segments: tuple[_Segment, ...], lease: _Lease) -> None:
+        self.name = name
+        self.digest = digest
+        self.nbytes = nbytes
+        self.metadata = metadata
+        self.index = index
+        self.segments = segments
+        self._lease = lease
+        self._arrays: dict[str, np.ndarray] = {}
+        self.closed = False
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if self.closed:
+            raise ValueError(f"model view of {self.name} is closed")
+        array = self._arrays.get(key)
+        if array is None:
+            from ._numpy_views import as_array
+
+            entry = self.index[key]
+            array = self._arrays[key] = as_array(self.segments[entry.segment], entry)
+        return array
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.index
+
+    def close(self) -> None:
+        """End the lease now. Arrays already taken stay valid: the mapping is private."""
+        if not self.closed:
+            self.closed = True
+            self._arrays.clear()
+            self._lease.close()
+
+    def __enter__(self) -> ModelView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self.index)} tensors, {self.nbytes} bytes"
+        return f"<ModelView {self.name} {self.digest[:19]} {state}>"
+
+
+def _map_model(reply: protocol.Opened, lease: _Lease) -> ModelView:
+    try:
+        segments = tuple(_map_segment(fd, size, lease) for fd, size in zip(reply.fds, reply.segment_sizes))
+        index = {entry.name: entry for entry in reply.tensors}
+        for entry in reply.tensors:
+            if not (0 <= entry.segment < len(segments) and 0 <= entry.offset
+                    and entry.offset + entry.nbytes <= reply.segment_sizes[entry.segment]):
+                raise RemoteProtocolError(f"tensor {entry.name!r} lies outside its segment")
+    except BaseException:
+        lease.close()
+        raise
+    finally:
+        _close_fds(reply.fds)
+    return ModelView(name=reply.name, digest=reply.digest, nbytes=reply.nbytes, metadata=reply.metadata,
+                     index=index, segments=segments, lease=lease)
+
+
+def _map_segment(fd: int, size: int, lease: _Lease) -> _Segment:
+    if os.fstat(fd).st_size < size:
+        raise RemoteProtocolError(f"segment is {os.fstat(fd).st_size} bytes, the daemon said {size}")
+    # MAP_PRIVATE + write: a write copies the page into this process only. Never
+    # MAP_POPULATE: it would pre-fault for write and copy the whole model.
+    segment = _Segment(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    segment.lease = lease
+    return segment
+
+
+def _expect(reply: protocol.Message, reply_type: type[_Reply]) -> _Reply:
+    if isinstance(reply, protocol.Error):
+        if reply.code == "protocol_error":
+            raise RemoteProtocolError(f"the daemon rejected a frame: {reply.message}")
+        raise error_for_code(reply.code, reply.message)
+    if not isinstance(reply, reply_type):
+        _close_fds(reply.fds)
+        raise RemoteProtocolError(f"expected a {reply_type.TYPE} reply, got {reply.TYPE}")
+    return reply
+
+
+def _with_id(message: protocol.Message, request_id: int) -> protocol.Message:
+    import dataclasses
+
+    return dataclasses.replace(message, id=request_id)
+
+
+def _close_fds(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def model_files(path: Path) -> list[tuple[str, Path]]:
+    """The files a push of ``path`` sends: its safetensors weights and small side files.
+
+    ``path`` is a ``.safetensors`` file, or a directory holding one or several (a Hugging
+    Face model directory, sharded with a ``model.safetensors.index.json`` or not) along
+    with its config and tokenizer files.
+    """
+    if path.is_file() and path.suffix == ".safetensors":
+        return [(path.name, path)]
+    if not path.is_dir():
+        raise InvalidModel(f"{path} is not a .safetensors file or a directory holding them")
+    weights = _weight_files(path)
+    side = sorted(
+        p.name for p in path.iterdir()
+        if p.is_file() and p.suffix in _SIDE_SUFFIXES and not p.name.endswith(".index.json")
+    )
+    return [(name, path / name) for name in weights + side]
+
+
+def _weight_files(directory: Path) -> list[str]:
+    index = next((directory / n for n in _INDEX_FILES if (directory / n).is_file()), None)
+    if index is None:
+        names = sorted(p.name for p in directory.glob("*.safetensors") if p.is_file())
+        if not names:
+            raise InvalidModel(f"{directory} holds no .safetensors file")
+        return names
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InvalidModel(f"{index} is not a safetensors index: {exc}") from None
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise InvalidModel(f"{index.name} lists {missing[0]}, which is not in {directory}")
+    return names

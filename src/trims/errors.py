@@ -1,0 +1,146 @@
+"""Every error trims raises, in one tree.
+
+::
+
+    TrimsError
+    ├── ConfigError                  a bad flag, size or path given to trims itself
+    ├── ModelMismatch                a framework module that does not fit the stored tensors
+    ├── ProtocolError                bytes on the socket that are not a valid trims frame
+    │   ├── LocalProtocolError       this side was about to send something invalid (a bug here)
+    │   └── RemoteProtocolError      the peer sent something invalid
+    ├── DaemonUnavailable            no daemon answers on the socket
+    │   └── ConnectionLost           the daemon went away in the middle of a request
+    └── RequestError                 the daemon understood the request and refused it
+        ├── InvalidName              a model name that is not NAME[:TAG]
+        ├── ModelNotFound            no model by that name (or not visible to you)
+        ├── InvalidModel             a file that is not a valid safetensors model
+        ├── ModelBusy                the model is leased and cannot be evicted now
+        ├── CapacityError            the model does not fit in the memory trims was given
+        ├── IntegrityError           stored bytes no longer match their digest
+        ├── StorageError             the store could not be read or written (disk full, I/O)
+        └── InternalError            a bug in the daemon; it kept serving
+
+A :class:`RequestError` travels over the wire as ``(code, message)``; each subclass owns
+one code, so the client raises the same class the daemon raised.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TrimsError",
+    "ConfigError",
+    "ModelMismatch",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "DaemonUnavailable",
+    "ConnectionLost",
+    "RequestError",
+    "InvalidName",
+    "ModelNotFound",
+    "InvalidModel",
+    "ModelBusy",
+    "CapacityError",
+    "IntegrityError",
+    "StorageError",
+    "InternalError",
+    "error_for_code",
+]
+
+
+class TrimsError(Exception):
+    """Base of every error trims raises on purpose."""
+
+
+class ConfigError(TrimsError):
+    """A flag, size, environment variable or path given to trims is unusable."""
+
+
+class ModelMismatch(TrimsError):
+    """An adapter built a module whose parameters do not match the model's stored tensors."""
+
+
+class ProtocolError(TrimsError):
+    """Bytes on the socket that are not a valid trims frame."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to encode an invalid message: a bug in the caller."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent an invalid frame; the connection cannot be trusted any further."""
+
+
+class DaemonUnavailable(TrimsError, ConnectionError):
+    """No trims daemon answers on the socket."""
+
+
+class ConnectionLost(DaemonUnavailable):
+    """The connection to the daemon closed in the middle of a request."""
+
+
+class RequestError(TrimsError):
+    """The daemon refused a request. ``code`` names the reason on the wire."""
+
+    code = "request_error"
+
+
+class InvalidName(RequestError):
+    code = "invalid_name"
+
+
+class ModelNotFound(RequestError, KeyError):
+    code = "model_not_found"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidModel(RequestError):
+    code = "invalid_model"
+
+
+class ModelBusy(RequestError):
+    code = "model_busy"
+
+
+class CapacityError(RequestError):
+    code = "capacity"
+
+
+class IntegrityError(RequestError):
+    code = "integrity"
+
+
+class StorageError(RequestError):
+    code = "storage"
+
+
+class InternalError(RequestError):
+    code = "internal"
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        RequestError,
+        InvalidName,
+        ModelNotFound,
+        InvalidModel,
+        ModelBusy,
+        CapacityError,
+        IntegrityError,
+        StorageError,
+        InternalError,
+    )
+}
+
+
+def error_for_code(code: str, message: str) -> RequestError:
+    """The exception a daemon's error reply stands for; unknown codes stay RequestError."""
+    cls = _BY_CODE.get(code, RequestError)
+    error = cls(message)
+    if cls is RequestError:
+        error.code = code
+    return error

@@ -1,0 +1,470 @@
+"""The trims wire protocol, sans-IO: bytes and file descriptors in, typed messages out.
+
+A frame is a 12-byte header followed by a UTF-8 JSON object::
+
+    offset  size  field
+    0       4     magic, b"TRIM"
+    4       1     protocol version (PROTOCOL_VERSION)
+    5       1     number of file descriptors sent with the frame (0..MAX_FDS_PER_FRAME)
+    6       2     flags, big-endian; must be 0
+    8       4     payload length n, big-endian; 12 + n <= the decoder's frame cap
+    12      n     payload: {"type": "<message type>", "id": <request id>, ...named fields}
+
+File descriptors travel beside the bytes (``SCM_RIGHTS``) and arrive no later than the
+first byte of their frame; the decoder hands them, in order, to the frame that declares
+them. Unknown payload fields are ignored (a newer peer may add optional ones); missing or
+mistyped ones are a :class:`~trims.errors.RemoteProtocolError`. Nothing else may escape
+:meth:`Decoder.next_message`.
+
+This module does no I/O: :mod:`trims.transport` moves the bytes and descriptors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+import types
+import typing
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Union
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+MAGIC = b"TRIM"
+HEADER = struct.Struct("!4sBBHI")
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+# The kernel refuses more than 253 descriptors in one sendmsg (SCM_MAX_FD).
+MAX_FDS_PER_FRAME = 250
+_INT_RANGE = (-(2**63), 2**64)
+
+_MESSAGE_TYPES: dict[str, type[Message]] = {}
+
+
+def _message(type_name: str):
+    def register(cls):
+        cls = dataclass(frozen=True, kw_only=True)(cls)
+        cls.TYPE = type_name
+        _MESSAGE_TYPES[type_name] = cls
+        return cls
+
+    return register
+
+
+def _fds_field():
+    """A field filled from the descriptors beside the frame, never from its JSON."""
+    return field(default=(), metadata={"wire": False})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """A frame's content. ``id`` pairs a reply with its request."""
+
+    TYPE: ClassVar[str] = ""
+    id: int = 0
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return ()
+
+    def expected_fds(self) -> int:
+        """How many descriptors a valid frame of this message carries."""
+        return 0
+
+
+# --- records nested inside messages -------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorEntry:
+    """Where one tensor of an opened model lives: ``offset`` bytes into ``segment``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    segment: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSummary:
+    name: str
+    digest: str
+    nbytes: int
+    tensors: int
+    tiers: tuple[str, ...]
+    leases: int
+    segments: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PushResult:
+    """What a push stored: ``new_bytes`` is 0 when the store already held every tensor."""
+
+    name: str
+    digest: str
+    nbytes: int
+    tensors: int
+    new_bytes: int
+
+
+# --- requests -----------------------------------------------------------------------
+
+
+@_message("ping")
+class Ping(Message):
+    pass
+
+
+@_message("open")
+class Open(Message):
+    name: str
+
+
+@_message("release")
+class Release(Message):
+    lease: int
+
+
+@_message("push")
+class Push(Message):
+    """Register a model from open files; ``files[i]`` names the file sent as ``fds[i]``."""
+
+    name: str
+    files: tuple[str, ...]
+    fds: tuple[int, ...] = _fds_field()
+
+    def expected_fds(self) -> int:
+        return len(self.files)
+
+
+@_message("list")
+class ListModels(Message):
+    pass
+
+
+@_message("info")
+class Info(Message):
+    name: str
+
+
+@_message("evict")
+class Evict(Message):
+    name: str
+
+
+@_message("remove")
+class Remove(Message):
+    name: str
+
+
+@_message("stats")
+class Stats(Message):
+    pass
+
+
+# --- replies ------------------------------------------------------------------------
+
+
+@_message("pong")
+class Pong(Message):
+    daemon_version: str
+    protocol_version: int
+    pid: int
+
+
+@_message("opened")
+class Opened(Message):
+    """A leased model: ``fds[i]`` is a read-only, sealed segment of ``segment_sizes[i]`` bytes."""
+
+    lease: int
+    name: str
+    digest: str
+    nbytes: int
+    segment_sizes: tuple[int, ...]
+    tensors: tuple[TensorEntry, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+    fds: tuple[int, ...] = _fds_field()
+
+    def expected_fds(self) -> int:
+        return len(self.segment_sizes)
+
+
+@_message("done")
+class Done(Message):
+    pass
+
+
+@_message("pushed")
+class Pushed(Message):
+    result: PushResult
+
+
+@_message("models")
+class ModelList(Message):
+    models: tuple[ModelSummary, ...]
+
+
+@_message("model")
+class ModelDetails(Message):
+    model: ModelSummary
+
+
+@_message("evicted")
+class Evicted(Message):
+    name: str
+    freed_bytes: int
+
+
+@_message("removed")
+class Removed(Message):
+    name: str
+    deleted_bytes: int
+
+
+@_message("stats_reply")
+class StatsReply(Message):
+    stats: dict[str, object]
+
+
+@_message("error")
+class Error(Message):
+    code: str
+    message: str
+
+
+# --- encoding -----------------------------------------------------------------------
+
+
+def encode(message: Message) -> bytes:
+    """The frame for ``message``; its descriptors (``message.fds``) travel beside it.
+
+    Raises :class:`LocalProtocolError` if the message could not be decoded by a peer.
+    """
+    if type(message).TYPE not in _MESSAGE_TYPES:
+        raise LocalProtocolError(f"{type(message).__name__} is not a protocol message")
+    fds = message.fds
+    if len(fds) != message.expected_fds():
+        raise LocalProtocolError(
+            f"{message.TYPE} carries {len(fds)} descriptors, expected {message.expected_fds()}"
+        )
+    if len(fds) > MAX_FDS_PER_FRAME:
+        raise LocalProtocolError(
+            f"{message.TYPE} needs {len(fds)} descriptors; one frame carries at most "
+            f"{MAX_FDS_PER_FRAME}"
+        )
+    body = {"type": message.TYPE, **_fields_to_wire(message)}
+    try:
+        # Check our own output with the peer's rules, so a bad message fails here.
+        _fields_from_wire(type(message), body)
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(str(exc)) from None
+    try:
+        payload = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise LocalProtocolError(f"{message.TYPE} is not JSON-encodable: {exc}") from None
+    if HEADER.size + len(payload) > MAX_FRAME_BYTES:
+        raise LocalProtocolError(
+            f"{message.TYPE} frame of {HEADER.size + len(payload)} bytes exceeds the "
+            f"{MAX_FRAME_BYTES}-byte cap"
+        )
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, len(fds), 0, len(payload)) + payload
+
+
+def _fields_to_wire(record: Any) -> dict[str, Any]:
+    return {
+        f.name: _to_wire(getattr(record, f.name))
+        for f in dataclasses.fields(record)
+        if f.metadata.get("wire", True)
+    }
+
+
+def _to_wire(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return _fields_to_wire(value)
+    if isinstance(value, (list, tuple)):
+        return [_to_wire(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _to_wire(item) for key, item in value.items()}
+    return value
+
+
+# --- decoding -----------------------------------------------------------------------
+
+
+class Decoder:
+    """Turns a byte stream and the descriptors received with it into messages.
+
+    Feed it whatever the socket gave, in any pieces; call :meth:`next_message` until it
+    returns ``None``. After the first error the decoder stays broken: the stream cannot be
+    resynchronised. Descriptors not handed out in a message are the caller's to close
+    (:meth:`take_fds`).
+    """
+
+    def __init__(self, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self._max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+        self._fds: deque[int] = deque()
+        self._error: RemoteProtocolError | None = None
+
+    def feed(self, data: bytes, fds: Iterable[int] = ()) -> None:
+        self._buffer += data
+        self._fds.extend(fds)
+
+    def take_fds(self) -> list[int]:
+        """Descriptors received but not yet handed out; the decoder forgets them."""
+        taken = list(self._fds)
+        self._fds.clear()
+        return taken
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet decoded: non-zero at EOF means a truncated frame."""
+        return len(self._buffer)
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or ``None`` until more bytes arrive."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _next(self) -> Message | None:
+        if len(self._buffer) < HEADER.size:
+            return None
+        magic, version, nfds, flags, length = HEADER.unpack_from(self._buffer)
+        if magic != MAGIC:
+            raise RemoteProtocolError(f"not a trims frame (magic {bytes(magic)!r})")
+        if version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"protocol version {version} is not supported (this side speaks "
+                f"{PROTOCOL_VERSION}); upgrade the older of client and daemon"
+            )
+        if flags != 0:
+            raise RemoteProtocolError(f"unknown frame flags {flags:#06x}")
+        if nfds > MAX_FDS_PER_FRAME:
+            raise RemoteProtocolError(f"frame declares {nfds} descriptors (max {MAX_FDS_PER_FRAME})")
+        if HEADER.size + length > self._max_frame_bytes:
+            raise RemoteProtocolError(
+                f"frame of {HEADER.size + length} bytes exceeds the "
+                f"{self._max_frame_bytes}-byte cap"
+            )
+        end = HEADER.size + length
+        if len(self._buffer) < end:
+            return None
+        if nfds > len(self._fds):
+            raise RemoteProtocolError(
+                f"frame declares {nfds} descriptors but {len(self._fds)} arrived"
+            )
+        payload = bytes(self._buffer[HEADER.size : end])
+        fds = tuple(self._fds[i] for i in range(nfds))
+        message = _decode_payload(payload, fds)
+        del self._buffer[:end]
+        for _ in range(nfds):
+            self._fds.popleft()
+        return message
+
+
+def _decode_payload(payload: bytes, fds: tuple[int, ...]) -> Message:
+    try:
+        body = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RemoteProtocolError(f"frame payload is not UTF-8 JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RemoteProtocolError("frame payload is not a JSON object")
+    type_name = body.get("type")
+    cls = _MESSAGE_TYPES.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {type_name!r}")
+    values = _fields_from_wire(cls, body)
+    if "fds" in {f.name for f in dataclasses.fields(cls)}:
+        values["fds"] = fds
+    message = cls(**values)
+    if message.expected_fds() != len(fds):
+        raise RemoteProtocolError(
+            f"{cls.TYPE} frame carries {len(fds)} descriptors, expected {message.expected_fds()}"
+        )
+    return message
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _fields_from_wire(cls: type, body: dict[str, Any], path: str = "") -> dict[str, Any]:
+    hints = _hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init or not f.metadata.get("wire", True):
+            continue
+        where = f"{path}{f.name}"
+        if f.name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RemoteProtocolError(f"{cls.__name__} lacks field {where!r}")
+            continue
+        values[f.name] = _from_wire(body[f.name], hints[f.name], where)
+    return values
+
+
+def _from_wire(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _from_wire(value, hint, path)
+    if hint is object:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if _INT_RANGE[0] <= value < _INT_RANGE[1]:
+                return value
+            raise RemoteProtocolError(f"{path}: integer {value} out of range")
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (tuple, list):
+        if isinstance(value, list):
+            item = args[0]
+            items = [_from_wire(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {k: _from_wire(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, dict):
+            return hint(**_fields_from_wire(hint, value, f"{path}."))
+    else:  # pragma: no cover - a message declared a type this codec does not know
+        raise LocalProtocolError(f"{path}: unsupported field type {hint!r}")
+    raise RemoteProtocolError(f"{path}: expected {_describe(hint)}, got {type(value).__name__}")
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint)

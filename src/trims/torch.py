@@ -1,0 +1,131 @@
+"""PyTorch adapter: shared, zero-copy state dicts and ready modules.
+
+    import trims.torch
+    model = trims.torch.load_model("gpt2:large", lambda: GPT2LMHeadModel(config))
+
+Tensors are views of the daemon's segments mapped copy-on-write in this process: building
+them copies nothing, an in-place write (say, fine-tuning by mistake) copies only the pages
+it touches and is never seen by another process. They keep the model's lease alive for as
+long as any of them exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Callable, Iterator, TypeVar
+
+import torch
+
+from .client import Client, ModelView, shared_client
+from .errors import ModelMismatch
+
+__all__ = ["load_state_dict", "load_model", "state_dict_from_view"]
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16,
+    "I16": torch.int16, "F16": torch.float16, "BF16": torch.bfloat16, "U32": torch.uint32,
+    "I32": torch.int32, "F32": torch.float32, "U64": torch.uint64, "I64": torch.int64,
+    "F64": torch.float64, "C64": torch.complex64, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+}
+for _name, _attr in (("F8_E8M0", "float8_e8m0fnu"), ("F4", "float4_e2m1fn_x2")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+
+
+def load_state_dict(name: str, *, client: Client | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors, sharing the daemon's memory. The lease lasts while they do."""
+    view = (client or shared_client()).open(name)
+    return state_dict_from_view(view)
+
+
+def state_dict_from_view(view: ModelView) -> dict[str, torch.Tensor]:
+    """Tensors over an open view's mapped segments (one storage per segment, no copy)."""
+    bases = [torch.frombuffer(segment, dtype=torch.uint8) for segment in view.segments]
+    state = {}
+    for name, entry in view.index.items():
+        raw = bases[entry.segment][entry.offset : entry.offset + entry.nbytes]
+        state[name] = _typed(raw, entry.dtype, entry.shape)
+    return state
+
+
+def _typed(raw: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if dtype == "F4" and "F4" in _DTYPES:  # torch packs two fp4 values per element
+        return raw.view(_DTYPES["F4"]).view(*shape[:-1], shape[-1] // 2)
+    if dtype in _DTYPES:
+        return raw.view(_DTYPES[dtype]).view(shape)
+    from ._numpy_views import packed_shape  # F6_*: no torch type; raw packed bytes
+
+    return raw.view(packed_shape(shape, raw.numel()))
+
+
+def load_model(name: str, factory: Callable[[], M], *, client: Client | None = None, strict: bool = True) -> M:
+    """Build ``factory()`` without allocating its weights, then give it the shared ones.
+
+    Parameters are created on the ``meta`` device (no memory, no random init); buffers
+    the model computes itself and does not store (rotary ``inv_freq``, ``position_ids``)
+    are built on the CPU as the model's own code builds them. The stored tensors are then
+    assigned, not copied, and weights the checkpoint stored once but the model ties
+    (GPT-2's ``lm_head`` and ``wte``) are tied again. The module comes back in eval mode.
+
+    Raises :class:`~trims.errors.ModelMismatch` if ``strict`` and the module's parameters
+    and the stored tensors do not match one to one.
+    """
+    state = load_state_dict(name, client=client)
+    with _parameters_on_meta():
+        model = factory()
+    groups = _tied_groups(model)
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    _retie(model, groups, state)
+    missing = [n for n, t in _named_tensors(model) if t.is_meta]
+    if strict and (missing or unexpected):
+        raise ModelMismatch(
+            f"the module built by the factory does not match {name}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}); check the factory builds the architecture that was pushed"
+        )
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Register every new parameter on ``meta``; buffers stay real."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def _tied_groups(model: torch.nn.Module) -> list[list[str]]:
+    by_identity: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_identity[id(param)].append(name)
+    return [names for names in by_identity.values() if len(names) > 1]
+
+
+def _retie(model: torch.nn.Module, groups: list[list[str]], state: dict[str, torch.Tensor]) -> None:
+    for names in groups:
+        stored = next((n for n in names if n in state), None)
+        if stored is None:
+            continue
+        param = model.get_parameter(stored)
+        for alias in names:
+            owner, _, leaf = alias.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, param)
+
+
+def _named_tensors(model: torch.nn.Module):
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)

@@ -1,0 +1,112 @@
+"""The one module that touches sockets: framed messages and descriptors over a Unix socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import protocol
+from .errors import ConnectionLost, DaemonUnavailable
+
+_RECV_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """Who is on the other end, as the kernel saw it at connect time (``SO_PEERCRED``)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class Channel:
+    """A connected socket speaking trims frames. Not thread-safe: one user at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._decoder = protocol.Decoder()
+
+    def send(self, message: protocol.Message) -> None:
+        data = protocol.encode(message)
+        try:
+            # Descriptors ride on the first chunk; the rest of a large frame follows.
+            sent = socket.send_fds(self.sock, [data], list(message.fds)) if message.fds else 0
+            if sent < len(data):
+                self.sock.sendall(memoryview(data)[sent:])
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ConnectionLost(f"connection closed while sending: {exc}") from None
+
+    def receive(self) -> protocol.Message:
+        """The next message; raises :class:`ConnectionLost` on EOF."""
+        while True:
+            message = self._decoder.next_message()
+            if message is not None:
+                return message
+            self._receive_some()
+
+    def _receive_some(self) -> None:
+        try:
+            data, fds, flags, _ = socket.recv_fds(
+                self.sock, _RECV_BYTES, protocol.MAX_FDS_PER_FRAME, socket.MSG_CMSG_CLOEXEC
+            )
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise ConnectionLost(f"connection reset: {exc}") from None
+        self._decoder.feed(data, fds)
+        if flags & socket.MSG_CTRUNC:
+            raise protocol.RemoteProtocolError("peer sent more descriptors than a frame may carry")
+        if not data:
+            partial = " in the middle of a frame" if self._decoder.buffered else ""
+            raise ConnectionLost(f"connection closed by peer{partial}")
+
+    def close(self) -> None:
+        """Close the socket and any descriptors received but never handed out."""
+        for fd in self._decoder.take_fds():
+            _close_quietly(fd)
+        self.sock.close()
+
+    def peer_credentials(self) -> PeerCredentials:
+        raw = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+        return PeerCredentials(pid=pid, uid=uid, gid=gid)
+
+
+def connect(path: Path, timeout: float | None = None) -> Channel:
+    """Connect to a daemon's socket; :class:`DaemonUnavailable` if none answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(os.fspath(path))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise DaemonUnavailable(
+            f"no trims daemon at {path} ({exc.strerror}); start one with `trims serve`, "
+            "or point TRIMS_SOCKET at a running daemon's socket"
+        ) from None
+    except OSError as exc:
+        sock.close()
+        raise DaemonUnavailable(f"cannot connect to the trims daemon at {path}: {exc}") from None
+    sock.settimeout(None)
+    return Channel(sock)
+
+
+def listen(path: Path, backlog: int = 128) -> socket.socket:
+    """A listening socket at ``path`` readable and writable by its owner only."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(os.fspath(path))
+    finally:
+        os.umask(old_umask)
+    sock.listen(backlog)
+    return sock
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
