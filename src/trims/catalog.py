@@ -99,14 +99,8 @@ class Catalog:
         for model_digest in [d for d in self.manifests if d not in tagged]:
             _unlink(self._manifest_path(model_digest))
             del self.manifests[model_digest]
-        used_segments = {
-            self.locations[t.digest][0]
-            for m in self.manifests.values()
-            for t in m.tensors
-            if t.digest in self.locations
-        }
         freed = 0
-        for segment_id in [s for s in self.segments if s not in used_segments | keep_segments]:
+        for segment_id in self.unused_segments() - keep_segments:
             freed += self.segments[segment_id].size
             self._drop_segment(segment_id)
         used_files = {d for m in self.manifests.values() for d in m.files.values()}
@@ -115,6 +109,11 @@ class Catalog:
                 freed += path.stat().st_size
                 _unlink(path)
         return freed
+
+    def unused_segments(self) -> set[str]:
+        """Segments no manifest draws a tensor from."""
+        used = {self.locations[t.digest][0] for m in self.manifests.values() for t in m.tensors}
+        return set(self.segments) - used
 
     def disk_bytes(self) -> int:
         files = sum(p.stat().st_size for p in (self.root / "files").iterdir())

@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument("--store", type=Path, default=None, help="store directory (default: $TRIMS_STORE or ~/.local/share/trims)")
-    serve.add_argument("--host-memory", type=parse_size, default=None, help=f"host memory cap; {_SIZE_HELP} (default: half of RAM)")
+    serve.add_argument("--host-memory", type=_size, default=None, help=f"host memory cap; {_SIZE_HELP} (default: half of RAM)")
     serve.add_argument("--max-connections", type=int, default=1024, help="refuse connections beyond this many")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=None, help="keep the example model and store here")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except TrimsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _client(args: argparse.Namespace) -> Client:

@@ -12,8 +12,8 @@ from it.
 
 from __future__ import annotations
 
+import ctypes
 import json
-import mmap
 import os
 import threading
 import weakref
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, TypeVar
 
 from . import protocol, transport
+from ._mapping import map_private
 from .config import default_socket_path
 from .errors import ConnectionLost, InvalidModel, RemoteProtocolError, error_for_code
 from .protocol import ModelSummary, PushResult, TensorEntry
@@ -216,12 +217,6 @@ class _Lease:
             client._release(lease, generation)
 
 
-class _Segment(mmap.mmap):
-    """A mapped segment that keeps its lease alive while arrays or tensors use it."""
-
-    lease: _Lease
-
-
 class ModelView(Mapping[str, "np.ndarray"]):
     """A leased, mapped model: tensor name -> read-only ``numpy.ndarray``, no copies.
 
@@ -230,7 +225,7 @@ class ModelView(Mapping[str, "np.ndarray"]):
     """
 
     def __init__(self, *, name: str, digest: str, nbytes: int, metadata: dict[str, str],
-                 index: dict[str, TensorEntry], segments: tuple[_Segment, ...], lease: _Lease) -> None:
+                 index: dict[str, TensorEntry], segments: tuple[ctypes.Array, ...], lease: _Lease) -> None:
         self.name = name
         self.digest = digest
         self.nbytes = nbytes
@@ -296,13 +291,11 @@ def _map_model(reply: protocol.Opened, lease: _Lease) -> ModelView:
                      index=index, segments=segments, lease=lease)
 
 
-def _map_segment(fd: int, size: int, lease: _Lease) -> _Segment:
+def _map_segment(fd: int, size: int, lease: _Lease) -> ctypes.Array:
     if os.fstat(fd).st_size < size:
         raise RemoteProtocolError(f"segment is {os.fstat(fd).st_size} bytes, the daemon said {size}")
-    # MAP_PRIVATE + write: a write copies the page into this process only. Never
-    # MAP_POPULATE: it would pre-fault for write and copy the whole model.
-    segment = _Segment(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    segment.lease = lease
+    segment = map_private(fd, size)
+    segment.lease = lease  # whatever keeps the memory alive keeps the lease too
     return segment
 
 

@@ -93,6 +93,7 @@ class Store:
         self._leases: dict[int, _Lease] = {}
         self._lease_ids = itertools.count(1)
         self._placements: dict[str, _Placement] = {}
+        self._doomed: set[str] = set()  # unused segments kept only until their leases end
         freed = self.catalog.collect_garbage(keep_segments=set())
         if freed:
             log.info("collected %d bytes no model uses", freed)
@@ -139,11 +140,17 @@ class Store:
             if name not in self.catalog.tags:
                 raise ModelNotFound(f"no model named {name}")
             self.catalog.remove_tag(name)
-            busy = set(self._refs) | set(self._loading)
-            freed = self.catalog.collect_garbage(keep_segments=busy)
-            for segment_id in [s for s in self.host.resident if s not in self.catalog.segments and s not in busy]:
-                self._evict_locked(segment_id, "removed")
+            freed = self._collect_garbage_locked()
             self._placements = {d: p for d, p in self._placements.items() if d in self.catalog.manifests}
+        return freed
+
+    def _collect_garbage_locked(self) -> int:
+        """Delete what no name needs; a segment still leased goes when its last lease ends."""
+        busy = set(self._refs) | set(self._loading)
+        freed = self.catalog.collect_garbage(keep_segments=busy)
+        for segment_id in [s for s in self.host.resident if s not in self.catalog.segments]:
+            self._evict_locked(segment_id, "removed")
+        self._doomed = self.catalog.unused_segments()
         return freed
 
     # --- opening and leases ---------------------------------------------------------------
@@ -255,8 +262,8 @@ class Store:
             self._refs[segment_id] -= 1
             if self._refs[segment_id] <= 0:
                 del self._refs[segment_id]
-                if segment_id not in self.catalog.segments:  # removed while leased
-                    self._evict_locked(segment_id, "removed")
+                if segment_id in self._doomed:  # its model was removed while it was leased
+                    self._collect_garbage_locked()
 
     def _make_room_locked(self, nbytes: int) -> None:
         if nbytes > self.host.capacity:

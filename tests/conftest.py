@@ -1,0 +1,113 @@
+"""Real daemons in real processes, tiny real models, fresh client processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import trims
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class DaemonProcess:
+    """A ``trims serve`` subprocess on its own socket and store."""
+
+    def __init__(self, workdir: Path, host_memory: str = "256M", extra: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "run" / "trims.sock"
+        self.store = workdir / "store"
+        self.host_memory = host_memory
+        self.extra = extra
+        self.log_path = workdir / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "TRIMS_SOCKET": str(self.socket)}
+
+    def start(self) -> DaemonProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trims", "serve", "--socket", str(self.socket), "--store", str(self.store),
+             "--host-memory", self.host_memory, "--log-level", "debug", *self.extra],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                trims.connect(self.socket).close()
+                return self
+            except trims.DaemonUnavailable:
+                time.sleep(0.05)
+        raise RuntimeError(f"daemon did not start:\n{self.log()}")
+
+    def client(self) -> trims.Client:
+        return trims.connect(self.socket)
+
+    def stop(self) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            return self.proc.wait(timeout=20)
+        return self.proc.returncode if self.proc else 0
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=20)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    """A fresh daemon per test, for tests whose state matters."""
+    process = DaemonProcess(tmp_path).start()
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="session")
+def shared_daemon(tmp_path_factory):
+    """One daemon for tests that only add models under names of their own."""
+    process = DaemonProcess(tmp_path_factory.mktemp("shared-daemon")).start()
+    yield process
+    process.kill()
+
+
+def run_python(code: str, env: dict[str, str], *, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter; the result's stdout is text."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"child failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def start_python(code: str, env: dict[str, str]) -> subprocess.Popen:
+    """Start ``code`` in a fresh interpreter with pipes for stdin and stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for(predicate, timeout: float = 10.0, message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {message}")
+        time.sleep(0.02)

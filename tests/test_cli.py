@@ -1,0 +1,127 @@
+"""The ``trims`` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import trims
+from trims.config import parse_size
+from trims.errors import ConfigError
+from trims.names import canonical
+
+
+def trims_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trims", *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_commands_against_a_running_daemon(daemon, tmp_path):
+    save_file({"w": torch.randn(8, 8), "b": torch.zeros(8, dtype=torch.bfloat16)}, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    env = daemon.env
+    pushed = trims_cli("push", str(tmp_path / "m.safetensors"), "--name", "demo/m:1", env=env)
+    assert pushed.returncode == 0 and pushed.stdout.startswith("demo/m:1 sha256:")
+    again = trims_cli("push", str(tmp_path / "m.safetensors"), "--name", "demo/m:2", env=env)
+    assert "already stored" in again.stdout
+
+    listing = trims_cli("ls", env=env)
+    assert listing.returncode == 0
+    assert listing.stdout.splitlines()[0].split() == ["NAME", "DIGEST", "SIZE", "TENSORS", "TIERS", "LEASES"]
+    assert [line.split()[0] for line in listing.stdout.splitlines()[1:]] == ["demo/m:1", "demo/m:2"]
+    models = json.loads(trims_cli("ls", "--json", env=env).stdout)
+    assert {m["name"] for m in models} == {"demo/m:1", "demo/m:2"}
+
+    info = trims_cli("info", "demo/m:1", env=env)
+    assert "aliases:  demo/m:2" in info.stdout and "tensors:  2 (1 BF16, 1 F32)" in info.stdout
+    assert json.loads(trims_cli("info", "demo/m:1", "--json", env=env).stdout)["tensors"] == 2
+
+    with daemon.client().open("demo/m:1"):  # warm it
+        pass
+    evicted = trims_cli("evict", "demo/m:1", env=env)
+    assert evicted.returncode == 0 and "freed" in evicted.stdout
+
+    stats = json.loads(trims_cli("stats", "--json", env=env).stdout)
+    assert stats["tags"] == 2 and stats["opens"]["total"] == 1 and stats["evictions"] == {"requested": 1}
+    assert "host memory:" in trims_cli("stats", env=env).stdout
+
+    assert trims_cli("rm", "demo/m:1", env=env).returncode == 0
+    assert trims_cli("rm", "demo/m:2", env=env).returncode == 0
+    assert json.loads(trims_cli("ls", "--json", env=env).stdout) == []
+
+
+def test_socket_flag_overrides_the_environment(daemon):
+    env = {**os.environ, "TRIMS_SOCKET": "/nonexistent/trims.sock"}
+    assert trims_cli("ls", "--socket", str(daemon.socket), env=env).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("info", "nope"), "no model named nope:latest"),
+        (("evict", "bad name"), "not a valid model name"),
+        (("push", "/nonexistent", "--name", "x"), "not a .safetensors file"),
+    ],
+)
+def test_errors_are_one_clear_line(daemon, args, message):
+    result = trims_cli(*args, env=daemon.env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("trims: error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_daemon_that_is_not_running_is_named(tmp_path):
+    env = {**os.environ, "TRIMS_SOCKET": str(tmp_path / "none.sock")}
+    result = trims_cli("ls", env=env)
+    assert result.returncode == 1
+    assert f"no trims daemon at {tmp_path / 'none.sock'}" in result.stderr and "trims serve" in result.stderr
+
+
+def test_bad_sizes_are_refused_before_starting(tmp_path):
+    result = trims_cli("serve", "--host-memory", "lots", "--store", str(tmp_path), env=dict(os.environ))
+    assert result.returncode == 2 and "--host-memory" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("1048576", 2**20), ("512M", 512 * 2**20), ("4G", 4 * 2**30), ("1.5GiB", int(1.5 * 2**30)),
+     ("2GB", 2 * 10**9), ("64k", 64 * 1024), ("10Mi", 10 * 2**20), ("3 T", 3 * 2**40)],
+)
+def test_sizes(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1G", "1.2.3G", "4X", "i", "1iB"])
+def test_bad_sizes(text):
+    with pytest.raises(ConfigError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "reference, expected",
+    [("resnet50", "resnet50:latest"), ("resnet50:1", "resnet50:1"), ("team-a/bert.base_v2:x-1", "team-a/bert.base_v2:x-1"),
+     ("Meta/Llama-3.2-1B", "Meta/Llama-3.2-1B:latest"), ("sha256:" + "a" * 64, "sha256:" + "a" * 64)],
+)
+def test_names(reference, expected):
+    assert canonical(reference) == expected
+
+
+def test_public_api_is_small_and_explicit():
+    assert sorted(trims.__all__) == sorted([
+        "__version__", "connect", "Client", "ModelView", "ModelSummary", "PushResult", "TensorEntry",
+        "TrimsError", "ConfigError", "ModelMismatch", "ProtocolError", "LocalProtocolError",
+        "RemoteProtocolError", "DaemonUnavailable", "ConnectionLost", "RequestError", "InvalidName",
+        "ModelNotFound", "InvalidModel", "ModelBusy", "CapacityError", "IntegrityError", "StorageError",
+        "InternalError",
+    ])
+    assert all(hasattr(trims, name) for name in trims.__all__)
+
+
+def test_importing_trims_imports_no_framework():
+    code = "import sys, trims; print(sorted(m for m in ('torch', 'numpy', 'transformers', 'safetensors') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,416 @@
+"""The daemon's store end to end: registration, identity, persistence, caps, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import trims
+from trims import protocol, transport
+
+from .conftest import DaemonProcess
+from .models import build, raw_safetensors
+
+
+def tensors_of(view: trims.ModelView) -> dict[str, bytes]:
+    return {name: view[name].tobytes() for name in view}
+
+
+def expected_bytes(model: torch.nn.Module) -> dict[str, bytes]:
+    return {k: v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for k, v in model.state_dict().items()}
+
+
+def test_push_open_list_info(daemon, tmp_path):
+    model, _ = build("gpt2", tmp_path / "gpt2")
+    client = daemon.client()
+    result = client.push(tmp_path / "gpt2", "team-a/gpt2:1")
+    assert result.name == "team-a/gpt2:1" and result.new_bytes > 0 and result.digest.startswith("sha256:")
+    with client.open("team-a/gpt2:1") as view:
+        stored = tensors_of(view)
+        assert view.digest == result.digest and view.nbytes == result.nbytes
+        assert view.metadata == {"format": "pt"}
+    originals = expected_bytes(model)
+    # safetensors stores GPT-2's tied lm_head once, as transformer.wte.weight
+    assert set(stored) == set(originals) - {"lm_head.weight"}
+    assert all(stored[name] == originals[name] for name in stored)
+    (summary,) = client.list()
+    assert summary.name == "team-a/gpt2:1" and summary.tiers == ("host", "disk") and summary.leases == 0
+    info = client.info("team-a/gpt2:1")
+    assert info.files == ("config.json", "generation_config.json")
+    assert info.tensors == len(stored) and info.dtypes == {"F32": len(stored)}
+
+
+def test_same_bytes_are_stored_once_whatever_their_files_or_names(daemon, tmp_path):
+    model, _ = build("gpt2", tmp_path / "single")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    client = daemon.client()
+    first = client.push(tmp_path / "single", "gpt2")
+    disk = client.stats()["disk"]["used_bytes"]
+    again = client.push(tmp_path / "single" / "model.safetensors", "gpt2-file")
+    sharded = client.push(tmp_path / "sharded", "gpt2-sharded")
+    assert again.new_bytes == 0 and sharded.new_bytes == 0
+    assert sharded.digest == first.digest  # identity is content: sharding does not change it
+    assert client.stats()["disk"]["used_bytes"] == disk
+    with client.open("gpt2-sharded") as a, client.open("gpt2") as b:
+        assert tensors_of(a) == tensors_of(b)
+    assert again.digest != first.digest  # a bare file carries no config: another model, same tensors
+    assert {m.name for m in client.list()} == {"gpt2:latest", "gpt2-file:latest", "gpt2-sharded:latest"}
+
+
+def test_a_fine_tune_shares_the_tensors_it_did_not_change(daemon, tmp_path):
+    base = {"embed": torch.randn(256, 64), "head": torch.randn(64, 10)}
+    tuned = {"embed": base["embed"], "head": torch.randn(64, 10)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    client = daemon.client()
+    client.push(tmp_path / "base.safetensors", "base")
+    pushed = client.push(tmp_path / "tuned.safetensors", "tuned")
+    assert pushed.new_bytes < base["embed"].numel() * 4  # only the new head was stored
+    with client.open("tuned") as view:
+        assert np.array_equal(view["embed"], base["embed"].numpy())
+        assert np.array_equal(view["head"], tuned["head"].numpy())
+    assert client.info("tuned").segments == 2  # its own segment and the base's
+
+
+ALL_DTYPES = {
+    "bool": torch.tensor([True, False, True]),
+    "u8": torch.arange(0, 250, dtype=torch.uint8),
+    "i8": torch.arange(-100, 100, dtype=torch.int8),
+    "u16": torch.randint(0, 2**15, (7,)).to(torch.uint16),
+    "i16": torch.randint(-(2**15), 2**15, (7,), dtype=torch.int16),
+    "u32": torch.randint(0, 2**31, (5,)).to(torch.uint32),
+    "i32": torch.randint(-(2**31), 2**31, (5,), dtype=torch.int32),
+    "u64": torch.randint(-(2**62), 2**62, (3,)).view(torch.uint64),
+    "i64": torch.randint(-(2**62), 2**62, (3,)),
+    "f16": torch.randn(4, 3, dtype=torch.float16),
+    "bf16": torch.randn(4, 3, dtype=torch.bfloat16),
+    "f32": torch.randn(2, 2, 2),
+    "f64": torch.randn(3, dtype=torch.float64),
+    "c64": torch.randn(3, dtype=torch.complex64),
+    "f8_e4m3": torch.randn(9).to(torch.float8_e4m3fn),
+    "f8_e5m2": torch.randn(9).to(torch.float8_e5m2),
+    "f8_e8m0": torch.rand(9).to(torch.float8_e8m0fnu),
+    "f8_e4m3fnuz": torch.randn(9).to(torch.float8_e4m3fnuz),
+    "f8_e5m2fnuz": torch.randn(9).to(torch.float8_e5m2fnuz),
+    "f4": torch.randint(0, 255, (2, 3), dtype=torch.uint8).view(torch.float4_e2m1fn_x2),
+    "scalar": torch.tensor(3.5),
+    "scalar_bf16": torch.tensor(-1.25, dtype=torch.bfloat16),
+    "empty": torch.zeros(0, 4),
+    "empty_i8": torch.zeros(3, 0, dtype=torch.int8),
+}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def test_every_dtype_round_trips_exactly(daemon, tmp_path):
+    import trims.torch
+
+    save_file(ALL_DTYPES, tmp_path / "all.safetensors")
+    client = daemon.client()
+    client.push(tmp_path / "all.safetensors", "dtypes")
+    state = trims.torch.load_state_dict("dtypes", client=client)
+    assert set(state) == set(ALL_DTYPES)
+    for name, original in ALL_DTYPES.items():
+        loaded = state[name]
+        assert loaded.dtype == original.dtype and loaded.shape == original.shape, name
+        assert torch.equal(_bits(loaded), _bits(original)), name
+    with client.open("dtypes") as view:
+        for name, original in ALL_DTYPES.items():
+            assert view[name].tobytes() == _bits(original).numpy().tobytes(), name
+        assert view["bf16"].dtype.name == "bfloat16" and view["bf16"].shape == (4, 3)
+        assert view["f8_e4m3"].dtype.name == "float8_e4m3fn"
+        assert view["scalar"].shape == () and view["scalar"] == 3.5
+        assert view["empty"].shape == (0, 4)
+        assert view["f4"].dtype == np.uint8 and view["f4"].shape == (2, 3)  # packed: 2 values a byte
+
+
+def test_packed_fp6_comes_back_as_raw_bytes(daemon, tmp_path):
+    import trims.torch
+
+    data = bytes([1, 2, 3, 4, 5, 6])
+    header = {"w": {"dtype": "F6_E2M3", "shape": [2, 4], "data_offsets": [0, 6]}}
+    raw_safetensors(tmp_path / "fp6.safetensors", header, data)
+    client = daemon.client()
+    client.push(tmp_path / "fp6.safetensors", "fp6")
+    with client.open("fp6") as view:
+        assert view["w"].shape == (2, 3) and view["w"].tobytes() == data
+    assert trims.torch.load_state_dict("fp6", client=client)["w"].numpy().tobytes() == data
+
+
+def _daemon_still_serves(client: trims.Client, tmp_path) -> None:
+    save_file({"ok": torch.arange(4.0)}, tmp_path / "ok.safetensors")
+    client.push(tmp_path / "ok.safetensors", "still-ok")
+    with client.open("still-ok") as view:
+        assert list(view["ok"]) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 80]}},
+        {"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}},
+        {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+        {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+        b"[" * 100_000,
+    ],
+    ids=["out-of-range", "unknown-dtype", "shape-mismatch", "overlap", "deep-nesting"],
+)
+def test_hostile_files_get_a_typed_error_and_the_daemon_keeps_serving(daemon, tmp_path, content):
+    raw_safetensors(tmp_path / "evil.safetensors", content, b"\0" * 12)
+    client = daemon.client()
+    with pytest.raises(trims.InvalidModel):
+        client.push(tmp_path / "evil.safetensors", "evil")
+    assert client.list() == []
+    assert not os.listdir(daemon.store / "tmp")
+    _daemon_still_serves(client, tmp_path)
+    assert "Traceback" not in daemon.log()
+
+
+def test_truncated_file_is_refused(daemon, tmp_path):
+    save_file({"w": torch.randn(1000)}, tmp_path / "whole.safetensors")
+    data = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    client = daemon.client()
+    with pytest.raises(trims.InvalidModel, match="truncated|outside"):
+        client.push(tmp_path / "cut.safetensors", "cut")
+    _daemon_still_serves(client, tmp_path)
+
+
+def test_non_regular_descriptors_are_refused(daemon, tmp_path):
+    read_end, write_end = os.pipe()
+    directory = os.open(tmp_path, os.O_RDONLY)
+    channel = transport.connect(daemon.socket)
+    try:
+        for fd in (read_end, directory):
+            channel.send(protocol.Push(id=1, name="x", files=("model.safetensors",), fds=(fd,)))
+            reply = channel.receive()
+            assert isinstance(reply, protocol.Error) and reply.code == "invalid_model"
+            assert "not a regular file" in reply.message
+    finally:
+        channel.close()
+        for fd in (read_end, write_end, directory):
+            os.close(fd)
+
+
+@pytest.mark.parametrize("name", ["", "../etc/passwd", "a//b", "/abs", "a:b:c", "bad\nname", "x" * 300, "sha256:abc", "ok:", "a b"])
+def test_bad_names_get_invalid_name(daemon, tmp_path, name):
+    save_file({"w": torch.zeros(2)}, tmp_path / "m.safetensors")
+    client = daemon.client()
+    with pytest.raises(trims.InvalidName):
+        client.push(tmp_path / "m.safetensors", name)
+    with pytest.raises((trims.InvalidName, trims.ModelNotFound)):
+        client.open(name)
+
+
+def test_unknown_names_and_paths(daemon, tmp_path):
+    client = daemon.client()
+    with pytest.raises(trims.ModelNotFound, match="no model named nope:latest"):
+        client.open("nope")
+    with pytest.raises(trims.ModelNotFound):
+        client.info("nope:2")
+    with pytest.raises(trims.InvalidModel, match="not a .safetensors file"):
+        client.push(tmp_path / "missing", "x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(trims.InvalidModel, match="holds no .safetensors"):
+        client.push(tmp_path / "empty", "x")
+
+
+def test_restart_keeps_the_catalogue_and_verifies_what_it_loads(tmp_path):
+    model, _ = build("gpt2", tmp_path / "gpt2")
+    first = DaemonProcess(tmp_path / "d").start()
+    client = first.client()
+    pushed = client.push(tmp_path / "gpt2", "gpt2:1")
+    with client.open("gpt2:1") as view:
+        before = tensors_of(view)
+    assert first.stop() == 0
+    second = DaemonProcess(tmp_path / "d").start()
+    try:
+        client = second.client()
+        (summary,) = client.list()
+        assert (summary.name, summary.digest, summary.tiers) == ("gpt2:1", pushed.digest, ("disk",))
+        with client.open("gpt2:1") as view:
+            assert tensors_of(view) == before
+        assert client.stats()["loads"]["segments"] == 1
+    finally:
+        second.kill()
+
+
+def test_a_corrupted_byte_on_disk_is_detected_and_never_served(tmp_path):
+    save_file({"w": torch.randn(4096)}, tmp_path / "m.safetensors")
+    daemon = DaemonProcess(tmp_path / "d").start()
+    client = daemon.client()
+    client.push(tmp_path / "m.safetensors", "m")
+    daemon.stop()
+    (segment,) = (daemon.store / "segments").glob("*.bin")
+    data = bytearray(segment.read_bytes())
+    data[1000] ^= 0x01
+    segment.write_bytes(bytes(data))
+    daemon = DaemonProcess(tmp_path / "d").start()
+    try:
+        client = daemon.client()
+        with pytest.raises(trims.IntegrityError, match="corrupt"):
+            client.open("m")
+        assert client.stats()["host"]["used_bytes"] == 0
+        _daemon_still_serves(client, tmp_path)
+    finally:
+        daemon.kill()
+
+
+def _push_seeded(client: trims.Client, tmp_path, seeds) -> int:
+    for seed in seeds:
+        save_file({"w": torch.randn(64 * 1024, generator=torch.Generator().manual_seed(seed))}, tmp_path / f"{seed}.safetensors")
+        client.push(tmp_path / f"{seed}.safetensors", f"m{seed}")
+    return 64 * 1024 * 4
+
+
+def test_host_cap_is_never_exceeded_and_leased_models_are_never_evicted(tmp_path):
+    daemon = DaemonProcess(tmp_path / "d", host_memory="600K").start()  # room for two 256 KiB models
+    try:
+        client = daemon.client()
+        _push_seeded(client, tmp_path, range(4))
+        capacity = client.stats()["host"]["capacity_bytes"]
+        for seed in range(4):  # more models than fit, one after another
+            with client.open(f"m{seed}"):
+                assert client.stats()["host"]["used_bytes"] <= capacity
+        stats = client.stats()
+        assert stats["evictions"] == {"capacity": 2} and stats["host"]["resident_segments"] == 2
+        assert [m.tiers for m in client.list()] == [("disk",), ("disk",), ("host", "disk"), ("host", "disk")]
+        held = [client.open("m0"), client.open("m1")]  # m0 and m1 evict m2 and m3 (least recently used)
+        with pytest.raises(trims.CapacityError, match="host memory is full"):
+            client.open("m2")
+        assert [np.array_equal(v["w"], v["w"]) for v in held] == [True, True]
+        assert client.stats()["host"]["used_bytes"] <= capacity
+        held[0].close()
+        with client.open("m2"):  # now m0 can go
+            pass
+        assert client.info("m1").tiers == ("host", "disk")
+    finally:
+        daemon.kill()
+
+
+def test_a_model_larger_than_the_cap_gets_a_clear_error(tmp_path):
+    daemon = DaemonProcess(tmp_path / "d", host_memory="100K").start()
+    try:
+        client = daemon.client()
+        _push_seeded(client, tmp_path, [0])
+        with pytest.raises(trims.CapacityError, match="larger than the host memory"):
+            client.open("m0")
+    finally:
+        daemon.kill()
+
+
+def test_evict_refuses_leased_models_and_frees_idle_ones(daemon, tmp_path):
+    client = daemon.client()
+    nbytes = _push_seeded(client, tmp_path, [0])
+    view = client.open("m0")
+    with pytest.raises(trims.ModelBusy, match="1 leases"):
+        client.evict("m0")
+    view.close()
+    assert client.evict("m0") >= nbytes
+    assert client.info("m0").tiers == ("disk",)
+    assert client.stats()["host"]["used_bytes"] == 0
+    with client.open("m0") as view:
+        assert view["w"].shape == (64 * 1024,)
+
+
+def test_remove_deletes_bytes_once_no_name_uses_them(daemon, tmp_path):
+    client = daemon.client()
+    save_file({"w": torch.randn(1000)}, tmp_path / "m.safetensors")
+    client.push(tmp_path / "m.safetensors", "a")
+    client.push(tmp_path / "m.safetensors", "b")
+    held = client.open("a")
+    assert client.remove("a") == 0  # b still names the same bytes
+    with pytest.raises(trims.ModelNotFound):
+        client.open("a")
+    with client.open("b"):
+        pass
+    client.remove("b")
+    assert client.list() == [] and client.stats()["disk"]["used_bytes"] > 0  # still leased
+    assert held["w"].shape == (1000,)  # a holder keeps its mapping
+    held.close()
+    stats = client.stats()
+    assert stats["host"]["used_bytes"] == 0 and stats["disk"]["used_bytes"] == 0
+    assert not list((daemon.store / "segments").iterdir())
+    with pytest.raises(trims.ModelNotFound):
+        client.remove("b")
+
+
+def test_concurrent_opens_of_a_cold_model_load_it_once(daemon, tmp_path):
+    setup = daemon.client()
+    _push_seeded(setup, tmp_path, [0])
+    setup.evict("m0")
+    clients = [daemon.client() for _ in range(8)]
+    barrier = threading.Barrier(len(clients))
+    views, errors = [], []
+
+    def open_model(client: trims.Client) -> None:
+        barrier.wait()
+        try:
+            views.append(client.open("m0"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_model, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    stats = setup.stats()
+    assert stats["loads"]["segments"] == 1 and stats["opens"]["total"] == 8 and stats["leases"] == 8
+    assert len({v["w"].tobytes() for v in views}) == 1
+
+
+def test_a_client_survives_a_daemon_restart(tmp_path):
+    save_file({"w": torch.arange(1000.0)}, tmp_path / "m.safetensors")
+    daemon = DaemonProcess(tmp_path / "d").start()
+    client = daemon.client()
+    client.push(tmp_path / "m.safetensors", "m")
+    view = client.open("m")
+    daemon.kill()  # SIGKILL: no goodbye
+    assert float(view["w"].sum()) == 499500.0  # the mapping outlives the daemon
+    with pytest.raises(trims.DaemonUnavailable):
+        client.list()
+    daemon = DaemonProcess(tmp_path / "d").start()
+    try:
+        with client.open("m") as again:  # same Client object: it reconnects
+            assert float(again["w"].sum()) == 499500.0
+        view.close()  # a lease of the old daemon: nothing to release, no error
+    finally:
+        daemon.kill()
+
+
+def test_two_daemons_cannot_share_a_store_or_a_socket(daemon, tmp_path):
+    other_store = DaemonProcess(tmp_path / "other")
+    other_store.store = daemon.store
+    with pytest.raises(RuntimeError, match="another trims daemon is using the store"):
+        other_store.start()
+    same_socket = subprocess.run(
+        [sys.executable, "-m", "trims", "serve", "--socket", str(daemon.socket), "--store", str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert same_socket.returncode == 1 and "already serving" in same_socket.stderr
+    daemon.client().ping()
+
+
+def test_sigterm_shuts_down_cleanly(tmp_path):
+    daemon = DaemonProcess(tmp_path / "d").start()
+    view_holder = daemon.client()
+    save_file({"w": torch.zeros(4)}, tmp_path / "m.safetensors")
+    view_holder.push(tmp_path / "m.safetensors", "m")
+    view = view_holder.open("m")
+    assert daemon.stop() == 0
+    assert not daemon.socket.exists()
+    assert "trims daemon stopped" in daemon.log()
+    assert not os.listdir(daemon.store / "tmp")
+    view.close()

@@ -1,0 +1,106 @@
+"""The PyTorch adapter on real (tiny) architectures: identical outputs, shared memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import trims
+import trims.torch
+
+from .conftest import ROOT, run_python
+from .models import FACTORIES, build, output_of
+
+
+def memfd_ranges() -> list[tuple[int, int]]:
+    ranges = []
+    for line in open("/proc/self/maps"):
+        if "memfd:trims" in line:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def lives_in_store(tensor: torch.Tensor) -> bool:
+    pointer = tensor.data_ptr()
+    return any(start <= pointer < end for start, end in memfd_ranges())
+
+
+@pytest.fixture(scope="module")
+def pushed(shared_daemon, tmp_path_factory):
+    """Each tiny architecture, pushed once, with its original module for comparison."""
+    client = shared_daemon.client()
+    models = {}
+    for kind in FACTORIES:
+        directory = tmp_path_factory.mktemp(kind)
+        model, factory = build(kind, directory)
+        client.push(directory, f"torch-tests/{kind}")
+        models[kind] = (model, factory)
+    return client, models
+
+
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_load_model_gives_identical_outputs_from_shared_memory(pushed, kind):
+    client, models = pushed
+    original, factory = models[kind]
+    shared = trims.torch.load_model(f"torch-tests/{kind}", factory, client=client)
+    assert not shared.training
+    assert torch.equal(output_of(shared, kind), output_of(original, kind))
+    parameters = dict(shared.named_parameters())
+    assert parameters and all(lives_in_store(p) for p in parameters.values())
+    for name, buffer in shared.named_buffers():
+        assert not buffer.is_meta, name
+        assert torch.equal(buffer, original.get_buffer(name)), name
+
+
+def test_tied_weights_are_tied_again(pushed):
+    client, models = pushed
+    shared = trims.torch.load_model("torch-tests/gpt2", models["gpt2"][1], client=client)
+    assert shared.lm_head.weight is shared.transformer.wte.weight
+
+
+def test_computed_buffers_are_built_on_cpu_not_left_on_meta(pushed):
+    client, models = pushed
+    llama = trims.torch.load_model("torch-tests/llama", models["llama"][1], client=client)
+    inv_freq = llama.model.rotary_emb.inv_freq
+    assert inv_freq.device.type == "cpu" and torch.equal(inv_freq, models["llama"][0].model.rotary_emb.inv_freq)
+    bert = trims.torch.load_model("torch-tests/bert", models["bert"][1], client=client)
+    assert torch.equal(bert.embeddings.position_ids, models["bert"][0].embeddings.position_ids)
+
+
+def test_state_dict_is_zero_copy_and_a_write_stays_private(pushed):
+    client, _ = pushed
+    state = trims.torch.load_state_dict("torch-tests/gpt2", client=client)
+    other = trims.torch.load_state_dict("torch-tests/gpt2", client=client)
+    weight = state["transformer.wte.weight"]
+    assert lives_in_store(weight)
+    before = other["transformer.wte.weight"].clone()
+    weight.add_(1.0)  # no warning, no crash: the mapping is private copy-on-write
+    assert torch.equal(other["transformer.wte.weight"], before)
+    assert torch.equal(weight, before + 1.0)
+
+
+def test_a_factory_that_does_not_match_is_refused(pushed):
+    client, _ = pushed
+    with pytest.raises(trims.ModelMismatch, match="missing"):
+        trims.torch.load_model("torch-tests/gpt2", FACTORIES["bert"](), client=client)
+    loose = trims.torch.load_model("torch-tests/gpt2", FACTORIES["bert"](), client=client, strict=False)
+    assert isinstance(loose, torch.nn.Module)
+
+
+def test_a_fresh_process_gets_a_ready_model_with_the_same_output(pushed, shared_daemon):
+    _, models = pushed
+    expected = output_of(models["gpt2"][0], "gpt2")
+    result = run_python(
+        """
+        import json, trims.torch
+        from tests.models import tiny_gpt2, output_of
+        model = trims.torch.load_model("torch-tests/gpt2", tiny_gpt2())
+        print(json.dumps(output_of(model, "gpt2").flatten().tolist()))
+        """,
+        {**shared_daemon.env, "PYTHONPATH": str(ROOT)},
+    )
+    values = torch.tensor(json.loads(result.stdout), dtype=expected.dtype)
+    assert torch.equal(values, expected.flatten())
