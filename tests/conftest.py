@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import trims
+from trims.spawn import start_daemon_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,24 +35,12 @@ class DaemonProcess:
         return {**os.environ, "TRIMS_SOCKET": str(self.socket)}
 
     def start(self) -> DaemonProcess:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trims", "serve", "--socket", str(self.socket), "--store", str(self.store),
-             "--host-memory", self.host_memory, "--log-level", "debug", *self.extra],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                trims.connect(self.socket).close()
-                return self
-            except trims.DaemonUnavailable:
-                time.sleep(0.05)
-        raise RuntimeError(f"daemon did not start:\n{self.log()}")
+        try:
+            self.proc = start_daemon_process(self.socket, self.store, self.host_memory, self.log_path,
+                                             ("--log-level", "debug", *self.extra))
+        except trims.DaemonUnavailable as exc:
+            raise RuntimeError(str(exc)) from None
+        return self
 
     def client(self) -> trims.Client:
         return trims.connect(self.socket)

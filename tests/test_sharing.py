@@ -11,7 +11,6 @@ import signal
 
 import pytest
 
-import trims
 from trims import protocol, transport
 
 from .conftest import run_python, start_python, wait_for

@@ -345,6 +345,21 @@ def test_remove_deletes_bytes_once_no_name_uses_them(daemon, tmp_path):
         client.remove("b")
 
 
+def test_pushing_new_bytes_under_a_name_frees_the_old_ones(daemon, tmp_path):
+    client = daemon.client()
+    save_file({"w": torch.randn(1000)}, tmp_path / "v1.safetensors")
+    save_file({"w": torch.randn(1000)}, tmp_path / "v2.safetensors")
+    client.push(tmp_path / "v1.safetensors", "m")
+    old = client.open("m")
+    client.push(tmp_path / "v2.safetensors", "m")
+    assert len(list((daemon.store / "segments").glob("*.bin"))) == 2  # v1 is still leased
+    with client.open("m") as new:
+        assert new["w"].tobytes() != old["w"].tobytes()
+    old.close()
+    assert len(list((daemon.store / "segments").glob("*.bin"))) == 1
+    assert len(list((daemon.store / "models").glob("*.json"))) == 1
+
+
 def test_concurrent_opens_of_a_cold_model_load_it_once(daemon, tmp_path):
     setup = daemon.client()
     _push_seeded(setup, tmp_path, [0])

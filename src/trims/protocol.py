@@ -29,7 +29,7 @@ import types
 import typing
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Union
+from typing import Any, Callable, ClassVar, Iterable, Union
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -402,69 +402,110 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+# Decoding checks every value against the field's type. The checks are compiled once per
+# type into closures, so a reply with thousands of tensor entries stays cheap to decode.
 
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+_Converter = Callable[[Any, str], Any]
+_RECORDS: dict[type, list[tuple[str, bool, _Converter]]] = {}
+_CONVERTERS: dict[Any, _Converter] = {}
 
 
 def _fields_from_wire(cls: type, body: dict[str, Any], path: str = "") -> dict[str, Any]:
-    hints = _hints(cls)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if not f.init or not f.metadata.get("wire", True):
-            continue
-        where = f"{path}{f.name}"
-        if f.name not in body:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RemoteProtocolError(f"{cls.__name__} lacks field {where!r}")
-            continue
-        values[f.name] = _from_wire(body[f.name], hints[f.name], where)
+    for name, required, convert in _record(cls):
+        if name in body:
+            values[name] = convert(body[name], f"{path}{name}")
+        elif required:
+            raise RemoteProtocolError(f"{cls.__name__} lacks field {path + name!r}")
     return values
 
 
-def _from_wire(value: Any, hint: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+def _record(cls: type) -> list[tuple[str, bool, _Converter]]:
+    if cls not in _RECORDS:
+        hints = typing.get_type_hints(cls)
+        _RECORDS[cls] = [
+            (f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, _converter(hints[f.name]))
+            for f in dataclasses.fields(cls)
+            if f.init and f.metadata.get("wire", True)
+        ]
+    return _RECORDS[cls]
+
+
+def _converter(hint: Any) -> _Converter:
+    if hint not in _CONVERTERS:
+        _CONVERTERS[hint] = _build_converter(hint)
+    return _CONVERTERS[hint]
+
+
+def _build_converter(hint: Any) -> _Converter:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (hint,) = [a for a in args if a is not type(None)]
-        return _from_wire(value, hint, path)
+        (inner,) = [a for a in args if a is not type(None)]
+        convert_inner = _converter(inner)
+        return lambda value, path: None if value is None else convert_inner(value, path)
     if hint is object:
-        return value
+        return lambda value, path: value
     if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if _INT_RANGE[0] <= value < _INT_RANGE[1]:
-                return value
-            raise RemoteProtocolError(f"{path}: integer {value} out of range")
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif origin in (tuple, list):
-        if isinstance(value, list):
-            item = args[0]
-            items = [_from_wire(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-            return tuple(items) if origin is tuple else items
-    elif origin is dict:
-        if isinstance(value, dict):
-            return {k: _from_wire(v, args[1], f"{path}.{k}") for k, v in value.items()}
-    elif dataclasses.is_dataclass(hint):
-        if isinstance(value, dict):
+        return _checked(lambda v: isinstance(v, bool), "bool")
+    if hint is int:
+        return _convert_int
+    if hint is float:
+        return _convert_float
+    if hint is str:
+        return _checked(lambda v: isinstance(v, str), "str")
+    if origin in (tuple, list):
+        item, container = _converter(args[0]), tuple if origin is tuple else list
+
+        def convert_sequence(value: Any, path: str) -> Any:
+            if not isinstance(value, list):
+                raise _mistyped(path, "list", value)
+            return container(item(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+        return convert_sequence
+    if origin is dict:
+        item = _converter(args[1])
+
+        def convert_mapping(value: Any, path: str) -> Any:
+            if not isinstance(value, dict):
+                raise _mistyped(path, "dict", value)
+            return {k: item(v, f"{path}.{k}") for k, v in value.items()}
+
+        return convert_mapping
+    if dataclasses.is_dataclass(hint):
+
+        def convert_record(value: Any, path: str) -> Any:
+            if not isinstance(value, dict):
+                raise _mistyped(path, hint.__name__, value)
             return hint(**_fields_from_wire(hint, value, f"{path}."))
-    else:  # pragma: no cover - a message declared a type this codec does not know
-        raise LocalProtocolError(f"{path}: unsupported field type {hint!r}")
-    raise RemoteProtocolError(f"{path}: expected {_describe(hint)}, got {type(value).__name__}")
+
+        return convert_record
+    raise TypeError(f"protocol field type {hint!r} has no wire form")  # a bug in a message definition
 
 
-def _describe(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint)
+def _checked(test: Callable[[Any], bool], expected: str) -> _Converter:
+    def convert(value: Any, path: str) -> Any:
+        if not test(value):
+            raise _mistyped(path, expected, value)
+        return value
+
+    return convert
+
+
+def _convert_int(value: Any, path: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _mistyped(path, "int", value)
+    if not _INT_RANGE[0] <= value < _INT_RANGE[1]:
+        raise RemoteProtocolError(f"{path}: integer {value} out of range")
+    return value
+
+
+def _convert_float(value: Any, path: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise _mistyped(path, "float", value)
+    return float(value)
+
+
+def _mistyped(path: str, expected: str, value: Any) -> RemoteProtocolError:
+    return RemoteProtocolError(f"{path}: expected {expected}, got {type(value).__name__}")
+
+

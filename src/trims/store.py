@@ -122,7 +122,10 @@ class Store:
                 for file_digest, data in ingested.side_files.items():
                     catalog.add_file(file_digest, data)
                 catalog.add_manifest(ingested.manifest)
+                replaced = catalog.tags.get(name)
                 catalog.set_tag(name, ingested.manifest.digest)
+                if replaced not in (None, ingested.manifest.digest):
+                    self._collect_garbage_locked()  # the name's old model may now be unused
                 self.metrics.pushes += 1
                 self.metrics.push_bytes_new += new_bytes
         finally:
@@ -140,9 +143,7 @@ class Store:
             if name not in self.catalog.tags:
                 raise ModelNotFound(f"no model named {name}")
             self.catalog.remove_tag(name)
-            freed = self._collect_garbage_locked()
-            self._placements = {d: p for d, p in self._placements.items() if d in self.catalog.manifests}
-        return freed
+            return self._collect_garbage_locked()
 
     def _collect_garbage_locked(self) -> int:
         """Delete what no name needs; a segment still leased goes when its last lease ends."""
@@ -151,6 +152,7 @@ class Store:
         for segment_id in [s for s in self.host.resident if s not in self.catalog.segments]:
             self._evict_locked(segment_id, "removed")
         self._doomed = self.catalog.unused_segments()
+        self._placements = {d: p for d, p in self._placements.items() if d in self.catalog.manifests}
         return freed
 
     # --- opening and leases ---------------------------------------------------------------
