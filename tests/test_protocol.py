@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 from trims import protocol
 from trims.errors import LocalProtocolError, RemoteProtocolError
 
-ENTRY = protocol.TensorEntry(name="w", dtype="BF16", shape=(2, 3), segment=0, offset=64, nbytes=12)
+TABLE = protocol.TensorTable.of([
+    protocol.TensorEntry("w", "BF16", (2, 3), 0, 64, 12),
+    protocol.TensorEntry("s", "F32", (), 0, 128, 4),
+])
 SUMMARY = protocol.ModelSummary(
     name="a/b:1", digest="sha256:" + "0" * 64, nbytes=10, tensors=1, tiers=("host", "disk"), leases=2,
     dtypes={"F32": 1}, metadata={"format": "pt"}, files=("config.json",), aliases=("a/b:latest",),
@@ -29,7 +32,7 @@ EXAMPLES = [
     protocol.Stats(id=9),
     protocol.Pong(id=1, daemon_version="0.1.0", protocol_version=1, pid=42),
     protocol.Opened(id=2, lease=1, name="m:latest", digest="sha256:" + "1" * 64, nbytes=12,
-                    segment_sizes=(128,), tensors=(ENTRY,), metadata={"k": "v"}, fds=(12,)),
+                    segment_sizes=(192,), tensors=TABLE, metadata={"k": "v"}, fds=(12,)),
     protocol.Done(id=3),
     protocol.Pushed(id=4, result=protocol.PushResult(name="m:latest", digest="sha256:" + "2" * 64, nbytes=1, tensors=1, new_bytes=0)),
     protocol.ModelList(id=5, models=(SUMMARY,)),
@@ -116,7 +119,13 @@ def test_unknown_fields_are_ignored_for_forward_compatibility():
         (frame({"type": "push", "id": 1, "name": "x", "files": ["a", "b"]}, nfds=1), (9,), "expected 2"),
         (frame({"type": "ping", "id": 1}, nfds=1), (9,), "expected 0"),
         (frame({"type": "opened", "id": 1, "lease": 1, "name": "x", "digest": "d", "nbytes": 1,
-                "segment_sizes": [1], "tensors": [{"name": "w"}]}, nfds=1), (3,), "lacks field"),
+                "segment_sizes": [1], "tensors": {"names": ["w"]}}, nfds=1), (3,), "lacks field"),
+        (frame({"type": "opened", "id": 1, "lease": 1, "name": "x", "digest": "d", "nbytes": 1,
+                "segment_sizes": [1], "tensors": {"names": ["w"], "dtypes": [1], "shapes": [], "segments": [],
+                                                  "offsets": [], "nbytes": []}}, nfds=1), (3,), "expected str"),
+        (frame({"type": "opened", "id": 1, "lease": 1, "name": "x", "digest": "d", "nbytes": 1,
+                "segment_sizes": [1], "tensors": {"names": [], "dtypes": [], "shapes": [[True]], "segments": [],
+                                                  "offsets": [], "nbytes": []}}, nfds=1), (3,), "expected int"),
     ],
 )
 def test_invalid_frames_raise_remote_protocol_error(data, fds, fragment):
@@ -128,6 +137,13 @@ def test_invalid_frames_raise_remote_protocol_error(data, fds, fragment):
     with pytest.raises(RemoteProtocolError):
         decoder.next_message()
     assert decoder.take_fds() == list(fds)
+
+
+def test_tensor_table_rows_must_line_up():
+    ragged = protocol.TensorTable(names=("a", "b"), dtypes=("F32",), shapes=((),), segments=(0,), offsets=(0,), nbytes=(4,))
+    with pytest.raises(RemoteProtocolError, match="differ in length"):
+        ragged.entries()
+    assert TABLE.entries()[1] == protocol.TensorEntry("s", "F32", (), 0, 128, 4)
 
 
 def test_oversized_frame_is_refused_from_its_header_alone():

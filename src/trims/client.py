@@ -52,11 +52,14 @@ _shared_lock = threading.Lock()
 
 
 def shared_client() -> Client:
-    """One client per process for the adapters' convenience functions (``client=None``)."""
+    """One client per process for the adapters' convenience functions (``client=None``).
+
+    It connects on its first request, saving a round trip on the path to a ready model.
+    """
     global _shared
     with _shared_lock:
         if _shared is None or _shared.socket_path != default_socket_path():
-            _shared = connect()
+            _shared = Client(default_socket_path())
         return _shared
 
 
@@ -277,8 +280,9 @@ class ModelView(Mapping[str, "np.ndarray"]):
 def _map_model(reply: protocol.Opened, lease: _Lease) -> ModelView:
     try:
         segments = tuple(_map_segment(fd, size, lease) for fd, size in zip(reply.fds, reply.segment_sizes))
-        index = {entry.name: entry for entry in reply.tensors}
-        for entry in reply.tensors:
+        entries = reply.tensors.entries()
+        index = {entry.name: entry for entry in entries}
+        for entry in entries:
             if not (0 <= entry.segment < len(segments) and 0 <= entry.offset
                     and entry.offset + entry.nbytes <= reply.segment_sizes[entry.segment]):
                 raise RemoteProtocolError(f"tensor {entry.name!r} lies outside its segment")

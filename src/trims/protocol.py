@@ -29,7 +29,7 @@ import types
 import typing
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Union
+from typing import Any, Callable, ClassVar, Iterable, NamedTuple, Union
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -78,8 +78,7 @@ class Message:
 # --- records nested inside messages -------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
     """Where one tensor of an opened model lives: ``offset`` bytes into ``segment``."""
 
     name: str
@@ -88,6 +87,35 @@ class TensorEntry:
     segment: int
     offset: int
     nbytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorTable:
+    """An opened model's tensors, one named column per field.
+
+    Columns rather than one object per tensor keep a model of thousands of tensors cheap
+    to encode and check: a few long lists of plain values.
+    """
+
+    names: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    segments: tuple[int, ...]
+    offsets: tuple[int, ...]
+    nbytes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, entries: Iterable[TensorEntry]) -> TensorTable:
+        columns = tuple(zip(*entries)) or ((),) * 6
+        return cls(names=columns[0], dtypes=columns[1], shapes=columns[2], segments=columns[3],
+                   offsets=columns[4], nbytes=columns[5])
+
+    def entries(self) -> list[TensorEntry]:
+        """The rows; raises RemoteProtocolError if the columns differ in length."""
+        columns = (self.names, self.dtypes, self.shapes, self.segments, self.offsets, self.nbytes)
+        if len({len(c) for c in columns}) > 1:
+            raise RemoteProtocolError("tensor table columns differ in length")
+        return [TensorEntry._make(row) for row in zip(*columns)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,7 +218,7 @@ class Opened(Message):
     digest: str
     nbytes: int
     segment_sizes: tuple[int, ...]
-    tensors: tuple[TensorEntry, ...]
+    tensors: TensorTable
     metadata: dict[str, str] = field(default_factory=dict)
     fds: tuple[int, ...] = _fds_field()
 
@@ -261,11 +289,9 @@ def encode(message: Message) -> bytes:
             f"{message.TYPE} needs {len(fds)} descriptors; one frame carries at most "
             f"{MAX_FDS_PER_FRAME}"
         )
-    body = {"type": message.TYPE, **_fields_to_wire(message)}
     try:
-        # Check our own output with the peer's rules, so a bad message fails here.
-        _fields_from_wire(type(message), body)
-    except RemoteProtocolError as exc:
+        body = {"type": message.TYPE, **_encode_record(message, "")}
+    except RemoteProtocolError as exc:  # the checks a peer would make, made here first
         raise LocalProtocolError(str(exc)) from None
     try:
         payload = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
@@ -277,24 +303,6 @@ def encode(message: Message) -> bytes:
             f"{MAX_FRAME_BYTES}-byte cap"
         )
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, len(fds), 0, len(payload)) + payload
-
-
-def _fields_to_wire(record: Any) -> dict[str, Any]:
-    return {
-        f.name: _to_wire(getattr(record, f.name))
-        for f in dataclasses.fields(record)
-        if f.metadata.get("wire", True)
-    }
-
-
-def _to_wire(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return _fields_to_wire(value)
-    if isinstance(value, (list, tuple)):
-        return [_to_wire(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _to_wire(item) for key, item in value.items()}
-    return value
 
 
 # --- decoding -----------------------------------------------------------------------
@@ -402,110 +410,152 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
 
 
-# Decoding checks every value against the field's type. The checks are compiled once per
-# type into closures, so a reply with thousands of tensor entries stays cheap to decode.
+# Both directions check every value against its field's type. The checks are compiled once
+# per type into closures, so a reply with thousands of tensors stays cheap. Decoding turns
+# JSON lists into tuples and objects into records; encoding does the reverse.
 
 _Converter = Callable[[Any, str], Any]
-_RECORDS: dict[type, list[tuple[str, bool, _Converter]]] = {}
-_CONVERTERS: dict[Any, _Converter] = {}
+_RECORDS: dict[type, list[tuple[str, bool, _Converter, _Converter]]] = {}
+_CONVERTERS: dict[Any, tuple[_Converter, _Converter]] = {}
 
 
 def _fields_from_wire(cls: type, body: dict[str, Any], path: str = "") -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for name, required, convert in _record(cls):
+    for name, required, decode, _ in _record(cls):
         if name in body:
-            values[name] = convert(body[name], f"{path}{name}")
+            values[name] = decode(body[name], f"{path}{name}")
         elif required:
             raise RemoteProtocolError(f"{cls.__name__} lacks field {path + name!r}")
     return values
 
 
-def _record(cls: type) -> list[tuple[str, bool, _Converter]]:
+def _encode_record(record: Any, path: str) -> dict[str, Any]:
+    return {name: encode(getattr(record, name), f"{path}{name}") for name, _, _, encode in _record(type(record))}
+
+
+def _record(cls: type) -> list[tuple[str, bool, _Converter, _Converter]]:
     if cls not in _RECORDS:
         hints = typing.get_type_hints(cls)
         _RECORDS[cls] = [
-            (f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, _converter(hints[f.name]))
+            (f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+             *_converters(hints[f.name]))
             for f in dataclasses.fields(cls)
             if f.init and f.metadata.get("wire", True)
         ]
     return _RECORDS[cls]
 
 
-def _converter(hint: Any) -> _Converter:
+def _converters(hint: Any) -> tuple[_Converter, _Converter]:
+    """(decode, encode) for values of type ``hint``."""
     if hint not in _CONVERTERS:
-        _CONVERTERS[hint] = _build_converter(hint)
+        _CONVERTERS[hint] = _build_converters(hint)
     return _CONVERTERS[hint]
 
 
-def _build_converter(hint: Any) -> _Converter:
+def _build_converters(hint: Any) -> tuple[_Converter, _Converter]:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
         (inner,) = [a for a in args if a is not type(None)]
-        convert_inner = _converter(inner)
-        return lambda value, path: None if value is None else convert_inner(value, path)
+        return tuple(_optional(c) for c in _converters(inner))
     if hint is object:
-        return lambda value, path: value
-    if hint is bool:
-        return _checked(lambda v: isinstance(v, bool), "bool")
-    if hint is int:
-        return _convert_int
-    if hint is float:
-        return _convert_float
-    if hint is str:
-        return _checked(lambda v: isinstance(v, str), "str")
+        return _as_is, _as_is
+    if hint in _SCALARS:
+        return _SCALARS[hint], _SCALARS[hint]
     if origin in (tuple, list):
-        item, container = _converter(args[0]), tuple if origin is tuple else list
-
-        def convert_sequence(value: Any, path: str) -> Any:
-            if not isinstance(value, list):
-                raise _mistyped(path, "list", value)
-            return container(item(v, f"{path}[{i}]") for i, v in enumerate(value))
-
-        return convert_sequence
+        if args[0] in _SCALARS:
+            return _column(args[0], origin), _column(args[0], list)
+        decode_item, encode_item = _converters(args[0])
+        return _sequence(decode_item, origin), _sequence(encode_item, list)
     if origin is dict:
-        item = _converter(args[1])
-
-        def convert_mapping(value: Any, path: str) -> Any:
-            if not isinstance(value, dict):
-                raise _mistyped(path, "dict", value)
-            return {k: item(v, f"{path}.{k}") for k, v in value.items()}
-
-        return convert_mapping
+        return tuple(_mapping(c) for c in _converters(args[1]))
     if dataclasses.is_dataclass(hint):
-
-        def convert_record(value: Any, path: str) -> Any:
-            if not isinstance(value, dict):
-                raise _mistyped(path, hint.__name__, value)
-            return hint(**_fields_from_wire(hint, value, f"{path}."))
-
-        return convert_record
+        return _record_decoder(hint), _record_encoder(hint)
     raise TypeError(f"protocol field type {hint!r} has no wire form")  # a bug in a message definition
 
 
-def _checked(test: Callable[[Any], bool], expected: str) -> _Converter:
+def _as_is(value: Any, path: str) -> Any:
+    return value
+
+
+def _optional(convert: _Converter) -> _Converter:
+    return lambda value, path: None if value is None else convert(value, path)
+
+
+def _sequence(item: _Converter, make: type) -> _Converter:
     def convert(value: Any, path: str) -> Any:
-        if not test(value):
-            raise _mistyped(path, expected, value)
+        if not isinstance(value, (list, tuple)):
+            raise _mistyped(path, "list", value)
+        return make(item(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+    return convert
+
+
+def _column(item_type: type, make: type) -> _Converter:
+    """A list of plain values, checked in one pass with no call per item."""
+    kinds = _SCALAR_TYPES[item_type]
+
+    def convert(value: Any, path: str) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise _mistyped(path, "list", value)
+        if not all(type(v) in kinds for v in value):
+            raise _mistyped(f"{path}[]", item_type.__name__, next(v for v in value if type(v) not in kinds))
+        if item_type is int and value and not (_INT_RANGE[0] <= min(value) and max(value) < _INT_RANGE[1]):
+            raise RemoteProtocolError(f"{path}: integer out of range")
+        if item_type is float and not all(math.isfinite(v) for v in value):
+            raise RemoteProtocolError(f"{path}: non-finite number")
+        return make(value)
+
+    return convert
+
+
+def _mapping(item: _Converter) -> _Converter:
+    def convert(value: Any, path: str) -> Any:
+        if not isinstance(value, dict):
+            raise _mistyped(path, "dict", value)
+        return {k: item(v, f"{path}.{k}") for k, v in value.items()}
+
+    return convert
+
+
+def _record_decoder(cls: type) -> _Converter:
+    def convert(value: Any, path: str) -> Any:
+        if not isinstance(value, dict):
+            raise _mistyped(path, cls.__name__, value)
+        return cls(**_fields_from_wire(cls, value, f"{path}."))
+
+    return convert
+
+
+def _record_encoder(cls: type) -> _Converter:
+    def convert(value: Any, path: str) -> Any:
+        if not isinstance(value, cls):
+            raise _mistyped(path, cls.__name__, value)
+        return _encode_record(value, f"{path}.")
+
+    return convert
+
+
+def _scalar(expected: type) -> _Converter:
+    kinds = _SCALAR_TYPES[expected]
+
+    def convert(value: Any, path: str) -> Any:
+        if type(value) not in kinds:
+            raise _mistyped(path, expected.__name__, value)
+        if expected is int and not _INT_RANGE[0] <= value < _INT_RANGE[1]:
+            raise RemoteProtocolError(f"{path}: integer {value} out of range")
+        if expected is float:
+            if not math.isfinite(value):
+                raise RemoteProtocolError(f"{path}: non-finite number")
+            return float(value)
         return value
 
     return convert
 
 
-def _convert_int(value: Any, path: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _mistyped(path, "int", value)
-    if not _INT_RANGE[0] <= value < _INT_RANGE[1]:
-        raise RemoteProtocolError(f"{path}: integer {value} out of range")
-    return value
-
-
-def _convert_float(value: Any, path: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise _mistyped(path, "float", value)
-    return float(value)
+# Exact types: on the wire a bool is not an int, and an int is a fine float.
+_SCALAR_TYPES: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+_SCALARS: dict[type, _Converter] = {t: _scalar(t) for t in _SCALAR_TYPES}
 
 
 def _mistyped(path: str, expected: str, value: Any) -> RemoteProtocolError:
     return RemoteProtocolError(f"{path}: expected {expected}, got {type(value).__name__}")
-
-

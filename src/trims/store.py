@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 from . import names
 from .catalog import Catalog
-from .errors import CapacityError, InvalidName, ModelBusy, ModelNotFound
+from .errors import CapacityError, InvalidName, ModelBusy, ModelNotFound, StorageError
 from .host import HostSegment, HostTier, load_segment
-from .ingest import SourceFile, ingest
-from .protocol import ModelSummary, PushResult, TensorEntry
+from .ingest import Ingested, SourceFile, ingest
+from .protocol import ModelSummary, PushResult, TensorEntry, TensorTable
 from .records import Manifest, SegmentLayout
 
 log = logging.getLogger("trims.store")
@@ -38,7 +38,7 @@ class OpenResult:
     name: str
     manifest: Manifest
     segments: tuple[HostSegment, ...]
-    tensors: tuple[TensorEntry, ...]
+    tensors: TensorTable
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class _Placement:
     """Where an opened model's tensors are: the segments it needs and each tensor's spot."""
 
     segments: tuple[str, ...]
-    tensors: tuple[TensorEntry, ...]
+    tensors: TensorTable
 
 
 @dataclass
@@ -111,30 +111,45 @@ class Store:
         if name.startswith("sha256:"):
             raise InvalidName("push needs a NAME[:TAG] to tag the model with, not a digest")
         catalog = self.catalog
-        ingested = ingest(files, catalog.temp_dir(), lambda d: d in catalog.locations, self._workers)
-        try:
-            with self._lock:
-                new_bytes = 0
-                segment = ingested.segment
-                if segment is not None and any(e.digest not in catalog.locations for e in segment.entries):
-                    catalog.add_segment(segment, ingested.segment_path)
-                    new_bytes = segment.size
-                for file_digest, data in ingested.side_files.items():
-                    catalog.add_file(file_digest, data)
-                catalog.add_manifest(ingested.manifest)
-                replaced = catalog.tags.get(name)
-                catalog.set_tag(name, ingested.manifest.digest)
-                if replaced not in (None, ingested.manifest.digest):
-                    self._collect_garbage_locked()  # the name's old model may now be unused
-                self.metrics.pushes += 1
-                self.metrics.push_bytes_new += new_bytes
-        finally:
-            ingested.discard()  # a no-op once the segment was renamed into place
+        for _ in range(3):
+            # Hashing runs outside the lock; what it took as already stored may be deleted
+            # meanwhile by a concurrent `remove`. Then the commit refuses and we go again.
+            ingested = ingest(files, catalog.temp_dir(), lambda d: d in catalog.locations, self._workers)
+            try:
+                with self._lock:
+                    new_bytes = self._commit_locked(name, ingested)
+            finally:
+                ingested.discard()  # a no-op once the segment was renamed into place
+            if new_bytes is not None:
+                break
+        else:
+            raise StorageError(f"pushing {name} kept racing with removals; try again")
         manifest = ingested.manifest
         log.info("pushed %s = %s (%d tensors, %d new bytes)", name, manifest.digest, len(manifest.tensors), new_bytes)
         return PushResult(
             name=name, digest=manifest.digest, nbytes=manifest.nbytes, tensors=len(manifest.tensors), new_bytes=new_bytes
         )
+
+    def _commit_locked(self, name: str, ingested: Ingested) -> int | None:
+        """Make a push visible; the new bytes stored, or None if a tensor it relies on is gone."""
+        catalog, segment = self.catalog, ingested.segment
+        carried = {e.digest for e in segment.entries} if segment else set()
+        if any(t.digest not in catalog.locations and t.digest not in carried for t in ingested.manifest.tensors):
+            return None
+        new_bytes = 0
+        if segment is not None and any(e.digest not in catalog.locations for e in segment.entries):
+            catalog.add_segment(segment, ingested.segment_path)
+            new_bytes = segment.size
+        for file_digest, data in ingested.side_files.items():
+            catalog.add_file(file_digest, data)
+        catalog.add_manifest(ingested.manifest)
+        replaced = catalog.tags.get(name)
+        catalog.set_tag(name, ingested.manifest.digest)
+        if replaced not in (None, ingested.manifest.digest):
+            self._collect_garbage_locked()  # the name's old model may now be unused
+        self.metrics.pushes += 1
+        self.metrics.push_bytes_new += new_bytes
+        return new_bytes
 
     def remove(self, reference: str) -> int:
         """Untag a model; delete what no tag needs any more. Returns bytes deleted."""
@@ -307,8 +322,8 @@ class Store:
             for t in manifest.tensors:
                 segment_id, offset = self.catalog.locations[t.digest]
                 index = order.setdefault(segment_id, len(order))
-                tensors.append(TensorEntry(name=t.name, dtype=t.dtype, shape=t.shape, segment=index, offset=offset, nbytes=t.nbytes))
-            cached = self._placements[manifest.digest] = _Placement(tuple(order), tuple(tensors))
+                tensors.append(TensorEntry(t.name, t.dtype, t.shape, index, offset, t.nbytes))
+            cached = self._placements[manifest.digest] = _Placement(tuple(order), TensorTable.of(tensors))
         return cached
 
     def list_models(self) -> list[ModelSummary]:
