@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Every child (daemon, function processes) runs the trims next to this script.
 sys.path.insert(0, str(HERE.parent / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))
 
 from trims import connect  # noqa: E402
 from trims.config import format_size  # noqa: E402
@@ -58,7 +60,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="trims-bench-"))
     socket_path = workdir / "trims.sock"
-    env = {**os.environ, "TRIMS_SOCKET": str(socket_path), "PYTHONPATH": str(HERE.parent / "src")}
+    env = {**os.environ, "TRIMS_SOCKET": str(socket_path)}
     results = {"machine": _machine(), "runs": args.runs, "holders": HOLDERS, "models": {}}
     for model in models:
         directory = _build(model, cache / model, env)

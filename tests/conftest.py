@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -66,6 +69,64 @@ def daemon(tmp_path: Path):
     process = DaemonProcess(tmp_path).start()
     yield process
     process.kill()
+
+
+class S3Endpoint:
+    """A real S3-compatible HTTP endpoint (moto's server mode) on loopback."""
+
+    def __init__(self, workdir: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "moto.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self._answers, timeout=30, message="the S3 endpoint to start")
+
+    def _answers(self) -> bool:
+        try:
+            urllib.request.urlopen(self.url, timeout=1).close()
+            return True
+        except OSError:
+            return self.proc.poll() is not None  # fail fast below if it died
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                            region_name="us-east-1")
+
+    def new_bucket(self) -> str:
+        name = f"bucket-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def gets(self, key_fragment: str) -> int:
+        """GET requests the endpoint has served for keys containing ``key_fragment``."""
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return sum(1 for line in lines if "GET /" in line and key_fragment in line)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    endpoint = S3Endpoint(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in endpoint.env}
+    os.environ.update(endpoint.env)  # daemons started by the tests inherit the endpoint
+    yield endpoint
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    endpoint.proc.kill()
+    endpoint.proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from trims.errors import InvalidModel
 from trims.safetensors_format import MAX_HEADER_BYTES, read_header
+from trims.sources import FileSource
 
 from .models import raw_safetensors
 
@@ -20,7 +21,7 @@ F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 def header_of(path):
     fd = os.open(path, os.O_RDONLY)
     try:
-        return read_header(fd, path.name)
+        return read_header(FileSource(path.name, fd))
     finally:
         os.close(fd)
 

@@ -53,12 +53,12 @@ def test_same_bytes_are_stored_once_whatever_their_files_or_names(daemon, tmp_pa
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     client = daemon.client()
     first = client.push(tmp_path / "single", "gpt2")
-    disk = client.stats()["disk"]["used_bytes"]
+    disk = client.stats()["tiers"]["disk"]["used_bytes"]
     again = client.push(tmp_path / "single" / "model.safetensors", "gpt2-file")
     sharded = client.push(tmp_path / "sharded", "gpt2-sharded")
     assert again.new_bytes == 0 and sharded.new_bytes == 0
     assert sharded.digest == first.digest  # identity is content: sharding does not change it
-    assert client.stats()["disk"]["used_bytes"] == disk
+    assert client.stats()["tiers"]["disk"]["used_bytes"] == disk
     with client.open("gpt2-sharded") as a, client.open("gpt2") as b:
         assert tensors_of(a) == tensors_of(b)
     assert again.digest != first.digest  # a bare file carries no config: another model, same tensors
@@ -240,7 +240,7 @@ def test_restart_keeps_the_catalogue_and_verifies_what_it_loads(tmp_path):
         assert (summary.name, summary.digest, summary.tiers) == ("gpt2:1", pushed.digest, ("disk",))
         with client.open("gpt2:1") as view:
             assert tensors_of(view) == before
-        assert client.stats()["loads"]["segments"] == 1
+        assert client.stats()["fetches"]["disk->host"]["count"] == 1
     finally:
         second.kill()
 
@@ -251,7 +251,7 @@ def test_a_corrupted_byte_on_disk_is_detected_and_never_served(tmp_path):
     client = daemon.client()
     client.push(tmp_path / "m.safetensors", "m")
     daemon.stop()
-    (segment,) = (daemon.store / "segments").glob("*.bin")
+    (segment,) = (daemon.store / "disk").glob("*.bin")
     data = bytearray(segment.read_bytes())
     data[1000] ^= 0x01
     segment.write_bytes(bytes(data))
@@ -260,7 +260,7 @@ def test_a_corrupted_byte_on_disk_is_detected_and_never_served(tmp_path):
         client = daemon.client()
         with pytest.raises(trims.IntegrityError, match="corrupt"):
             client.open("m")
-        assert client.stats()["host"]["used_bytes"] == 0
+        assert client.stats()["tiers"]["host"]["used_bytes"] == 0
         _daemon_still_serves(client, tmp_path)
     finally:
         daemon.kill()
@@ -278,18 +278,18 @@ def test_host_cap_is_never_exceeded_and_leased_models_are_never_evicted(tmp_path
     try:
         client = daemon.client()
         _push_seeded(client, tmp_path, range(4))
-        capacity = client.stats()["host"]["capacity_bytes"]
+        capacity = client.stats()["tiers"]["host"]["capacity_bytes"]
         for seed in range(4):  # more models than fit, one after another
             with client.open(f"m{seed}"):
-                assert client.stats()["host"]["used_bytes"] <= capacity
+                assert client.stats()["tiers"]["host"]["used_bytes"] <= capacity
         stats = client.stats()
-        assert stats["evictions"] == {"capacity": 2} and stats["host"]["resident_segments"] == 2
+        assert stats["tiers"]["host"]["evictions"] == {"capacity": 2} and stats["tiers"]["host"]["segments"] == 2
         assert [m.tiers for m in client.list()] == [("disk",), ("disk",), ("host", "disk"), ("host", "disk")]
         held = [client.open("m0"), client.open("m1")]  # m0 and m1 evict m2 and m3 (least recently used)
         with pytest.raises(trims.CapacityError, match="host memory is full"):
             client.open("m2")
         assert [np.array_equal(v["w"], v["w"]) for v in held] == [True, True]
-        assert client.stats()["host"]["used_bytes"] <= capacity
+        assert client.stats()["tiers"]["host"]["used_bytes"] <= capacity
         held[0].close()
         with client.open("m2"):  # now m0 can go
             pass
@@ -303,7 +303,7 @@ def test_a_model_larger_than_the_cap_gets_a_clear_error(tmp_path):
     try:
         client = daemon.client()
         _push_seeded(client, tmp_path, [0])
-        with pytest.raises(trims.CapacityError, match="larger than the host memory"):
+        with pytest.raises(trims.CapacityError, match="larger than the host tier"):
             client.open("m0")
     finally:
         daemon.kill()
@@ -318,7 +318,7 @@ def test_evict_refuses_leased_models_and_frees_idle_ones(daemon, tmp_path):
     view.close()
     assert client.evict("m0") >= nbytes
     assert client.info("m0").tiers == ("disk",)
-    assert client.stats()["host"]["used_bytes"] == 0
+    assert client.stats()["tiers"]["host"]["used_bytes"] == 0
     with client.open("m0") as view:
         assert view["w"].shape == (64 * 1024,)
 
@@ -335,12 +335,12 @@ def test_remove_deletes_bytes_once_no_name_uses_them(daemon, tmp_path):
     with client.open("b"):
         pass
     client.remove("b")
-    assert client.list() == [] and client.stats()["disk"]["used_bytes"] > 0  # still leased
+    assert client.list() == [] and client.stats()["tiers"]["disk"]["used_bytes"] > 0  # still leased
     assert held["w"].shape == (1000,)  # a holder keeps its mapping
     held.close()
     stats = client.stats()
-    assert stats["host"]["used_bytes"] == 0 and stats["disk"]["used_bytes"] == 0
-    assert not list((daemon.store / "segments").iterdir())
+    assert stats["tiers"]["host"]["used_bytes"] == 0 and stats["tiers"]["disk"]["used_bytes"] == 0
+    assert not list((daemon.store / "disk").iterdir()) and not list((daemon.store / "segments").iterdir())
     with pytest.raises(trims.ModelNotFound):
         client.remove("b")
 
@@ -352,11 +352,11 @@ def test_pushing_new_bytes_under_a_name_frees_the_old_ones(daemon, tmp_path):
     client.push(tmp_path / "v1.safetensors", "m")
     old = client.open("m")
     client.push(tmp_path / "v2.safetensors", "m")
-    assert len(list((daemon.store / "segments").glob("*.bin"))) == 2  # v1 is still leased
+    assert len(list((daemon.store / "disk").glob("*.bin"))) == 2  # v1 is still leased
     with client.open("m") as new:
         assert new["w"].tobytes() != old["w"].tobytes()
     old.close()
-    assert len(list((daemon.store / "segments").glob("*.bin"))) == 1
+    assert len(list((daemon.store / "disk").glob("*.bin"))) == 1
     assert len(list((daemon.store / "models").glob("*.json"))) == 1
 
 
@@ -382,7 +382,7 @@ def test_concurrent_opens_of_a_cold_model_load_it_once(daemon, tmp_path):
         t.join()
     assert not errors
     stats = setup.stats()
-    assert stats["loads"]["segments"] == 1 and stats["opens"]["total"] == 8 and stats["leases"] == 8
+    assert stats["fetches"]["disk->host"]["count"] == 1 and stats["opens"]["total"] == 8 and stats["leases"] == 8
     assert len({v["w"].tobytes() for v in views}) == 1
 
 

@@ -1,18 +1,19 @@
-"""The store directory: names, manifests, segments and side files, each written atomically.
+"""The store's metadata: names, manifests, segment layouts, side files and pins.
 
 Layout (every file is written to ``tmp/``, fsynced, then renamed into place)::
 
     <store>/lock                      held (flock) by the one daemon using this store
     <store>/tags.json                 {"resnet50:1": "sha256:…"}: names point at digests
+    <store>/pins.json                 {"resnet50:1": "host"}: names kept warm in a tier
     <store>/models/<hex>.json         Manifest, named by the model digest
     <store>/segments/<hex>.json       SegmentLayout, named by the segment id
-    <store>/segments/<hex>.bin        the segment's bytes
     <store>/files/<hex>               side files (config.json, tokenizer), by content digest
     <store>/tmp/                      partial writes; emptied at start
 
-A crash at any point leaves either the old or the new state visible: a segment is renamed
-into place before the manifest that uses it, and a manifest before the tag that names it.
-What a crash leaves unreferenced is collected at the next start.
+Segment bytes belong to the tiers (``disk/``, ``cloud/``), not to the catalogue. A crash at
+any point leaves either the old or the new state visible: a segment's bytes land before
+its layout, a layout before the manifest that uses it, a manifest before the tag that
+names it. What a crash leaves unreferenced is collected at the next start.
 
 Not thread-safe: the store serialises every call.
 """
@@ -46,26 +47,22 @@ class Catalog:
         self.manifests: dict[str, Manifest] = {}
         self.segments: dict[str, SegmentLayout] = {}
         self.locations: dict[str, tuple[str, int]] = {}  # tensor digest -> (segment, offset)
+        self.pins: dict[str, str] = {}  # name -> tier
         self._load()
 
-    # --- paths ------------------------------------------------------------------------
-
-    def segment_path(self, segment_id: str) -> Path:
-        return self.root / "segments" / f"{digests.hex_of(segment_id)}.bin"
-
-    def file_path(self, file_digest: str) -> Path:
-        return self.root / "files" / digests.hex_of(file_digest)
+    # --- writes -------------------------------------------------------------------------
 
     def temp_dir(self) -> Path:
         return self.root / "tmp"
 
-    # --- writes -------------------------------------------------------------------------
+    def add_segment(self, layout: SegmentLayout) -> None:
+        """Record a segment whose bytes a tier already holds."""
+        if layout.id not in self.segments:
+            self._write_json(self.root / "segments" / f"{digests.hex_of(layout.id)}.json", layout.to_json())
+            self._index_segment(layout)
 
-    def add_segment(self, layout: SegmentLayout, data_path: Path) -> None:
-        """Move a complete, fsynced segment file into place and record its layout."""
-        _rename_durably(data_path, self.segment_path(layout.id))
-        self._write_json(self.root / "segments" / f"{digests.hex_of(layout.id)}.json", layout.to_json())
-        self._index_segment(layout)
+    def file_path(self, file_digest: str) -> Path:
+        return self.root / "files" / digests.hex_of(file_digest)
 
     def add_file(self, file_digest: str, data: bytes) -> None:
         if not self.file_path(file_digest).exists():
@@ -89,35 +86,45 @@ class Catalog:
         self._write_json(self.root / "tags.json", tags)
         self.tags = tags
 
-    def collect_garbage(self, keep_segments: set[str]) -> int:
-        """Delete models no tag names, then segments and files no model uses; bytes freed.
+    def set_pin(self, name: str, tier: str) -> None:
+        pins = {**self.pins, name: tier}
+        self._write_json(self.root / "pins.json", pins)
+        self.pins = pins
 
-        ``keep_segments`` are segments still leased to clients: their files stay until a
-        later collection.
+    def remove_pin(self, name: str) -> None:
+        if name in self.pins:
+            pins = {k: v for k, v in self.pins.items() if k != name}
+            self._write_json(self.root / "pins.json", pins)
+            self.pins = pins
+
+    def collect_garbage(self, keep_segments: set[str]) -> list[str]:
+        """Forget models no tag names, then segments and files no model uses.
+
+        Returns the segments forgotten: their bytes are the tiers' to delete. ``keep_segments``
+        (segments still leased) are kept until a later collection.
         """
         tagged = set(self.tags.values())
         for model_digest in [d for d in self.manifests if d not in tagged]:
             _unlink(self._manifest_path(model_digest))
             del self.manifests[model_digest]
-        freed = 0
-        for segment_id in self.unused_segments() - keep_segments:
-            freed += self.segments[segment_id].size
+        for name in [n for n in self.pins if n not in self.tags]:
+            self.remove_pin(name)
+        dropped = sorted(self.unused_segments() - keep_segments)
+        for segment_id in dropped:
             self._drop_segment(segment_id)
         used_files = {d for m in self.manifests.values() for d in m.files.values()}
         for path in (self.root / "files").iterdir():
             if digests.PREFIX + path.name not in used_files:
-                freed += path.stat().st_size
                 _unlink(path)
-        return freed
+        return dropped
 
     def unused_segments(self) -> set[str]:
         """Segments no manifest draws a tensor from."""
         used = {self.locations[t.digest][0] for m in self.manifests.values() for t in m.tensors}
         return set(self.segments) - used
 
-    def disk_bytes(self) -> int:
-        files = sum(p.stat().st_size for p in (self.root / "files").iterdir())
-        return files + sum(layout.size for layout in self.segments.values())
+    def files_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.root / "files").iterdir())
 
     # --- loading ------------------------------------------------------------------------
 
@@ -150,24 +157,19 @@ class Catalog:
         self._load_manifests()
         tags = self._read_json(self.root / "tags.json") or {}
         self.tags = {name: d for name, d in tags.items() if self._usable_tag(name, d)}
+        self.pins = {n: t for n, t in (self._read_json(self.root / "pins.json") or {}).items() if n in self.tags}
 
     def _load_segments(self) -> None:
         for path in (self.root / "segments").glob("*.json"):
-            doc = self._read_json(path)
             try:
-                layout = SegmentLayout.from_json(doc)
-                size_on_disk = self.segment_path(layout.id).stat().st_size
-            except (TypeError, KeyError, ValueError, OSError) as exc:
-                log.error("segment %s is unusable and was skipped: %s", path.name, exc)
+                layout = SegmentLayout.from_json(self._read_json(path))
+            except (TypeError, KeyError, ValueError) as exc:
+                log.error("segment layout %s is unusable and was skipped: %s", path.name, exc)
                 continue
-            if size_on_disk != layout.size:
-                log.error("segment %s has %d bytes, expected %d; skipped", path.name, size_on_disk, layout.size)
+            if digests.hex_of(layout.id) != path.stem:
+                log.error("segment layout %s does not match its name; skipped", path.name)
                 continue
             self._index_segment(layout)
-        known = {digests.hex_of(s) for s in self.segments}
-        for path in (self.root / "segments").glob("*.bin"):
-            if path.stem not in known:  # a push interrupted between its two renames
-                _unlink(path)
 
     def _load_manifests(self) -> None:
         for path in (self.root / "models").glob("*.json"):
@@ -195,7 +197,6 @@ class Catalog:
 
     def _drop_segment(self, segment_id: str) -> None:
         _unlink(self.root / "segments" / f"{digests.hex_of(segment_id)}.json")
-        _unlink(self.segment_path(segment_id))
         del self.segments[segment_id]
         self.locations = {d: loc for d, loc in self.locations.items() if loc[0] != segment_id}
         # Another segment may hold a copy of a tensor this one indexed first.
@@ -227,7 +228,7 @@ class Catalog:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
-            _rename_durably(Path(temp), path)
+            rename_durably(Path(temp), path)
         except OSError as exc:
             _unlink(Path(temp))
             raise storage_error(exc, f"writing {path.name}") from None
@@ -239,7 +240,7 @@ def storage_error(exc: OSError, doing: str) -> StorageError:
     return StorageError(f"store I/O failed while {doing}: {exc.strerror or exc}")
 
 
-def _rename_durably(source: Path, target: Path) -> None:
+def rename_durably(source: Path, target: Path) -> None:
     os.replace(source, target)
     dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -8,13 +8,16 @@ import functools
 import json
 import logging
 import sys
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__
 from .client import Client, connect
-from .config import Settings, default_host_memory, default_socket_path, default_store_dir, format_size, parse_size
+from .config import Settings, format_size, parse_size
 from .errors import TrimsError
+from .policy import POLICIES
+from .tier import PIN_TIERS
 
 _SIZE_HELP = "bytes, or with a unit: 512M, 4G, 1.5GiB (K/M/G/T = 1024^n; KB/MB/GB = 1000^n)"
 
@@ -46,16 +49,41 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser = functools.partial(commands.add_parser, parents=[common])
 
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", type=Path, default=None,
+                       help="TOML settings file (default: $TRIMS_CONFIG, /etc/trims/trims.toml for root, "
+                            "~/.config/trims/trims.toml); flags win over it")
     serve.add_argument("--store", type=Path, default=None, help="store directory (default: $TRIMS_STORE or ~/.local/share/trims)")
     serve.add_argument("--host-memory", type=_size, default=None, help=f"host memory cap; {_SIZE_HELP} (default: half of RAM)")
-    serve.add_argument("--max-connections", type=int, default=1024, help="refuse connections beyond this many")
+    serve.add_argument("--disk", type=_size, default=None, help="disk tier cap (default: unbounded)")
+    serve.add_argument("--policy", choices=sorted(POLICIES), default=None, help="eviction order in every tier (default: lru)")
+    serve.add_argument("--cloud", default=None, help="object storage for `trims pull`-able uploads, e.g. s3://bucket/trims")
+    serve.add_argument("--busy-timeout", type=float, default=None,
+                       help="seconds an open waits for a release when memory is full of leased models (default: 0)")
+    serve.add_argument("--max-connections", type=int, default=None, help="refuse connections beyond this many (default: 1024)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    serve.add_argument("--metrics-address", default=None, help="address for --metrics-port (default: 127.0.0.1)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
 
-    push = commands.add_parser("push", help="register a .safetensors file or a model directory")
-    push.add_argument("path", type=Path)
+    push = commands.add_parser("push", help="register a .safetensors file or a model directory, local or in a bucket")
+    push.add_argument("path", help="a file, a directory, or a URL such as s3://bucket/model-dir")
     push.add_argument("--name", required=True, help="NAME[:TAG] to tag it with (tag defaults to 'latest')")
+    push.add_argument("--to", default=None, help="also upload it to object storage, e.g. s3://bucket/trims")
     push.set_defaults(run=_push)
+
+    pull = commands.add_parser("pull", help="bring a model into host memory (or --tier disk) without opening it")
+    pull.add_argument("name")
+    pull.add_argument("--tier", choices=PIN_TIERS, default="host")
+    pull.set_defaults(run=_pull)
+
+    pin = commands.add_parser("pin", help="keep a model in a tier under pressure and across restarts")
+    pin.add_argument("name")
+    pin.add_argument("--tier", choices=PIN_TIERS, default="host")
+    pin.set_defaults(run=_pin)
+
+    unpin = commands.add_parser("unpin", help="let a pinned model be evicted again")
+    unpin.add_argument("name")
+    unpin.set_defaults(run=_unpin)
 
     ls = commands.add_parser("ls", help="list models")
     ls.add_argument("--json", action="store_true")
@@ -101,22 +129,62 @@ def _serve(args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = Settings(
-        socket_path=args.socket or default_socket_path(),
-        store_dir=args.store or default_store_dir(),
-        host_memory=args.host_memory if args.host_memory is not None else default_host_memory(),
-        max_connections=args.max_connections,
-    )
-    Daemon(settings).serve_forever()
+    flags = {
+        "socket": args.socket, "store": args.store, "host_memory": args.host_memory, "disk": args.disk,
+        "policy": args.policy, "cloud": args.cloud, "busy_timeout": args.busy_timeout,
+        "max_connections": args.max_connections, "metrics_port": args.metrics_port,
+        "metrics_address": args.metrics_address,
+    }
+    Daemon(Settings.load(flags, args.config)).serve_forever()
     return 0
 
 
 def _push(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        result = client.push(args.path, args.name)
+        result = client.push(args.path, args.name, to=args.to, progress=_progress_bar())
     new = format_size(result.new_bytes) + " new" if result.new_bytes else "already stored"
     print(f"{result.name} {result.digest} ({result.tensors} tensors, {format_size(result.nbytes)}; {new})")
     return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        moved = client.pull(args.name, args.tier, progress=_progress_bar())
+    print(f"{args.name}: in {args.tier} ({format_size(moved)} moved)" if moved else f"{args.name}: already in {args.tier}")
+    return 0
+
+
+def _pin(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.pin(args.name, args.tier, progress=_progress_bar())
+    print(f"{args.name}: pinned in {args.tier}")
+    return 0
+
+
+def _unpin(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.unpin(args.name)
+    print(f"{args.name}: unpinned")
+    return 0
+
+
+def _progress_bar() -> Callable[[str, int, int], None] | None:
+    """A one-line progress bar on stderr, or None when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    started = time.monotonic()
+
+    def show(stage: str, done: int, total: int) -> None:
+        fraction = done / total if total else 1.0
+        rate = done / max(time.monotonic() - started, 1e-6)
+        bar = "#" * int(fraction * 30)
+        sys.stderr.write(f"\r{stage:5} [{bar:<30}] {fraction:4.0%} {format_size(done)} of {format_size(total)}, "
+                         f"{format_size(rate)}/s ")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -178,14 +246,19 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(stats)
         return 0
-    host, disk, opens = stats["host"], stats["disk"], stats["opens"]
-    print(f"host memory: {format_size(host['used_bytes'])} of {format_size(host['capacity_bytes'])} "
-          f"({host['resident_segments']} segments resident)")
-    print(f"disk:        {format_size(disk['used_bytes'])} ({disk['segments']} segments)")
-    print(f"models:      {stats['models']} ({stats['tags']} names)")
-    print(f"leases:      {stats['leases']} over {stats['connections']} connections")
-    print(f"opens:       {opens['total']} ({opens['hits']} hits, {opens['misses']} misses)")
-    print(f"evictions:   {sum(stats['evictions'].values())} {stats['evictions'] or ''}".rstrip())
+    for name, tier in stats["tiers"].items():
+        capacity = "unbounded" if tier["capacity_bytes"] is None else format_size(tier["capacity_bytes"])
+        evictions = ", ".join(f"{n:g} {reason}" for reason, n in tier["evictions"].items()) or "none"
+        print(f"{name:6} {format_size(tier['used_bytes'])} of {capacity} in {tier['segments']} segments; "
+              f"{tier['hits']:g} hits, {tier['misses']:g} misses; evictions: {evictions}")
+    opens = stats["opens"]
+    print(f"policy {stats['policy']}; {stats['models']} models ({stats['tags']} names, {stats['pins']} pinned); "
+          f"{stats['leases']} leases over {stats['connections']} connections")
+    print(f"opens  {opens['total']:g} ({opens['hits']:g} hits, {opens['misses']:g} misses), "
+          f"mean {opens['mean_seconds'] * 1e3:.1f} ms")
+    for route, fetch in stats["fetches"].items():
+        rate = fetch["bytes"] / fetch["seconds"] if fetch["seconds"] else 0
+        print(f"fetch  {route}: {fetch['count']:g} segments, {format_size(fetch['bytes'])} at {format_size(rate)}/s")
     return 0
 
 

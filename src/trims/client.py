@@ -19,7 +19,7 @@ import threading
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from . import protocol, transport
 from ._mapping import map_private
@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 __all__ = ["Client", "ModelView", "connect", "shared_client", "model_files"]
 
 _Reply = TypeVar("_Reply", bound=protocol.Message)
+ProgressCallback = Callable[[str, int, int], None]  # (stage, bytes done, bytes in all)
 _INDEX_FILES = ("model.safetensors.index.json",)
-_SIDE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
+SIDE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")  # kept beside the weights
 
 
 def connect(socket: str | os.PathLike | None = None, *, timeout: float | None = 10.0) -> Client:
@@ -89,21 +90,38 @@ class Client:
         reply, generation = self._request(protocol.Open(name=name), protocol.Opened)
         return _map_model(reply, _Lease(self, reply.lease, generation))
 
-    def push(self, path: str | os.PathLike, name: str) -> PushResult:
-        """Register a ``.safetensors`` file or a model directory under ``name``.
+    def push(self, path: str | os.PathLike, name: str, *, to: str | None = None,
+             progress: ProgressCallback | None = None) -> PushResult:
+        """Register a model under ``name``: a ``.safetensors`` file, a model directory, or the
+        URL of either in object storage (``s3://bucket/prefix``).
 
-        The files are opened here and passed as descriptors; the daemon never opens a path.
+        Local files are opened here and passed as descriptors; the daemon never opens a local
+        path. A URL is read by the daemon, with its own credentials. ``to`` also uploads the
+        model's segments to ``<to>/segments/``, so the disk may later give them up.
         """
+        if "://" in str(path):
+            return self._request(protocol.Push(name=name, url=str(path), to=to), protocol.Pushed, progress)[0].result
         files = model_files(Path(path))
         fds: list[int] = []
         try:
             for _, file_path in files:
                 fds.append(os.open(file_path, os.O_RDONLY | os.O_CLOEXEC))
-            message = protocol.Push(name=name, files=tuple(label for label, _ in files), fds=tuple(fds))
-            return self._request(message, protocol.Pushed)[0].result
+            message = protocol.Push(name=name, files=tuple(label for label, _ in files), to=to, fds=tuple(fds))
+            return self._request(message, protocol.Pushed, progress)[0].result
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def pull(self, name: str, tier: str = "host", *, progress: ProgressCallback | None = None) -> int:
+        """Bring a model into ``tier`` (``host`` or ``disk``) without opening it; bytes moved."""
+        return self._request(protocol.Pull(name=name, tier=tier), protocol.Pulled, progress)[0].moved_bytes
+
+    def pin(self, name: str, tier: str = "host", *, progress: ProgressCallback | None = None) -> int:
+        """Keep a model in ``tier`` under pressure and across restarts; brings it there now."""
+        return self._request(protocol.Pin(name=name, tier=tier), protocol.Pulled, progress)[0].moved_bytes
+
+    def unpin(self, name: str) -> None:
+        self._request(protocol.Unpin(name=name), protocol.Done)
 
     def list(self) -> list[ModelSummary]:
         return list(self._request(protocol.ListModels(), protocol.ModelList)[0].models)
@@ -135,7 +153,8 @@ class Client:
 
     # --- requests -------------------------------------------------------------------------------
 
-    def _request(self, message: protocol.Message, reply_type: type[_Reply]) -> tuple[_Reply, int]:
+    def _request(self, message: protocol.Message, reply_type: type[_Reply],
+                 progress: ProgressCallback | None = None) -> tuple[_Reply, int]:
         """Send one request and wait for its reply, reconnecting once if the daemon restarted."""
         with self._lock:
             for attempt in (1, 2):
@@ -143,7 +162,7 @@ class Client:
                 channel = self._channel_locked()
                 try:
                     self._flush_releases_locked(channel)
-                    reply = self._exchange_locked(channel, message)
+                    reply = self._exchange_locked(channel, message, progress)
                 except ConnectionLost:
                     self._drop_channel_locked()
                     if fresh or attempt == 2:
@@ -152,11 +171,16 @@ class Client:
                 return _expect(reply, reply_type), self._generation
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _exchange_locked(self, channel: transport.Channel, message: protocol.Message) -> protocol.Message:
+    def _exchange_locked(self, channel: transport.Channel, message: protocol.Message,
+                         progress: ProgressCallback | None = None) -> protocol.Message:
         self._next_id += 1
         request_id = self._next_id
         channel.send(_with_id(message, request_id))
         reply = channel.receive()
+        while isinstance(reply, protocol.Progress) and reply.id == request_id:
+            if progress is not None:
+                progress(reply.stage, reply.done, reply.total)
+            reply = channel.receive()
         if reply.id != request_id and not isinstance(reply, protocol.Error):
             _close_fds(reply.fds)
             self._drop_channel_locked()
@@ -342,7 +366,7 @@ def model_files(path: Path) -> list[tuple[str, Path]]:
     weights = _weight_files(path)
     side = sorted(
         p.name for p in path.iterdir()
-        if p.is_file() and p.suffix in _SIDE_SUFFIXES and not p.name.endswith(".index.json")
+        if p.is_file() and p.suffix in SIDE_SUFFIXES and not p.name.endswith(".index.json")
     )
     return [(name, path / name) for name in weights + side]
 

@@ -11,12 +11,16 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
+from .policy import POLICIES
 
 SOCKET_ENV = "TRIMS_SOCKET"
 STORE_ENV = "TRIMS_STORE"
 HOST_MEMORY_ENV = "TRIMS_HOST_MEMORY"
+CONFIG_ENV = "TRIMS_CONFIG"
+UNBOUNDED = 2**63 - 1
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)(B?)\s*", re.IGNORECASE)
 _POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
@@ -74,23 +78,95 @@ def default_store_dir() -> Path:
     return Path(data_home) / "trims"
 
 
-def default_host_memory() -> int:
-    """Half of the machine's memory: the other half stays for the functions themselves."""
-    if os.environ.get(HOST_MEMORY_ENV):
-        return parse_size(os.environ[HOST_MEMORY_ENV])
+def _half_of_memory() -> int:
+    """The default host cap: the other half stays for the functions themselves."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
 @dataclass(frozen=True)
 class Settings:
+    """Everything ``trims serve`` can be told. :meth:`load` resolves flags > environment >
+    config file > defaults."""
+
     socket_path: Path
     store_dir: Path
     host_memory: int
+    disk: int = UNBOUNDED
+    policy: str = "lru"
+    cloud: str | None = None
+    busy_timeout: float = 0.0
     max_connections: int = 1024
+    metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
 
     @classmethod
     def defaults(cls) -> Settings:
-        return cls(default_socket_path(), default_store_dir(), default_host_memory())
+        return cls.load({})
+
+    @classmethod
+    def load(cls, flags: dict[str, Any], config_file: Path | None = None) -> Settings:
+        """``flags`` holds what the command line set (None for unset)."""
+        path = config_file or default_config_file()
+        values: dict[str, Any] = _read_config(path) if path else {}
+        for key, env in (("socket", SOCKET_ENV), ("store", STORE_ENV), ("host_memory", HOST_MEMORY_ENV)):
+            if os.environ.get(env):
+                values[key] = os.environ[env]
+        values.update({k: v for k, v in flags.items() if v is not None})
+        return cls(
+            socket_path=Path(values.get("socket") or _runtime_dir() / "trims.sock"),
+            store_dir=Path(values.get("store") or default_store_dir()),
+            host_memory=parse_size(values["host_memory"]) if "host_memory" in values else _half_of_memory(),
+            disk=parse_size(values["disk"]) if "disk" in values else UNBOUNDED,
+            policy=_choice(values.get("policy", "lru"), tuple(POLICIES), "policy"),
+            cloud=values.get("cloud"),
+            busy_timeout=float(values.get("busy_timeout", 0.0)),
+            max_connections=int(values.get("max_connections", 1024)),
+            metrics_port=int(values["metrics_port"]) if values.get("metrics_port") is not None else None,
+            metrics_address=str(values.get("metrics_address", "127.0.0.1")),
+        )
+
+
+CONFIG_KEYS = {
+    "socket": str, "store": str, "host_memory": (str, int), "disk": (str, int), "policy": str, "cloud": str,
+    "busy_timeout": (int, float), "max_connections": int, "metrics_port": int, "metrics_address": str,
+}
+
+
+def default_config_file() -> Path | None:
+    """``$TRIMS_CONFIG``, else ``/etc/trims/trims.toml`` for root or
+    ``$XDG_CONFIG_HOME/trims/trims.toml`` for others, if it exists."""
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    if os.getuid() == 0:
+        candidate = Path("/etc/trims/trims.toml")
+    else:
+        candidate = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "trims" / "trims.toml"
+    return candidate if candidate.is_file() else None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    for key, value in doc.items():
+        if key not in CONFIG_KEYS:
+            raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(CONFIG_KEYS))}")
+        if not isinstance(value, CONFIG_KEYS[key]) or isinstance(value, bool):
+            raise ConfigError(f"{path}: {key} = {value!r} has the wrong type")
+    return doc
+
+
+def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+    return value
 
 
 def private_directory(path: Path, *, sticky_ok: bool = False) -> None:

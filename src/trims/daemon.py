@@ -8,9 +8,10 @@ import resource
 import signal
 import threading
 
-from . import transport
-from .config import Settings, format_size, private_directory
+from . import __version__, transport
+from .config import UNBOUNDED, Settings, format_size, private_directory
 from .errors import ConfigError, DaemonUnavailable
+from .exporter import MetricsServer
 from .server import Server
 from .store import Store
 
@@ -29,26 +30,37 @@ class Daemon:
         if len(os.fsencode(socket_path)) > _MAX_SOCKET_PATH:
             raise ConfigError(f"socket path {socket_path} is longer than the {_MAX_SOCKET_PATH} bytes Unix allows")
         private_directory(settings.store_dir)
-        self.store = Store(settings.store_dir, settings.host_memory)  # takes the store's lock
+        self.store = Store(  # takes the store's lock
+            settings.store_dir, host_capacity=settings.host_memory, disk_capacity=settings.disk,
+            policy=settings.policy, cloud_url=settings.cloud, busy_timeout=settings.busy_timeout,
+        )
+        self.exporter: MetricsServer | None = None
         try:
             private_directory(socket_path.parent, sticky_ok=True)
             _remove_stale_socket(socket_path)
             listener = transport.listen(socket_path)
+            if settings.metrics_port is not None:
+                self.exporter = MetricsServer(self.store.metrics, settings.metrics_address, settings.metrics_port)
         except BaseException:
             self.store.close()
             raise
-        self.server = Server(self.store, listener, max_connections=settings.max_connections)
+        self.server = Server(self.store, listener, max_connections=settings.max_connections, describe=self._describe)
         self._listener = listener
+
+    def _describe(self) -> dict:
+        return {"pid": os.getpid(), "version": __version__, "open_fds": len(os.listdir("/proc/self/fd")),
+                "metrics_port": self.exporter.port if self.exporter else None}
 
     def serve_forever(self) -> None:
         """Serve until SIGTERM, SIGINT or :meth:`shutdown`; then release everything."""
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self.shutdown())
-        log.info(
-            "trims daemon %d serving %s (store %s, host memory %s)",
-            os.getpid(), self.settings.socket_path, self.settings.store_dir, format_size(self.settings.host_memory),
-        )
+        s = self.settings
+        disk = "unbounded" if s.disk == UNBOUNDED else format_size(s.disk)
+        log.info("trims daemon %d serving %s (store %s, host memory %s, disk %s, policy %s, cloud %s)",
+                 os.getpid(), s.socket_path, s.store_dir, format_size(s.host_memory), disk, s.policy, s.cloud or "none")
+        threading.Thread(target=self.store.warm_pins, name="trims-warm-pins", daemon=True).start()
         try:
             self.server.serve_forever()
         finally:
@@ -63,6 +75,8 @@ class Daemon:
         except FileNotFoundError:
             pass
         self._listener.close()
+        if self.exporter is not None:
+            self.exporter.close()
         self.store.close()
         log.info("trims daemon stopped")
 

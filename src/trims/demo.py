@@ -95,7 +95,7 @@ def run_demo(model: str = "gpt2", processes: int = 4, workdir: Path | None = Non
         _say(f"pushed {pushed.name}: {pushed.tensors} tensors, {format_size(pushed.nbytes)}, {pushed.digest[:19]}")
 
         weight_files = list(model_dir.glob("*.safetensors"))
-        store_files = list((workdir / "store" / "segments").glob("*.bin"))
+        store_files = list((workdir / "store" / "disk").glob("*.bin"))
         run = functools.partial(_run_functions, example.name, processes, model_dir, pushed.name, env)
         own_disk = run("own", before_each=lambda i: drop_page_cache(weight_files))
         own_cached = run("own", before_each=lambda i: None)
@@ -186,8 +186,9 @@ def _print_summary(own_disk: list[Function], own_cached: list[Function], shared:
           f"from_pretrained from disk and {ready(own_cached) / warm:.1f}x sooner than from page cache")
     print(f"(import torch alone: {statistics.median(f.report['torch_s'] for f in shared):.2f} s in every process)")
     print(f"outputs: {'identical in all ' + str(len(own_disk + own_cached + shared)) + ' processes' if len(outputs) == 1 else 'DIFFERENT: ' + str(outputs)}")
-    print(f"daemon: {stats['opens']['total']} opens, {stats['opens']['hits']} hits, "
-          f"{stats['loads']['segments']} load(s) from disk, host memory {format_size(stats['host']['used_bytes'])}")
+    loads = stats["fetches"].get("disk->host", {}).get("count", 0)
+    print(f"daemon: {stats['opens']['total']:g} opens, {stats['opens']['hits']:g} hits, {loads:g} load(s) from disk, "
+          f"host memory {format_size(stats['tiers']['host']['used_bytes'])}")
 
 
 def _say(message: str) -> None:

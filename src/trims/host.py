@@ -1,27 +1,24 @@
 """The host-memory tier: each resident segment is a sealed memfd.
 
-A segment is copied from the store's disk into a fresh memfd, checked against its digests,
-then sealed (no write, grow, shrink, or further seals) and reopened read-only. Only the
-read-only descriptor is kept and handed to clients: the kernel, not the client's good
-manners, keeps the bytes intact. The daemon never keeps the bytes mapped, so they count
-in the PSS of the processes that use them and nowhere else.
+A segment is written into a fresh memfd (by another tier's verified ``fetch``), then sealed
+(no write, grow, shrink, or further seals) and reopened read-only. Only the read-only
+descriptor is kept and handed to clients: the kernel, not the client's good manners, keeps
+the bytes intact. The daemon never keeps the bytes mapped, so they count in the PSS of the
+processes that use them and nowhere else.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
-import mmap
 import os
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Iterable
 
 from . import digest as digests
 from .catalog import storage_error
-from .errors import IntegrityError
-from .records import SegmentEntry, SegmentLayout
+from .records import SegmentLayout
+from .tier import Fill, Tier
 
 log = logging.getLogger("trims.host")
 
@@ -39,111 +36,55 @@ class HostSegment:
         os.close(self.fd)
 
 
-class HostTier:
-    """Resident segments and the bytes they (and loads in flight) take, under a hard cap."""
+class HostTier(Tier):
+    name = "host"
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.resident: dict[str, HostSegment] = {}
-        self.reserved = 0  # bytes promised to loads in flight
+        super().__init__(capacity)
+        self._segments: dict[str, HostSegment] = {}
 
-    @property
-    def used(self) -> int:
-        return self.reserved + sum(s.size for s in self.resident.values())
+    def has(self, segment_id: str) -> bool:
+        return segment_id in self._segments
 
-    def fits(self, nbytes: int) -> bool:
-        return self.used + nbytes <= self.capacity
+    def get(self, segment_id: str) -> HostSegment | None:
+        return self._segments.get(segment_id)
 
-    def add(self, segment: HostSegment) -> None:
-        self.resident[segment.id] = segment
+    def segment_ids(self) -> Iterable[str]:
+        return list(self._segments)
 
-    def drop(self, segment_id: str) -> int:
-        segment = self.resident.pop(segment_id)
+    def bytes_used(self) -> int:
+        return sum(s.size for s in self._segments.values())
+
+    def put(self, layout: SegmentLayout, fill: Fill) -> None:
+        name = f"trims:{digests.hex_of(layout.id)[:16]}"
+        memfd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(memfd, layout.size)
+            fill(memfd)
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, SEALS)
+            self._segments[layout.id] = HostSegment(id=layout.id, size=layout.size, fd=_read_only(memfd))
+        finally:
+            os.close(memfd)
+
+    def fetch(self, layout: SegmentLayout, destination: int) -> None:
+        """Copy out a resident segment. Not re-verified: sealed bytes were verified on the way in."""
+        source = self._segments[layout.id].fd
+        copied = 0
+        while copied < layout.size:
+            try:
+                n = os.sendfile(destination, source, copied, min(_COPY_CHUNK, layout.size - copied))
+            except OSError as exc:
+                raise storage_error(exc, "copying a segment out of host memory") from None
+            copied += n
+
+    def evict(self, segment_id: str) -> int:
+        segment = self._segments.pop(segment_id)
         segment.close()
         return segment.size
 
     def close(self) -> None:
-        for segment_id in list(self.resident):
-            self.drop(segment_id)
-
-
-def load_segment(layout: SegmentLayout, source: Path, pool: ThreadPoolExecutor) -> HostSegment:
-    """Copy a segment file into a sealed memfd, verifying every byte against its layout.
-
-    Copying is sequential; each tensor is hashed on ``pool`` as soon as its bytes have
-    landed, so hashing overlaps the copy. Raises IntegrityError or StorageError.
-    """
-    name = f"trims:{digests.hex_of(layout.id)[:16]}"
-    memfd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(memfd, layout.size)
-        _fill_and_verify(memfd, layout, source, pool)
-        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, SEALS)
-        return HostSegment(id=layout.id, size=layout.size, fd=_read_only(memfd))
-    finally:
-        os.close(memfd)
-
-
-def _fill_and_verify(memfd: int, layout: SegmentLayout, source: Path, pool: ThreadPoolExecutor) -> None:
-    try:
-        src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise IntegrityError(f"segment {layout.id} is missing from the store's disk: {exc.strerror}") from None
-    # A read-only shared mapping does not block sealing later; the daemon drops it at return.
-    view = mmap.mmap(memfd, layout.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    checks: list[Future] = []
-    try:
-        with memoryview(view) as data:
-            try:
-                copied = 0
-                for entry in sorted(layout.entries, key=lambda e: e.offset):
-                    copied = _copy_until(src, memfd, copied, entry.offset + entry.nbytes, layout.size)
-                    checks.append(pool.submit(_check_entry, data, entry))
-                _copy_until(src, memfd, copied, layout.size, layout.size)
-                checks.append(pool.submit(_check_padding, data, layout))
-                for check in checks:
-                    check.result()
-            finally:
-                for check in checks:
-                    check.cancel()
-                wait(checks)  # no hash may still read the mapping when it closes
-    finally:
-        view.close()
-        os.close(src)
-
-
-def _copy_until(src: int, memfd: int, copied: int, end: int, size: int) -> int:
-    while copied < end:
-        try:
-            n = os.sendfile(memfd, src, copied, min(_COPY_CHUNK, size - copied))
-        except OSError as exc:
-            raise storage_error(exc, "loading a segment into host memory") from None
-        if n == 0:
-            raise IntegrityError(f"segment file ended at byte {copied} of {size}")
-        copied += n
-    return copied
-
-
-def _check_entry(data: memoryview, entry: SegmentEntry) -> None:
-    actual = digests.PREFIX + hashlib.sha256(data[entry.offset : entry.offset + entry.nbytes]).hexdigest()
-    if actual != entry.digest:
-        raise IntegrityError(
-            f"stored bytes at offset {entry.offset} hash to {actual}, expected {entry.digest}: "
-            "the store's disk copy is corrupt; push the model again"
-        )
-
-
-def _check_padding(data: memoryview, layout: SegmentLayout) -> None:
-    position = 0
-    for entry in sorted(layout.entries, key=lambda e: e.offset):
-        _check_zero(data, position, entry.offset)
-        position = max(position, entry.offset + entry.nbytes)
-    _check_zero(data, position, layout.size)
-
-
-def _check_zero(data: memoryview, start: int, end: int) -> None:
-    if end > start and bytes(data[start:end]).count(0) != end - start:
-        raise IntegrityError(f"padding bytes {start}..{end} of a stored segment are not zero")
+        for segment_id in list(self._segments):
+            self.evict(segment_id)
 
 
 def _read_only(memfd: int) -> int:

@@ -1,42 +1,53 @@
-"""Turning files a client sent (as descriptors) into a manifest and a new segment.
+"""Turning a model's files (descriptors a client sent, or objects in a bucket) into a manifest
+and a new segment.
 
-One pass over the client's bytes: each tensor is read, hashed and written into a new
-segment file in the store's ``tmp/``. What is hashed is exactly what is written, so a
-client that rewrites its file during the push cannot make the store hold bytes that do not
-match their digest. Tensors the store already holds (by digest) are dropped from the new
-segment afterwards; a push of bytes the store already has writes no segment at all.
+In two steps, so the store can reserve disk space in between: :func:`plan` reads and checks
+every header and reads the small side files; :func:`write` then makes one pass over the
+tensor bytes, reading, hashing and writing each tensor into a new segment file in the
+store's ``tmp/``. What is hashed is exactly what is written, so a client that rewrites its
+file during the push cannot make the store hold bytes that do not match their digest.
+Tensors the store already holds (by digest) are dropped from the new segment afterwards; a
+push of bytes the store already has writes no segment at all.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import stat
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from . import digest as digests
 from .catalog import storage_error
+from .disk import new_temp_file
 from .errors import InvalidModel
 from .records import Manifest, SegmentEntry, SegmentLayout, TensorRecord
-from .safetensors_format import Header, TensorSpec, read_header
+from .safetensors_format import TensorSpec, read_header
+from .sources import Source
 
 WEIGHTS_SUFFIX = ".safetensors"
 MAX_SIDE_FILE_BYTES = 64 * 1024 * 1024
 _CHUNK = 8 * 1024 * 1024
 _LABEL = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all); called from any thread
 
-@dataclass(frozen=True)
-class SourceFile:
-    """A file the client opened and sent; ``label`` is its path relative to the model."""
 
-    label: str
-    fd: int
+@dataclass
+class Plan:
+    """A checked model, not yet copied: its tensors in file order and a segment to hold them."""
+
+    specs: list[tuple[Source, TensorSpec]]
+    metadata: dict[str, str]
+    side_files: dict[str, bytes]  # label -> bytes
+    candidate: SegmentLayout  # every tensor, before deduplication
+
+    @property
+    def size(self) -> int:
+        return self.candidate.size
 
 
 @dataclass
@@ -45,47 +56,62 @@ class Ingested:
     segment: SegmentLayout | None  # None when the store already holds every tensor
     segment_path: Path | None  # the segment's bytes, fsynced, in the store's tmp/
     side_files: dict[str, bytes]  # content digest -> bytes
+    sources: dict[str, tuple[str, int]] = field(default_factory=dict)  # tensor digest -> (file label, offset)
 
     def discard(self) -> None:
         if self.segment_path is not None:
             self.segment_path.unlink(missing_ok=True)
 
 
-def ingest(
-    files: list[SourceFile],
-    temp_dir: Path,
-    is_stored: Callable[[str], bool],
-    workers: int,
-) -> Ingested:
-    """Validate, hash and copy a model. Raises InvalidModel or StorageError; leaves no temp file."""
+def plan(files: list[Source]) -> Plan:
+    """Check every header and read the side files. Raises InvalidModel."""
     weights, side = _split(files)
-    headers = [(f, read_header(_regular(f), f.label)) for f in weights]
-    specs = _unique_specs(headers)
-    metadata = _merged_metadata(h for _, h in headers)
-    side_files = {f.label: _read_side_file(f) for f in side}
-
+    headers = [(f, read_header(f)) for f in weights]
+    specs: list[tuple[Source, TensorSpec]] = []
+    owner: dict[str, str] = {}
+    metadata: dict[str, str] = {}
+    for source, header in headers:
+        for spec in sorted(header.tensors, key=lambda s: s.start):
+            if spec.name in owner:
+                raise InvalidModel(f"tensor {spec.name!r} appears in both {owner[spec.name]} and {source.label}")
+            owner[spec.name] = source.label
+            specs.append((source, spec))
+        for key, value in header.metadata.items():
+            metadata.setdefault(key, value)
     candidate = SegmentLayout.pack([(str(i), spec.nbytes) for i, (_, spec) in enumerate(specs)])
-    path = _new_temp(temp_dir, candidate.size)
+    return Plan(specs, metadata, {f.label: _read_side_file(f) for f in side}, candidate)
+
+
+def write(planned: Plan, temp_dir: Path, is_stored: Callable[[str], bool], workers: int,
+          progress: Progress | None = None) -> Ingested:
+    """Copy and hash every tensor; keep only those the store lacks. Leaves no temp file on error."""
+    fd, name = new_temp_file(temp_dir, planned.size)
+    path = Path(name)
     try:
-        tensor_digests = _copy_and_hash(specs, candidate, path, workers)
+        try:
+            tensor_digests = _copy_and_hash(planned, fd, workers, progress)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         records = tuple(
             TensorRecord(spec.name, spec.dtype, spec.shape, d, spec.nbytes)
-            for (_, spec), d in zip(specs, tensor_digests)
+            for (_, spec), d in zip(planned.specs, tensor_digests)
         )
         manifest = Manifest(
             tensors=records,
-            metadata=metadata,
-            files={label: digests.of_bytes(data) for label, data in side_files.items()},
+            metadata=planned.metadata,
+            files={label: digests.of_bytes(data) for label, data in planned.side_files.items()},
         )
-        segment, path = _keep_new_tensors(candidate, tensor_digests, path, is_stored)
+        segment, path = _keep_new_tensors(planned.candidate, tensor_digests, path, is_stored)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    by_digest = {digests.of_bytes(data): data for data in side_files.values()}
-    return Ingested(manifest=manifest, segment=segment, segment_path=path, side_files=by_digest)
+    sources = {d: (source.label, spec.start) for (source, spec), d in zip(planned.specs, tensor_digests)}
+    by_digest = {digests.of_bytes(data): data for data in planned.side_files.values()}
+    return Ingested(manifest=manifest, segment=segment, segment_path=path, side_files=by_digest, sources=sources)
 
 
-def _split(files: list[SourceFile]) -> tuple[list[SourceFile], list[SourceFile]]:
+def _split(files: list[Source]) -> tuple[list[Source], list[Source]]:
     labels = [f.label for f in files]
     for label in labels:
         if not _LABEL.fullmatch(label) or ".." in label.split("/") or len(label) > 255:
@@ -98,103 +124,49 @@ def _split(files: list[SourceFile]) -> tuple[list[SourceFile], list[SourceFile]]
     return weights, [f for f in files if not f.label.endswith(WEIGHTS_SUFFIX)]
 
 
-def _regular(source: SourceFile) -> int:
-    try:
-        mode = os.fstat(source.fd).st_mode
-    except OSError as exc:
-        raise InvalidModel(f"{source.label}: cannot stat: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
-        raise InvalidModel(f"{source.label}: not a regular file")
-    return source.fd
-
-
-def _unique_specs(headers: list[tuple[SourceFile, Header]]) -> list[tuple[int, TensorSpec]]:
-    specs: list[tuple[int, TensorSpec]] = []
-    owner: dict[str, str] = {}
-    for source, header in headers:
-        for spec in sorted(header.tensors, key=lambda s: s.start):
-            if spec.name in owner:
-                raise InvalidModel(
-                    f"tensor {spec.name!r} appears in both {owner[spec.name]} and {source.label}"
-                )
-            owner[spec.name] = source.label
-            specs.append((source.fd, spec))
-    return specs
-
-
-def _merged_metadata(headers) -> dict[str, str]:
-    merged: dict[str, str] = {}
-    for header in headers:
-        for key, value in header.metadata.items():
-            merged.setdefault(key, value)
-    return merged
-
-
-def _read_side_file(source: SourceFile) -> bytes:
-    size = os.fstat(_regular(source)).st_size
+def _read_side_file(source: Source) -> bytes:
+    size = source.size()
     if size > MAX_SIDE_FILE_BYTES:
-        raise InvalidModel(
-            f"{source.label}: {size} bytes is more than a side file may have ({MAX_SIDE_FILE_BYTES})"
-        )
-    data = bytearray()
-    while len(data) < size:
-        chunk = os.pread(source.fd, size - len(data), len(data))
-        if not chunk:
-            raise InvalidModel(f"{source.label}: truncated while reading")
-        data += chunk
-    return bytes(data)
+        raise InvalidModel(f"{source.label}: {size} bytes is more than a side file may have ({MAX_SIDE_FILE_BYTES})")
+    return source.read(0, size)
 
 
-def _new_temp(temp_dir: Path, size: int) -> Path:
-    fd, name = tempfile.mkstemp(dir=temp_dir, prefix="push-", suffix=".bin")
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        os.close(fd)
-        os.unlink(name)
-        raise storage_error(exc, f"reserving {size} bytes for a new model") from None
-    os.close(fd)
-    return Path(name)
-
-
-def _copy_and_hash(
-    specs: list[tuple[int, TensorSpec]], layout: SegmentLayout, path: Path, workers: int
-) -> list[str]:
-    out = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+def _copy_and_hash(planned: Plan, out: int, workers: int, progress: Progress | None) -> list[str]:
     buffers = threading.local()
+    done = [0]
+    lock = threading.Lock()
 
-    def one(job: tuple[tuple[int, TensorSpec], int]) -> str:
-        (fd, spec), offset = job
+    def one(index: int) -> str:
+        source, spec = planned.specs[index]
         if not hasattr(buffers, "view"):
             buffers.view = memoryview(bytearray(_CHUNK))
-        return _copy_range(fd, spec, out, offset, buffers.view)
+        return _copy_range(source, spec, out, planned.candidate.entries[index].offset, buffers.view, advance)
 
-    try:
-        jobs = list(zip(specs, (e.offset for e in layout.entries)))
-        # Large tensors first so the pool does not end on one long straggler.
-        order = sorted(range(len(jobs)), key=lambda i: -jobs[i][0][1].nbytes)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trims-ingest") as pool:
-            results = dict(zip(order, pool.map(one, [jobs[i] for i in order])))
-        os.fsync(out)
-    finally:
-        os.close(out)
-    return [results[i] for i in range(len(jobs))]
+    def advance(nbytes: int) -> None:
+        if progress is not None:
+            with lock:
+                done[0] += nbytes
+                progress(done[0], planned.size)
+
+    # Large tensors first, so the pool does not end on one long straggler.
+    order = sorted(range(len(planned.specs)), key=lambda i: -planned.specs[i][1].nbytes)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trims-ingest") as pool:
+        results = dict(zip(order, pool.map(one, order)))
+    return [results[i] for i in range(len(planned.specs))]
 
 
-def _copy_range(fd: int, spec: TensorSpec, out: int, offset: int, view: memoryview) -> str:
+def _copy_range(source: Source, spec: TensorSpec, out: int, offset: int, view: memoryview,
+                advance: Callable[[int], None]) -> str:
     h = digests.hasher()
     done = 0
     while done < spec.nbytes:
-        want = min(len(view), spec.nbytes - done)
-        try:
-            got = os.preadv(fd, [view[:want]], spec.start + done)
-        except OSError as exc:
-            raise InvalidModel(f"cannot read tensor {spec.name!r}: {exc.strerror}") from None
+        got = source.read_into(spec.start + done, view[: min(len(view), spec.nbytes - done)])
         if got == 0:
-            raise InvalidModel(f"file ended inside tensor {spec.name!r} (truncated while pushing)")
+            raise InvalidModel(f"{source.label}: file ended inside tensor {spec.name!r} (truncated while pushing)")
         h.update(view[:got])
         _pwrite_all(out, view[:got], offset + done)
         done += got
+        advance(got)
     return digests.finish(h)
 
 
@@ -222,18 +194,20 @@ def _keep_new_tensors(
         entries = [SegmentEntry(d, e.offset, e.nbytes) for e, d in zip(candidate.entries, tensor_digests)]
         return SegmentLayout(size=candidate.size, entries=tuple(entries)), path
     layout = SegmentLayout.pack([(d, candidate.entries[i].nbytes) for d, i in first.items()])
-    compacted = _new_temp(path.parent, layout.size)
+    fd, compacted = new_temp_file(path.parent, layout.size)
+    os.close(fd)
     try:
-        _copy_entries(path, compacted, [(candidate.entries[i].offset, e) for i, e in zip(first.values(), layout.entries)])
+        moves = [(candidate.entries[i].offset, e) for i, e in zip(first.values(), layout.entries)]
+        _copy_entries(path, Path(compacted), moves)
     except BaseException:
-        compacted.unlink(missing_ok=True)
+        Path(compacted).unlink(missing_ok=True)
         raise
     finally:
         path.unlink()
-    return layout, compacted
+    return layout, Path(compacted)
 
 
-def _copy_entries(source: Path, target: Path, moves) -> None:
+def _copy_entries(source: Path, target: Path, moves: list[tuple[int, SegmentEntry]]) -> None:
     src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     dst = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
     try:

@@ -131,6 +131,7 @@ class ModelSummary:
     metadata: dict[str, str] = field(default_factory=dict)
     files: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    pinned: str = ""  # the tier it is pinned in, if any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,10 +165,13 @@ class Release(Message):
 
 @_message("push")
 class Push(Message):
-    """Register a model from open files; ``files[i]`` names the file sent as ``fds[i]``."""
+    """Register a model from open files (``files[i]`` names the file sent as ``fds[i]``), or
+    from a bucket (``url``, no files); ``to`` also uploads its segments to object storage."""
 
     name: str
-    files: tuple[str, ...]
+    files: tuple[str, ...] = ()
+    url: str | None = None
+    to: str | None = None
     fds: tuple[int, ...] = _fds_field()
 
     def expected_fds(self) -> int:
@@ -197,6 +201,25 @@ class Remove(Message):
 @_message("stats")
 class Stats(Message):
     pass
+
+
+@_message("pull")
+class Pull(Message):
+    """Bring a model into a tier (``host`` or ``disk``) without leasing it."""
+
+    name: str
+    tier: str = "host"
+
+
+@_message("pin")
+class Pin(Message):
+    name: str
+    tier: str = "host"
+
+
+@_message("unpin")
+class Unpin(Message):
+    name: str
 
 
 # --- replies ------------------------------------------------------------------------
@@ -261,6 +284,22 @@ class Removed(Message):
 @_message("stats_reply")
 class StatsReply(Message):
     stats: dict[str, object]
+
+
+@_message("pulled")
+class Pulled(Message):
+    name: str
+    tier: str
+    moved_bytes: int
+
+
+@_message("progress")
+class Progress(Message):
+    """Sent before the reply to a long request: ``done`` of ``total`` bytes of ``stage``."""
+
+    stage: str
+    done: int
+    total: int
 
 
 @_message("error")

@@ -9,12 +9,12 @@ optional ``"__metadata__"`` of string to string, then the tensor bytes.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 
 from .dtypes import BITS, nbytes_of
 from .errors import InvalidModel
+from .sources import Source
 
 # safetensors itself allows 100 MB; real headers of the largest sharded models stay
 # under a few MB, and a parsed header costs the daemon ~10x its size in memory.
@@ -41,15 +41,12 @@ class Header:
     metadata: dict[str, str]
 
 
-def read_header(fd: int, label: str) -> Header:
-    """Read and validate the header of the safetensors file open as ``fd``.
-
-    ``label`` names the file in error messages. Raises :class:`InvalidModel`.
-    """
-    size = os.fstat(fd).st_size
+def read_header(source: Source) -> Header:
+    """Read and validate the header of a safetensors file. Raises :class:`InvalidModel`."""
+    label, size = source.label, source.size()
     if size < 8:
         raise InvalidModel(f"{label}: truncated: {size} bytes is shorter than a safetensors header")
-    (header_len,) = struct.unpack("<Q", _pread_exact(fd, 8, 0, label))
+    (header_len,) = struct.unpack("<Q", source.read(0, 8))
     if header_len > MAX_HEADER_BYTES:
         raise InvalidModel(
             f"{label}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit"
@@ -59,7 +56,7 @@ def read_header(fd: int, label: str) -> Header:
             f"{label}: truncated: header claims {header_len} bytes, file has {size - 8} after "
             "the length"
         )
-    raw = _pread_exact(fd, header_len, 8, label)
+    raw = source.read(8, header_len)
     return parse_header(raw, data_start=8 + header_len, data_len=size - 8 - header_len, label=label)
 
 
@@ -142,18 +139,3 @@ def _check_no_overlap(tensors: list[TensorSpec], label: str) -> None:
         if previous is not None and spec.start < previous.start + previous.nbytes:
             raise InvalidModel(f"{label}: tensors {previous.name!r} and {spec.name!r} overlap")
         previous = spec
-
-
-def _pread_exact(fd: int, count: int, offset: int, label: str) -> bytes:
-    chunks = []
-    while count:
-        try:
-            chunk = os.pread(fd, min(count, 1 << 24), offset)
-        except OSError as exc:
-            raise InvalidModel(f"{label}: cannot read: {exc.strerror}") from None
-        if not chunk:
-            raise InvalidModel(f"{label}: truncated while reading")
-        chunks.append(chunk)
-        count -= len(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)

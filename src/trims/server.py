@@ -14,20 +14,53 @@ import os
 import selectors
 import socket
 import threading
+import time
 from typing import Callable
 
 from . import __version__, protocol
 from .errors import ConnectionLost, ProtocolError, RequestError
-from .ingest import SourceFile
+from .cloud import remote_model_files
+from .errors import InvalidModel
+from .sources import FileSource
 from .store import Store
 from .transport import Channel
 
 log = logging.getLogger("trims.server")
 
 
+class _Context:
+    """What a handler knows of its request's connection."""
+
+    _INTERVAL = 0.25  # seconds between progress frames
+
+    def __init__(self, conn_id: int, channel: Channel, request_id: int) -> None:
+        self.conn_id = conn_id
+        self._channel = channel
+        self._request_id = request_id
+
+    def progress(self, stage: str) -> Callable[[int, int], None]:
+        """A callback, safe from any thread, that sends throttled progress frames."""
+        lock, last = threading.Lock(), [0.0]
+
+        def report(done: int, total: int) -> None:
+            with lock:
+                now = time.monotonic()
+                if now - last[0] < self._INTERVAL and done < total:
+                    return
+                last[0] = now
+                try:
+                    self._channel.send(protocol.Progress(id=self._request_id, stage=stage, done=done, total=total))
+                except (ConnectionLost, OSError):
+                    pass  # the reply will fail the same way; the request still completes
+
+        return report
+
+
 class Server:
-    def __init__(self, store: Store, listener: socket.socket, *, max_connections: int) -> None:
+    def __init__(self, store: Store, listener: socket.socket, *, max_connections: int,
+                 describe: Callable[[], dict]) -> None:
         self.store = store
+        self._describe = describe
         self._listener = listener
         self._max_connections = max_connections
         self._connections: dict[int, Channel] = {}
@@ -36,7 +69,9 @@ class Server:
         self._ids = itertools.count(1)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
-        self._handlers: dict[type, Callable[[protocol.Message, int], protocol.Message]] = {
+        store.metrics.describe("trims_connections", "gauge", "Client connections open.")
+        store.metrics.gauge("trims_connections", lambda: {(): self.connection_count()})
+        self._handlers: dict[type, Callable[[protocol.Message, _Context], protocol.Message]] = {
             protocol.Ping: self._on_ping,
             protocol.Open: self._on_open,
             protocol.Release: self._on_release,
@@ -46,6 +81,9 @@ class Server:
             protocol.Evict: self._on_evict,
             protocol.Remove: self._on_remove,
             protocol.Stats: self._on_stats,
+            protocol.Pull: self._on_pull,
+            protocol.Pin: self._on_pin,
+            protocol.Unpin: self._on_unpin,
         }
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -132,7 +170,7 @@ class Server:
                     channel.send(protocol.Error(code="protocol_error", message=str(exc)))
                     return
                 try:
-                    reply = self._handle(request, conn_id)
+                    reply = self._handle(request, conn_id, channel)
                 finally:
                     for fd in request.fds:
                         os.close(fd)
@@ -148,12 +186,12 @@ class Server:
                 self._threads.pop(conn_id, None)
             channel.close()
 
-    def _handle(self, request: protocol.Message, conn_id: int) -> protocol.Message:
+    def _handle(self, request: protocol.Message, conn_id: int, channel: Channel) -> protocol.Message:
         handler = self._handlers.get(type(request))
         if handler is None:
             return protocol.Error(id=request.id, code="unexpected_message", message=f"{request.TYPE} is not a request")
         try:
-            return handler(request, conn_id)
+            return handler(request, _Context(conn_id, channel, request.id))
         except RequestError as exc:
             return protocol.Error(id=request.id, code=exc.code, message=str(exc))
         except Exception:
@@ -164,11 +202,11 @@ class Server:
 
     # --- handlers ------------------------------------------------------------------------
 
-    def _on_ping(self, request: protocol.Ping, conn_id: int) -> protocol.Message:
+    def _on_ping(self, request: protocol.Ping, ctx: _Context) -> protocol.Message:
         return protocol.Pong(id=request.id, daemon_version=__version__, protocol_version=protocol.PROTOCOL_VERSION, pid=os.getpid())
 
-    def _on_open(self, request: protocol.Open, conn_id: int) -> protocol.Message:
-        opened = self.store.open(request.name, owner=conn_id)
+    def _on_open(self, request: protocol.Open, ctx: _Context) -> protocol.Message:
+        opened = self.store.open(request.name, owner=ctx.conn_id)
         return protocol.Opened(
             id=request.id,
             lease=opened.lease,
@@ -181,28 +219,46 @@ class Server:
             fds=tuple(s.fd for s in opened.segments),
         )
 
-    def _on_release(self, request: protocol.Release, conn_id: int) -> protocol.Message:
-        self.store.release(request.lease, owner=conn_id)
+    def _on_release(self, request: protocol.Release, ctx: _Context) -> protocol.Message:
+        self.store.release(request.lease, owner=ctx.conn_id)
         return protocol.Done(id=request.id)
 
-    def _on_push(self, request: protocol.Push, conn_id: int) -> protocol.Message:
-        files = [SourceFile(label, fd) for label, fd in zip(request.files, request.fds)]
-        return protocol.Pushed(id=request.id, result=self.store.push(request.name, files))
+    def _on_push(self, request: protocol.Push, ctx: _Context) -> protocol.Message:
+        if request.url is not None and request.files:
+            raise InvalidModel("push takes a URL or files, not both")
+        if request.url is not None:
+            files = remote_model_files(request.url)
+        else:
+            files = [FileSource(label, fd) for label, fd in zip(request.files, request.fds)]
+        result = self.store.push(request.name, files, to=request.to, progress=ctx.progress("push"))
+        return protocol.Pushed(id=request.id, result=result)
 
-    def _on_list(self, request: protocol.ListModels, conn_id: int) -> protocol.Message:
+    def _on_list(self, request: protocol.ListModels, ctx: _Context) -> protocol.Message:
         return protocol.ModelList(id=request.id, models=tuple(self.store.list_models()))
 
-    def _on_info(self, request: protocol.Info, conn_id: int) -> protocol.Message:
+    def _on_info(self, request: protocol.Info, ctx: _Context) -> protocol.Message:
         return protocol.ModelDetails(id=request.id, model=self.store.info(request.name))
 
-    def _on_evict(self, request: protocol.Evict, conn_id: int) -> protocol.Message:
+    def _on_evict(self, request: protocol.Evict, ctx: _Context) -> protocol.Message:
         return protocol.Evicted(id=request.id, name=request.name, freed_bytes=self.store.evict(request.name))
 
-    def _on_remove(self, request: protocol.Remove, conn_id: int) -> protocol.Message:
+    def _on_remove(self, request: protocol.Remove, ctx: _Context) -> protocol.Message:
         return protocol.Removed(id=request.id, name=request.name, deleted_bytes=self.store.remove(request.name))
 
-    def _on_stats(self, request: protocol.Stats, conn_id: int) -> protocol.Message:
+    def _on_pull(self, request: protocol.Pull, ctx: _Context) -> protocol.Message:
+        moved = self.store.pull(request.name, request.tier, progress=ctx.progress("pull"))
+        return protocol.Pulled(id=request.id, name=request.name, tier=request.tier, moved_bytes=moved)
+
+    def _on_pin(self, request: protocol.Pin, ctx: _Context) -> protocol.Message:
+        moved = self.store.pin(request.name, request.tier, progress=ctx.progress("pull"))
+        return protocol.Pulled(id=request.id, name=request.name, tier=request.tier, moved_bytes=moved)
+
+    def _on_unpin(self, request: protocol.Unpin, ctx: _Context) -> protocol.Message:
+        self.store.unpin(request.name)
+        return protocol.Done(id=request.id)
+
+    def _on_stats(self, request: protocol.Stats, ctx: _Context) -> protocol.Message:
         stats = self.store.stats()
         stats["connections"] = self.connection_count()
-        stats["daemon"] = {"pid": os.getpid(), "version": __version__, "open_fds": len(os.listdir("/proc/self/fd"))}
+        stats["daemon"] = self._describe()
         return protocol.StatsReply(id=request.id, stats=stats)

@@ -1,11 +1,16 @@
-"""The store: what models exist, which segments are in host memory, and who holds them.
+"""The store: what models exist, where their segments are, and who holds them.
 
-All state lives here, behind one lock. Long work (hashing a push, loading a segment from
-disk) runs outside the lock; a segment being loaded has one :class:`Future` that every
-other open of it waits on, so N clients opening a cold model cause one load.
+The hierarchy is host memory over local disk over object storage. A model is served from
+host memory; a segment missing there comes from disk, or from the cloud by way of disk
+when the disk has room. All state lives here, behind one lock; long work (hashing a push,
+copying a segment between tiers) runs outside it. A segment moving into a tier has one
+:class:`Future` that every other request for it waits on, so N clients opening a cold model
+cause one fetch.
 
-A lease pins a model's segments in host memory until released; released segments stay
-resident until the host cap needs their room (least recently used first).
+Accounting happens in one place, :meth:`Store._make_room_locked`: before bytes enter a
+tier, the tier's policy picks victims among what may go, and they are evicted. A segment
+under lease, pinned, or being read is never a victim, and the disk gives up a segment only
+if the cloud holds it: demotion never destroys the last copy.
 """
 
 from __future__ import annotations
@@ -17,19 +22,29 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import names
+from . import ingest, names
 from .catalog import Catalog
-from .errors import CapacityError, InvalidName, ModelBusy, ModelNotFound, StorageError
-from .host import HostSegment, HostTier, load_segment
-from .ingest import Ingested, SourceFile, ingest
+from .cloud import CloudTier
+from .disk import DiskTier
+from .errors import CapacityError, IntegrityError, InvalidName, ModelBusy, ModelNotFound, StorageError
+from .host import HostSegment, HostTier
+from .metrics import OPEN_SECONDS_BUCKETS, Metrics
+from .policy import POLICIES
 from .protocol import ModelSummary, PushResult, TensorEntry, TensorTable
 from .records import Manifest, SegmentLayout
+from .sources import Source
+from .tier import PIN_TIERS, UNBOUNDED, Tier
 
 log = logging.getLogger("trims.store")
+
+TIERS = ("host", "disk", "cloud")
+# Starting guesses of how fast each tier refills the one above it; refined by measurement.
+_INITIAL_RATES = {"disk": 1.5e9, "cloud": 1.0e8}
+_CLOUD_LATENCY = 0.05
 
 
 @dataclass(frozen=True)
@@ -56,47 +71,81 @@ class _Placement:
     tensors: TensorTable
 
 
-@dataclass
-class Metrics:
-    opens: int = 0
-    open_hits: int = 0
-    open_misses: int = 0
-    open_seconds_total: float = 0.0
-    segment_loads: int = 0
-    segment_load_bytes: int = 0
-    segment_load_seconds: float = 0.0
-    segment_load_failures: int = 0
-    evictions: Counter = field(default_factory=Counter)
-    pushes: int = 0
-    push_bytes_new: int = 0
+class _NoRoom(Exception):
+    """Everything the tier holds is in use; waiting for a release may help."""
+
+
+class _Tracker:
+    """Bytes moved so far for one request, reported as (done, total); thread-safe."""
+
+    def __init__(self, total: int, report: ingest.Progress | None) -> None:
+        self._total, self._report = total, report
+        self._done = 0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        if self._report is not None:
+            with self._lock:
+                self._done += nbytes
+                self._report(self._done, self._total)
+
+
+def _add(tracker: _Tracker | None) -> Callable[[int], None] | None:
+    return tracker.add if tracker is not None else None
 
 
 class Store:
     def __init__(
         self,
         root: Path,
-        host_capacity: int,
         *,
+        host_capacity: int,
+        disk_capacity: int = UNBOUNDED,
+        policy: str = "lru",
+        cloud_url: str | None = None,
+        busy_timeout: float = 0.0,
         workers: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.catalog = Catalog(root)
-        self.host = HostTier(host_capacity)
-        self.metrics = Metrics()
         self._workers = workers or os.cpu_count() or 2
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="trims-verify")
+        self.host = HostTier(host_capacity)
+        self.disk = DiskTier(root / "disk", self.catalog.temp_dir(), self._pool, disk_capacity)
+        self.cloud = CloudTier(root / "cloud", self.catalog.temp_dir(), self._pool, default_url=cloud_url)
+        self._tiers: dict[str, Tier] = {"host": self.host, "disk": self.disk, "cloud": self.cloud}
+        self.policy_name = policy
+        self._policies = {tier: POLICIES[policy](clock) for tier in PIN_TIERS}
+        self.busy_timeout = busy_timeout
         self._clock = clock
+        self.metrics = Metrics()
         self._lock = threading.Lock()
-        self._loading: dict[str, Future] = {}
-        self._refs: Counter[str] = Counter()
-        self._last_used: dict[str, float] = {}
+        self._changed = threading.Condition(self._lock)  # notified when bytes or leases are freed
+        self._loading: dict[str, Future] = {}  # segment -> its load into host memory
+        self._staging: dict[str, Future] = {}  # segment -> its fetch from the cloud onto disk
+        self._reading: Counter[str] = Counter()  # disk segments being copied out
+        self._reserved: Counter[str] = Counter()  # tier -> bytes promised to moves in flight
+        self._refs: Counter[str] = Counter()  # host segment -> leases and pulls holding it
         self._leases: dict[int, _Lease] = {}
         self._lease_ids = itertools.count(1)
         self._placements: dict[str, _Placement] = {}
         self._doomed: set[str] = set()  # unused segments kept only until their leases end
-        freed = self.catalog.collect_garbage(keep_segments=set())
-        if freed:
-            log.info("collected %d bytes no model uses", freed)
+        self._rates = dict(_INITIAL_RATES)
+        self._describe_metrics()
+        self._take_stock()
+
+    def _take_stock(self) -> None:
+        """After a (re)start: index what each tier holds, report what is lost, collect garbage."""
+        self.disk.index(self.catalog.segments)
+        self.cloud.index(self.catalog.segments)
+        for segment_id in self.disk.segment_ids():
+            size = self.catalog.segments[segment_id].size
+            self._policies["disk"].admit(segment_id, size, self._reload_cost(segment_id, "disk"))
+        lost = [s for s in self.catalog.segments if not self.disk.has(s) and not self.cloud.has(s)]
+        if lost:
+            log.error("%d segments are on no tier (their models cannot be opened): %s", len(lost), lost[:3])
+        with self._lock:
+            self._collect_garbage_locked()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -104,33 +153,58 @@ class Store:
             self.host.close()
             self.catalog.close()
 
-    # --- registration -------------------------------------------------------------------
+    # --- registration -----------------------------------------------------------------------
 
-    def push(self, reference: str, files: list[SourceFile]) -> PushResult:
+    def push(self, reference: str, files: list[Source], *, to: str | None = None,
+             progress: ingest.Progress | None = None) -> PushResult:
+        """Register a model from ``files``; with ``to``, also upload its segments there.
+
+        Files that are objects in a bucket (:class:`~trims.cloud.RemoteFile`) stay the cloud
+        copy of what they hold, so the disk may later give those bytes up.
+        """
         name = names.canonical(reference)
         if name.startswith("sha256:"):
             raise InvalidName("push needs a NAME[:TAG] to tag the model with, not a digest")
+        planned = ingest.plan(files)
+        with self._changed:
+            try:
+                self._make_room_locked(self.disk, planned.size)
+            except _NoRoom:
+                raise CapacityError(self._full_message(self.disk, planned.size)) from None
+            self._reserved["disk"] += planned.size
+        try:
+            ingested, new_bytes = self._write_and_commit(name, planned, files, progress)
+        finally:
+            with self._changed:
+                self._reserved["disk"] -= planned.size
+                self._changed.notify_all()
+        manifest = ingested.manifest
+        if to is not None:
+            self._upload(manifest, to)
+        log.info("pushed %s = %s (%d tensors, %d new bytes)", name, manifest.digest, len(manifest.tensors), new_bytes)
+        self.metrics.inc("trims_pushes_total")
+        self.metrics.inc("trims_push_new_bytes_total", new_bytes)
+        return PushResult(name=name, digest=manifest.digest, nbytes=manifest.nbytes, tensors=len(manifest.tensors),
+                          new_bytes=new_bytes)
+
+    def _write_and_commit(self, name: str, planned: ingest.Plan, files: list[Source],
+                          progress: ingest.Progress | None) -> tuple[ingest.Ingested, int]:
+        remote_urls = {f.label: f.url for f in files if hasattr(f, "url")}
         catalog = self.catalog
         for _ in range(3):
             # Hashing runs outside the lock; what it took as already stored may be deleted
             # meanwhile by a concurrent `remove`. Then the commit refuses and we go again.
-            ingested = ingest(files, catalog.temp_dir(), lambda d: d in catalog.locations, self._workers)
+            ingested = ingest.write(planned, catalog.temp_dir(), lambda d: d in catalog.locations, self._workers, progress)
             try:
-                with self._lock:
-                    new_bytes = self._commit_locked(name, ingested)
+                with self._changed:
+                    new_bytes = self._commit_locked(name, ingested, remote_urls)
             finally:
-                ingested.discard()  # a no-op once the segment was renamed into place
+                ingested.discard()  # a no-op once the segment was moved into place
             if new_bytes is not None:
-                break
-        else:
-            raise StorageError(f"pushing {name} kept racing with removals; try again")
-        manifest = ingested.manifest
-        log.info("pushed %s = %s (%d tensors, %d new bytes)", name, manifest.digest, len(manifest.tensors), new_bytes)
-        return PushResult(
-            name=name, digest=manifest.digest, nbytes=manifest.nbytes, tensors=len(manifest.tensors), new_bytes=new_bytes
-        )
+                return ingested, new_bytes
+        raise StorageError(f"pushing {name} kept racing with removals; try again")
 
-    def _commit_locked(self, name: str, ingested: Ingested) -> int | None:
+    def _commit_locked(self, name: str, ingested: ingest.Ingested, remote_urls: dict[str, str]) -> int | None:
         """Make a push visible; the new bytes stored, or None if a tensor it relies on is gone."""
         catalog, segment = self.catalog, ingested.segment
         carried = {e.digest for e in segment.entries} if segment else set()
@@ -138,7 +212,12 @@ class Store:
             return None
         new_bytes = 0
         if segment is not None and any(e.digest not in catalog.locations for e in segment.entries):
-            catalog.add_segment(segment, ingested.segment_path)
+            self.disk.adopt(segment, ingested.segment_path)
+            catalog.add_segment(segment)
+            if remote_urls:  # pushed from a bucket: the objects stay the cloud copy
+                places = {d: (remote_urls[label], offset) for d, (label, offset) in ingested.sources.items()}
+                self.cloud.register(segment, places)
+            self._policies["disk"].admit(segment.id, segment.size, self._reload_cost(segment.id, "disk"))
             new_bytes = segment.size
         for file_digest, data in ingested.side_files.items():
             catalog.add_file(file_digest, data)
@@ -147,62 +226,240 @@ class Store:
         catalog.set_tag(name, ingested.manifest.digest)
         if replaced not in (None, ingested.manifest.digest):
             self._collect_garbage_locked()  # the name's old model may now be unused
-        self.metrics.pushes += 1
-        self.metrics.push_bytes_new += new_bytes
         return new_bytes
 
-    def remove(self, reference: str) -> int:
-        """Untag a model; delete what no tag needs any more. Returns bytes deleted."""
-        name = names.canonical(reference)
+    def _upload(self, manifest: Manifest, base_url: str) -> None:
         with self._lock:
+            segments = [s for s in self._placement(manifest).segments if not self.cloud.has(s)]
+            for segment_id in segments:
+                self._reading[segment_id] += 1  # keeps the disk copy while it uploads
+        try:
+            for segment_id in segments:
+                layout = self.catalog.segments[segment_id]
+                started = self._clock()
+                self.cloud.upload(layout, self.disk.path(segment_id), base_url)
+                self._count_fetch("disk", "cloud", layout.size, self._clock() - started)
+        finally:
+            with self._changed:
+                for segment_id in segments:
+                    self._reading[segment_id] -= 1
+                self._changed.notify_all()
+
+    def remove(self, reference: str) -> int:
+        """Untag a model; delete what no tag needs any more. Returns disk bytes deleted."""
+        name = names.canonical(reference)
+        with self._changed:
             if name not in self.catalog.tags:
                 raise ModelNotFound(f"no model named {name}")
             self.catalog.remove_tag(name)
             return self._collect_garbage_locked()
 
     def _collect_garbage_locked(self) -> int:
-        """Delete what no name needs; a segment still leased goes when its last lease ends."""
-        busy = set(self._refs) | set(self._loading)
-        freed = self.catalog.collect_garbage(keep_segments=busy)
-        for segment_id in [s for s in self.host.resident if s not in self.catalog.segments]:
-            self._evict_locked(segment_id, "removed")
+        """Delete what no name needs; a segment still in use goes when its last lease ends."""
+        busy = set(self._refs) | set(self._loading) | set(self._staging) | set(+self._reading)
+        freed = 0
+        for segment_id in self.catalog.collect_garbage(keep_segments=busy):
+            for tier in self._tiers.values():
+                if tier.has(segment_id):
+                    bytes_out = self._evict_locked(tier, segment_id, "removed")
+                    freed += bytes_out if tier is self.disk else 0
         self._doomed = self.catalog.unused_segments()
         self._placements = {d: p for d, p in self._placements.items() if d in self.catalog.manifests}
         return freed
 
-    # --- opening and leases ---------------------------------------------------------------
+    # --- opening, pulling, pinning ------------------------------------------------------------
 
     def open(self, reference: str, owner: int) -> OpenResult:
-        """Lease a model's segments in host memory, loading them from disk if needed."""
+        """Lease a model's segments in host memory, bringing them up the hierarchy if needed."""
         started = self._clock()
         with self._lock:
             name, manifest = self._resolve(reference)
             placement = self._placement(manifest)
-        acquired: list[HostSegment] = []
-        missed = False
-        try:
-            for segment_id in placement.segments:
-                segment, loaded = self._acquire(segment_id)
-                acquired.append(segment)
-                missed |= loaded
-        except BaseException:
-            with self._lock:
-                self._unref_locked([s.id for s in acquired])
-            raise
+        segments, missed = self._acquire_all(placement.segments, started + self.busy_timeout)
         with self._lock:
             lease = next(self._lease_ids)
             self._leases[lease] = _Lease(owner, manifest.digest, placement.segments)
-            self.metrics.opens += 1
-            if missed:
-                self.metrics.open_misses += 1
+        self.metrics.inc("trims_opens_total", result="miss" if missed else "hit")
+        self.metrics.observe("trims_open_seconds", self._clock() - started)
+        return OpenResult(lease, name, manifest, tuple(segments), placement.tensors)
+
+    def pull(self, reference: str, tier: str = "host", progress: ingest.Progress | None = None) -> int:
+        """Bring a model into ``tier`` without leasing it; returns the bytes that moved."""
+        if tier not in PIN_TIERS:
+            raise InvalidName(f"tier {tier!r} is not one of {', '.join(PIN_TIERS)}")
+        with self._lock:
+            _, manifest = self._resolve(reference)
+            segments = self._placement(manifest).segments
+        tracker = _Tracker(sum(self.catalog.segments[s].size for s in segments), progress)
+        if tier == "host":
+            _, missed = self._acquire_all(segments, self._clock() + self.busy_timeout, tracker)
+            with self._changed:
+                self._unref_locked(segments)
+            return sum(self.catalog.segments[s].size for s in segments) if missed else 0
+        moved = 0
+        for segment_id in segments:
+            layout = self.catalog.segments[segment_id]
+            moved += 0 if self.disk.has(segment_id) else layout.size
+            self._stage_on_disk(layout, required=True, tracker=tracker)
+            with self._changed:
+                self._reading[segment_id] -= 1
+                self._changed.notify_all()
+        return moved
+
+    def pin(self, reference: str, tier: str = "host", progress: ingest.Progress | None = None) -> int:
+        """Keep a model in ``tier`` across pressure and restarts; brings it there now."""
+        if tier not in PIN_TIERS:
+            raise InvalidName(f"tier {tier!r} is not one of {', '.join(PIN_TIERS)}")
+        with self._lock:
+            name, _ = self._resolve(reference)
+            self.catalog.set_pin(name, tier)
+        return self.pull(name, tier, progress)
+
+    def unpin(self, reference: str) -> None:
+        with self._changed:
+            name, _ = self._resolve(reference)
+            self.catalog.remove_pin(name)
+            self._changed.notify_all()
+
+    def warm_pins(self) -> None:
+        """Bring every pinned model into its tier (after a restart); failures are logged."""
+        for name, tier in list(self.catalog.pins.items()):
+            try:
+                self.pull(name, tier)
+                log.info("re-warmed pinned %s into %s", name, tier)
+            except Exception as exc:  # noqa: BLE001 - one bad pin must not stop the others
+                log.error("could not re-warm pinned %s into %s: %s", name, tier, exc)
+
+    def _acquire_all(self, segment_ids: tuple[str, ...], deadline: float,
+                     tracker: _Tracker | None = None) -> tuple[list[HostSegment], bool]:
+        acquired: list[HostSegment] = []
+        missed = False
+        try:
+            for segment_id in segment_ids:
+                segment, loaded = self._acquire(segment_id, deadline, tracker)
+                acquired.append(segment)
+                missed |= loaded
+        except BaseException:
+            with self._changed:
+                self._unref_locked([s.id for s in acquired])
+            raise
+        return acquired, missed
+
+    def _acquire(self, segment_id: str, deadline: float, tracker: _Tracker | None = None) -> tuple[HostSegment, bool]:
+        """Take a reference on a segment in host memory, loading it (once) if it is not."""
+        while True:
+            with self._changed:
+                resident = self.host.get(segment_id)
+                if resident is not None:
+                    self._refs[segment_id] += 1
+                    self._policies["host"].access(segment_id)
+                    self.metrics.inc("trims_tier_hits_total", tier="host")
+                    return resident, False
+                pending = self._loading.get(segment_id)
+                if pending is None:
+                    layout = self._layout_locked(segment_id)
+                    if not self._room_or_wait_locked(self.host, layout.size, deadline):
+                        continue
+                    self._reserved["host"] += layout.size
+                    pending = self._loading[segment_id] = Future()
+                    self.metrics.inc("trims_tier_misses_total", tier="host")
+                    break
+            pending.result()  # someone else is loading it: wait, then take a reference
+        return self._load_into_host(layout, pending, tracker), True
+
+    def _load_into_host(self, layout: SegmentLayout, pending: Future, tracker: _Tracker | None) -> HostSegment:
+        segment_id, started = layout.id, self._clock()
+        source: Tier | None = None
+        try:
+            source = self._source_for_host(layout, tracker)
+            if source is self.cloud:
+                self.host.put(layout, lambda fd: self.cloud.fetch(layout, fd, progress=_add(tracker)))
             else:
-                self.metrics.open_hits += 1
-            self.metrics.open_seconds_total += self._clock() - started
-        return OpenResult(lease, name, manifest, tuple(acquired), placement.tensors)
+                self.host.put(layout, lambda fd: source.fetch(layout, fd))
+        except BaseException as exc:
+            with self._changed:
+                self._finish_host_load_locked(layout, source)
+                self.metrics.inc("trims_fetch_failures_total", source=source.name if source else "none")
+            pending.set_exception(exc)
+            raise
+        with self._changed:
+            self._finish_host_load_locked(layout, source)
+            self._refs[segment_id] += 1
+            self._policies["host"].admit(segment_id, layout.size, self._reload_cost(segment_id, "host"))
+        self._count_fetch(source.name, "host", layout.size, self._clock() - started)
+        segment = self.host.get(segment_id)
+        pending.set_result(segment)
+        return segment
+
+    def _finish_host_load_locked(self, layout: SegmentLayout, source: Tier | None) -> None:
+        self._reserved["host"] -= layout.size
+        del self._loading[layout.id]
+        if source is self.disk:
+            self._reading[layout.id] -= 1
+        self._changed.notify_all()
+
+    def _source_for_host(self, layout: SegmentLayout, tracker: _Tracker | None) -> Tier:
+        """The tier to copy a segment from: disk (staging it from the cloud if there is room)."""
+        with self._lock:
+            if self.disk.has(layout.id):
+                self._reading[layout.id] += 1
+                self.metrics.inc("trims_tier_hits_total", tier="disk")
+                return self.disk
+            if not self.cloud.has(layout.id):
+                raise IntegrityError(
+                    f"no tier holds segment {layout.id[:19]} any more: its bytes are lost; push the model again"
+                )
+            self.metrics.inc("trims_tier_misses_total", tier="disk")
+        return self.disk if self._stage_on_disk(layout, required=False, tracker=tracker) else self.cloud
+
+    def _stage_on_disk(self, layout: SegmentLayout, required: bool, tracker: _Tracker | None = None) -> bool:
+        """Fetch a segment from the cloud onto disk (once). True if the disk has it, counted
+        as being read; False if there is no room and ``required`` is false."""
+        segment_id = layout.id
+        while True:
+            with self._changed:
+                if self.disk.has(segment_id):
+                    self._reading[segment_id] += 1
+                    return True
+                pending = self._staging.get(segment_id)
+                if pending is None:
+                    try:
+                        self._make_room_locked(self.disk, layout.size)
+                    except (_NoRoom, CapacityError) as exc:
+                        if required:
+                            raise CapacityError(self._full_message(self.disk, layout.size)) from exc
+                        return False
+                    self._reserved["disk"] += layout.size
+                    pending = self._staging[segment_id] = Future()
+                    break
+            pending.result()
+        started = self._clock()
+        try:
+            self.disk.put(layout, lambda fd: self.cloud.fetch(layout, fd, progress=_add(tracker)))
+        except BaseException as exc:
+            with self._changed:
+                self._reserved["disk"] -= layout.size
+                del self._staging[segment_id]
+                self._changed.notify_all()
+                self.metrics.inc("trims_fetch_failures_total", source="cloud")
+            pending.set_exception(exc)
+            raise
+        with self._changed:
+            self._reserved["disk"] -= layout.size
+            del self._staging[segment_id]
+            self._reading[segment_id] += 1
+            self._policies["disk"].admit(segment_id, layout.size, self._reload_cost(segment_id, "disk"))
+            self._changed.notify_all()
+        self._count_fetch("cloud", "disk", layout.size, self._clock() - started)
+        self.metrics.inc("trims_tier_hits_total", tier="cloud")
+        pending.set_result(None)
+        return True
+
+    # --- leases -------------------------------------------------------------------------------
 
     def release(self, lease: int, owner: int) -> None:
         """End a lease. Unknown leases (already released) are ignored."""
-        with self._lock:
+        with self._changed:
             held = self._leases.get(lease)
             if held is not None and held.owner == owner:
                 del self._leases[lease]
@@ -210,69 +467,11 @@ class Store:
 
     def release_owner(self, owner: int) -> int:
         """End every lease of a connection that went away; returns how many."""
-        with self._lock:
+        with self._changed:
             mine = [lease for lease, held in self._leases.items() if held.owner == owner]
             for lease in mine:
                 self._unref_locked(self._leases.pop(lease).segments)
         return len(mine)
-
-    def evict(self, reference: str) -> int:
-        """Drop a model from host memory; it stays on disk. Returns bytes freed."""
-        with self._lock:
-            name, manifest = self._resolve(reference)
-            segments = self._placement(manifest).segments
-            leases = sum(1 for held in self._leases.values() if set(held.segments) & set(segments))
-            if leases or any(s in self._loading for s in segments):
-                raise ModelBusy(
-                    f"{name} is in use ({leases} leases); it can leave host memory once they close"
-                )
-            return sum(self._evict_locked(s, "requested") for s in segments if s in self.host.resident)
-
-    def _acquire(self, segment_id: str) -> tuple[HostSegment, bool]:
-        """Take a reference on a resident segment, loading it (once) if it is not."""
-        while True:
-            with self._lock:
-                resident = self.host.resident.get(segment_id)
-                if resident is not None:
-                    self._ref_locked(segment_id)
-                    return resident, False
-                pending = self._loading.get(segment_id)
-                if pending is None:
-                    layout = self.catalog.segments.get(segment_id)
-                    if layout is None:
-                        raise ModelNotFound("the model was removed while it was being opened")
-                    self._make_room_locked(layout.size)
-                    self.host.reserved += layout.size
-                    pending = self._loading[segment_id] = Future()
-                    break
-            pending.result()  # another client is loading it: wait, then take a reference
-        return self._load(segment_id, layout, pending), True
-
-    def _load(self, segment_id: str, layout: SegmentLayout, pending: Future) -> HostSegment:
-        started = self._clock()
-        try:
-            segment = load_segment(layout, self.catalog.segment_path(segment_id), self._pool)
-        except BaseException as exc:
-            with self._lock:
-                self.host.reserved -= layout.size
-                del self._loading[segment_id]
-                self.metrics.segment_load_failures += 1
-            pending.set_exception(exc)
-            raise
-        with self._lock:
-            self.host.reserved -= layout.size
-            del self._loading[segment_id]
-            self.host.add(segment)
-            self._ref_locked(segment_id)
-            self.metrics.segment_loads += 1
-            self.metrics.segment_load_bytes += layout.size
-            self.metrics.segment_load_seconds += self._clock() - started
-        pending.set_result(segment)
-        return segment
-
-    def _ref_locked(self, segment_id: str) -> None:
-        self._refs[segment_id] += 1
-        self._last_used[segment_id] = self._clock()
 
     def _unref_locked(self, segment_ids) -> None:
         for segment_id in segment_ids:
@@ -281,30 +480,95 @@ class Store:
                 del self._refs[segment_id]
                 if segment_id in self._doomed:  # its model was removed while it was leased
                     self._collect_garbage_locked()
+        self._changed.notify_all()
 
-    def _make_room_locked(self, nbytes: int) -> None:
-        if nbytes > self.host.capacity:
+    def evict(self, reference: str) -> int:
+        """Drop a model from host memory; it stays on disk or in the cloud. Returns bytes freed."""
+        with self._lock:
+            name, manifest = self._resolve(reference)
+            segments = self._placement(manifest).segments
+            leases = sum(1 for held in self._leases.values() if set(held.segments) & set(segments))
+            if leases or any(s in self._loading for s in segments):
+                raise ModelBusy(f"{name} is in use ({leases} leases); it can leave host memory once they close")
+            return sum(self._evict_locked(self.host, s, "requested") for s in segments if self.host.has(s))
+
+    # --- accounting: the one place bytes are made room for -------------------------------------
+
+    def _room_or_wait_locked(self, tier: Tier, nbytes: int, deadline: float) -> bool:
+        """Make room in ``tier``; if everything is in use, wait for a release until ``deadline``.
+
+        True once there is room; False after a wait (the caller re-checks its state).
+        """
+        try:
+            self._make_room_locked(tier, nbytes)
+            return True
+        except _NoRoom:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                waited = f" after waiting {self.busy_timeout:g} s" if self.busy_timeout else ""
+                raise CapacityError(self._full_message(tier, nbytes) + waited) from None
+            self._changed.wait(remaining)
+            return False
+
+    def _make_room_locked(self, tier: Tier, nbytes: int) -> None:
+        if nbytes > tier.capacity:
             raise CapacityError(
-                f"a segment of {nbytes} bytes is larger than the host memory trims was given "
-                f"({self.host.capacity} bytes); restart the daemon with a larger --host-memory"
+                f"a segment of {nbytes} bytes is larger than the {tier.name} tier's capacity ({tier.capacity} "
+                f"bytes); restart the daemon with a larger --{'host-memory' if tier is self.host else tier.name}"
             )
-        while not self.host.fits(nbytes):
-            idle = [s for s in self.host.resident if not self._refs.get(s)]
-            if not idle:
-                raise CapacityError(
-                    f"host memory is full: {self.host.used} of {self.host.capacity} bytes are "
-                    f"leased or loading and {nbytes} more are needed; close models you no longer "
-                    "use, or give the daemon a larger --host-memory"
-                )
-            victim = min(idle, key=lambda s: self._last_used.get(s, 0.0))
-            self._evict_locked(victim, "capacity")
+        while tier.bytes_used() + self._reserved[tier.name] + nbytes > tier.capacity:
+            candidates = [s for s in tier.segment_ids() if self._evictable_locked(tier, s)]
+            if not candidates:
+                raise _NoRoom()
+            self._evict_locked(tier, self._policies[tier.name].victim(candidates), "capacity")
 
-    def _evict_locked(self, segment_id: str, reason: str) -> int:
-        self._last_used.pop(segment_id, None)
-        self.metrics.evictions[reason] += 1
-        return self.host.drop(segment_id)
+    def _evictable_locked(self, tier: Tier, segment_id: str) -> bool:
+        if segment_id in self._pinned_locked(tier.name):
+            return False
+        if tier is self.host:
+            return not self._refs.get(segment_id)
+        return (self.cloud.has(segment_id) and not self._reading.get(segment_id)
+                and segment_id not in self._staging)
 
-    # --- catalogue views ------------------------------------------------------------------
+    def _pinned_locked(self, tier: str) -> set[str]:
+        pinned: set[str] = set()
+        for name, pin_tier in self.catalog.pins.items():
+            manifest = self.catalog.manifests.get(self.catalog.tags.get(name, ""))
+            if pin_tier == tier and manifest is not None:
+                pinned.update(self._placement(manifest).segments)
+        return pinned
+
+    def _evict_locked(self, tier: Tier, segment_id: str, reason: str) -> int:
+        freed = tier.evict(segment_id)
+        if tier.name in self._policies:
+            self._policies[tier.name].forget(segment_id)
+        self.metrics.inc("trims_evictions_total", tier=tier.name, reason=reason)
+        return freed
+
+    def _full_message(self, tier: Tier, nbytes: int) -> str:
+        used = tier.bytes_used() + self._reserved[tier.name]
+        if tier is self.host:
+            return (f"host memory is full: {used} of {tier.capacity} bytes are leased, pinned or loading and "
+                    f"{nbytes} more are needed; close models you no longer use, or give the daemon a larger --host-memory")
+        return (f"the disk tier is full: {used} of {tier.capacity} bytes hold models the cloud does not, or that are "
+                f"pinned or in use, and {nbytes} more are needed; remove models (`trims rm`), push with --to a bucket, "
+                "or give the daemon a larger --disk")
+
+    def _reload_cost(self, segment_id: str, tier: str) -> float:
+        """Seconds to bring a segment back into ``tier`` from the tier below it."""
+        size = self.catalog.segments[segment_id].size
+        if tier == "host" and self.disk.has(segment_id):
+            return size / self._rates["disk"]
+        return _CLOUD_LATENCY + size / self._rates["cloud"]
+
+    def _count_fetch(self, source: str, destination: str, nbytes: int, seconds: float) -> None:
+        self.metrics.inc("trims_fetch_bytes_total", nbytes, source=source, destination=destination)
+        self.metrics.inc("trims_fetch_seconds_total", seconds, source=source, destination=destination)
+        self.metrics.inc("trims_fetches_total", source=source, destination=destination)
+        if source in self._rates and seconds > 0 and nbytes > 1 << 20:
+            self._rates[source] = 0.8 * self._rates[source] + 0.2 * nbytes / seconds
+
+    # --- catalogue views --------------------------------------------------------------------------
 
     def _resolve(self, reference: str) -> tuple[str, Manifest]:
         name = names.canonical(reference)
@@ -313,6 +577,12 @@ class Store:
         if manifest is None:
             raise ModelNotFound(f"no model named {name}; `trims ls` lists the models, `trims push` adds one")
         return name, manifest
+
+    def _layout_locked(self, segment_id: str) -> SegmentLayout:
+        layout = self.catalog.segments.get(segment_id)
+        if layout is None:
+            raise ModelNotFound("the model was removed while it was being opened")
+        return layout
 
     def _placement(self, manifest: Manifest) -> _Placement:
         cached = self._placements.get(manifest.digest)
@@ -338,42 +608,85 @@ class Store:
     def _summary_locked(self, name: str) -> ModelSummary:
         _, manifest = self._resolve(name)
         segments = self._placement(manifest).segments
-        tiers = ("host", "disk") if all(s in self.host.resident for s in segments) else ("disk",)
         return ModelSummary(
             name=name,
             digest=manifest.digest,
             nbytes=manifest.nbytes,
             tensors=len(manifest.tensors),
-            tiers=tiers,
+            tiers=tuple(t for t, tier in self._tiers.items() if all(tier.has(s) for s in segments)),
             leases=sum(1 for held in self._leases.values() if held.model == manifest.digest),
             segments=len(segments),
             dtypes=dict(Counter(t.dtype for t in manifest.tensors)),
             metadata=manifest.metadata,
             files=tuple(sorted(manifest.files)),
             aliases=tuple(n for n, d in sorted(self.catalog.tags.items()) if d == manifest.digest and n != name),
+            pinned=self.catalog.pins.get(name, ""),
         )
 
+    # --- metrics ----------------------------------------------------------------------------------
+
+    def _describe_metrics(self) -> None:
+        m = self.metrics
+        m.describe("trims_opens_total", "counter", "Opens, by whether every segment was already in host memory.")
+        m.describe("trims_open_seconds", "histogram", "Time to serve an open, fetches included.", OPEN_SECONDS_BUCKETS)
+        m.describe("trims_tier_hits_total", "counter", "Segment requests a tier could serve.")
+        m.describe("trims_tier_misses_total", "counter", "Segment requests a tier had to pass down.")
+        m.describe("trims_fetches_total", "counter", "Segment copies between tiers.")
+        m.describe("trims_fetch_bytes_total", "counter", "Bytes copied between tiers.")
+        m.describe("trims_fetch_seconds_total", "counter", "Seconds spent copying between tiers.")
+        m.describe("trims_fetch_failures_total", "counter", "Segment copies that failed, by source tier.")
+        m.describe("trims_evictions_total", "counter", "Segments evicted, by tier and reason.")
+        m.describe("trims_pushes_total", "counter", "Models pushed.")
+        m.describe("trims_push_new_bytes_total", "counter", "Bytes pushes added to the store.")
+        m.describe("trims_tier_bytes", "gauge", "Bytes a tier holds.")
+        m.describe("trims_tier_capacity_bytes", "gauge", "Bytes a tier may hold.")
+        m.describe("trims_tier_segments", "gauge", "Segments a tier holds.")
+        m.describe("trims_leases", "gauge", "Leases held by clients.")
+        m.describe("trims_models", "gauge", "Models in the catalogue.")
+        m.gauge("trims_tier_bytes", lambda: {(("tier", n),): t.bytes_used() for n, t in self._tiers.items()})
+        m.gauge("trims_tier_capacity_bytes", lambda: {(("tier", n),): t.capacity for n, t in self._tiers.items()
+                                                      if t.capacity != UNBOUNDED})
+        m.gauge("trims_tier_segments", lambda: {(("tier", n),): len(list(t.segment_ids())) for n, t in self._tiers.items()})
+        m.gauge("trims_leases", lambda: {(): len(self._leases)})
+        m.gauge("trims_models", lambda: {(): len(self.catalog.manifests)})
+
     def stats(self) -> dict[str, Any]:
+        m = self.metrics
         with self._lock:
-            m = self.metrics
-            return {
-                "host": {
-                    "capacity_bytes": self.host.capacity,
-                    "used_bytes": self.host.used,
-                    "resident_segments": len(self.host.resident),
-                    "loading_segments": len(self._loading),
-                },
-                "disk": {"used_bytes": self.catalog.disk_bytes(), "segments": len(self.catalog.segments)},
-                "models": len(self.catalog.manifests),
-                "tags": len(self.catalog.tags),
-                "leases": len(self._leases),
-                "opens": {"total": m.opens, "hits": m.open_hits, "misses": m.open_misses, "seconds_total": m.open_seconds_total},
-                "loads": {
-                    "segments": m.segment_loads,
-                    "bytes": m.segment_load_bytes,
-                    "seconds_total": m.segment_load_seconds,
-                    "failures": m.segment_load_failures,
-                },
-                "evictions": dict(m.evictions),
-                "pushes": {"total": m.pushes, "new_bytes": m.push_bytes_new},
+            tiers = {
+                name: {
+                    "capacity_bytes": None if tier.capacity == UNBOUNDED else tier.capacity,
+                    "used_bytes": tier.bytes_used(),
+                    "reserved_bytes": self._reserved[name],
+                    "segments": len(list(tier.segment_ids())),
+                    "hits": m.value("trims_tier_hits_total", tier=name),
+                    "misses": m.value("trims_tier_misses_total", tier=name),
+                    "evictions": {reason: m.value("trims_evictions_total", tier=name, reason=reason)
+                                  for reason in ("capacity", "requested", "removed")
+                                  if m.value("trims_evictions_total", tier=name, reason=reason)},
+                }
+                for name, tier in self._tiers.items()
             }
+            counts = {"models": len(self.catalog.manifests), "tags": len(self.catalog.tags),
+                      "pins": len(self.catalog.pins), "leases": len(self._leases)}
+        fetches = {}
+        for source in TIERS:
+            for destination in TIERS:
+                count = m.value("trims_fetches_total", source=source, destination=destination)
+                if count:
+                    fetches[f"{source}->{destination}"] = {
+                        "count": count,
+                        "bytes": m.value("trims_fetch_bytes_total", source=source, destination=destination),
+                        "seconds": m.value("trims_fetch_seconds_total", source=source, destination=destination),
+                    }
+        opens = m.by_label("trims_opens_total", "result")
+        return {
+            "tiers": tiers,
+            "policy": self.policy_name,
+            **counts,
+            "opens": {"total": sum(opens.values()), "hits": opens.get("hit", 0), "misses": opens.get("miss", 0),
+                      "mean_seconds": m.histogram("trims_open_seconds")["mean"]},
+            "fetches": fetches,
+            "fetch_failures": m.by_label("trims_fetch_failures_total", "source"),
+            "pushes": {"total": m.value("trims_pushes_total"), "new_bytes": m.value("trims_push_new_bytes_total")},
+        }

@@ -1,0 +1,264 @@
+"""The object-storage tier: S3, or anything fsspec reaches (GCS, Azure, HTTP, ...).
+
+The tier records, for each segment it holds, where each tensor's bytes can be read: an
+object URL and an offset in it. Two ways in:
+
+- a segment uploaded whole (``trims push PATH --to s3://bucket/prefix``): its tensors sit in
+  ``<prefix>/segments/<id>.bin`` at the segment's own offsets, and the object is the tier's
+  to delete;
+- a model registered from a bucket (``trims push s3://bucket/model-dir``): its tensors are
+  read straight out of the original safetensors objects, which are never deleted.
+
+A fetch splits every tensor into ranges, reads them with parallel ranged requests (with
+retries), writes each straight into the destination at its place, and hashes each tensor
+as soon as its last range lands. Credentials and endpoints come from the usual environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...), as fsspec reads them. Needs the ``s3``
+extra (fsspec, s3fs) or fsspec's backend for the URL's protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from . import digest as digests
+from .catalog import rename_durably
+from .errors import IntegrityError, InvalidModel, StorageError
+from .records import SegmentLayout
+from .sources import Source
+from .tier import UNBOUNDED, Fill, Tier
+from .verify import Verifier
+
+log = logging.getLogger("trims.cloud")
+
+RANGE_BYTES = 16 * 1024 * 1024
+RETRIES = 3
+
+
+@dataclass
+class RemoteCopy:
+    """Where a segment's tensors can be read: tensor digest -> (object URL, offset in it)."""
+
+    size: int
+    places: dict[str, tuple[str, int]]
+    owned: list[str] = field(default_factory=list)  # objects this daemon uploaded
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.size, "places": {d: list(p) for d, p in self.places.items()}, "owned": self.owned}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RemoteCopy:
+        return cls(size=doc["size"], places={d: (u, o) for d, (u, o) in doc["places"].items()}, owned=list(doc["owned"]))
+
+
+def filesystem(url: str):
+    """The fsspec filesystem and path for ``url``; StorageError with an install hint if missing."""
+    try:
+        import fsspec
+    except ImportError:
+        raise StorageError("the cloud tier needs fsspec: pip install 'trims[s3]'") from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot reach {url}: {exc}; for S3, pip install 'trims[s3]'") from None
+
+
+class CloudTier(Tier):
+    name = "cloud"
+
+    def __init__(self, index_dir: Path, temp_dir: Path, pool: ThreadPoolExecutor, *, default_url: str | None = None,
+                 connections: int = 16, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(UNBOUNDED)
+        self._index_dir = index_dir
+        self._temp_dir = temp_dir
+        self._pool = pool
+        self.default_url = default_url
+        self._connections = connections
+        self._copies: dict[str, RemoteCopy] = {}
+        index_dir.mkdir(mode=0o700, exist_ok=True)
+
+    # --- the index of what the cloud holds ---------------------------------------------------
+
+    def index(self, layouts: dict[str, SegmentLayout]) -> None:
+        for path in self._index_dir.glob("*.json"):
+            segment_id = digests.PREFIX + path.stem
+            try:
+                copy = RemoteCopy.from_json(json.loads(path.read_bytes()))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("cloud record %s is unusable and was skipped: %s", path.name, exc)
+                continue
+            if segment_id in layouts:
+                self._copies[segment_id] = copy
+            else:
+                path.unlink()
+
+    def register(self, layout: SegmentLayout, places: dict[str, tuple[str, int]], owned: Iterable[str] = ()) -> None:
+        """Record that every tensor of ``layout`` can be read at ``places``."""
+        missing = [e.digest for e in layout.entries if e.digest not in places]
+        if missing:
+            raise ValueError(f"no cloud place for {len(missing)} tensors of {layout.id}")  # a bug in the caller
+        copy = RemoteCopy(layout.size, {e.digest: places[e.digest] for e in layout.entries}, list(owned))
+        record = self._index_dir / f"{digests.hex_of(layout.id)}.json"
+        temp = self._temp_dir / f"cloud-{record.name}"
+        temp.write_text(json.dumps(copy.to_json()))
+        rename_durably(temp, record)
+        self._copies[layout.id] = copy
+
+    def urls(self, segment_id: str) -> list[str]:
+        return sorted({url for url, _ in self._copies[segment_id].places.values()})
+
+    # --- the tier ----------------------------------------------------------------------------
+
+    def has(self, segment_id: str) -> bool:
+        return segment_id in self._copies
+
+    def segment_ids(self) -> Iterable[str]:
+        return list(self._copies)
+
+    def bytes_used(self) -> int:
+        return sum(c.size for c in self._copies.values())
+
+    def put(self, layout: SegmentLayout, fill: Fill) -> None:
+        """Upload a segment under the daemon's ``--cloud`` location."""
+        if self.default_url is None:
+            raise StorageError("no cloud location is configured; start the daemon with --cloud s3://bucket/prefix")
+        from .disk import new_temp_file
+
+        fd, temp = new_temp_file(self._temp_dir, layout.size)
+        try:
+            fill(fd)
+            os.close(fd)
+            self.upload(layout, Path(temp), self.default_url)
+        finally:
+            Path(temp).unlink(missing_ok=True)
+
+    def upload(self, layout: SegmentLayout, path: Path, base_url: str) -> None:
+        """Upload a complete local copy of a segment to ``<base_url>/segments/<id>.bin``."""
+        url = f"{base_url.rstrip('/')}/segments/{digests.hex_of(layout.id)}.bin"
+        fs, remote = filesystem(url)
+        self._retry(lambda: fs.put_file(str(path), remote), f"uploading to {url}")
+        self.register(layout, {e.digest: (url, e.offset) for e in layout.entries}, owned=[url])
+
+    def fetch(self, layout: SegmentLayout, destination: int, progress: Callable[[int], None] | None = None) -> None:
+        copy = self._copies.get(layout.id)
+        if copy is None:
+            raise IntegrityError(f"the cloud tier holds no copy of segment {layout.id[:19]}")
+        ranges, pending = self._ranges(layout, copy)
+        lock = threading.Lock()
+        with Verifier(destination, layout, self._pool, source=f"the cloud ({self.urls(layout.id)[0]})") as verifier:
+            with ThreadPoolExecutor(self._connections, thread_name_prefix="trims-cloud") as io:
+                futures = [io.submit(self._read_range, destination, *r) for r in ranges]
+                try:
+                    for future in as_completed(futures):
+                        entry, nbytes = future.result()
+                        if progress is not None:
+                            progress(nbytes)
+                        with lock:
+                            pending[entry] -= 1
+                            done = pending[entry] == 0
+                        if done:
+                            verifier.landed(entry)
+                finally:
+                    for future in futures:
+                        future.cancel()
+            verifier.finish()
+
+    def evict(self, segment_id: str) -> int:
+        """Forget the segment, deleting the objects this daemon uploaded for it."""
+        copy = self._copies.pop(segment_id)
+        for url in copy.owned:
+            try:
+                fs, remote = filesystem(url)
+                fs.rm_file(remote)
+            except Exception as exc:  # noqa: BLE001 - a leftover object is not worth failing a removal
+                log.warning("could not delete %s: %s", url, exc)
+        (self._index_dir / f"{digests.hex_of(segment_id)}.json").unlink(missing_ok=True)
+        return copy.size
+
+    # --- ranged reads --------------------------------------------------------------------------
+
+    def _ranges(self, layout: SegmentLayout, copy: RemoteCopy):
+        ranges, pending = [], {}
+        for entry in layout.entries:
+            url, start = copy.places[entry.digest]
+            chunks = [(k, min(RANGE_BYTES, entry.nbytes - k)) for k in range(0, entry.nbytes, RANGE_BYTES)]
+            pending[entry] = len(chunks)
+            ranges += [(entry, url, start + k, entry.offset + k, length) for k, length in chunks]
+        for entry in [e for e, n in pending.items() if n == 0]:  # empty tensors: nothing to read
+            pending[entry] = 1
+            ranges.append((entry, "", 0, entry.offset, 0))
+        return ranges, pending
+
+    def _read_range(self, destination: int, entry, url: str, start: int, offset: int, length: int):
+        if length:
+            fs, path = filesystem(url)
+            data = self._retry(lambda: fs.cat_file(path, start=start, end=start + length), f"reading {url}")
+            if len(data) != length:
+                raise IntegrityError(f"{url} returned {len(data)} bytes for a {length}-byte range: the object changed")
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(destination, view, offset)
+                view, offset = view[written:], offset + written
+        return entry, length
+
+    @staticmethod
+    def _retry(call: Callable[[], Any], doing: str) -> Any:
+        for attempt in range(RETRIES):
+            try:
+                return call()
+            except FileNotFoundError:
+                raise StorageError(f"{doing}: the object does not exist") from None
+            except Exception as exc:  # noqa: BLE001 - any backend error may be transient
+                if attempt == RETRIES - 1:
+                    raise StorageError(f"{doing} failed after {RETRIES} tries: {exc}") from None
+                time.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class RemoteFile(Source):
+    """An object in a bucket, read with ranged requests, as a file of a model being pushed."""
+
+    def __init__(self, label: str, url: str) -> None:
+        self.label = label
+        self.url = url
+        self._fs, self._path = filesystem(url)
+        self._size: int | None = None
+
+    def size(self) -> int:
+        if self._size is None:
+            self._size = int(CloudTier._retry(lambda: self._fs.size(self._path), f"sizing {self.url}"))
+        return self._size
+
+    def read_into(self, offset: int, view: memoryview) -> int:
+        end = min(offset + len(view), self.size())
+        if end <= offset:
+            return 0
+        data = CloudTier._retry(lambda: self._fs.cat_file(self._path, start=offset, end=end), f"reading {self.url}")
+        view[: len(data)] = data
+        return len(data)
+
+
+def remote_model_files(url: str) -> list[RemoteFile]:
+    """The files of a model in a bucket: one ``.safetensors`` object, or a "directory" of them
+    with the side files a push keeps (config, tokenizer)."""
+    from .client import SIDE_SUFFIXES
+
+    fs, path = filesystem(url)
+    if path.endswith(".safetensors"):
+        return [RemoteFile(path.rsplit("/", 1)[-1], url)]
+    try:
+        names = sorted(p.rsplit("/", 1)[-1] for p in CloudTier._retry(lambda: fs.ls(path, detail=False), f"listing {url}"))
+    except StorageError as exc:
+        raise InvalidModel(f"{url}: {exc}") from None
+    base = url.rstrip("/")
+    keep = [n for n in names if n.endswith(".safetensors") or (n.endswith(SIDE_SUFFIXES) and not n.endswith(".index.json"))]
+    if not any(n.endswith(".safetensors") for n in keep):
+        raise InvalidModel(f"{url} holds no .safetensors object")
+    return [RemoteFile(name, f"{base}/{name}") for name in keep]

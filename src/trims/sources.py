@@ -1,0 +1,57 @@
+"""Where a push reads model files from: a descriptor a client sent, or an object in a bucket."""
+
+from __future__ import annotations
+
+import os
+import stat
+from abc import ABC, abstractmethod
+
+from .errors import InvalidModel
+
+
+class Source(ABC):
+    """A read-only file of a model being pushed; ``label`` is its name relative to the model."""
+
+    label: str
+
+    @abstractmethod
+    def size(self) -> int:
+        """The file's length in bytes."""
+
+    @abstractmethod
+    def read_into(self, offset: int, view: memoryview) -> int:
+        """Read up to ``len(view)`` bytes at ``offset``; 0 means end of file."""
+
+    def read(self, offset: int, count: int) -> bytes:
+        """Exactly ``count`` bytes at ``offset``; InvalidModel if the file is shorter."""
+        buffer = bytearray(count)
+        view, done = memoryview(buffer), 0
+        while done < count:
+            got = self.read_into(offset + done, view[done:])
+            if got == 0:
+                raise InvalidModel(f"{self.label}: truncated while reading")
+            done += got
+        return bytes(buffer)
+
+
+class FileSource(Source):
+    """A file the client opened and passed as a descriptor: the daemon never opens its path."""
+
+    def __init__(self, label: str, fd: int) -> None:
+        self.label = label
+        self._fd = fd
+        try:
+            info = os.fstat(fd)
+        except OSError as exc:
+            raise InvalidModel(f"{label}: cannot stat: {exc.strerror}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidModel(f"{label}: not a regular file")
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def read_into(self, offset: int, view: memoryview) -> int:
+        try:
+            return os.preadv(self._fd, [view], offset)
+        except OSError as exc:
+            raise InvalidModel(f"{self.label}: cannot read: {exc.strerror}") from None

@@ -1,0 +1,280 @@
+"""Host over disk over cloud, end to end: a real daemon, a real S3 endpoint, real pressure."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import trims
+
+from .conftest import DaemonProcess, wait_for
+from .models import build
+
+KIB = 1024
+MODEL_BYTES = 64 * KIB * 4  # each test model: one 256 KiB tensor
+
+
+def make_models(tmp_path, seeds) -> dict[int, np.ndarray]:
+    weights = {}
+    for seed in seeds:
+        w = torch.randn(64 * KIB, generator=torch.Generator().manual_seed(seed))
+        save_file({"w": w}, tmp_path / f"m{seed}.safetensors")
+        weights[seed] = w.numpy()
+    return weights
+
+
+def tiers_of(client: trims.Client, name: str) -> tuple[str, ...]:
+    return client.info(name).tiers
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    return s3.new_bucket()
+
+
+def test_the_disk_gives_up_only_what_the_cloud_holds(tmp_path, s3, bucket):
+    weights = make_models(tmp_path, range(5))
+    daemon = DaemonProcess(tmp_path / "d", host_memory="1M", extra=("--disk", "600K")).start()  # two models' room
+    try:
+        client = daemon.client()
+        for seed in (0, 1):
+            client.push(tmp_path / f"m{seed}.safetensors", f"m{seed}", to=f"s3://{bucket}/trims")
+        assert tiers_of(client, "m0") == ("disk", "cloud")
+        client.push(tmp_path / "m2.safetensors", "m2")  # no cloud copy: the disk holds the only one
+        assert tiers_of(client, "m0") == ("cloud",) and tiers_of(client, "m2") == ("disk",)
+        client.push(tmp_path / "m3.safetensors", "m3")  # m1 has a cloud copy: it makes room
+        assert tiers_of(client, "m1") == ("cloud",)
+        with pytest.raises(trims.CapacityError, match="disk tier is full"):
+            client.push(tmp_path / "m4.safetensors", "m4")  # m2 and m3 are last copies
+        assert {m.name for m in client.list()} == {"m0:latest", "m1:latest", "m2:latest", "m3:latest"}
+        assert not list((daemon.store / "tmp").iterdir())
+        stats = client.stats()
+        assert stats["tiers"]["disk"]["used_bytes"] <= 600 * KIB
+        with client.open("m0") as view:  # back from the cloud, verified, into host memory
+            assert np.array_equal(view["w"], weights[0])
+        assert "host" in tiers_of(client, "m0")
+        assert client.stats()["fetches"]["cloud->host"]["count"] + client.stats()["fetches"].get("cloud->disk", {}).get("count", 0) == 1
+    finally:
+        daemon.kill()
+
+
+def test_a_model_registered_from_a_bucket_is_served_and_evictable_from_disk(tmp_path, s3, bucket):
+    model, factory = build("gpt2", tmp_path / "gpt2")
+    for path in (tmp_path / "gpt2").iterdir():
+        s3.client().upload_file(str(path), bucket, f"models/gpt2/{path.name}")
+    daemon = DaemonProcess(tmp_path / "d").start()
+    try:
+        client = daemon.client()
+        pushed = client.push(f"s3://{bucket}/models/gpt2", "gpt2")
+        local = client.push(tmp_path / "gpt2", "gpt2-local")
+        assert pushed.digest == local.digest and local.new_bytes == 0  # identity is content
+        assert tiers_of(client, "gpt2") == ("disk", "cloud")
+        assert client.info("gpt2").files == ("config.json", "generation_config.json")
+        import trims.torch
+
+        shared = trims.torch.load_model("gpt2", factory, client=client)
+        from .models import output_of
+
+        assert torch.equal(output_of(shared, "gpt2"), output_of(model, "gpt2"))
+    finally:
+        daemon.kill()
+
+
+def test_concurrent_opens_of_a_cold_cloud_model_cause_one_get_series(tmp_path, s3, bucket):
+    make_models(tmp_path, [0])
+    daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "300K")).start()
+    try:
+        client = daemon.client()
+        client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims")
+        make_models(tmp_path, [1])
+        client.push(tmp_path / "m1.safetensors", "m1", to=f"s3://{bucket}/trims")  # pushes m0 off the disk
+        client.evict("m0")
+        assert tiers_of(client, "m0") == ("cloud",)
+        gets_before = s3.gets("/trims/segments/")
+        clients = [daemon.client() for _ in range(8)]
+        barrier = threading.Barrier(8)
+        views, errors = [], []
+
+        def open_it(c):
+            barrier.wait()
+            try:
+                views.append(c.open("m0"))
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(views) == 8
+        assert s3.gets("/trims/segments/") - gets_before == 1  # one tensor of 256 KiB: one ranged GET, once
+        fetches = client.stats()["fetches"]
+        assert sum(f["count"] for route, f in fetches.items() if route.startswith("cloud->")) == 1
+        assert len({v["w"].tobytes() for v in views}) == 1
+    finally:
+        daemon.kill()
+
+
+def test_a_corrupted_byte_in_the_bucket_is_detected_and_never_served(tmp_path, s3, bucket):
+    make_models(tmp_path, [0, 1])
+    daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "300K")).start()
+    try:
+        client = daemon.client()
+        client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims")
+        client.push(tmp_path / "m1.safetensors", "m1", to=f"s3://{bucket}/trims")  # m0 now only in the cloud
+        client.evict("m0")
+        key = next(k for k in [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+                   if k.endswith(".bin") and not (daemon.store / "disk" / k.rsplit("/", 1)[1]).exists())
+        data = bytearray(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+        data[100] ^= 0x01
+        s3.client().put_object(Bucket=bucket, Key=key, Body=bytes(data))
+        for _ in range(2):  # every try fails the same way; nothing bad is kept
+            with pytest.raises(trims.IntegrityError, match="cloud"):
+                client.open("m0")
+        assert tiers_of(client, "m0") == ("cloud",)
+        assert client.stats()["tiers"]["host"]["used_bytes"] == 0
+        assert not list((daemon.store / "tmp").iterdir())
+        with client.open("m1"):
+            pass
+    finally:
+        daemon.kill()
+
+
+@pytest.mark.parametrize("policy, survivor", [("lru", "m1"), ("lfu", "m0"), ("fifo", "m1")])
+def test_each_policy_evicts_the_model_it_should(tmp_path, policy, survivor):
+    make_models(tmp_path, range(3))
+    daemon = DaemonProcess(tmp_path / "d", host_memory="600K", extra=("--policy", policy)).start()
+    try:
+        client = daemon.client()
+        for seed in range(3):
+            client.push(tmp_path / f"m{seed}.safetensors", f"m{seed}")
+        for name in ("m0", "m0", "m0", "m1"):  # m0: older but used more; m1: newer, used once
+            client.open(name).close()
+        client.open("m2").close()  # room for two: one of m0, m1 must go
+        resident = {n for n in ("m0", "m1") if "host" in tiers_of(client, n)}
+        assert resident == {survivor}
+        assert client.stats()["policy"] == policy
+    finally:
+        daemon.kill()
+
+
+def test_pinned_and_leased_models_survive_pressure_and_pins_rewarm_after_restart(tmp_path):
+    make_models(tmp_path, range(4))
+    daemon = DaemonProcess(tmp_path / "d", host_memory="600K").start()
+    try:
+        client = daemon.client()
+        for seed in range(4):
+            client.push(tmp_path / f"m{seed}.safetensors", f"m{seed}")
+        assert client.pin("m0") == MODEL_BYTES
+        held = client.open("m1")
+        with pytest.raises(trims.CapacityError, match="leased, pinned"):
+            client.open("m2")
+        held.close()
+        for name in ("m2", "m3", "m2"):
+            client.open(name).close()
+        assert "host" in tiers_of(client, "m0") and client.info("m0").pinned == "host"
+        daemon.stop()
+        daemon = DaemonProcess(tmp_path / "d", host_memory="600K").start()
+        client = daemon.client()
+        wait_for(lambda: "host" in tiers_of(client, "m0"), message="the pinned model to be warm again")
+        assert client.stats()["opens"]["total"] == 0  # warmed, not opened
+        client.unpin("m0")
+        for name in ("m1", "m2"):
+            client.open(name).close()
+        assert "host" not in tiers_of(client, "m0")
+    finally:
+        daemon.kill()
+
+
+def test_an_open_waits_for_a_release_up_to_the_busy_timeout(tmp_path):
+    make_models(tmp_path, range(2))
+    daemon = DaemonProcess(tmp_path / "d", host_memory="300K", extra=("--busy-timeout", "20")).start()
+    try:
+        client = daemon.client()
+        for seed in range(2):
+            client.push(tmp_path / f"m{seed}.safetensors", f"m{seed}")
+        held = client.open("m0")
+        timer = threading.Timer(0.5, held.close)
+        timer.start()
+        started = time.monotonic()
+        with daemon.client().open("m1") as view:  # waits until m0's lease ends
+            assert view["w"].shape == (64 * KIB,)
+        assert time.monotonic() - started >= 0.4
+        timer.join()
+    finally:
+        daemon.kill()
+
+
+def test_pull_warms_without_a_lease(tmp_path, s3, bucket):
+    make_models(tmp_path, range(2))
+    daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "300K")).start()
+    try:
+        client = daemon.client()
+        client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims")
+        client.push(tmp_path / "m1.safetensors", "m1", to=f"s3://{bucket}/trims")
+        assert tiers_of(client, "m0") == ("cloud",)
+        updates = []
+        assert client.pull("m0", "disk", progress=lambda *u: updates.append(u)) == MODEL_BYTES
+        assert tiers_of(client, "m0") == ("disk", "cloud") and updates[-1][1:] == (MODEL_BYTES, MODEL_BYTES)
+        assert client.pull("m0") == MODEL_BYTES
+        assert tiers_of(client, "m0") == ("host", "disk", "cloud") and client.stats()["leases"] == 0
+        assert client.pull("m0") == 0
+    finally:
+        daemon.kill()
+
+
+def test_restart_keeps_disk_and_cloud_tiers(tmp_path, s3, bucket):
+    weights = make_models(tmp_path, range(2))
+    daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "300K")).start()
+    client = daemon.client()
+    client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims")
+    client.push(tmp_path / "m1.safetensors", "m1")
+    daemon.stop()
+    daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "300K")).start()
+    try:
+        client = daemon.client()
+        assert tiers_of(client, "m0") == ("cloud",) and tiers_of(client, "m1") == ("disk",)
+        with client.open("m0") as view:
+            assert np.array_equal(view["w"], weights[0])
+    finally:
+        daemon.kill()
+
+
+def test_prometheus_endpoint(tmp_path):
+    make_models(tmp_path, [0])
+    daemon = DaemonProcess(tmp_path / "d", extra=("--metrics-port", "0")).start()
+    try:
+        client = daemon.client()
+        client.push(tmp_path / "m0.safetensors", "m0")
+        client.open("m0").close()
+        port = client.stats()["daemon"]["metrics_port"]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'trims_tier_bytes{tier="host"} 262144' in text
+        assert 'trims_opens_total{result="miss"} 1' in text
+        assert 'trims_fetches_total{destination="host",source="disk"} 1' in text
+        assert "trims_open_seconds_bucket" in text and 'trims_tier_capacity_bytes{tier="host"}' in text
+        assert "# TYPE trims_leases gauge" in text
+    finally:
+        daemon.kill()
+
+
+def test_a_config_file_sets_what_flags_do_not(tmp_path):
+    config = tmp_path / "trims.toml"
+    config.write_text('host_memory = "3M"\ndisk = "10M"\npolicy = "lfu"\n')
+    daemon = DaemonProcess(tmp_path / "d", extra=("--config", str(config), "--policy", "fifo")).start()
+    try:
+        stats = daemon.client().stats()
+        assert stats["tiers"]["disk"]["capacity_bytes"] == 10 * 2**20
+        assert stats["policy"] == "fifo"  # the flag wins
+    finally:
+        daemon.kill()
+    config.write_text('host_memory = "3M"\nhost_mem = 1\n')
+    with pytest.raises(RuntimeError, match="unknown setting 'host_mem'"):
+        DaemonProcess(tmp_path / "e", extra=("--config", str(config))).start()

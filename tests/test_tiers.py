@@ -1,0 +1,182 @@
+"""The tier conformance suite: every tier (host, disk, cloud) joins the same checks."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from trims import digest as digests
+from trims.cloud import CloudTier
+from trims.disk import DiskTier
+from trims.errors import IntegrityError
+from trims.host import HostTier
+from trims.records import SegmentLayout
+from trims.tier import UNBOUNDED, Tier
+
+
+def make_segment(seed: int, sizes=(1000, 0, 4096, 77)) -> tuple[SegmentLayout, bytes]:
+    """A real segment: tensors of random bytes at aligned offsets, zeros between."""
+    blobs = [os.urandom(n) if n else b"" for n in sizes]
+    layout = SegmentLayout.pack([(digests.of_bytes(b), len(b)) for b in blobs])
+    data = bytearray(layout.size)
+    for entry, blob in zip(layout.entries, blobs):
+        data[entry.offset : entry.offset + entry.nbytes] = blob
+    return layout, bytes(data)
+
+
+def fill_with(data: bytes):
+    def fill(fd: int) -> None:
+        os.pwrite(fd, data, 0)
+
+    return fill
+
+
+def fetched(tier: Tier, layout: SegmentLayout) -> bytes:
+    fd = os.memfd_create("fetched")
+    try:
+        os.ftruncate(fd, layout.size)
+        tier.fetch(layout, fd)
+        return os.pread(fd, layout.size, 0)
+    finally:
+        os.close(fd)
+
+
+class TierChecks:
+    """What every tier must do. A tier's test class joins by defining ``tier`` (a fixture)."""
+
+    can_be_corrupted = True
+
+    def corrupt(self, tier: Tier, layout: SegmentLayout) -> None:
+        raise NotImplementedError  # each tier that can be corrupted says how
+
+    def test_put_then_fetch_gives_back_the_bytes(self, tier):
+        layout, data = make_segment(1)
+        assert not tier.has(layout.id)
+        tier.put(layout, fill_with(data))
+        assert tier.has(layout.id) and layout.id in tier.segment_ids()
+        assert fetched(tier, layout) == data
+
+    def test_bytes_used_counts_segments_and_evict_frees_them(self, tier):
+        before = tier.bytes_used()
+        first, first_data = make_segment(2)
+        second, second_data = make_segment(3, sizes=(5000,))
+        tier.put(first, fill_with(first_data))
+        tier.put(second, fill_with(second_data))
+        assert tier.bytes_used() == before + first.size + second.size
+        assert tier.evict(first.id) == first.size
+        assert not tier.has(first.id) and tier.has(second.id)
+        assert tier.bytes_used() == before + second.size
+
+    def test_a_failing_fill_keeps_nothing(self, tier):
+        layout, _ = make_segment(4)
+
+        def broken(fd: int) -> None:
+            raise OSError("the source went away")
+
+        with pytest.raises(OSError):
+            tier.put(layout, broken)
+        assert not tier.has(layout.id)
+
+    def test_a_corrupt_copy_is_never_fetched(self, tier):
+        if not self.can_be_corrupted:
+            pytest.skip("sealed: this tier's bytes cannot change after they are put")
+        layout, data = make_segment(5)
+        tier.put(layout, fill_with(data))
+        self.corrupt(tier, layout)
+        with pytest.raises(IntegrityError):
+            fetched(tier, layout)
+
+    def test_capacity_is_a_number(self, tier):
+        assert isinstance(tier.capacity, int) and tier.capacity > 0
+
+
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(2) as executor:
+        yield executor
+
+
+class TestHostTier(TierChecks):
+    can_be_corrupted = False  # sealed memfds: the kernel refuses every write
+
+    @pytest.fixture
+    def tier(self):
+        host = HostTier(capacity=1 << 30)
+        yield host
+        host.close()
+
+    def test_resident_segments_are_sealed_and_read_only(self, tier):
+        import fcntl
+
+        layout, data = make_segment(6)
+        tier.put(layout, fill_with(data))
+        fd = tier.get(layout.id).fd
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+
+
+class TestDiskTier(TierChecks):
+    @pytest.fixture
+    def tier(self, tmp_path, pool):
+        (tmp_path / "tmp").mkdir()
+        return DiskTier(tmp_path / "disk", tmp_path / "tmp", pool)
+
+    def corrupt(self, tier, layout):
+        path = tier.path(layout.id)
+        data = bytearray(path.read_bytes())
+        data[layout.entries[0].offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    def test_restart_keeps_complete_files_and_drops_strays(self, tier, tmp_path, pool):
+        layout, data = make_segment(7)
+        tier.put(layout, fill_with(data))
+        (tier.directory / ("0" * 64 + ".bin")).write_bytes(b"stray")
+        again = DiskTier(tmp_path / "disk", tmp_path / "tmp", pool)
+        again.index({layout.id: layout})
+        assert list(again.segment_ids()) == [layout.id] and fetched(again, layout) == data
+        assert sorted(p.name for p in tier.directory.iterdir()) == [f"{digests.hex_of(layout.id)}.bin"]
+
+    def test_unbounded_by_default(self, tier):
+        assert tier.capacity == UNBOUNDED
+
+
+class TestCloudTier(TierChecks):
+    @pytest.fixture
+    def tier(self, tmp_path, pool, s3):
+        (tmp_path / "tmp").mkdir()
+        return CloudTier(tmp_path / "cloud", tmp_path / "tmp", pool, default_url=f"s3://{s3.new_bucket()}/trims")
+
+    def corrupt(self, tier, layout):
+        (url,) = tier.urls(layout.id)
+        bucket, key = url[len("s3://"):].split("/", 1)
+        import boto3
+
+        s3 = boto3.client("s3")
+        data = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        data[layout.entries[0].offset] ^= 0xFF
+        s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+    def test_large_tensors_are_read_in_parallel_ranges(self, tier, s3, monkeypatch):
+        import trims.cloud
+
+        monkeypatch.setattr(trims.cloud, "RANGE_BYTES", 1024)
+        layout, data = make_segment(8, sizes=(10_000, 3000))
+        tier.put(layout, fill_with(data))
+        key = f"{digests.hex_of(layout.id)}.bin"
+        before = s3.gets(key)
+        assert fetched(tier, layout) == data
+        assert s3.gets(key) - before == 10 + 3  # ceil(10000/1024) + ceil(3000/1024)
+
+    def test_register_reads_tensors_out_of_foreign_objects(self, tier, s3):
+        layout, data = make_segment(9, sizes=(300, 500))
+        bucket = s3.new_bucket()
+        # a "file" holding the two tensors at other offsets, like a safetensors object
+        blob = b"header" + data[: 300] + b"xx" + data[layout.entries[1].offset : layout.entries[1].offset + 500]
+        s3.client().put_object(Bucket=bucket, Key="model.safetensors", Body=blob)
+        url = f"s3://{bucket}/model.safetensors"
+        tier.register(layout, {layout.entries[0].digest: (url, 6), layout.entries[1].digest: (url, 308)})
+        assert fetched(tier, layout) == data
+        tier.evict(layout.id)  # forgets it, but never deletes an object it did not upload
+        assert s3.client().head_object(Bucket=bucket, Key="model.safetensors")["ContentLength"] == len(blob)
