@@ -25,7 +25,7 @@ def test_commands_against_a_running_daemon(daemon, tmp_path):
     save_file({"w": torch.randn(8, 8), "b": torch.zeros(8, dtype=torch.bfloat16)}, tmp_path / "m.safetensors", metadata={"format": "pt"})
     env = daemon.env
     pushed = trims_cli("push", str(tmp_path / "m.safetensors"), "--name", "demo/m:1", env=env)
-    assert pushed.returncode == 0 and pushed.stdout.startswith("demo/m:1 sha256:")
+    assert pushed.returncode == 0 and pushed.stdout.startswith("demo/m:1 blake3:")
     again = trims_cli("push", str(tmp_path / "m.safetensors"), "--name", "demo/m:2", env=env)
     assert "already stored" in again.stdout
 
@@ -104,7 +104,7 @@ def test_bad_sizes(text):
 @pytest.mark.parametrize(
     "reference, expected",
     [("resnet50", "resnet50:latest"), ("resnet50:1", "resnet50:1"), ("team-a/bert.base_v2:x-1", "team-a/bert.base_v2:x-1"),
-     ("Meta/Llama-3.2-1B", "Meta/Llama-3.2-1B:latest"), ("sha256:" + "a" * 64, "sha256:" + "a" * 64)],
+     ("Meta/Llama-3.2-1B", "Meta/Llama-3.2-1B:latest"), ("blake3:" + "a" * 64, "blake3:" + "a" * 64)],
 )
 def test_names(reference, expected):
     assert canonical(reference) == expected

@@ -17,7 +17,7 @@ TABLE = protocol.TensorTable.of([
     protocol.TensorEntry("s", "F32", (), 0, 128, 4),
 ])
 SUMMARY = protocol.ModelSummary(
-    name="a/b:1", digest="sha256:" + "0" * 64, nbytes=10, tensors=1, tiers=("host", "disk"), leases=2,
+    name="a/b:1", digest="blake3:" + "0" * 64, nbytes=10, tensors=1, tiers=("host", "disk"), leases=2,
     dtypes={"F32": 1}, metadata={"format": "pt"}, files=("config.json",), aliases=("a/b:latest",),
 )
 EXAMPLES = [
@@ -31,10 +31,10 @@ EXAMPLES = [
     protocol.Remove(id=8, name="m"),
     protocol.Stats(id=9),
     protocol.Pong(id=1, daemon_version="0.1.0", protocol_version=1, pid=42),
-    protocol.Opened(id=2, lease=1, name="m:latest", digest="sha256:" + "1" * 64, nbytes=12,
+    protocol.Opened(id=2, lease=1, name="m:latest", digest="blake3:" + "1" * 64, nbytes=12,
                     segment_sizes=(192,), tensors=TABLE, metadata={"k": "v"}, fds=(12,)),
     protocol.Done(id=3),
-    protocol.Pushed(id=4, result=protocol.PushResult(name="m:latest", digest="sha256:" + "2" * 64, nbytes=1, tensors=1, new_bytes=0)),
+    protocol.Pushed(id=4, result=protocol.PushResult(name="m:latest", digest="blake3:" + "2" * 64, nbytes=1, tensors=1, new_bytes=0)),
     protocol.ModelList(id=5, models=(SUMMARY,)),
     protocol.ModelDetails(id=6, model=SUMMARY),
     protocol.Evicted(id=7, name="m", freed_bytes=3),

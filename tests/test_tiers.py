@@ -167,7 +167,15 @@ class TestCloudTier(TierChecks):
         key = f"{digests.hex_of(layout.id)}.bin"
         before = s3.gets(key)
         assert fetched(tier, layout) == data
-        assert s3.gets(key) - before == 10 + 3  # ceil(10000/1024) + ceil(3000/1024)
+        assert s3.gets(key) - before == 10 + 3  # ceil(10000/1024) + ceil(3000/1024): too big to share a read
+
+    def test_small_neighbouring_tensors_share_one_read(self, tier, s3):
+        layout, data = make_segment(10, sizes=(1000, 0, 4096, 77, 30_000))
+        tier.put(layout, fill_with(data))
+        key = f"{digests.hex_of(layout.id)}.bin"
+        before = s3.gets(key)
+        assert fetched(tier, layout) == data
+        assert s3.gets(key) - before == 1
 
     def test_register_reads_tensors_out_of_foreign_objects(self, tier, s3):
         layout, data = make_segment(9, sizes=(300, 500))

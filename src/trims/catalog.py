@@ -3,7 +3,7 @@
 Layout (every file is written to ``tmp/``, fsynced, then renamed into place)::
 
     <store>/lock                      held (flock) by the one daemon using this store
-    <store>/tags.json                 {"resnet50:1": "sha256:…"}: names point at digests
+    <store>/tags.json                 {"resnet50:1": "blake3:…"}: names point at digests
     <store>/pins.json                 {"resnet50:1": "host"}: names kept warm in a tier
     <store>/models/<hex>.json         Manifest, named by the model digest
     <store>/segments/<hex>.json       SegmentLayout, named by the segment id

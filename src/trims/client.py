@@ -86,7 +86,7 @@ class Client:
         return self._request(protocol.Ping(), protocol.Pong)[0]
 
     def open(self, name: str) -> ModelView:
-        """Lease and map model ``name`` (``NAME[:TAG]`` or a ``sha256:`` digest)."""
+        """Lease and map model ``name`` (``NAME[:TAG]`` or a ``blake3:`` digest)."""
         reply, generation = self._request(protocol.Open(name=name), protocol.Opened)
         return _map_model(reply, _Lease(self, reply.lease, generation))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -81,6 +82,7 @@ class CloudTier(Tier):
         self._pool = pool
         self.default_url = default_url
         self._connections = connections
+        self.reader = RangeReader(connections)
         self._copies: dict[str, RemoteCopy] = {}
         index_dir.mkdir(mode=0o700, exist_ok=True)
 
@@ -143,7 +145,7 @@ class CloudTier(Tier):
         """Upload a complete local copy of a segment to ``<base_url>/segments/<id>.bin``."""
         url = f"{base_url.rstrip('/')}/segments/{digests.hex_of(layout.id)}.bin"
         fs, remote = filesystem(url)
-        self._retry(lambda: fs.put_file(str(path), remote), f"uploading to {url}")
+        retry(lambda: fs.put_file(str(path), remote), f"uploading to {url}")
         self.register(layout, {e.digest: (url, e.offset) for e in layout.entries}, owned=[url])
 
     def fetch(self, layout: SegmentLayout, destination: int, progress: Callable[[int], None] | None = None) -> None:
@@ -151,24 +153,26 @@ class CloudTier(Tier):
         if copy is None:
             raise IntegrityError(f"the cloud tier holds no copy of segment {layout.id[:19]}")
         ranges, pending = self._ranges(layout, copy)
-        lock = threading.Lock()
-        with Verifier(destination, layout, self._pool, source=f"the cloud ({self.urls(layout.id)[0]})") as verifier:
-            with ThreadPoolExecutor(self._connections, thread_name_prefix="trims-cloud") as io:
-                futures = [io.submit(self._read_range, destination, *r) for r in ranges]
-                try:
-                    for future in as_completed(futures):
-                        entry, nbytes = future.result()
-                        if progress is not None:
-                            progress(nbytes)
-                        with lock:
-                            pending[entry] -= 1
-                            done = pending[entry] == 0
-                        if done:
-                            verifier.landed(entry)
-                finally:
-                    for future in futures:
-                        future.cancel()
-            verifier.finish()
+        target = mmap.mmap(destination, layout.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            with Verifier(destination, layout, self._pool, source=f"the cloud ({self.urls(layout.id)[0]})") as verifier:
+                with ThreadPoolExecutor(self._connections, thread_name_prefix="trims-cloud") as io:
+                    futures = [io.submit(self._read_range, target, *r) for r in ranges]
+                    try:
+                        for future in as_completed(futures):
+                            entries, nbytes = future.result()
+                            if progress is not None:
+                                progress(nbytes)
+                            for entry in entries:
+                                pending[entry] -= 1
+                                if pending[entry] == 0:
+                                    verifier.landed(entry)
+                    finally:
+                        for future in futures:
+                            future.cancel()
+                verifier.finish()
+        finally:
+            target.close()  # before the host tier seals the memfd: no writable mapping may remain
 
     def evict(self, segment_id: str) -> int:
         """Forget the segment, deleting the objects this daemon uploaded for it."""
@@ -184,81 +188,142 @@ class CloudTier(Tier):
 
     # --- ranged reads --------------------------------------------------------------------------
 
-    def _ranges(self, layout: SegmentLayout, copy: RemoteCopy):
-        ranges, pending = [], {}
-        for entry in layout.entries:
-            url, start = copy.places[entry.digest]
-            chunks = [(k, min(RANGE_BYTES, entry.nbytes - k)) for k in range(0, entry.nbytes, RANGE_BYTES)]
-            pending[entry] = len(chunks)
-            ranges += [(entry, url, start + k, entry.offset + k, length) for k, length in chunks]
-        for entry in [e for e, n in pending.items() if n == 0]:  # empty tensors: nothing to read
-            pending[entry] = 1
-            ranges.append((entry, "", 0, entry.offset, 0))
-        return ranges, pending
-
-    def _read_range(self, destination: int, entry, url: str, start: int, offset: int, length: int):
-        if length:
-            fs, path = filesystem(url)
-            data = self._retry(lambda: fs.cat_file(path, start=start, end=start + length), f"reading {url}")
-            if len(data) != length:
-                raise IntegrityError(f"{url} returned {len(data)} bytes for a {length}-byte range: the object changed")
-            view = memoryview(data)
-            while view:
-                written = os.pwrite(destination, view, offset)
-                view, offset = view[written:], offset + written
-        return entry, length
-
     @staticmethod
-    def _retry(call: Callable[[], Any], doing: str) -> Any:
-        for attempt in range(RETRIES):
-            try:
-                return call()
-            except FileNotFoundError:
-                raise StorageError(f"{doing}: the object does not exist") from None
-            except Exception as exc:  # noqa: BLE001 - any backend error may be transient
-                if attempt == RETRIES - 1:
-                    raise StorageError(f"{doing} failed after {RETRIES} tries: {exc}") from None
-                time.sleep(0.2 * 2**attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+    def _ranges(layout: SegmentLayout, copy: RemoteCopy):
+        """The ranged reads for a fetch, and how many of them each tensor waits for.
+
+        Neighbouring tensors that sit the same way in the object as in the segment (same
+        offset difference: every tensor of an uploaded segment, most of a safetensors file)
+        share one read of up to RANGE_BYTES; larger tensors are split into several.
+        """
+        ranges: list[list] = []  # [url, object start, destination offset, length, entries]
+        pending = {entry: 1 for entry in layout.entries}
+        empty = [["", 0, 0, 0, [e]] for e in layout.entries if not e.nbytes]  # nothing to read
+        for entry in sorted((e for e in layout.entries if e.nbytes), key=lambda e: copy.places[e.digest]):
+            url, start = copy.places[entry.digest]
+            last = ranges[-1] if ranges else None
+            if (last is not None and last[0] == url and start - entry.offset == last[1] - last[2]
+                    and start >= last[1] + last[3] and start + entry.nbytes - last[1] <= RANGE_BYTES):
+                last[3] = start + entry.nbytes - last[1]  # the gap between them is padding in both
+                last[4].append(entry)
+                continue
+            chunks = [(k, min(RANGE_BYTES, entry.nbytes - k)) for k in range(0, entry.nbytes, RANGE_BYTES)]
+            ranges += [[url, start + k, entry.offset + k, length, [entry]] for k, length in chunks]
+            pending[entry] = len(chunks)
+        return ranges + empty, pending
+
+    def _read_range(self, target: mmap.mmap, url: str, start: int, offset: int, length: int, entries: list):
+        if length:
+            with memoryview(target)[offset : offset + length] as view:
+                self.reader.read_into(url, start, view)
+        return entries, length
+
+
+
+def retry(call: Callable[[], Any], doing: str) -> Any:
+    """``call()``, tried up to RETRIES times; backend errors become StorageError."""
+    for attempt in range(RETRIES):
+        try:
+            return call()
+        except FileNotFoundError:
+            raise StorageError(f"{doing}: the object does not exist") from None
+        except Exception as exc:  # noqa: BLE001 - any backend error may be transient
+            if attempt == RETRIES - 1:
+                raise StorageError(f"{doing} failed after {RETRIES} tries: {exc}") from None
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class RangeReader:
+    """Reads byte ranges of objects straight into buffers.
+
+    ``s3://`` goes through boto3 (each thread its own connection, ``readinto`` the buffer);
+    other schemes through fsspec, one copy. Both retry transient failures.
+    """
+
+    def __init__(self, connections: int) -> None:
+        self._connections = connections
+        self._s3 = None
+        self._lock = threading.Lock()
+
+    def read_into(self, url: str, start: int, view: memoryview) -> None:
+        if url.startswith("s3://") and _has_boto3():
+            retry(lambda: self._s3_read_into(url, start, view), f"reading {url}")
+        else:
+            fs, path = filesystem(url)
+            data = retry(lambda: fs.cat_file(path, start=start, end=start + len(view)), f"reading {url}")
+            if len(data) != len(view):
+                raise IntegrityError(f"{url} returned {len(data)} bytes for a {len(view)}-byte range: the object changed")
+            view[:] = data
+
+    def _s3_read_into(self, url: str, start: int, view: memoryview) -> None:
+        bucket, _, key = url[len("s3://"):].partition("/")
+        response = self._s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + len(view) - 1}")
+        body, done = response["Body"], 0
+        try:
+            while done < len(view):
+                got = body.readinto(view[done:])
+                if got == 0:
+                    raise IntegrityError(f"{url} ended {len(view) - done} bytes short of a range: the object changed")
+                done += got
+        finally:
+            body.close()
+
+    def _s3_client(self):
+        with self._lock:
+            if self._s3 is None:
+                import boto3
+                from botocore.config import Config
+
+                config = Config(max_pool_connections=self._connections, retries={"max_attempts": RETRIES, "mode": "standard"})
+                self._s3 = boto3.session.Session().client("s3", config=config)
+            return self._s3
+
+
+def _has_boto3() -> bool:
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class RemoteFile(Source):
     """An object in a bucket, read with ranged requests, as a file of a model being pushed."""
 
-    def __init__(self, label: str, url: str) -> None:
+    def __init__(self, label: str, url: str, reader: RangeReader) -> None:
         self.label = label
         self.url = url
+        self._reader = reader
         self._fs, self._path = filesystem(url)
         self._size: int | None = None
 
     def size(self) -> int:
         if self._size is None:
-            self._size = int(CloudTier._retry(lambda: self._fs.size(self._path), f"sizing {self.url}"))
+            self._size = int(retry(lambda: self._fs.size(self._path), f"sizing {self.url}"))
         return self._size
 
     def read_into(self, offset: int, view: memoryview) -> int:
-        end = min(offset + len(view), self.size())
-        if end <= offset:
-            return 0
-        data = CloudTier._retry(lambda: self._fs.cat_file(self._path, start=offset, end=end), f"reading {self.url}")
-        view[: len(data)] = data
-        return len(data)
+        count = max(0, min(len(view), self.size() - offset))
+        if count:
+            self._reader.read_into(self.url, offset, view[:count])
+        return count
 
 
-def remote_model_files(url: str) -> list[RemoteFile]:
+def remote_model_files(url: str, reader: RangeReader) -> list[RemoteFile]:
     """The files of a model in a bucket: one ``.safetensors`` object, or a "directory" of them
     with the side files a push keeps (config, tokenizer)."""
     from .client import SIDE_SUFFIXES
 
     fs, path = filesystem(url)
     if path.endswith(".safetensors"):
-        return [RemoteFile(path.rsplit("/", 1)[-1], url)]
+        return [RemoteFile(path.rsplit("/", 1)[-1], url, reader)]
     try:
-        names = sorted(p.rsplit("/", 1)[-1] for p in CloudTier._retry(lambda: fs.ls(path, detail=False), f"listing {url}"))
+        names = sorted(p.rsplit("/", 1)[-1] for p in retry(lambda: fs.ls(path, detail=False), f"listing {url}"))
     except StorageError as exc:
         raise InvalidModel(f"{url}: {exc}") from None
     base = url.rstrip("/")
     keep = [n for n in names if n.endswith(".safetensors") or (n.endswith(SIDE_SUFFIXES) and not n.endswith(".index.json"))]
     if not any(n.endswith(".safetensors") for n in keep):
         raise InvalidModel(f"{url} holds no .safetensors object")
-    return [RemoteFile(name, f"{base}/{name}") for name in keep]
+    return [RemoteFile(name, f"{base}/{name}", reader) for name in keep]

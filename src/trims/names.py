@@ -15,7 +15,7 @@ _TAG = re.compile(_COMPONENT)
 
 
 def canonical(reference: str) -> str:
-    """``name[:tag]`` with the tag filled in, or a ``sha256:…`` digest as given.
+    """``name[:tag]`` with the tag filled in, or a ``blake3:…`` digest as given.
 
     Raises :class:`InvalidName` for anything else (path tricks, control characters, …).
     """
@@ -27,7 +27,7 @@ def canonical(reference: str) -> str:
     if not tag and reference.endswith(":"):
         raise InvalidName(f"{reference!r} has an empty tag; write NAME or NAME:TAG")
     tag = tag or DEFAULT_TAG
-    if not _NAME.fullmatch(name) or name == "sha256":
+    if not _NAME.fullmatch(name) or name == "blake3":
         raise InvalidName(
             f"{reference[:80]!r} is not a valid model name: use letters, digits, '.', '_' and "
             "'-', with '/' between namespace parts, e.g. team-a/resnet50:1"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import digest as digests
 from . import ingest, names
 from .catalog import Catalog
 from .cloud import CloudTier
@@ -163,7 +164,7 @@ class Store:
         copy of what they hold, so the disk may later give those bytes up.
         """
         name = names.canonical(reference)
-        if name.startswith("sha256:"):
+        if digests.is_digest(name):
             raise InvalidName("push needs a NAME[:TAG] to tag the model with, not a digest")
         planned = ingest.plan(files)
         with self._changed:
@@ -572,7 +573,7 @@ class Store:
 
     def _resolve(self, reference: str) -> tuple[str, Manifest]:
         name = names.canonical(reference)
-        model_digest = self.catalog.tags.get(name, name if name.startswith("sha256:") else None)
+        model_digest = self.catalog.tags.get(name, name if digests.is_digest(name) else None)
         manifest = self.catalog.manifests.get(model_digest) if model_digest else None
         if manifest is None:
             raise ModelNotFound(f"no model named {name}; `trims ls` lists the models, `trims push` adds one")

@@ -9,7 +9,6 @@ read through a read-only shared mapping, which does not stop a memfd from being 
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -52,7 +51,7 @@ class Verifier:
         self.close()
 
     def _check_entry(self, entry: SegmentEntry) -> None:
-        actual = digests.PREFIX + hashlib.sha256(self._view[entry.offset : entry.offset + entry.nbytes]).hexdigest()
+        actual = digests.of_bytes(self._view[entry.offset : entry.offset + entry.nbytes])
         if actual != entry.digest:
             raise IntegrityError(
                 f"bytes at offset {entry.offset} of segment {self._layout.id[:19]} from {self._source} hash to "
