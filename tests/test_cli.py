@@ -54,6 +54,22 @@ def test_commands_against_a_running_daemon(daemon, tmp_path):
     assert json.loads(trims_cli("ls", "--json", env=env).stdout) == []
 
 
+def test_pull_pin_and_unpin(daemon, tmp_path):
+    save_file({"w": torch.randn(1000)}, tmp_path / "m.safetensors")
+    env = daemon.env
+    assert trims_cli("push", str(tmp_path / "m.safetensors"), "--name", "m", env=env).returncode == 0
+    assert trims_cli("evict", "m", env=env).returncode == 0
+    pulled = trims_cli("pull", "m", env=env)
+    assert pulled.returncode == 0 and "m: in host" in pulled.stdout
+    assert "already in host" in trims_cli("pull", "m", env=env).stdout
+    assert trims_cli("pin", "m", "--tier", "host", env=env).stdout.strip() == "m: pinned in host"
+    assert json.loads(trims_cli("info", "m", "--json", env=env).stdout)["pinned"] == "host"
+    assert trims_cli("unpin", "m", env=env).returncode == 0
+    assert json.loads(trims_cli("info", "m", "--json", env=env).stdout)["pinned"] == ""
+    bad = trims_cli("pull", "m", "--tier", "gpu", env=env)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
 def test_socket_flag_overrides_the_environment(daemon):
     env = {**os.environ, "TRIMS_SOCKET": "/nonexistent/trims.sock"}
     assert trims_cli("ls", "--socket", str(daemon.socket), env=env).returncode == 0

@@ -64,6 +64,18 @@ def test_the_disk_gives_up_only_what_the_cloud_holds(tmp_path, s3, bucket):
         daemon.kill()
 
 
+def test_a_model_larger_than_the_disk_cap_is_refused_at_push(tmp_path):
+    make_models(tmp_path, [0])
+    daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "100K")).start()
+    try:
+        client = daemon.client()
+        with pytest.raises(trims.CapacityError, match="larger than the disk tier's capacity"):
+            client.push(tmp_path / "m0.safetensors", "m0")
+        assert client.list() == [] and not list((daemon.store / "tmp").iterdir())
+    finally:
+        daemon.kill()
+
+
 def test_a_model_registered_from_a_bucket_is_served_and_evictable_from_disk(tmp_path, s3, bucket):
     model, factory = build("gpt2", tmp_path / "gpt2")
     for path in (tmp_path / "gpt2").iterdir():

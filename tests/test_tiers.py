@@ -188,3 +188,21 @@ class TestCloudTier(TierChecks):
         assert fetched(tier, layout) == data
         tier.evict(layout.id)  # forgets it, but never deletes an object it did not upload
         assert s3.client().head_object(Bucket=bucket, Key="model.safetensors")["ContentLength"] == len(blob)
+
+
+class TestCloudTierOverFsspec(TierChecks):
+    """The same tier through fsspec (here its local ``file://`` backend), as GCS or Azure would go."""
+
+    @pytest.fixture
+    def tier(self, tmp_path, pool):
+        (tmp_path / "tmp").mkdir()
+        (tmp_path / "bucket").mkdir()
+        return CloudTier(tmp_path / "cloud", tmp_path / "tmp", pool, default_url=f"file://{tmp_path}/bucket")
+
+    def corrupt(self, tier, layout):
+        (url,) = tier.urls(layout.id)
+        path = url[len("file://"):]
+        data = bytearray(open(path, "rb").read())
+        data[layout.entries[0].offset] ^= 0xFF
+        open(path, "wb").write(bytes(data))
+

@@ -12,8 +12,8 @@ object URL and an offset in it. Two ways in:
 A fetch splits every tensor into ranges, reads them with parallel ranged requests (with
 retries), writes each straight into the destination at its place, and hashes each tensor
 as soon as its last range lands. Credentials and endpoints come from the usual environment
-(``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...), as fsspec reads them. Needs the ``s3``
-extra (fsspec, s3fs) or fsspec's backend for the URL's protocol.
+(``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...). Needs the ``s3`` extra (boto3), or fsspec
+and its backend for other schemes (:mod:`trims.objects`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import json
 import logging
 import mmap
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any, Callable, Iterable
 from . import digest as digests
 from .catalog import rename_durably
 from .errors import IntegrityError, InvalidModel, StorageError
+from .objects import Objects
 from .records import SegmentLayout
 from .sources import Source
 from .tier import UNBOUNDED, Fill, Tier
@@ -40,7 +40,6 @@ from .verify import Verifier
 log = logging.getLogger("trims.cloud")
 
 RANGE_BYTES = 16 * 1024 * 1024
-RETRIES = 3
 
 
 @dataclass
@@ -59,18 +58,6 @@ class RemoteCopy:
         return cls(size=doc["size"], places={d: (u, o) for d, (u, o) in doc["places"].items()}, owned=list(doc["owned"]))
 
 
-def filesystem(url: str):
-    """The fsspec filesystem and path for ``url``; StorageError with an install hint if missing."""
-    try:
-        import fsspec
-    except ImportError:
-        raise StorageError("the cloud tier needs fsspec: pip install 'trims[s3]'") from None
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as exc:
-        raise StorageError(f"cannot reach {url}: {exc}; for S3, pip install 'trims[s3]'") from None
-
-
 class CloudTier(Tier):
     name = "cloud"
 
@@ -82,7 +69,7 @@ class CloudTier(Tier):
         self._pool = pool
         self.default_url = default_url
         self._connections = connections
-        self.reader = RangeReader(connections)
+        self.objects = Objects(connections)
         self._copies: dict[str, RemoteCopy] = {}
         index_dir.mkdir(mode=0o700, exist_ok=True)
 
@@ -144,8 +131,7 @@ class CloudTier(Tier):
     def upload(self, layout: SegmentLayout, path: Path, base_url: str) -> None:
         """Upload a complete local copy of a segment to ``<base_url>/segments/<id>.bin``."""
         url = f"{base_url.rstrip('/')}/segments/{digests.hex_of(layout.id)}.bin"
-        fs, remote = filesystem(url)
-        retry(lambda: fs.put_file(str(path), remote), f"uploading to {url}")
+        self.objects.upload(path, url)
         self.register(layout, {e.digest: (url, e.offset) for e in layout.entries}, owned=[url])
 
     def fetch(self, layout: SegmentLayout, destination: int, progress: Callable[[int], None] | None = None) -> None:
@@ -179,9 +165,8 @@ class CloudTier(Tier):
         copy = self._copies.pop(segment_id)
         for url in copy.owned:
             try:
-                fs, remote = filesystem(url)
-                fs.rm_file(remote)
-            except Exception as exc:  # noqa: BLE001 - a leftover object is not worth failing a removal
+                self.objects.delete(url)
+            except StorageError as exc:  # a leftover object is not worth failing a removal
                 log.warning("could not delete %s: %s", url, exc)
         (self._index_dir / f"{digests.hex_of(segment_id)}.json").unlink(missing_ok=True)
         return copy.size
@@ -215,115 +200,45 @@ class CloudTier(Tier):
     def _read_range(self, target: mmap.mmap, url: str, start: int, offset: int, length: int, entries: list):
         if length:
             with memoryview(target)[offset : offset + length] as view:
-                self.reader.read_into(url, start, view)
+                self.objects.read_into(url, start, view)
         return entries, length
 
-
-
-def retry(call: Callable[[], Any], doing: str) -> Any:
-    """``call()``, tried up to RETRIES times; backend errors become StorageError."""
-    for attempt in range(RETRIES):
-        try:
-            return call()
-        except FileNotFoundError:
-            raise StorageError(f"{doing}: the object does not exist") from None
-        except Exception as exc:  # noqa: BLE001 - any backend error may be transient
-            if attempt == RETRIES - 1:
-                raise StorageError(f"{doing} failed after {RETRIES} tries: {exc}") from None
-            time.sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-class RangeReader:
-    """Reads byte ranges of objects straight into buffers.
-
-    ``s3://`` goes through boto3 (each thread its own connection, ``readinto`` the buffer);
-    other schemes through fsspec, one copy. Both retry transient failures.
-    """
-
-    def __init__(self, connections: int) -> None:
-        self._connections = connections
-        self._s3 = None
-        self._lock = threading.Lock()
-
-    def read_into(self, url: str, start: int, view: memoryview) -> None:
-        if url.startswith("s3://") and _has_boto3():
-            retry(lambda: self._s3_read_into(url, start, view), f"reading {url}")
-        else:
-            fs, path = filesystem(url)
-            data = retry(lambda: fs.cat_file(path, start=start, end=start + len(view)), f"reading {url}")
-            if len(data) != len(view):
-                raise IntegrityError(f"{url} returned {len(data)} bytes for a {len(view)}-byte range: the object changed")
-            view[:] = data
-
-    def _s3_read_into(self, url: str, start: int, view: memoryview) -> None:
-        bucket, _, key = url[len("s3://"):].partition("/")
-        response = self._s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + len(view) - 1}")
-        body, done = response["Body"], 0
-        try:
-            while done < len(view):
-                got = body.readinto(view[done:])
-                if got == 0:
-                    raise IntegrityError(f"{url} ended {len(view) - done} bytes short of a range: the object changed")
-                done += got
-        finally:
-            body.close()
-
-    def _s3_client(self):
-        with self._lock:
-            if self._s3 is None:
-                import boto3
-                from botocore.config import Config
-
-                config = Config(max_pool_connections=self._connections, retries={"max_attempts": RETRIES, "mode": "standard"})
-                self._s3 = boto3.session.Session().client("s3", config=config)
-            return self._s3
-
-
-def _has_boto3() -> bool:
-    try:
-        import boto3  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class RemoteFile(Source):
     """An object in a bucket, read with ranged requests, as a file of a model being pushed."""
 
-    def __init__(self, label: str, url: str, reader: RangeReader) -> None:
+    def __init__(self, label: str, url: str, objects: Objects) -> None:
         self.label = label
         self.url = url
-        self._reader = reader
-        self._fs, self._path = filesystem(url)
+        self._objects = objects
         self._size: int | None = None
 
     def size(self) -> int:
         if self._size is None:
-            self._size = int(retry(lambda: self._fs.size(self._path), f"sizing {self.url}"))
+            self._size = self._objects.size(self.url)
         return self._size
 
     def read_into(self, offset: int, view: memoryview) -> int:
         count = max(0, min(len(view), self.size() - offset))
         if count:
-            self._reader.read_into(self.url, offset, view[:count])
+            self._objects.read_into(self.url, offset, view[:count])
         return count
 
 
-def remote_model_files(url: str, reader: RangeReader) -> list[RemoteFile]:
+def remote_model_files(url: str, objects: Objects) -> list[RemoteFile]:
     """The files of a model in a bucket: one ``.safetensors`` object, or a "directory" of them
     with the side files a push keeps (config, tokenizer)."""
     from .client import SIDE_SUFFIXES
 
-    fs, path = filesystem(url)
-    if path.endswith(".safetensors"):
-        return [RemoteFile(path.rsplit("/", 1)[-1], url, reader)]
+    if url.endswith(".safetensors"):
+        return [RemoteFile(url.rsplit("/", 1)[-1], url, objects)]
     try:
-        names = sorted(p.rsplit("/", 1)[-1] for p in retry(lambda: fs.ls(path, detail=False), f"listing {url}"))
+        names = objects.list(url)
     except StorageError as exc:
         raise InvalidModel(f"{url}: {exc}") from None
     base = url.rstrip("/")
     keep = [n for n in names if n.endswith(".safetensors") or (n.endswith(SIDE_SUFFIXES) and not n.endswith(".index.json"))]
     if not any(n.endswith(".safetensors") for n in keep):
         raise InvalidModel(f"{url} holds no .safetensors object")
-    return [RemoteFile(name, f"{base}/{name}", reader) for name in keep]
+    return [RemoteFile(name, f"{base}/{name}", objects) for name in keep]

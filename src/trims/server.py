@@ -227,7 +227,7 @@ class Server:
         if request.url is not None and request.files:
             raise InvalidModel("push takes a URL or files, not both")
         if request.url is not None:
-            files = remote_model_files(request.url, self.store.cloud.reader)
+            files = remote_model_files(request.url, self.store.cloud.objects)
         else:
             files = [FileSource(label, fd) for label, fd in zip(request.files, request.fds)]
         result = self.store.push(request.name, files, to=request.to, progress=ctx.progress("push"))
