@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 import uuid
@@ -161,3 +162,26 @@ def wait_for(predicate, timeout: float = 10.0, message: str = "condition") -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {message}")
         time.sleep(0.02)
+
+
+def open_concurrently(clients: list[trims.Client], name: str) -> list[trims.ModelView]:
+    """Open ``name`` from every client at the same moment; raises the first error."""
+    barrier = threading.Barrier(len(clients))
+    views, errors = [], []
+
+    def open_it(client: trims.Client) -> None:
+        barrier.wait()
+        try:
+            views.append(client.open(name))
+        except Exception as exc:  # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it, args=(c,)) for c in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return views
+

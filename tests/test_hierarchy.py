@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import trims
 
-from .conftest import DaemonProcess, wait_for
+from .conftest import DaemonProcess, open_concurrently, wait_for
 from .models import build
 
 KIB = 1024
@@ -109,23 +109,8 @@ def test_concurrent_opens_of_a_cold_cloud_model_cause_one_get_series(tmp_path, s
         client.evict("m0")
         assert tiers_of(client, "m0") == ("cloud",)
         gets_before = s3.gets("/trims/segments/")
-        clients = [daemon.client() for _ in range(8)]
-        barrier = threading.Barrier(8)
-        views, errors = [], []
-
-        def open_it(c):
-            barrier.wait()
-            try:
-                views.append(c.open("m0"))
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=open_it, args=(c,)) for c in clients]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors and len(views) == 8
+        views = open_concurrently([daemon.client() for _ in range(8)], "m0")
+        assert len(views) == 8
         assert s3.gets("/trims/segments/") - gets_before == 1  # one tensor of 256 KiB: one ranged GET, once
         fetches = client.stats()["fetches"]
         assert sum(f["count"] for route, f in fetches.items() if route.startswith("cloud->")) == 1

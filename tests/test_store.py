@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from safetensors.torch import save_file
 import trims
 from trims import protocol, transport
 
-from .conftest import DaemonProcess
+from .conftest import DaemonProcess, open_concurrently
 from .models import build, raw_safetensors
 
 
@@ -364,23 +363,7 @@ def test_concurrent_opens_of_a_cold_model_load_it_once(daemon, tmp_path):
     setup = daemon.client()
     _push_seeded(setup, tmp_path, [0])
     setup.evict("m0")
-    clients = [daemon.client() for _ in range(8)]
-    barrier = threading.Barrier(len(clients))
-    views, errors = [], []
-
-    def open_model(client: trims.Client) -> None:
-        barrier.wait()
-        try:
-            views.append(client.open("m0"))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_model, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    views = open_concurrently([daemon.client() for _ in range(8)], "m0")
     stats = setup.stats()
     assert stats["fetches"]["disk->host"]["count"] == 1 and stats["opens"]["total"] == 8 and stats["leases"] == 8
     assert len({v["w"].tobytes() for v in views}) == 1

@@ -13,26 +13,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import errors as _errors
 from .client import Client, ModelView, connect
-from .errors import (
-    CapacityError,
-    ConfigError,
-    ConnectionLost,
-    DaemonUnavailable,
-    IntegrityError,
-    InternalError,
-    InvalidModel,
-    InvalidName,
-    LocalProtocolError,
-    ModelBusy,
-    ModelMismatch,
-    ModelNotFound,
-    ProtocolError,
-    RemoteProtocolError,
-    RequestError,
-    StorageError,
-    TrimsError,
-)
+from .errors import *  # noqa: F403 - the whole error tree is public
 from .protocol import ModelSummary, PushResult, TensorEntry
 
 __all__ = [
@@ -43,21 +26,5 @@ __all__ = [
     "ModelSummary",
     "PushResult",
     "TensorEntry",
-    "TrimsError",
-    "ConfigError",
-    "ModelMismatch",
-    "ProtocolError",
-    "LocalProtocolError",
-    "RemoteProtocolError",
-    "DaemonUnavailable",
-    "ConnectionLost",
-    "RequestError",
-    "InvalidName",
-    "ModelNotFound",
-    "InvalidModel",
-    "ModelBusy",
-    "CapacityError",
-    "IntegrityError",
-    "StorageError",
-    "InternalError",
+    *_errors.__all__,
 ]

@@ -44,7 +44,6 @@ __all__ = [
     "IntegrityError",
     "StorageError",
     "InternalError",
-    "error_for_code",
 ]
 
 
