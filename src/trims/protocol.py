@@ -503,6 +503,8 @@ def _build_converters(hint: Any) -> tuple[_Converter, _Converter]:
     if origin in (tuple, list):
         if args[0] in _SCALARS:
             return _column(args[0], origin), _column(args[0], list)
+        if typing.get_origin(args[0]) is tuple and typing.get_args(args[0])[0] is int:
+            return _int_rows(origin, tuple), _int_rows(list, list)
         decode_item, encode_item = _converters(args[0])
         return _sequence(decode_item, origin), _sequence(encode_item, list)
     if origin is dict:
@@ -543,6 +545,22 @@ def _column(item_type: type, make: type) -> _Converter:
         if item_type is float and not all(math.isfinite(v) for v in value):
             raise RemoteProtocolError(f"{path}: non-finite number")
         return make(value)
+
+    return convert
+
+
+def _int_rows(make: type, make_row: type) -> _Converter:
+    """A list of lists of ints (tensor shapes), checked in one pass over every number."""
+
+    def convert(value: Any, path: str) -> Any:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(row, (list, tuple)) for row in value):
+            raise _mistyped(path, "list of lists", value)
+        numbers = [n for row in value for n in row]
+        if not all(type(n) is int for n in numbers):
+            raise _mistyped(f"{path}[][]", "int", next(n for n in numbers if type(n) is not int))
+        if numbers and not (_INT_RANGE[0] <= min(numbers) and max(numbers) < _INT_RANGE[1]):
+            raise RemoteProtocolError(f"{path}: integer out of range")
+        return make(make_row(row) for row in value)
 
     return convert
 

@@ -45,23 +45,35 @@ def load_state_dict(name: str, *, client: Client | None = None) -> dict[str, tor
 
 
 def state_dict_from_view(view: ModelView) -> dict[str, torch.Tensor]:
-    """Tensors over an open view's mapped segments (one storage per segment, no copy)."""
-    bases = [torch.frombuffer(segment, dtype=torch.uint8) for segment in view.segments]
+    """Tensors over an open view's mapped segments: strided views of one typed base tensor per
+    segment and dtype, so no byte is copied and each tensor costs one ``as_strided``."""
+    bases: dict[tuple[int, torch.dtype], torch.Tensor] = {}
     state = {}
     for name, entry in view.index.items():
-        raw = bases[entry.segment][entry.offset : entry.offset + entry.nbytes]
-        state[name] = _typed(raw, entry.dtype, entry.shape)
+        dtype, shape = _torch_layout(entry.dtype, entry.shape, entry.nbytes)
+        base = bases.get((entry.segment, dtype))
+        if base is None:  # segments are 64-byte multiples: every element type divides them
+            base = bases[entry.segment, dtype] = torch.frombuffer(view.segments[entry.segment], dtype=torch.uint8).view(dtype)
+        state[name] = base.as_strided(shape, _contiguous_strides(shape), entry.offset // dtype.itemsize)
     return state
 
 
-def _typed(raw: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _torch_layout(dtype: str, shape: tuple[int, ...], nbytes: int) -> tuple[torch.dtype, tuple[int, ...]]:
     if dtype == "F4" and "F4" in _DTYPES:  # torch packs two fp4 values per element
-        return raw.view(_DTYPES["F4"]).view(*shape[:-1], shape[-1] // 2)
+        return _DTYPES["F4"], (*shape[:-1], shape[-1] // 2)
     if dtype in _DTYPES:
-        return raw.view(_DTYPES[dtype]).view(shape)
+        return _DTYPES[dtype], shape
     from ._numpy_views import packed_shape  # F6_*: no torch type; raw packed bytes
 
-    return raw.view(packed_shape(shape, raw.numel()))
+    return torch.uint8, packed_shape(shape, nbytes)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def load_model(name: str, factory: Callable[[], M], *, client: Client | None = None, strict: bool = True) -> M:
