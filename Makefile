@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench soak
+.PHONY: demo test bench
 
 demo: $(VENV)/.installed
 	$(BIN)/trims demo
@@ -13,6 +13,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/coldstart.py
+	$(BIN)/python bench/tiers.py
 
 # torch first, from the CPU build: anything that pulls torch in later would fetch CUDA builds.
 $(VENV)/.installed: pyproject.toml

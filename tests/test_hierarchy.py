@@ -64,6 +64,21 @@ def test_the_disk_gives_up_only_what_the_cloud_holds(tmp_path, s3, bucket):
         daemon.kill()
 
 
+def test_with_a_cloud_location_every_push_is_uploaded(tmp_path, s3, bucket):
+    make_models(tmp_path, [0])
+    daemon = DaemonProcess(tmp_path / "d", extra=("--cloud", f"s3://{bucket}/trims")).start()
+    try:
+        client = daemon.client()
+        client.push(tmp_path / "m0.safetensors", "m0")
+        assert tiers_of(client, "m0") == ("disk", "cloud")
+        keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+        assert len(keys) == 1 and keys[0].startswith("trims/segments/")
+        client.remove("m0")  # the uploaded copy is the daemon's: removed with the model
+        assert s3.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    finally:
+        daemon.kill()
+
+
 def test_a_model_larger_than_the_disk_cap_is_refused_at_push(tmp_path):
     make_models(tmp_path, [0])
     daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "100K")).start()

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host-memory", type=_size, default=None, help=f"host memory cap; {_SIZE_HELP} (default: half of RAM)")
     serve.add_argument("--disk", type=_size, default=None, help="disk tier cap (default: unbounded)")
     serve.add_argument("--policy", choices=sorted(POLICIES), default=None, help="eviction order in every tier (default: lru)")
-    serve.add_argument("--cloud", default=None, help="object storage for `trims pull`-able uploads, e.g. s3://bucket/trims")
+    serve.add_argument("--cloud", default=None, help="upload every pushed model here too, e.g. s3://bucket/trims, so the disk tier can give any up")
     serve.add_argument("--busy-timeout", type=float, default=None,
                        help="seconds an open waits for a release when memory is full of leased models (default: 0)")
     serve.add_argument("--max-connections", type=int, default=None, help="refuse connections beyond this many (default: 1024)")

@@ -13,6 +13,7 @@ from it.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import threading
@@ -168,6 +169,9 @@ class Client:
                     if fresh or attempt == 2:
                         raise
                     continue  # a stale connection to a daemon that has restarted
+                except RemoteProtocolError:
+                    self._drop_channel_locked()  # the stream cannot be trusted any further
+                    raise
                 return _expect(reply, reply_type), self._generation
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -339,8 +343,6 @@ def _expect(reply: protocol.Message, reply_type: type[_Reply]) -> _Reply:
 
 
 def _with_id(message: protocol.Message, request_id: int) -> protocol.Message:
-    import dataclasses
-
     return dataclasses.replace(message, id=request_id)
 
 

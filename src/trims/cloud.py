@@ -22,7 +22,6 @@ import json
 import logging
 import mmap
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Callable, Iterable
 
 from . import digest as digests
 from .catalog import rename_durably
+from .disk import new_temp_file
 from .errors import IntegrityError, InvalidModel, StorageError
 from .objects import Objects
 from .records import SegmentLayout
@@ -62,7 +62,7 @@ class CloudTier(Tier):
     name = "cloud"
 
     def __init__(self, index_dir: Path, temp_dir: Path, pool: ThreadPoolExecutor, *, default_url: str | None = None,
-                 connections: int = 16, clock: Callable[[], float] = time.monotonic) -> None:
+                 connections: int = 16) -> None:
         super().__init__(UNBOUNDED)
         self._index_dir = index_dir
         self._temp_dir = temp_dir
@@ -118,12 +118,12 @@ class CloudTier(Tier):
         """Upload a segment under the daemon's ``--cloud`` location."""
         if self.default_url is None:
             raise StorageError("no cloud location is configured; start the daemon with --cloud s3://bucket/prefix")
-        from .disk import new_temp_file
-
         fd, temp = new_temp_file(self._temp_dir, layout.size)
         try:
-            fill(fd)
-            os.close(fd)
+            try:
+                fill(fd)
+            finally:
+                os.close(fd)
             self.upload(layout, Path(temp), self.default_url)
         finally:
             Path(temp).unlink(missing_ok=True)

@@ -18,9 +18,8 @@ import time
 from typing import Callable
 
 from . import __version__, protocol
-from .errors import ConnectionLost, ProtocolError, RequestError
 from .cloud import remote_model_files
-from .errors import InvalidModel
+from .errors import ConnectionLost, InvalidModel, LocalProtocolError, ProtocolError, RequestError
 from .sources import FileSource
 from .store import Store
 from .transport import Channel
@@ -174,7 +173,12 @@ class Server:
                 finally:
                     for fd in request.fds:
                         os.close(fd)
-                channel.send(reply)
+                try:
+                    channel.send(reply)
+                except LocalProtocolError:  # e.g. a reply over the frame cap: a bug, not the peer's fault
+                    log.exception("cannot encode the reply to %s", request.TYPE)
+                    channel.send(protocol.Error(id=request.id, code="internal",
+                                                message=f"the daemon could not encode its reply to {request.TYPE}; see its log"))
         except (ConnectionLost, OSError):
             pass
         finally:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from . import digest as digests
 from . import ingest, names
 from .catalog import Catalog
-from .cloud import CloudTier
+from .cloud import CloudTier, RemoteFile
 from .disk import DiskTier
 from .errors import CapacityError, IntegrityError, InvalidName, ModelBusy, ModelNotFound, StorageError
 from .host import HostSegment, HostTier
@@ -158,7 +158,8 @@ class Store:
 
     def push(self, reference: str, files: list[Source], *, to: str | None = None,
              progress: ingest.Progress | None = None) -> PushResult:
-        """Register a model from ``files``; with ``to``, also upload its segments there.
+        """Register a model from ``files``; with ``to`` (default: the daemon's ``--cloud``), also
+        upload its segments there.
 
         Files that are objects in a bucket (:class:`~trims.cloud.RemoteFile`) stay the cloud
         copy of what they hold, so the disk may later give those bytes up.
@@ -180,6 +181,7 @@ class Store:
                 self._reserved["disk"] -= planned.size
                 self._changed.notify_all()
         manifest = ingested.manifest
+        to = to or self.cloud.default_url  # with --cloud, every model gets a copy the disk can give up
         if to is not None:
             self._upload(manifest, to)
         log.info("pushed %s = %s (%d tensors, %d new bytes)", name, manifest.digest, len(manifest.tensors), new_bytes)
@@ -190,7 +192,7 @@ class Store:
 
     def _write_and_commit(self, name: str, planned: ingest.Plan, files: list[Source],
                           progress: ingest.Progress | None) -> tuple[ingest.Ingested, int]:
-        remote_urls = {f.label: f.url for f in files if hasattr(f, "url")}
+        remote_urls = {f.label: f.url for f in files if isinstance(f, RemoteFile)}
         catalog = self.catalog
         for _ in range(3):
             # Hashing runs outside the lock; what it took as already stored may be deleted
