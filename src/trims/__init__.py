@@ -3,7 +3,7 @@
     import trims
     with trims.connect() as client:
         with client.open("resnet50:1") as model:   # Mapping[str, numpy.ndarray]
-            ...
+            print(model.digest, model["fc.weight"].shape)
 
 Framework adapters live in their own modules (``trims.torch``); importing ``trims``
 imports no framework.
