@@ -130,9 +130,9 @@ def test_public_api_is_small_and_explicit():
     assert sorted(trims.__all__) == sorted([
         "__version__", "connect", "Client", "ModelView", "ModelSummary", "PushResult", "TensorEntry",
         "TrimsError", "ConfigError", "ModelMismatch", "ProtocolError", "LocalProtocolError",
-        "RemoteProtocolError", "DaemonUnavailable", "ConnectionLost", "RequestError", "InvalidName",
-        "ModelNotFound", "InvalidModel", "ModelBusy", "CapacityError", "IntegrityError", "StorageError",
-        "InternalError",
+        "RemoteProtocolError", "DaemonUnavailable", "ConnectionLost", "RequestError", "PermissionDenied",
+        "InvalidName", "ModelNotFound", "InvalidModel", "ModelBusy", "CapacityError", "QuotaExceeded",
+        "IntegrityError", "StorageError", "InternalError",
     ])
     assert all(hasattr(trims, name) for name in trims.__all__)
 

@@ -79,6 +79,36 @@ def test_with_a_cloud_location_every_push_is_uploaded(tmp_path, s3, bucket):
         daemon.kill()
 
 
+def test_clients_may_not_make_the_daemon_touch_local_paths(daemon, tmp_path):
+    make_models(tmp_path, [0])
+    client = daemon.client()
+    with pytest.raises(trims.PermissionDenied, match="file:// is not for clients"):
+        client.push(f"file://{tmp_path}", "stolen")
+    with pytest.raises(trims.PermissionDenied, match="file:// is not for clients"):
+        client.push(tmp_path / "m0.safetensors", "m0", to=f"file://{tmp_path}/planted")
+    with pytest.raises(trims.PermissionDenied, match="https:// is not for clients"):
+        client.push("https://169.254.169.254/latest/meta-data", "x")
+    assert client.list() == [] and not (tmp_path / "planted").exists()
+
+
+def test_pins_cannot_claim_more_than_the_tier_holds(tmp_path):
+    make_models(tmp_path, range(3))
+    daemon = DaemonProcess(tmp_path / "d", host_memory="600K").start()
+    try:
+        client = daemon.client()
+        for seed in range(3):
+            client.push(tmp_path / f"m{seed}.safetensors", f"m{seed}")
+        client.pin("m0")
+        client.pin("m1")
+        with pytest.raises(trims.CapacityError, match="would pin"):
+            client.pin("m2")
+        assert client.info("m2").pinned == ""
+        with pytest.raises(trims.ModelBusy, match="pinned"):
+            client.evict("m0")
+    finally:
+        daemon.kill()
+
+
 def test_a_model_larger_than_the_disk_cap_is_refused_at_push(tmp_path):
     make_models(tmp_path, [0])
     daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "100K")).start()

@@ -146,6 +146,22 @@ def test_tensor_table_rows_must_line_up():
     assert TABLE.entries()[1] == protocol.TensorEntry("s", "F32", (), 0, 128, 4)
 
 
+def test_descriptors_cannot_be_parked_in_the_decoder():
+    decoder = protocol.Decoder()
+    with pytest.raises(RemoteProtocolError, match="ahead of their frames"):
+        for i in range(300):  # one byte at a time, each with a descriptor, no frame ever completes
+            decoder.feed(b"T" if i == 0 else b"", [1000 + i])
+    assert len(decoder.take_fds()) == 251  # every one handed back to be closed
+
+
+def test_descriptors_a_frame_did_not_declare_are_refused():
+    decoder = protocol.Decoder()
+    decoder.feed(protocol.encode(protocol.Ping(id=1)), [7, 8])
+    with pytest.raises(RemoteProtocolError, match="declared 0"):
+        decoder.next_message()
+    assert decoder.take_fds() == [7, 8]
+
+
 def test_oversized_frame_is_refused_from_its_header_alone():
     decoder = protocol.Decoder(max_frame_bytes=1024)
     decoder.feed(protocol.HEADER.pack(b"TRIM", 1, 0, 0, 2000))
@@ -167,8 +183,10 @@ def test_encoder_refuses_what_a_peer_could_not_decode():
         protocol.encode(protocol.Push(name="x", files=files, fds=tuple(range(300))))
 
 
-def _drain(decoder: protocol.Decoder) -> None:
+def _feed_and_drain(decoder: protocol.Decoder, data: bytes, fds=()) -> None:
+    """Feed, then decode all there is; a RemoteProtocolError is the one allowed way out."""
     try:
+        decoder.feed(data, fds)
         while decoder.next_message() is not None:
             pass
     except RemoteProtocolError:
@@ -181,9 +199,7 @@ FUZZ = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthC
 @FUZZ
 @given(st.binary(max_size=512), st.lists(st.integers(0, 1000), max_size=4))
 def test_fuzz_random_bytes_only_raise_protocol_errors(data, fds):
-    decoder = protocol.Decoder(max_frame_bytes=4096)
-    decoder.feed(data, fds)
-    _drain(decoder)
+    _feed_and_drain(protocol.Decoder(max_frame_bytes=4096), data, fds)
 
 
 @FUZZ
@@ -200,8 +216,7 @@ def test_fuzz_mutated_valid_frames_only_raise_protocol_errors(message, flips, cu
     data = bytes(data[: max(0, len(data) - cut)] if cut % 3 == 0 else data)
     decoder = protocol.Decoder()
     for i in range(0, len(data), chunk):
-        decoder.feed(data[i : i + chunk], message.fds if i == 0 else ())
-        _drain(decoder)
+        _feed_and_drain(decoder, data[i : i + chunk], message.fds if i == 0 else ())
 
 
 json_values = st.recursive(
@@ -214,6 +229,4 @@ json_values = st.recursive(
 @FUZZ
 @given(st.sampled_from(sorted(protocol._MESSAGE_TYPES)), st.dictionaries(st.text(max_size=10), json_values, max_size=6), st.integers(0, 3))
 def test_fuzz_well_framed_random_json_only_raises_protocol_errors(type_name, fields, nfds):
-    decoder = protocol.Decoder()
-    decoder.feed(frame({**fields, "type": type_name}, nfds=nfds), range(100, 100 + nfds))
-    _drain(decoder)
+    _feed_and_drain(protocol.Decoder(), frame({**fields, "type": type_name}, nfds=nfds), range(100, 100 + nfds))

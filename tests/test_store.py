@@ -412,3 +412,26 @@ def test_sigterm_shuts_down_cleanly(tmp_path):
     assert "trims daemon stopped" in daemon.log()
     assert not os.listdir(daemon.store / "tmp")
     view.close()
+
+
+def test_evict_refuses_a_segment_an_unfinished_open_holds(tmp_path):
+    """White box: between taking its segments and recording its lease, an open holds references
+    that evict must respect (the descriptor would be closed under it)."""
+    import os as _os
+
+    from trims.sources import FileSource
+    from trims.store import Store
+
+    save_file({"w": torch.randn(1000)}, tmp_path / "m.safetensors")
+    store = Store(tmp_path / "store", host_capacity=1 << 30)
+    try:
+        fd = _os.open(tmp_path / "m.safetensors", _os.O_RDONLY)
+        store.push("m", [FileSource("m.safetensors", fd)])
+        _os.close(fd)
+        segments = store._placement(store._resolve("m")[1]).segments
+        store._acquire_all(segments, deadline=0)  # what open() does before it records the lease
+        with pytest.raises(trims.ModelBusy):
+            store.evict("m")
+        assert store.host.get(segments[0]).fd >= 0 and _os.fstat(store.host.get(segments[0]).fd)
+    finally:
+        store.close()

@@ -82,6 +82,34 @@ def test_state_dict_is_zero_copy_and_a_write_stays_private(pushed):
     assert torch.equal(weight, before + 1.0)
 
 
+def test_assembling_in_threads_leaves_torch_as_it_was(pushed):
+    import threading
+
+    client, models = pushed
+    results = []
+
+    def assemble() -> None:
+        for _ in range(5):
+            results.append(trims.torch.load_model("torch-tests/gpt2", models["gpt2"][1], client=client))
+
+    threads = [threading.Thread(target=assemble) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 15
+    assert not torch.nn.Linear(2, 2).weight.is_meta  # outside assemble, parameters are real again
+
+
+def test_strict_catches_a_persistent_buffer_the_state_lacks(pushed):
+    client, models = pushed
+    state = trims.torch.load_state_dict("torch-tests/resnet", client=client)
+    running = next(k for k in state if k.endswith("running_var"))
+    del state[running]
+    with pytest.raises(trims.ModelMismatch, match="running_var"):
+        trims.torch.assemble(models["resnet"][1], state)
+
+
 def test_a_factory_that_does_not_match_is_refused(pushed):
     client, _ = pushed
     with pytest.raises(trims.ModelMismatch, match="missing"):

@@ -5,6 +5,7 @@ Layout (every file is written to ``tmp/``, fsynced, then renamed into place)::
     <store>/lock                      held (flock) by the one daemon using this store
     <store>/tags.json                 {"resnet50:1": "blake3:…"}: names point at digests
     <store>/pins.json                 {"resnet50:1": "host"}: names kept warm in a tier
+    <store>/owners.json               {"resnet50:1": "team-a"}: the tenant charged for a name
     <store>/models/<hex>.json         Manifest, named by the model digest
     <store>/segments/<hex>.json       SegmentLayout, named by the segment id
     <store>/files/<hex>               side files (config.json, tokenizer), by content digest
@@ -48,6 +49,7 @@ class Catalog:
         self.segments: dict[str, SegmentLayout] = {}
         self.locations: dict[str, tuple[str, int]] = {}  # tensor digest -> (segment, offset)
         self.pins: dict[str, str] = {}  # name -> tier
+        self.owners: dict[str, str] = {}  # name -> the tenant that pushed it
         self._load()
 
     # --- writes -------------------------------------------------------------------------
@@ -76,7 +78,11 @@ class Catalog:
             self._write_json(self._manifest_path(manifest.digest), manifest.to_json())
             self.manifests[manifest.digest] = manifest
 
-    def set_tag(self, name: str, model_digest: str) -> None:
+    def set_tag(self, name: str, model_digest: str, owner: str) -> None:
+        """Point ``name`` at a model; ``owner`` (a tenant) is charged for it in quotas."""
+        owners = {**self.owners, name: owner}
+        self._write_json(self.root / "owners.json", owners)
+        self.owners = owners
         tags = {**self.tags, name: model_digest}
         self._write_json(self.root / "tags.json", tags)
         self.tags = tags
@@ -85,6 +91,8 @@ class Catalog:
         tags = {k: v for k, v in self.tags.items() if k != name}
         self._write_json(self.root / "tags.json", tags)
         self.tags = tags
+        self.owners = {k: v for k, v in self.owners.items() if k in tags}
+        self._write_json(self.root / "owners.json", self.owners)
 
     def set_pin(self, name: str, tier: str) -> None:
         pins = {**self.pins, name: tier}
@@ -158,6 +166,7 @@ class Catalog:
         tags = self._read_json(self.root / "tags.json") or {}
         self.tags = {name: d for name, d in tags.items() if self._usable_tag(name, d)}
         self.pins = {n: t for n, t in (self._read_json(self.root / "pins.json") or {}).items() if n in self.tags}
+        self.owners = {n: o for n, o in (self._read_json(self.root / "owners.json") or {}).items() if n in self.tags}
 
     def _load_segments(self) -> None:
         for path in (self.root / "segments").glob("*.json"):

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--busy-timeout", type=float, default=None,
                        help="seconds an open waits for a release when memory is full of leased models (default: 0)")
     serve.add_argument("--max-connections", type=int, default=None, help="refuse connections beyond this many (default: 1024)")
+    serve.add_argument("--frame-timeout", type=float, default=None,
+                       help="seconds a client may take to send a frame it has begun (default: 10)")
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     serve.add_argument("--metrics-address", default=None, help="address for --metrics-port (default: 127.0.0.1)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -133,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
         "socket": args.socket, "store": args.store, "host_memory": args.host_memory, "disk": args.disk,
         "policy": args.policy, "cloud": args.cloud, "busy_timeout": args.busy_timeout,
         "max_connections": args.max_connections, "metrics_port": args.metrics_port,
-        "metrics_address": args.metrics_address,
+        "metrics_address": args.metrics_address, "frame_timeout": args.frame_timeout,
     }
     Daemon(Settings.load(flags, args.config)).serve_forever()
     return 0

@@ -51,6 +51,18 @@ def connect(socket: str | os.PathLike | None = None, *, timeout: float | None = 
 
 _shared: Client | None = None
 _shared_lock = threading.Lock()
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A lock another thread held at fork() stays held forever in the child: renew them all."""
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    for client in list(_clients):
+        client._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def shared_client() -> Client:
@@ -75,6 +87,7 @@ class Client:
         self.socket_path = socket_path
         self._timeout = timeout
         self._lock = threading.Lock()
+        _clients.add(self)
         self._channel: transport.Channel | None = None
         self._pid = os.getpid()
         self._generation = 0  # bumped on every new connection: leases belong to one
@@ -106,7 +119,10 @@ class Client:
         fds: list[int] = []
         try:
             for _, file_path in files:
-                fds.append(os.open(file_path, os.O_RDONLY | os.O_CLOEXEC))
+                try:
+                    fds.append(os.open(file_path, os.O_RDONLY | os.O_CLOEXEC))
+                except OSError as exc:
+                    raise InvalidModel(f"cannot open {file_path}: {exc.strerror}") from None
             message = protocol.Push(name=name, files=tuple(label for label, _ in files), to=to, fds=tuple(fds))
             return self._request(message, protocol.Pushed, progress)[0].result
         finally:
@@ -169,8 +185,10 @@ class Client:
                     if fresh or attempt == 2:
                         raise
                     continue  # a stale connection to a daemon that has restarted
-                except RemoteProtocolError:
-                    self._drop_channel_locked()  # the stream cannot be trusted any further
+                except BaseException:
+                    # A protocol error, a progress callback that raised, Ctrl-C: replies may
+                    # still be on the way, and the next request must not read them as its own.
+                    self._drop_channel_locked()
                     raise
                 return _expect(reply, reply_type), self._generation
         raise AssertionError("unreachable")  # pragma: no cover
@@ -185,9 +203,9 @@ class Client:
             if progress is not None:
                 progress(reply.stage, reply.done, reply.total)
             reply = channel.receive()
-        if reply.id != request_id and not isinstance(reply, protocol.Error):
+        # id 0: an error about the connection itself (refused, or a bad frame), not a request
+        if reply.id != request_id and not (isinstance(reply, protocol.Error) and reply.id == 0):
             _close_fds(reply.fds)
-            self._drop_channel_locked()
             raise RemoteProtocolError(f"reply {reply.id} does not answer request {request_id}")
         return reply
 
@@ -361,10 +379,17 @@ def model_files(path: Path) -> list[tuple[str, Path]]:
     Face model directory, sharded with a ``model.safetensors.index.json`` or not) along
     with its config and tokenizer files.
     """
-    if path.is_file() and path.suffix == ".safetensors":
-        return [(path.name, path)]
-    if not path.is_dir():
-        raise InvalidModel(f"{path} is not a .safetensors file or a directory holding them")
+    try:
+        if path.is_file() and path.suffix == ".safetensors":
+            return [(path.name, path)]
+        if not path.is_dir():
+            raise InvalidModel(f"{path} is not a .safetensors file or a directory holding them")
+        return _directory_files(path)
+    except OSError as exc:
+        raise InvalidModel(f"cannot read {exc.filename or path}: {exc.strerror}") from None
+
+
+def _directory_files(path: Path) -> list[tuple[str, Path]]:
     weights = _weight_files(path)
     side = sorted(
         p.name for p in path.iterdir()

@@ -22,6 +22,7 @@ import json
 import logging
 import mmap
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,10 +95,12 @@ class CloudTier(Tier):
         if missing:
             raise ValueError(f"no cloud place for {len(missing)} tensors of {layout.id}")  # a bug in the caller
         copy = RemoteCopy(layout.size, {e.digest: places[e.digest] for e in layout.entries}, list(owned))
-        record = self._index_dir / f"{digests.hex_of(layout.id)}.json"
-        temp = self._temp_dir / f"cloud-{record.name}"
-        temp.write_text(json.dumps(copy.to_json()))
-        rename_durably(temp, record)
+        fd, temp = tempfile.mkstemp(dir=self._temp_dir, prefix="cloud-record-")
+        with open(fd, "w") as out:
+            out.write(json.dumps(copy.to_json()))
+            out.flush()
+            os.fsync(out.fileno())
+        rename_durably(Path(temp), self._index_dir / f"{digests.hex_of(layout.id)}.json")
         self._copies[layout.id] = copy
 
     def urls(self, segment_id: str) -> list[str]:
@@ -112,7 +115,7 @@ class CloudTier(Tier):
         return list(self._copies)
 
     def bytes_used(self) -> int:
-        return sum(c.size for c in self._copies.values())
+        return sum(c.size for c in list(self._copies.values()))
 
     def put(self, layout: SegmentLayout, fill: Fill) -> None:
         """Upload a segment under the daemon's ``--cloud`` location."""
@@ -161,15 +164,20 @@ class CloudTier(Tier):
             target.close()  # before the host tier seals the memfd: no writable mapping may remain
 
     def evict(self, segment_id: str) -> int:
-        """Forget the segment, deleting the objects this daemon uploaded for it."""
+        """Forget the segment; the objects this daemon uploaded for it are deleted in the
+        background (the store calls this under its lock, and a delete may wait on the network)."""
         copy = self._copies.pop(segment_id)
-        for url in copy.owned:
+        (self._index_dir / f"{digests.hex_of(segment_id)}.json").unlink(missing_ok=True)
+        if copy.owned:
+            self._pool.submit(self._delete, copy.owned)
+        return copy.size
+
+    def _delete(self, urls: list[str]) -> None:
+        for url in urls:
             try:
                 self.objects.delete(url)
-            except StorageError as exc:  # a leftover object is not worth failing a removal
+            except StorageError as exc:  # a leftover object is garbage, not a failure
                 log.warning("could not delete %s: %s", url, exc)
-        (self._index_dir / f"{digests.hex_of(segment_id)}.json").unlink(missing_ok=True)
-        return copy.size
 
     # --- ranged reads --------------------------------------------------------------------------
 
@@ -187,9 +195,11 @@ class CloudTier(Tier):
         for entry in sorted((e for e in layout.entries if e.nbytes), key=lambda e: copy.places[e.digest]):
             url, start = copy.places[entry.digest]
             last = ranges[-1] if ranges else None
+            gap = start - (last[1] + last[3]) if last is not None else -1
             if (last is not None and last[0] == url and start - entry.offset == last[1] - last[2]
-                    and start >= last[1] + last[3] and start + entry.nbytes - last[1] <= RANGE_BYTES):
-                last[3] = start + entry.nbytes - last[1]  # the gap between them is padding in both
+                    and (gap == 0 or (gap > 0 and url in copy.owned))  # our own objects pad with zeros
+                    and start + entry.nbytes - last[1] <= RANGE_BYTES):
+                last[3] = start + entry.nbytes - last[1]
                 last[4].append(entry)
                 continue
             chunks = [(k, min(RANGE_BYTES, entry.nbytes - k)) for k in range(0, entry.nbytes, RANGE_BYTES)]

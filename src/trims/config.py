@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .acl import AccessPolicy, parse_tenants
 from .errors import ConfigError
 from .policy import POLICIES
 
@@ -98,6 +99,10 @@ class Settings:
     max_connections: int = 1024
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
+    socket_mode: int = 0o600
+    socket_group: str | None = None
+    frame_timeout: float = 10.0
+    access: AccessPolicy = field(default_factory=AccessPolicy.single_user)
 
     @classmethod
     def defaults(cls) -> Settings:
@@ -123,13 +128,28 @@ class Settings:
             max_connections=int(values.get("max_connections", 1024)),
             metrics_port=int(values["metrics_port"]) if values.get("metrics_port") is not None else None,
             metrics_address=str(values.get("metrics_address", "127.0.0.1")),
+            socket_mode=_mode(values.get("socket_mode", "0600")),
+            socket_group=values.get("socket_group"),
+            frame_timeout=float(values.get("frame_timeout", 10.0)),
+            access=parse_tenants(values["tenants"], parse_size) if values.get("tenants") else AccessPolicy.single_user(),
         )
 
 
 CONFIG_KEYS = {
     "socket": str, "store": str, "host_memory": (str, int), "disk": (str, int), "policy": str, "cloud": str,
     "busy_timeout": (int, float), "max_connections": int, "metrics_port": int, "metrics_address": str,
+    "socket_mode": str, "socket_group": str, "frame_timeout": (int, float), "tenants": dict,
 }
+
+
+def _mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(f"socket_mode {text!r} is not an octal mode like \"0660\"") from None
+    if mode & ~0o666:
+        raise ConfigError(f"socket_mode {text} may only grant read and write")
+    return mode
 
 
 def default_config_file() -> Path | None:

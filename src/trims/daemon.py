@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import resource
@@ -36,15 +37,18 @@ class Daemon:
         )
         self.exporter: MetricsServer | None = None
         try:
+            group = _group_id(settings.socket_group)
             private_directory(socket_path.parent, sticky_ok=True)
+            _open_directory_to_socket_users(socket_path.parent, settings.socket_mode, group)
             _remove_stale_socket(socket_path)
-            listener = transport.listen(socket_path)
+            listener = transport.listen(socket_path, settings.socket_mode, group)
             if settings.metrics_port is not None:
                 self.exporter = MetricsServer(self.store.metrics, settings.metrics_address, settings.metrics_port)
         except BaseException:
             self.store.close()
             raise
-        self.server = Server(self.store, listener, max_connections=settings.max_connections, describe=self._describe)
+        self.server = Server(self.store, listener, max_connections=settings.max_connections, describe=self._describe,
+                             access=settings.access, frame_timeout=settings.frame_timeout)
         self._listener = listener
 
     def _describe(self) -> dict:
@@ -79,6 +83,31 @@ class Daemon:
             self.exporter.close()
         self.store.close()
         log.info("trims daemon stopped")
+
+
+def _group_id(name: str | None) -> int | None:
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket_group {name!r} is not a group on this machine") from None
+
+
+def _open_directory_to_socket_users(directory, mode: int, group: int | None) -> None:
+    """Whoever may use the socket must be able to reach it: search (x) permission only, so
+    its directory still cannot be listed or written by them."""
+    info = os.stat(directory)
+    if info.st_uid != os.getuid():
+        return  # a shared directory like /tmp: already searchable
+    wanted = info.st_mode & 0o777
+    if mode & 0o060:
+        wanted |= 0o010
+        if group is not None:
+            os.chown(directory, -1, group)
+    if mode & 0o006:
+        wanted |= 0o001
+    os.chmod(directory, wanted)
 
 
 def _remove_stale_socket(path) -> None:

@@ -58,7 +58,7 @@ class DiskTier(Tier):
         return list(self._sizes)
 
     def bytes_used(self) -> int:
-        return sum(self._sizes.values())
+        return sum(list(self._sizes.values()))  # a snapshot: puts run outside the store lock
 
     def put(self, layout: SegmentLayout, fill: Fill) -> None:
         fd, temp = new_temp_file(self._temp_dir, layout.size)

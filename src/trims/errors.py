@@ -11,11 +11,13 @@
     ├── DaemonUnavailable            no daemon answers on the socket
     │   └── ConnectionLost           the daemon went away in the middle of a request
     └── RequestError                 the daemon understood the request and refused it
+        ├── PermissionDenied         your uid is not a tenant, or your tenant lacks the role
         ├── InvalidName              a model name that is not NAME[:TAG]
         ├── ModelNotFound            no model by that name (or not visible to you)
         ├── InvalidModel             a file that is not a valid safetensors model
         ├── ModelBusy                the model is leased and cannot be evicted now
         ├── CapacityError            the model does not fit in the memory trims was given
+        ├── QuotaExceeded            your tenant's share of leased or pushed bytes is used up
         ├── IntegrityError           stored bytes no longer match their digest
         ├── StorageError             the store could not be read or written (disk full, I/O)
         └── InternalError            a bug in the daemon; it kept serving
@@ -36,11 +38,13 @@ __all__ = [
     "DaemonUnavailable",
     "ConnectionLost",
     "RequestError",
+    "PermissionDenied",
     "InvalidName",
     "ModelNotFound",
     "InvalidModel",
     "ModelBusy",
     "CapacityError",
+    "QuotaExceeded",
     "IntegrityError",
     "StorageError",
     "InternalError",
@@ -85,6 +89,10 @@ class RequestError(TrimsError):
     code = "request_error"
 
 
+class PermissionDenied(RequestError):
+    code = "permission_denied"
+
+
 class InvalidName(RequestError):
     code = "invalid_name"
 
@@ -108,6 +116,10 @@ class CapacityError(RequestError):
     code = "capacity"
 
 
+class QuotaExceeded(RequestError):
+    code = "quota"
+
+
 class IntegrityError(RequestError):
     code = "integrity"
 
@@ -124,11 +136,13 @@ _BY_CODE = {
     cls.code: cls
     for cls in (
         RequestError,
+        PermissionDenied,
         InvalidName,
         ModelNotFound,
         InvalidModel,
         ModelBusy,
         CapacityError,
+        QuotaExceeded,
         IntegrityError,
         StorageError,
         InternalError,

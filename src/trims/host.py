@@ -53,7 +53,7 @@ class HostTier(Tier):
         return list(self._segments)
 
     def bytes_used(self) -> int:
-        return sum(s.size for s in self._segments.values())
+        return sum(s.size for s in list(self._segments.values()))  # a snapshot: puts run outside the store lock
 
     def put(self, layout: SegmentLayout, fill: Fill) -> None:
         name = f"trims:{digests.hex_of(layout.id)[:16]}"

@@ -13,8 +13,9 @@ A frame is a 12-byte header followed by a UTF-8 JSON object::
 File descriptors travel beside the bytes (``SCM_RIGHTS``) and arrive no later than the
 first byte of their frame; the decoder hands them, in order, to the frame that declares
 them. Unknown payload fields are ignored (a newer peer may add optional ones); missing or
-mistyped ones are a :class:`~trims.errors.RemoteProtocolError`. Nothing else may escape
-:meth:`Decoder.next_message`.
+mistyped ones are a :class:`~trims.errors.RemoteProtocolError`, and nothing else may escape
+:meth:`Decoder.feed` or :meth:`Decoder.next_message`. A peer cannot park descriptors in the
+decoder: more than one frame's worth pending, or any a frame did not declare, is an error.
 
 This module does no I/O: :mod:`trims.transport` moves the bytes and descriptors.
 """
@@ -363,8 +364,15 @@ class Decoder:
         self._error: RemoteProtocolError | None = None
 
     def feed(self, data: bytes, fds: Iterable[int] = ()) -> None:
+        """Take what the socket gave. Descriptors are kept even when this raises, so that
+        :meth:`take_fds` hands them back to be closed."""
         self._buffer += data
         self._fds.extend(fds)
+        if len(self._fds) > MAX_FDS_PER_FRAME and self._error is None:
+            # More than any one frame may carry: a peer parking descriptors in the daemon.
+            self._error = RemoteProtocolError(f"{len(self._fds)} descriptors arrived ahead of their frames")
+        if self._error is not None:
+            raise self._error
 
     def take_fds(self) -> list[int]:
         """Descriptors received but not yet handed out; the decoder forgets them."""
@@ -420,6 +428,10 @@ class Decoder:
         del self._buffer[:end]
         for _ in range(nfds):
             self._fds.popleft()
+        if self._fds and not self._buffer:
+            # Descriptors come with the first byte of the frame that declares them; any left
+            # over with no frame begun were sent with a frame that did not declare them.
+            raise RemoteProtocolError(f"{len(self._fds)} descriptors came with a frame that declared {nfds}")
         return message
 
 

@@ -76,7 +76,7 @@ def parse_header(raw: bytes, *, data_start: int, data_len: int, label: str) -> H
         raise InvalidModel(f"{label}: header is not a JSON object")
     metadata = _metadata(doc.pop(METADATA_KEY, {}), label)
     tensors = [_tensor(name, entry, data_start, data_len, label) for name, entry in doc.items()]
-    _check_no_overlap(tensors, label)
+    _check_contiguous(tensors, data_start, data_len, label)
     return Header(tensors=tuple(tensors), metadata=metadata)
 
 
@@ -133,9 +133,15 @@ def _is_size(value: object) -> bool:
     return type(value) is int and 0 <= value < 2**63
 
 
-def _check_no_overlap(tensors: list[TensorSpec], label: str) -> None:
+def _check_contiguous(tensors: list[TensorSpec], data_start: int, data_len: int, label: str) -> None:
+    """Tensors tile the data section exactly, as the format requires: no overlap, no holes."""
+    position = data_start
     previous: TensorSpec | None = None
     for spec in sorted(tensors, key=lambda t: (t.start, t.nbytes)):
-        if previous is not None and spec.start < previous.start + previous.nbytes:
+        if spec.start < position:
             raise InvalidModel(f"{label}: tensors {previous.name!r} and {spec.name!r} overlap")
-        previous = spec
+        if spec.start > position:
+            raise InvalidModel(f"{label}: {spec.start - position} bytes before tensor {spec.name!r} belong to no tensor")
+        position, previous = spec.start + spec.nbytes, spec
+    if position != data_start + data_len:
+        raise InvalidModel(f"{label}: {data_start + data_len - position} bytes after the last tensor belong to no tensor")

@@ -19,21 +19,27 @@ from typing import Callable
 
 from . import __version__, protocol
 from .cloud import remote_model_files
-from .errors import ConnectionLost, InvalidModel, LocalProtocolError, ProtocolError, RequestError
+from .acl import ADMIN, WRITE, AccessPolicy, Tenant
+from .errors import ConnectionLost, InvalidModel, LocalProtocolError, PermissionDenied, ProtocolError, RequestError
 from .sources import FileSource
 from .store import Store
 from .transport import Channel
 
 log = logging.getLogger("trims.server")
 
+# URL schemes a client may ask the daemon to read or write. Never file:// (the daemon would
+# open a path with its own rights: a confused deputy) nor http(s):// (requests to internal hosts).
+CLIENT_URL_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+
 
 class _Context:
-    """What a handler knows of its request's connection."""
+    """What a handler knows of its request: the connection, and the tenant the kernel vouched for."""
 
     _INTERVAL = 0.25  # seconds between progress frames
 
-    def __init__(self, conn_id: int, channel: Channel, request_id: int) -> None:
+    def __init__(self, conn_id: int, tenant: Tenant, channel: Channel, request_id: int) -> None:
         self.conn_id = conn_id
+        self.tenant = tenant
         self._channel = channel
         self._request_id = request_id
 
@@ -57,9 +63,11 @@ class _Context:
 
 class Server:
     def __init__(self, store: Store, listener: socket.socket, *, max_connections: int,
-                 describe: Callable[[], dict]) -> None:
+                 describe: Callable[[], dict], access: AccessPolicy | None = None, frame_timeout: float = 10.0) -> None:
         self.store = store
         self._describe = describe
+        self._access = access or AccessPolicy.single_user()
+        self._frame_timeout = frame_timeout
         self._listener = listener
         self._max_connections = max_connections
         self._connections: dict[int, Channel] = {}
@@ -160,16 +168,23 @@ class Server:
     def _serve(self, conn_id: int, channel: Channel) -> None:
         try:
             peer = channel.peer_credentials()
-            log.debug("connection %d from pid %d uid %d", conn_id, peer.pid, peer.uid)
+            channel.set_send_timeout(self._frame_timeout)
+            try:
+                tenant = self._access.tenant_for(peer.uid, [peer.gid, *peer.groups])
+            except PermissionDenied as exc:
+                log.warning("refused pid %d uid %d: not a tenant", peer.pid, peer.uid)
+                channel.send(protocol.Error(code=exc.code, message=str(exc)))
+                return
+            log.debug("connection %d: pid %d uid %d, tenant %s", conn_id, peer.pid, peer.uid, tenant.name)
             while True:
                 try:
-                    request = channel.receive()
+                    request = channel.receive(self._frame_timeout)
                 except ProtocolError as exc:
                     log.warning("connection %d sent an invalid frame: %s", conn_id, exc)
                     channel.send(protocol.Error(code="protocol_error", message=str(exc)))
                     return
                 try:
-                    reply = self._handle(request, conn_id, channel)
+                    reply = self._handle(request, _Context(conn_id, tenant, channel, request.id))
                 finally:
                     for fd in request.fds:
                         os.close(fd)
@@ -177,6 +192,8 @@ class Server:
                     channel.send(reply)
                 except LocalProtocolError:  # e.g. a reply over the frame cap: a bug, not the peer's fault
                     log.exception("cannot encode the reply to %s", request.TYPE)
+                    if isinstance(reply, protocol.Opened):  # nobody will ever release it
+                        self.store.release(reply.lease, conn_id)
                     channel.send(protocol.Error(id=request.id, code="internal",
                                                 message=f"the daemon could not encode its reply to {request.TYPE}; see its log"))
         except (ConnectionLost, OSError):
@@ -190,12 +207,12 @@ class Server:
                 self._threads.pop(conn_id, None)
             channel.close()
 
-    def _handle(self, request: protocol.Message, conn_id: int, channel: Channel) -> protocol.Message:
+    def _handle(self, request: protocol.Message, ctx: _Context) -> protocol.Message:
         handler = self._handlers.get(type(request))
         if handler is None:
             return protocol.Error(id=request.id, code="unexpected_message", message=f"{request.TYPE} is not a request")
         try:
-            return handler(request, _Context(conn_id, channel, request.id))
+            return handler(request, ctx)
         except RequestError as exc:
             return protocol.Error(id=request.id, code=exc.code, message=str(exc))
         except Exception:
@@ -210,7 +227,7 @@ class Server:
         return protocol.Pong(id=request.id, daemon_version=__version__, protocol_version=protocol.PROTOCOL_VERSION, pid=os.getpid())
 
     def _on_open(self, request: protocol.Open, ctx: _Context) -> protocol.Message:
-        opened = self.store.open(request.name, owner=ctx.conn_id)
+        opened = self.store.open(request.name, owner=ctx.conn_id, tenant=ctx.tenant)
         return protocol.Opened(
             id=request.id,
             lease=opened.lease,
@@ -228,41 +245,56 @@ class Server:
         return protocol.Done(id=request.id)
 
     def _on_push(self, request: protocol.Push, ctx: _Context) -> protocol.Message:
+        ctx.tenant.require(WRITE, "push models")
+        for url in (request.url, request.to):
+            if url is not None and url.split("://", 1)[0] not in CLIENT_URL_SCHEMES:
+                raise PermissionDenied(
+                    f"{url.split('://', 1)[0]}:// is not for clients: the daemon reads and writes only object storage "
+                    f"({', '.join(s + '://' for s in CLIENT_URL_SCHEMES)}) on a client's behalf; push local files by path"
+                )
         if request.url is not None and request.files:
             raise InvalidModel("push takes a URL or files, not both")
         if request.url is not None:
             files = remote_model_files(request.url, self.store.cloud.objects)
         else:
             files = [FileSource(label, fd) for label, fd in zip(request.files, request.fds)]
-        result = self.store.push(request.name, files, to=request.to, progress=ctx.progress("push"))
+        result = self.store.push(request.name, files, to=request.to, progress=ctx.progress("push"), tenant=ctx.tenant)
         return protocol.Pushed(id=request.id, result=result)
 
     def _on_list(self, request: protocol.ListModels, ctx: _Context) -> protocol.Message:
-        return protocol.ModelList(id=request.id, models=tuple(self.store.list_models()))
+        return protocol.ModelList(id=request.id, models=tuple(self.store.list_models(ctx.tenant)))
 
     def _on_info(self, request: protocol.Info, ctx: _Context) -> protocol.Message:
-        return protocol.ModelDetails(id=request.id, model=self.store.info(request.name))
+        return protocol.ModelDetails(id=request.id, model=self.store.info(request.name, ctx.tenant))
 
     def _on_evict(self, request: protocol.Evict, ctx: _Context) -> protocol.Message:
-        return protocol.Evicted(id=request.id, name=request.name, freed_bytes=self.store.evict(request.name))
+        ctx.tenant.require(ADMIN, "evict models")
+        return protocol.Evicted(id=request.id, name=request.name, freed_bytes=self.store.evict(request.name, ctx.tenant))
 
     def _on_remove(self, request: protocol.Remove, ctx: _Context) -> protocol.Message:
-        return protocol.Removed(id=request.id, name=request.name, deleted_bytes=self.store.remove(request.name))
+        ctx.tenant.require(WRITE, "remove models")
+        return protocol.Removed(id=request.id, name=request.name, deleted_bytes=self.store.remove(request.name, ctx.tenant))
 
     def _on_pull(self, request: protocol.Pull, ctx: _Context) -> protocol.Message:
-        moved = self.store.pull(request.name, request.tier, progress=ctx.progress("pull"))
+        ctx.tenant.require(ADMIN, "pull models")
+        moved = self.store.pull(request.name, request.tier, progress=ctx.progress("pull"), tenant=ctx.tenant)
         return protocol.Pulled(id=request.id, name=request.name, tier=request.tier, moved_bytes=moved)
 
     def _on_pin(self, request: protocol.Pin, ctx: _Context) -> protocol.Message:
-        moved = self.store.pin(request.name, request.tier, progress=ctx.progress("pull"))
+        ctx.tenant.require(ADMIN, "pin models")
+        moved = self.store.pin(request.name, request.tier, progress=ctx.progress("pull"), tenant=ctx.tenant)
         return protocol.Pulled(id=request.id, name=request.name, tier=request.tier, moved_bytes=moved)
 
     def _on_unpin(self, request: protocol.Unpin, ctx: _Context) -> protocol.Message:
-        self.store.unpin(request.name)
+        ctx.tenant.require(ADMIN, "unpin models")
+        self.store.unpin(request.name, ctx.tenant)
         return protocol.Done(id=request.id)
 
     def _on_stats(self, request: protocol.Stats, ctx: _Context) -> protocol.Message:
+        if not ctx.tenant.admin:  # totals and other tenants' numbers are an admin's business
+            return protocol.StatsReply(id=request.id, stats=self.store.usage(ctx.tenant))
         stats = self.store.stats()
         stats["connections"] = self.connection_count()
         stats["daemon"] = self._describe()
+        stats["tenant"] = self.store.usage(ctx.tenant)
         return protocol.StatsReply(id=request.id, stats=stats)

@@ -31,7 +31,9 @@ from . import ingest, names
 from .catalog import Catalog
 from .cloud import CloudTier, RemoteFile
 from .disk import DiskTier
-from .errors import CapacityError, IntegrityError, InvalidName, ModelBusy, ModelNotFound, StorageError
+from .acl import EVERYONE, Tenant
+from .errors import (CapacityError, IntegrityError, InvalidName, ModelBusy, ModelNotFound, PermissionDenied,
+                     QuotaExceeded, StorageError)
 from .host import HostSegment, HostTier
 from .metrics import OPEN_SECONDS_BUCKETS, Metrics
 from .policy import POLICIES
@@ -59,8 +61,10 @@ class OpenResult:
 
 @dataclass(frozen=True)
 class _Lease:
-    owner: int
+    owner: int  # the connection
+    tenant: str
     model: str
+    nbytes: int
     segments: tuple[str, ...]
 
 
@@ -157,7 +161,7 @@ class Store:
     # --- registration -----------------------------------------------------------------------
 
     def push(self, reference: str, files: list[Source], *, to: str | None = None,
-             progress: ingest.Progress | None = None) -> PushResult:
+             progress: ingest.Progress | None = None, tenant: Tenant = EVERYONE) -> PushResult:
         """Register a model from ``files``; with ``to`` (default: the daemon's ``--cloud``), also
         upload its segments there.
 
@@ -167,15 +171,18 @@ class Store:
         name = names.canonical(reference)
         if digests.is_digest(name):
             raise InvalidName("push needs a NAME[:TAG] to tag the model with, not a digest")
+        if not tenant.can_see(name):
+            raise PermissionDenied(f"tenant {tenant.name} may not push {name}: it is outside its namespaces")
         planned = ingest.plan(files)
         with self._changed:
+            self._check_push_quota_locked(tenant, name, sum(spec.nbytes for _, spec in planned.specs))
             try:
                 self._make_room_locked(self.disk, planned.size)
             except _NoRoom:
                 raise CapacityError(self._full_message(self.disk, planned.size)) from None
             self._reserved["disk"] += planned.size
         try:
-            ingested, new_bytes = self._write_and_commit(name, planned, files, progress)
+            ingested, new_bytes = self._write_and_commit(name, planned, files, progress, tenant)
         finally:
             with self._changed:
                 self._reserved["disk"] -= planned.size
@@ -191,7 +198,7 @@ class Store:
                           new_bytes=new_bytes)
 
     def _write_and_commit(self, name: str, planned: ingest.Plan, files: list[Source],
-                          progress: ingest.Progress | None) -> tuple[ingest.Ingested, int]:
+                          progress: ingest.Progress | None, tenant: Tenant) -> tuple[ingest.Ingested, int]:
         remote_urls = {f.label: f.url for f in files if isinstance(f, RemoteFile)}
         catalog = self.catalog
         for _ in range(3):
@@ -200,14 +207,15 @@ class Store:
             ingested = ingest.write(planned, catalog.temp_dir(), lambda d: d in catalog.locations, self._workers, progress)
             try:
                 with self._changed:
-                    new_bytes = self._commit_locked(name, ingested, remote_urls)
+                    new_bytes = self._commit_locked(name, ingested, remote_urls, tenant)
             finally:
                 ingested.discard()  # a no-op once the segment was moved into place
             if new_bytes is not None:
                 return ingested, new_bytes
         raise StorageError(f"pushing {name} kept racing with removals; try again")
 
-    def _commit_locked(self, name: str, ingested: ingest.Ingested, remote_urls: dict[str, str]) -> int | None:
+    def _commit_locked(self, name: str, ingested: ingest.Ingested, remote_urls: dict[str, str],
+                       tenant: Tenant) -> int | None:
         """Make a push visible; the new bytes stored, or None if a tensor it relies on is gone."""
         catalog, segment = self.catalog, ingested.segment
         carried = {e.digest for e in segment.entries} if segment else set()
@@ -226,7 +234,7 @@ class Store:
             catalog.add_file(file_digest, data)
         catalog.add_manifest(ingested.manifest)
         replaced = catalog.tags.get(name)
-        catalog.set_tag(name, ingested.manifest.digest)
+        catalog.set_tag(name, ingested.manifest.digest, owner=tenant.name)
         if replaced not in (None, ingested.manifest.digest):
             self._collect_garbage_locked()  # the name's old model may now be unused
         return new_bytes
@@ -246,13 +254,13 @@ class Store:
             with self._changed:
                 for segment_id in segments:
                     self._reading[segment_id] -= 1
-                self._changed.notify_all()
+                self._settle_locked(segments)
 
-    def remove(self, reference: str) -> int:
+    def remove(self, reference: str, tenant: Tenant = EVERYONE) -> int:
         """Untag a model; delete what no tag needs any more. Returns disk bytes deleted."""
         name = names.canonical(reference)
         with self._changed:
-            if name not in self.catalog.tags:
+            if name not in self.catalog.tags or not tenant.can_see(name):
                 raise ModelNotFound(f"no model named {name}")
             self.catalog.remove_tag(name)
             return self._collect_garbage_locked()
@@ -270,57 +278,77 @@ class Store:
         self._placements = {d: p for d, p in self._placements.items() if d in self.catalog.manifests}
         return freed
 
+    def _settle_locked(self, segment_ids) -> None:
+        """Work on these segments ended (a read, a move, a lease): wake waiters, and collect
+        any segment whose model was removed while the work went on."""
+        if self._doomed.intersection(segment_ids):
+            self._collect_garbage_locked()
+        self._changed.notify_all()
+
     # --- opening, pulling, pinning ------------------------------------------------------------
 
-    def open(self, reference: str, owner: int) -> OpenResult:
+    def open(self, reference: str, owner: int, tenant: Tenant = EVERYONE) -> OpenResult:
         """Lease a model's segments in host memory, bringing them up the hierarchy if needed."""
         started = self._clock()
         with self._lock:
-            name, manifest = self._resolve(reference)
+            name, manifest = self._resolve(reference, tenant)
             placement = self._placement(manifest)
+            self._check_lease_quota_locked(tenant, manifest.nbytes)
         segments, missed = self._acquire_all(placement.segments, started + self.busy_timeout)
         with self._lock:
             lease = next(self._lease_ids)
-            self._leases[lease] = _Lease(owner, manifest.digest, placement.segments)
+            self._leases[lease] = _Lease(owner, tenant.name, manifest.digest, manifest.nbytes, placement.segments)
         self.metrics.inc("trims_opens_total", result="miss" if missed else "hit")
         self.metrics.observe("trims_open_seconds", self._clock() - started)
         return OpenResult(lease, name, manifest, tuple(segments), placement.tensors)
 
-    def pull(self, reference: str, tier: str = "host", progress: ingest.Progress | None = None) -> int:
+    def pull(self, reference: str, tier: str = "host", progress: ingest.Progress | None = None,
+             tenant: Tenant = EVERYONE) -> int:
         """Bring a model into ``tier`` without leasing it; returns the bytes that moved."""
         if tier not in PIN_TIERS:
             raise InvalidName(f"tier {tier!r} is not one of {', '.join(PIN_TIERS)}")
         with self._lock:
-            _, manifest = self._resolve(reference)
+            _, manifest = self._resolve(reference, tenant)
             segments = self._placement(manifest).segments
-        tracker = _Tracker(sum(self.catalog.segments[s].size for s in segments), progress)
+            layouts = [self.catalog.segments[s] for s in segments]
+        tracker = _Tracker(sum(layout.size for layout in layouts), progress)
         if tier == "host":
             _, missed = self._acquire_all(segments, self._clock() + self.busy_timeout, tracker)
             with self._changed:
                 self._unref_locked(segments)
-            return sum(self.catalog.segments[s].size for s in segments) if missed else 0
+            return sum(layout.size for layout in layouts) if missed else 0
         moved = 0
-        for segment_id in segments:
-            layout = self.catalog.segments[segment_id]
-            moved += 0 if self.disk.has(segment_id) else layout.size
+        for layout in layouts:
+            moved += 0 if self.disk.has(layout.id) else layout.size
             self._stage_on_disk(layout, required=True, tracker=tracker)
             with self._changed:
-                self._reading[segment_id] -= 1
-                self._changed.notify_all()
+                self._reading[layout.id] -= 1
+                self._settle_locked([layout.id])
         return moved
 
-    def pin(self, reference: str, tier: str = "host", progress: ingest.Progress | None = None) -> int:
+    def pin(self, reference: str, tier: str = "host", progress: ingest.Progress | None = None,
+            tenant: Tenant = EVERYONE) -> int:
         """Keep a model in ``tier`` across pressure and restarts; brings it there now."""
         if tier not in PIN_TIERS:
             raise InvalidName(f"tier {tier!r} is not one of {', '.join(PIN_TIERS)}")
         with self._lock:
-            name, _ = self._resolve(reference)
+            name, manifest = self._resolve(reference, tenant)
+            tier_obj = self._tiers[tier]
+            pinned = self._pinned_locked(tier) | set(self._placement(manifest).segments)
+            pinned_bytes = sum(self.catalog.segments[s].size for s in pinned)
+            if pinned_bytes > tier_obj.capacity:
+                raise CapacityError(
+                    f"pinning {name} would pin {pinned_bytes} bytes in the {tier} tier, more than its capacity "
+                    f"({tier_obj.capacity}); unpin something first"
+                )
+        moved = self.pull(name, tier, progress, tenant)  # the pin holds only once the model is there
+        with self._lock:
             self.catalog.set_pin(name, tier)
-        return self.pull(name, tier, progress)
+        return moved
 
-    def unpin(self, reference: str) -> None:
+    def unpin(self, reference: str, tenant: Tenant = EVERYONE) -> None:
         with self._changed:
-            name, _ = self._resolve(reference)
+            name, _ = self._resolve(reference, tenant)
             self.catalog.remove_pin(name)
             self._changed.notify_all()
 
@@ -399,7 +427,7 @@ class Store:
         del self._loading[layout.id]
         if source is self.disk:
             self._reading[layout.id] -= 1
-        self._changed.notify_all()
+        self._settle_locked([layout.id])
 
     def _source_for_host(self, layout: SegmentLayout, tracker: _Tracker | None) -> Tier:
         """The tier to copy a segment from: disk (staging it from the cloud if there is room)."""
@@ -443,7 +471,7 @@ class Store:
             with self._changed:
                 self._reserved["disk"] -= layout.size
                 del self._staging[segment_id]
-                self._changed.notify_all()
+                self._settle_locked([segment_id])
                 self.metrics.inc("trims_fetch_failures_total", source="cloud")
             pending.set_exception(exc)
             raise
@@ -481,18 +509,19 @@ class Store:
             self._refs[segment_id] -= 1
             if self._refs[segment_id] <= 0:
                 del self._refs[segment_id]
-                if segment_id in self._doomed:  # its model was removed while it was leased
-                    self._collect_garbage_locked()
-        self._changed.notify_all()
+        self._settle_locked(segment_ids)
 
-    def evict(self, reference: str) -> int:
+    def evict(self, reference: str, tenant: Tenant = EVERYONE) -> int:
         """Drop a model from host memory; it stays on disk or in the cloud. Returns bytes freed."""
         with self._lock:
-            name, manifest = self._resolve(reference)
+            name, manifest = self._resolve(reference, tenant)
             segments = self._placement(manifest).segments
             leases = sum(1 for held in self._leases.values() if set(held.segments) & set(segments))
-            if leases or any(s in self._loading for s in segments):
+            # _refs also counts opens and pulls still under way, which hold no lease yet
+            if leases or any(self._refs.get(s) or s in self._loading for s in segments):
                 raise ModelBusy(f"{name} is in use ({leases} leases); it can leave host memory once they close")
+            if set(segments) & self._pinned_locked("host"):
+                raise ModelBusy(f"{name} is pinned in host memory; `trims unpin` it first")
             return sum(self._evict_locked(self.host, s, "requested") for s in segments if self.host.has(s))
 
     # --- accounting: the one place bytes are made room for -------------------------------------
@@ -573,13 +602,48 @@ class Store:
 
     # --- catalogue views --------------------------------------------------------------------------
 
-    def _resolve(self, reference: str) -> tuple[str, Manifest]:
+    def _resolve(self, reference: str, tenant: Tenant = EVERYONE) -> tuple[str, Manifest]:
+        """The model a name (or digest) stands for, if ``tenant`` may see it.
+
+        A model the tenant may not see gets the very same error as one that does not exist.
+        """
         name = names.canonical(reference)
-        model_digest = self.catalog.tags.get(name, name if digests.is_digest(name) else None)
+        if digests.is_digest(name):
+            visible = any(d == name and tenant.can_see(n) for n, d in self.catalog.tags.items())
+            model_digest = name if visible else None
+        else:
+            model_digest = self.catalog.tags.get(name) if tenant.can_see(name) else None
         manifest = self.catalog.manifests.get(model_digest) if model_digest else None
         if manifest is None:
             raise ModelNotFound(f"no model named {name}; `trims ls` lists the models, `trims push` adds one")
         return name, manifest
+
+    def _check_lease_quota_locked(self, tenant: Tenant, nbytes: int) -> None:
+        if tenant.max_leased_bytes is None:
+            return
+        held = self._leased_bytes_locked(tenant.name)
+        if held + nbytes > tenant.max_leased_bytes:
+            raise QuotaExceeded(
+                f"tenant {tenant.name} holds leases on {held} bytes; {nbytes} more would pass its "
+                f"max_leased_bytes of {tenant.max_leased_bytes}; close models it no longer uses"
+            )
+
+    def _check_push_quota_locked(self, tenant: Tenant, name: str, nbytes: int) -> None:
+        if tenant.max_pushed_bytes is None:
+            return
+        pushed = self._pushed_bytes_locked(tenant.name, excluding=name)
+        if pushed + nbytes > tenant.max_pushed_bytes:
+            raise QuotaExceeded(
+                f"tenant {tenant.name} has pushed {pushed} bytes; {nbytes} more would pass its "
+                f"max_pushed_bytes of {tenant.max_pushed_bytes}; remove models it no longer needs (`trims rm`)"
+            )
+
+    def _leased_bytes_locked(self, tenant: str) -> int:
+        return sum(held.nbytes for held in self._leases.values() if held.tenant == tenant)
+
+    def _pushed_bytes_locked(self, tenant: str, excluding: str = "") -> int:
+        return sum(self.catalog.manifests[self.catalog.tags[n]].nbytes
+                   for n, owner in self.catalog.owners.items() if owner == tenant and n != excluding)
 
     def _layout_locked(self, segment_id: str) -> SegmentLayout:
         layout = self.catalog.segments.get(segment_id)
@@ -599,14 +663,27 @@ class Store:
             cached = self._placements[manifest.digest] = _Placement(tuple(order), TensorTable.of(tensors))
         return cached
 
-    def list_models(self) -> list[ModelSummary]:
+    def list_models(self, tenant: Tenant = EVERYONE) -> list[ModelSummary]:
         with self._lock:
-            return [self._summary_locked(name) for name in sorted(self.catalog.tags)]
+            return [self._summary_locked(name) for name in sorted(self.catalog.tags) if tenant.can_see(name)]
 
-    def info(self, reference: str) -> ModelSummary:
+    def info(self, reference: str, tenant: Tenant = EVERYONE) -> ModelSummary:
         with self._lock:
-            name, _ = self._resolve(reference)
+            name, _ = self._resolve(reference, tenant)
             return self._summary_locked(name)
+
+    def usage(self, tenant: Tenant) -> dict[str, Any]:
+        """What a tenant sees of the daemon: its own models, leases and quotas, nobody else's."""
+        with self._lock:
+            return {
+                "tenant": tenant.name,
+                "models": sum(1 for n in self.catalog.tags if tenant.can_see(n)),
+                "leases": sum(1 for held in self._leases.values() if held.tenant == tenant.name),
+                "leased_bytes": self._leased_bytes_locked(tenant.name),
+                "pushed_bytes": self._pushed_bytes_locked(tenant.name),
+                "max_leased_bytes": tenant.max_leased_bytes,
+                "max_pushed_bytes": tenant.max_pushed_bytes,
+            }
 
     def _summary_locked(self, name: str) -> ModelSummary:
         _, manifest = self._resolve(name)

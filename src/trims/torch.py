@@ -7,11 +7,15 @@ Tensors are views of the daemon's segments mapped copy-on-write in this process:
 them copies nothing, an in-place write (say, fine-tuning by mistake) copies only the pages
 it touches and is never seen by another process. They keep the model's lease alive for as
 long as any of them exists.
+
+Importing this module wraps ``torch.nn.Module.register_parameter`` once; outside
+:func:`assemble`, in every thread, the wrapper only calls the original.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import defaultdict
 from typing import Callable, Iterator, TypeVar
 
@@ -97,9 +101,11 @@ def assemble(factory: Callable[[], M], state: dict[str, torch.Tensor], *, strict
     with _parameters_on_meta(), _SkipFillsOnMeta():
         model = factory()
     groups = _tied_groups(model)
-    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    _retie(model, groups, state)
-    missing = [n for n, t in _named_tensors(model) if t.is_meta]
+    missing_keys, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    retied = _retie(model, groups, state)
+    # Stored tensors the module lacks, parameters still on meta, and persistent buffers the
+    # state did not provide (built on the CPU, they would silently keep their initial values).
+    missing = sorted({n for n in missing_keys if n not in retied} | {n for n, t in _named_tensors(model) if t.is_meta})
     if strict and (missing or unexpected):
         raise ModelMismatch(
             f"the module built by the factory does not match {source}: "
@@ -109,21 +115,32 @@ def assemble(factory: Callable[[], M], state: dict[str, torch.Tensor], *, strict
     return model.eval()
 
 
+# Parameters registered while this thread is inside assemble() go to the meta device. The
+# hook is installed once, for good, and does nothing unless the flag is set: a temporary
+# patch of torch.nn.Module would leak into other threads building modules meanwhile, and two
+# overlapping patches could leave it installed.
+_building = threading.local()
+_register_parameter = torch.nn.Module.register_parameter
+
+
+def _register_on_meta_while_building(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+    _register_parameter(module, name, param)
+    if param is not None and getattr(_building, "active", False) and not param.is_meta:
+        module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+
+torch.nn.Module.register_parameter = _register_on_meta_while_building
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Register every new parameter on ``meta``; buffers stay real."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = register
+    """In this thread, register every new parameter on ``meta``; buffers stay real."""
+    outer = getattr(_building, "active", False)
+    _building.active = True
     try:
         yield
     finally:
-        torch.nn.Module.register_parameter = original
+        _building.active = outer
 
 
 # In-place initialisers: on a meta tensor they compute nothing, yet each runs through
@@ -156,7 +173,9 @@ def _tied_groups(model: torch.nn.Module) -> list[list[str]]:
     return [names for names in by_identity.values() if len(names) > 1]
 
 
-def _retie(model: torch.nn.Module, groups: list[list[str]], state: dict[str, torch.Tensor]) -> None:
+def _retie(model: torch.nn.Module, groups: list[list[str]], state: dict[str, torch.Tensor]) -> set[str]:
+    """Point every alias of a tied parameter at the one the state stored; the aliases set."""
+    retied: set[str] = set()
     for names in groups:
         stored = next((n for n in names if n in state), None)
         if stored is None:
@@ -165,6 +184,8 @@ def _retie(model: torch.nn.Module, groups: list[list[str]], state: dict[str, tor
         for alias in names:
             owner, _, leaf = alias.rpartition(".")
             setattr(model.get_submodule(owner), leaf, param)
+            retied.add(alias)
+    return retied
 
 
 def _named_tensors(model: torch.nn.Module):

@@ -12,6 +12,7 @@ from . import protocol
 from .errors import ConnectionLost, DaemonUnavailable
 
 _RECV_BYTES = 256 * 1024
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; Python 3.11 has no name for it
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class PeerCredentials:
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups (SO_PEERGROUPS)
 
 
 class Channel:
@@ -40,19 +42,26 @@ class Channel:
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ConnectionLost(f"connection closed while sending: {exc}") from None
 
-    def receive(self) -> protocol.Message:
-        """The next message; raises :class:`ConnectionLost` on EOF."""
+    def receive(self, frame_timeout: float | None = None) -> protocol.Message:
+        """The next message; raises :class:`ConnectionLost` on EOF.
+
+        With ``frame_timeout``, a frame must arrive whole within that many seconds of its
+        first byte (waiting for a first byte has no limit: idle clients may hold leases).
+        """
         while True:
             message = self._decoder.next_message()
             if message is not None:
                 return message
-            self._receive_some()
+            self.sock.settimeout(frame_timeout if frame_timeout and self._decoder.buffered else None)
+            self._receive_some(frame_timeout)
 
-    def _receive_some(self) -> None:
+    def _receive_some(self, frame_timeout: float | None) -> None:
         try:
             data, fds, flags, _ = socket.recv_fds(
                 self.sock, _RECV_BYTES, protocol.MAX_FDS_PER_FRAME, socket.MSG_CMSG_CLOEXEC
             )
+        except TimeoutError:
+            raise ConnectionLost(f"peer stalled: no complete frame within {frame_timeout:g} s") from None
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise ConnectionLost(f"connection reset: {exc}") from None
         self._decoder.feed(data, fds)
@@ -69,9 +78,22 @@ class Channel:
         self.sock.close()
 
     def peer_credentials(self) -> PeerCredentials:
+        """Who connected, as the kernel recorded it: never what the peer claims."""
         raw = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", raw)
-        return PeerCredentials(pid=pid, uid=uid, gid=gid)
+        return PeerCredentials(pid=pid, uid=uid, gid=gid, groups=self._peer_groups())
+
+    def _peer_groups(self) -> tuple[int, ...]:
+        try:
+            raw = self.sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)  # Python caps buflen at 1024: 256 groups
+        except OSError:  # kernels before 4.13, or more than 256 groups
+            return ()
+        return struct.unpack(f"{len(raw) // 4}I", raw)
+
+    def set_send_timeout(self, seconds: float) -> None:
+        """Fail a send that a peer not reading its replies blocks for longer than this."""
+        whole = int(seconds)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
 
 def connect(path: Path, timeout: float | None = None) -> Channel:
@@ -93,14 +115,17 @@ def connect(path: Path, timeout: float | None = None) -> Channel:
     return Channel(sock)
 
 
-def listen(path: Path, backlog: int = 128) -> socket.socket:
-    """A listening socket at ``path`` readable and writable by its owner only."""
+def listen(path: Path, mode: int = 0o600, group: int | None = None, backlog: int = 128) -> socket.socket:
+    """A listening socket at ``path``, created owner-only, then opened up to ``mode``/``group``."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o177)
     try:
         sock.bind(os.fspath(path))
     finally:
         os.umask(old_umask)
+    if group is not None:
+        os.chown(path, -1, group)
+    os.chmod(path, mode)
     sock.listen(backlog)
     return sock
 

@@ -1,0 +1,213 @@
+"""Chaos, bounded in time: hostile traffic, killed clients, a killed daemon, stalls, a full disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import trims
+from trims import protocol, transport
+
+from .conftest import ROOT, DaemonProcess, start_python, wait_for
+from .hostile import send_hostile
+from .models import build
+
+
+def push_small(client: trims.Client, tmp_path, name: str = "chaos/model", floats: int = 32 * 1024) -> None:
+    save_file({"w": torch.randn(floats)}, tmp_path / "small.safetensors")
+    client.push(tmp_path / "small.safetensors", name)
+
+
+def settled(client: trims.Client, baseline: dict) -> bool:
+    stats = client.stats()
+    return (stats["leases"] == baseline["leases"] and stats["connections"] == baseline["connections"]
+            and stats["daemon"]["open_fds"] == baseline["daemon"]["open_fds"])
+
+
+def test_ten_thousand_hostile_frames_leave_the_daemon_serving(daemon, tmp_path):
+    client = daemon.client()
+    push_small(client, tmp_path)
+    client.open("chaos/model").close()  # resident from here on: its memfd is part of the baseline
+    baseline = client.stats()
+    send_hostile(daemon.socket, random.Random(0), 10_000)
+    wait_for(lambda: settled(client, baseline), timeout=30, message="connections and descriptors back to baseline")
+    with client.open("chaos/model") as view:
+        assert view["w"].shape == (32 * 1024,)
+    assert daemon.proc.poll() is None
+    assert "Traceback" not in daemon.log()  # every bad frame was a typed refusal, none a crash
+    assert not list((daemon.store / "tmp").iterdir())
+
+
+def test_two_hundred_clients_killed_at_random_points_leak_nothing(daemon, tmp_path):
+    client = daemon.client()
+    push_small(client, tmp_path)
+    client.open("chaos/model").close()
+    baseline = client.stats()
+    subprocess.run([sys.executable, str(ROOT / "tests" / "chaos_clients.py"), "200", str(tmp_path / "small.safetensors"), "1"],
+                   env={**daemon.env, "PYTHONPATH": str(ROOT / "src")}, check=True, timeout=300)
+    wait_for(lambda: settled(client, baseline), timeout=30, message="leases, connections and descriptors back to baseline")
+    assert client.stats()["tiers"]["host"]["used_bytes"] <= client.stats()["tiers"]["host"]["capacity_bytes"]
+    assert not list((daemon.store / "tmp").iterdir())
+    for model in client.list():  # whatever pushes completed are whole: every byte verifies
+        if "host" in model.tiers:
+            client.evict(model.name)  # so the open below reads it back from disk
+        with client.open(model.name):
+            pass
+    assert "Traceback" not in daemon.log()
+
+
+INFERENCE = """
+import json, sys, threading, torch, trims.torch
+from tests.models import tiny_gpt2, output_of
+factory = tiny_gpt2()
+model = trims.torch.load_model("chaos/gpt2", factory)
+reference = output_of(model, "gpt2")
+print("ready", flush=True)
+back = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), back.set()), daemon=True).start()
+runs, same = 0, True
+while not back.is_set() or runs < 10:          # inference goes on while the daemon dies and returns
+    same &= torch.equal(output_of(model, "gpt2"), reference)
+    runs += 1
+again = trims.torch.load_model("chaos/gpt2", factory)  # the shared client reconnects
+print(json.dumps({"runs": runs, "same": same, "again": torch.equal(output_of(again, "gpt2"), reference)}))
+"""
+
+
+def test_a_daemon_killed_under_load_breaks_no_client(tmp_path):
+    build("gpt2", tmp_path / "gpt2")
+    daemon = DaemonProcess(tmp_path / "d").start()
+    daemon.client().push(tmp_path / "gpt2", "chaos/gpt2")
+    env = {**daemon.env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
+    clients = [start_python(INFERENCE, env) for _ in range(4)]
+    try:
+        for process in clients:
+            assert process.stdout.readline().strip() == "ready", process.stderr.read()
+        time.sleep(0.3)
+        daemon.kill()  # SIGKILL, mid-inference
+        time.sleep(0.3)
+        daemon = DaemonProcess(tmp_path / "d").start()
+        results = []
+        for process in clients:
+            process.stdin.write("\n")
+            process.stdin.flush()
+        for process in clients:
+            out, err = process.communicate(timeout=120)
+            assert process.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        assert all(r["same"] and r["again"] and r["runs"] >= 10 for r in results), results
+    finally:
+        for process in clients:
+            process.kill()
+        daemon.kill()
+
+
+def test_a_stalled_client_is_cut_off_and_others_are_served(tmp_path):
+    daemon = DaemonProcess(tmp_path / "d", extra=("--frame-timeout", "1")).start()
+    try:
+        stalled = socket.socket(socket.AF_UNIX)
+        stalled.connect(str(daemon.socket))
+        stalled.sendall(protocol.encode(protocol.Ping(id=1))[:7])  # half a header, then nothing
+        client = daemon.client()
+        client.ping()  # served meanwhile
+        stalled.settimeout(10)
+        started = time.monotonic()
+        assert stalled.recv(100) == b""  # the daemon hung up
+        assert 0.5 < time.monotonic() - started < 8
+        assert "stalled" in daemon.log()
+        wait_for(lambda: client.stats()["connections"] == 1, message="the stalled connection to be gone")
+    finally:
+        daemon.kill()
+
+
+def test_too_many_connections_get_a_clear_refusal(tmp_path):
+    daemon = DaemonProcess(tmp_path / "d", extra=("--max-connections", "3")).start()
+    try:
+        held = [transport.connect(daemon.socket) for _ in range(3)]
+        wait_for(lambda: "connection 3:" in daemon.log(), message="the daemon to register three connections")
+        with pytest.raises(trims.RequestError, match="already serves 3 connections") as info:
+            trims.connect(daemon.socket)
+        assert info.value.code == "too_many_connections"
+        held.pop().close()
+        wait_for(lambda: _connects(daemon), message="a free slot")
+        for channel in held:
+            channel.close()
+    finally:
+        daemon.kill()
+
+
+def _connects(daemon: DaemonProcess) -> bool:
+    try:
+        trims.connect(daemon.socket).close()
+        return True
+    except trims.RequestError:
+        return False
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: a disk that really fills up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_gives_a_clear_error_and_loses_nothing(tmp_path, small_disk):
+    daemon = DaemonProcess(tmp_path / "d")
+    daemon.store = small_disk / "store"
+    daemon.start()
+    try:
+        client = daemon.client()
+        push_small(client, tmp_path, "chaos/fits", floats=16 * 1024)  # 64 KiB
+        save_file({"w": torch.randn(512 * 1024)}, tmp_path / "big.safetensors")  # 2 MiB
+        with pytest.raises(trims.StorageError, match="disk is full"):
+            client.push(tmp_path / "big.safetensors", "chaos/big")
+        assert [m.name for m in client.list()] == ["chaos/fits:latest"]
+        assert not list((daemon.store / "tmp").iterdir())
+        with client.open("chaos/fits") as view:
+            assert view["w"].shape == (16 * 1024,)
+        assert "Traceback" not in daemon.log()
+    finally:
+        daemon.kill()
+
+
+def test_a_push_cut_by_a_daemon_kill_leaves_nothing_partial(tmp_path):
+    save_file({f"w{i}": torch.randn(4 * 1024 * 1024) for i in range(8)}, tmp_path / "big.safetensors")  # 128 MiB
+    daemon = DaemonProcess(tmp_path / "d").start()
+    errors = []
+
+    def push() -> None:
+        try:
+            daemon.client().push(tmp_path / "big.safetensors", "chaos/big")
+        except trims.TrimsError as exc:
+            errors.append(exc)
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    wait_for(lambda: list((daemon.store / "tmp").iterdir()), message="the push to be under way")
+    daemon.kill()
+    pusher.join()
+    assert errors and isinstance(errors[0], trims.DaemonUnavailable)
+    daemon = DaemonProcess(tmp_path / "d").start()
+    try:
+        client = daemon.client()
+        assert client.list() == [] and not list((daemon.store / "tmp").iterdir())
+        assert not list((daemon.store / "disk").iterdir()) and not list((daemon.store / "segments").iterdir())
+        client.push(tmp_path / "big.safetensors", "chaos/big")  # and it can be pushed again
+        assert client.info("chaos/big").tensors == 8
+    finally:
+        daemon.kill()

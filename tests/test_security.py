@@ -1,0 +1,195 @@
+"""Tenants decided by the kernel: other uids see and touch only what their namespaces allow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import trims
+
+from .conftest import ROOT, DaemonProcess
+
+pytestmark = pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"),
+                                reason="needs root and setpriv to run clients under other uids")
+
+TEAM_A, TEAM_B_MEMBER, TEAM_B_GROUP, STRANGER = 23001, 23002, 23102, 23003
+
+CONFIG = f"""
+socket_mode = "0666"
+frame_timeout = 2
+
+[tenants.operators]
+uids = [0]
+namespaces = ["*"]
+admin = true
+
+[tenants.team-a]
+uids = [{TEAM_A}]
+namespaces = ["team-a/*", "public/*"]
+push = true
+max_leased_bytes = "600K"
+max_pushed_bytes = "300K"
+
+[tenants.team-b]
+gids = [{TEAM_B_GROUP}]
+namespaces = ["team-b/*"]
+"""
+
+# Runs in a child under another uid; prints what each attempt did.
+PROBE = """
+import json, sys, trims
+results = {}
+def attempt(label, call):
+    try:
+        value = call()
+        results[label] = ["ok", value]
+    except trims.TrimsError as exc:
+        results[label] = [type(exc).__name__, str(exc)]
+try:
+    client = trims.connect()
+except trims.TrimsError as exc:
+    print(json.dumps({"connect": [type(exc).__name__, str(exc)]})); sys.exit(0)
+"""
+
+
+@pytest.fixture(scope="module")
+def secured():
+    # Other uids must reach the socket: a world-searchable directory outside pytest's 0700 tmp.
+    workdir = Path(tempfile.mkdtemp(prefix="trims-sec-", dir="/tmp"))
+    os.chmod(workdir, 0o755)
+    config = workdir / "trims.toml"
+    config.write_text(CONFIG)
+    daemon = DaemonProcess(workdir, host_memory="4M", extra=("--config", str(config))).start()
+    models = workdir / "models"
+    models.mkdir()
+    client = daemon.client()
+    for name, seed in (("team-a/m", 0), ("team-b/m", 1), ("public/m", 2), ("private/m", 3)):
+        save_file({"w": torch.randn(32 * 1024, generator=torch.Generator().manual_seed(seed))}, models / f"{seed}.safetensors")
+        client.push(models / f"{seed}.safetensors", name)
+    for seed in (10, 11):
+        save_file({"w": torch.randn(64 * 1024, generator=torch.Generator().manual_seed(seed))}, models / f"{seed}.safetensors")
+    os.chmod(models, 0o755)
+    for path in models.iterdir():
+        os.chmod(path, 0o644)
+    yield daemon, models
+    daemon.kill()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def probe(daemon: DaemonProcess, uid: int, body: str, groups: tuple[int, ...] = ()) -> dict:
+    """Run ``PROBE + body`` as ``uid``; return what it printed."""
+    command = ["setpriv", "--reuid", str(uid), "--regid", str(uid)]
+    command += ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
+    env = {**daemon.env, "PYTHONPATH": str(ROOT / "src"), "HOME": "/tmp"}
+    code = PROBE + textwrap.dedent(body) + "\nprint(json.dumps(results))\n"
+    done = subprocess.run([*command, sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_file_the_client_cannot_read_is_a_typed_error(secured):
+    daemon, models = secured
+    os.chmod(models / "11.safetensors", 0o600)
+    try:
+        seen = probe(daemon, TEAM_A, f"""
+            attempt("push", lambda: client.push({str(models / "11.safetensors")!r}, "team-a/x"))
+        """)
+    finally:
+        os.chmod(models / "11.safetensors", 0o644)
+    assert seen["push"][0] == "InvalidModel" and "Permission denied" in seen["push"][1]
+
+
+def test_a_tenant_sees_and_opens_only_its_namespaces(secured):
+    daemon, _ = secured
+    seen = probe(daemon, TEAM_A, """
+        attempt("ls", lambda: sorted(m.name for m in client.list()))
+        attempt("open own", lambda: client.open("team-a/m")["w"].shape)
+        attempt("open public", lambda: client.open("public/m")["w"].shape)
+        attempt("open other", lambda: client.open("team-b/m"))
+        attempt("open missing", lambda: client.open("team-b/nothing-here"))
+        attempt("info other", lambda: client.info("team-b/m"))
+        attempt("by digest", lambda: client.open(sys.argv[1] if len(sys.argv) > 1 else "x"))
+        attempt("stats", lambda: sorted(client.stats()))
+    """)
+    assert seen["ls"] == ["ok", ["public/m:latest", "team-a/m:latest"]]
+    assert seen["open own"] == ["ok", [32768]] and seen["open public"] == ["ok", [32768]]
+    # another tenant's model is indistinguishable from one that does not exist
+    assert seen["open other"][0] == "ModelNotFound" and seen["info other"][0] == "ModelNotFound"
+    assert seen["open other"][1].replace("team-b/m", "X") == seen["open missing"][1].replace("team-b/nothing-here", "X")
+    assert seen["stats"] == ["ok", ["leased_bytes", "leases", "max_leased_bytes", "max_pushed_bytes", "models",
+                                   "pushed_bytes", "tenant"]]
+
+
+def test_a_digest_does_not_open_a_model_the_tenant_cannot_see(secured):
+    daemon, _ = secured
+    hidden = daemon.client().info("team-b/m").digest
+    seen = probe(daemon, TEAM_A, f"""
+        attempt("digest", lambda: client.open({hidden!r}))
+    """)
+    assert seen["digest"][0] == "ModelNotFound"
+
+
+def test_roles_bound_what_a_tenant_may_change(secured):
+    daemon, models = secured
+    seen = probe(daemon, TEAM_A, f"""
+        attempt("push own", lambda: client.push({str(models / "10.safetensors")!r}, "team-a/new").name)
+        attempt("push other", lambda: client.push({str(models / "10.safetensors")!r}, "team-b/new"))
+        attempt("evict", lambda: client.evict("team-a/m"))
+        attempt("pin", lambda: client.pin("team-a/m"))
+        attempt("rm other", lambda: client.remove("team-b/m"))
+    """)
+    assert seen["push own"] == ["ok", "team-a/new:latest"]
+    assert seen["push other"][0] == "PermissionDenied"
+    assert seen["evict"][0] == "PermissionDenied" and seen["pin"][0] == "PermissionDenied"
+    assert seen["rm other"][0] == "ModelNotFound"
+    assert {m.name for m in daemon.client().list()} >= {"team-b/m:latest", "team-a/new:latest"}
+    daemon.client().remove("team-a/new")
+
+
+def test_a_group_member_is_its_groups_tenant_and_read_only(secured):
+    daemon, models = secured
+    seen = probe(daemon, TEAM_B_MEMBER, f"""
+        attempt("ls", lambda: [m.name for m in client.list()])
+        attempt("push", lambda: client.push({str(models / "10.safetensors")!r}, "team-b/new"))
+    """, groups=(TEAM_B_GROUP,))
+    assert seen["ls"] == ["ok", ["team-b/m:latest"]]
+    assert seen["push"][0] == "PermissionDenied"
+
+
+def test_a_uid_that_is_no_tenant_is_refused(secured):
+    daemon, _ = secured
+    seen = probe(daemon, STRANGER, "")
+    assert seen["connect"][0] == "PermissionDenied" and "not a tenant" in seen["connect"][1]
+    daemon.client().ping()
+
+
+def test_quotas_on_leased_and_pushed_bytes(secured):
+    daemon, models = secured
+    seen = probe(daemon, TEAM_A, f"""
+        held = []
+        attempt("open 1", lambda: held.append(client.open("team-a/m")))
+        attempt("open 2", lambda: held.append(client.open("public/m")))
+        attempt("open 3", lambda: held.append(client.open("public/m")))
+        attempt("open 4", lambda: held.append(client.open("public/m")))
+        attempt("open 5", lambda: held.append(client.open("team-a/m")))
+        attempt("usage", lambda: client.stats()["leased_bytes"])
+        attempt("push 1", lambda: client.push({str(models / "10.safetensors")!r}, "team-a/q1").name)
+        attempt("push 2", lambda: client.push({str(models / "11.safetensors")!r}, "team-a/q2").name)
+    """)
+    # 128 KiB a model, 600 KiB allowed: the fifth concurrent lease is one too many
+    assert [seen[f"open {i}"][0] for i in range(1, 6)] == ["ok", "ok", "ok", "ok", "QuotaExceeded"]
+    assert seen["usage"] == ["ok", 4 * 128 * 1024]
+    assert seen["push 1"] == ["ok", "team-a/q1:latest"]  # 256 KiB of its own (what root pushed is root's)
+    assert seen["push 2"][0] == "QuotaExceeded" and "max_pushed_bytes" in seen["push 2"][1]
+    assert trims.connect(daemon.socket).stats()["leases"] == 0  # its leases ended with its process
+    daemon.client().remove("team-a/q1")
