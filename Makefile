@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench
+.PHONY: demo test bench soak
 
 demo: $(VENV)/.installed
 	$(BIN)/trims demo
@@ -14,6 +14,9 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/coldstart.py
 	$(BIN)/python bench/tiers.py
+
+soak: $(VENV)/.installed
+	$(BIN)/python bench/soak.py
 
 # torch first, from the CPU build: anything that pulls torch in later would fetch CUDA builds.
 $(VENV)/.installed: pyproject.toml
