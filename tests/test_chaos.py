@@ -185,6 +185,32 @@ def test_a_full_disk_gives_a_clear_error_and_loses_nothing(tmp_path, small_disk)
         daemon.kill()
 
 
+def test_a_full_disk_during_a_fetch_falls_back_to_memory(tmp_path, small_disk, s3):
+    bucket = s3.new_bucket()
+    daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "600K"))
+    daemon.store = small_disk / "store"
+    daemon.start()
+    try:
+        client = daemon.client()
+        for name in "abc":
+            save_file({"w": torch.randn(64 * 1024)}, tmp_path / f"{name}.safetensors")  # 256 KiB each
+        client.push(tmp_path / "a.safetensors", "chaos/a", to=f"s3://{bucket}/trims")
+        client.push(tmp_path / "b.safetensors", "chaos/b")
+        client.push(tmp_path / "c.safetensors", "chaos/c")  # the cap makes a leave the disk...
+        client.remove("chaos/c")  # ...and leaves room under the cap to stage it back
+        assert client.info("chaos/a").tiers == ("cloud",)
+        filler = small_disk / "filler"
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        filler.write_bytes(b"\0" * (free - 4096))  # now the disk really is full
+        with client.open("chaos/a") as view:  # from the cloud straight into memory
+            assert view["w"].shape == (64 * 1024,)
+        assert "could not stage segment" in daemon.log()
+        assert client.stats()["fetches"]["cloud->host"]["count"] == 1
+        assert not list((daemon.store / "tmp").iterdir())
+    finally:
+        daemon.kill()
+
+
 def test_a_push_cut_by_a_daemon_kill_leaves_nothing_partial(tmp_path):
     save_file({f"w{i}": torch.randn(4 * 1024 * 1024) for i in range(8)}, tmp_path / "big.safetensors")  # 128 MiB
     daemon = DaemonProcess(tmp_path / "d").start()

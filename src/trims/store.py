@@ -441,7 +441,12 @@ class Store:
                     f"no tier holds segment {layout.id[:19]} any more: its bytes are lost; push the model again"
                 )
             self.metrics.inc("trims_tier_misses_total", tier="disk")
-        return self.disk if self._stage_on_disk(layout, required=False, tracker=tracker) else self.cloud
+        try:
+            staged = self._stage_on_disk(layout, required=False, tracker=tracker)
+        except StorageError as exc:  # the disk is only a cache on this path: a full one must not fail the open
+            log.warning("could not stage segment %s on disk (%s); reading it from the cloud into memory", layout.id[:19], exc)
+            staged = False
+        return self.disk if staged else self.cloud
 
     def _stage_on_disk(self, layout: SegmentLayout, required: bool, tracker: _Tracker | None = None) -> bool:
         """Fetch a segment from the cloud onto disk (once). True if the disk has it, counted
