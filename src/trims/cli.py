@@ -7,7 +7,9 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sys
+import sysconfig
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,7 +17,7 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .client import Client, connect
 from .config import Settings, format_size, parse_size
-from .errors import TrimsError
+from .errors import ConfigError, TrimsError
 from .policy import POLICIES
 from .tier import PIN_TIERS
 
@@ -107,6 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="daemon counters and memory use")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=_stats)
+
+    run = commands.add_parser("run", help="run a command with transparent mode on: its safetensors loads use the daemon")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    run.set_defaults(run=_run)
+
+    hook = commands.add_parser("hook", help="install the hook that honours TRIMS_TRANSPARENT=1 in this Python environment")
+    hook.add_argument("action", choices=["install", "uninstall"])
+    hook.set_defaults(run=_hook)
 
     demo = commands.add_parser("demo", help="start a daemon, share an example model with fresh processes, print a table")
     demo.add_argument("--model", default="gpt2", help="example architecture: gpt2 (124M), gpt2-tiny, bert, resnet50")
@@ -261,6 +271,37 @@ def _stats(args: argparse.Namespace) -> int:
     for route, fetch in stats["fetches"].items():
         rate = fetch["bytes"] / fetch["seconds"] if fetch["seconds"] else 0
         print(f"fetch  {route}: {fetch['count']:g} segments, {format_size(fetch['bytes'])} at {format_size(rate)}/s")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ConfigError("trims run needs a command: trims run -- python app.py")
+    boot = str(Path(__file__).resolve().parent / "_boot")
+    env = {**os.environ, "TRIMS_TRANSPARENT": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [boot, os.environ.get("PYTHONPATH")]))}
+    if args.socket is not None:
+        env["TRIMS_SOCKET"] = str(args.socket)
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        raise ConfigError(f"cannot run {command[0]}: {exc.strerror}") from None
+
+
+_PTH = "trims-transparent.pth"
+
+
+def _hook(args: argparse.Namespace) -> int:
+    """A .pth file runs at every interpreter start in this environment; it imports a module
+    that turns transparent mode on only when TRIMS_TRANSPARENT=1."""
+    path = Path(sysconfig.get_paths()["purelib"]) / _PTH
+    if args.action == "install":
+        path.write_text("import trims._pth_hook\n")
+        print(f"installed {path}: Python programs here run in transparent mode when TRIMS_TRANSPARENT=1")
+    else:
+        path.unlink(missing_ok=True)
+        print(f"removed {path}")
     return 0
 
 

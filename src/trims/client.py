@@ -12,10 +12,12 @@ from it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
 import os
+import tempfile
 import threading
 import weakref
 from collections.abc import Mapping
@@ -36,7 +38,7 @@ __all__ = ["Client", "ModelView", "connect", "shared_client", "model_files"]
 _Reply = TypeVar("_Reply", bound=protocol.Message)
 ProgressCallback = Callable[[str, int, int], None]  # (stage, bytes done, bytes in all)
 _INDEX_FILES = ("model.safetensors.index.json",)
-SIDE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")  # kept beside the weights
+SIDE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".onnx")  # kept beside the weights
 
 
 def connect(socket: str | os.PathLike | None = None, *, timeout: float | None = 10.0) -> Client:
@@ -115,19 +117,30 @@ class Client:
         """
         if "://" in str(path):
             return self._request(protocol.Push(name=name, url=str(path), to=to), protocol.Pushed, progress)[0].result
-        files = model_files(Path(path))
-        fds: list[int] = []
-        try:
-            for _, file_path in files:
-                try:
-                    fds.append(os.open(file_path, os.O_RDONLY | os.O_CLOEXEC))
-                except OSError as exc:
-                    raise InvalidModel(f"cannot open {file_path}: {exc.strerror}") from None
-            message = protocol.Push(name=name, files=tuple(label for label, _ in files), to=to, fds=tuple(fds))
+        if Path(path).suffix == ".onnx":  # graph and weights go in separately
+            from .onnx_format import split
+
+            with tempfile.TemporaryDirectory(prefix="trims-onnx-") as directory:
+                split(Path(path), Path(directory))
+                return self.push(directory, name, to=to, progress=progress)
+        with _opened(model_files(Path(path))) as (labels, fds):
+            message = protocol.Push(name=name, files=labels, to=to, fds=fds)
             return self._request(message, protocol.Pushed, progress)[0].result
+
+    def adopt(self, path: str | os.PathLike) -> PushResult:
+        """Register a ``.safetensors`` file or model directory by its content, as the
+        transparent mode does: it becomes ``auto/<digest>``. A file registered before and
+        unchanged since is not read again; the daemon only looks at its identity."""
+        with _opened(model_files(Path(path))) as (labels, fds):
+            return self._request(protocol.Adopt(files=labels, fds=fds), protocol.Pushed)[0].result
+
+    def files(self, name: str) -> dict[str, bytes]:
+        """A model's side files (config.json, tokenizer files, an ONNX graph) by name."""
+        reply = self._request(protocol.GetFiles(name=name), protocol.Files)[0]
+        try:
+            return {label: _read_whole(fd) for label, fd in zip(reply.names, reply.fds)}
         finally:
-            for fd in fds:
-                os.close(fd)
+            _close_fds(reply.fds)
 
     def pull(self, name: str, tier: str = "host", *, progress: ProgressCallback | None = None) -> int:
         """Bring a model into ``tier`` (``host`` or ``disk``) without opening it; bytes moved."""
@@ -347,6 +360,32 @@ def _map_segment(fd: int, size: int, lease: _Lease) -> ctypes.Array:
     segment = map_private(fd, size)
     segment.lease = lease  # whatever keeps the memory alive keeps the lease too
     return segment
+
+
+@contextlib.contextmanager
+def _opened(files: list[tuple[str, Path]]) -> Iterator[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Open a model's files for sending; closed again on the way out, whatever happens."""
+    fds: list[int] = []
+    try:
+        for _, path in files:
+            try:
+                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                raise InvalidModel(f"cannot open {path}: {exc.strerror}") from None
+        yield tuple(label for label, _ in files), tuple(fds)
+    finally:
+        _close_fds(tuple(fds))
+
+
+def _read_whole(fd: int) -> bytes:
+    size, chunks, offset = os.fstat(fd).st_size, [], 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _expect(reply: protocol.Message, reply_type: type[_Reply]) -> _Reply:

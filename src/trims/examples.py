@@ -28,17 +28,13 @@ class Example:
 
     def factory(self) -> Callable[[], Any]:
         """A function building this architecture (with random init) in the example's dtype."""
-        import torch
+        from .torch import default_dtype
 
-        config, cls, dtype = self.make_config(), _attribute(self.model_class), getattr(torch, self.dtype)
+        config, cls = self.make_config(), _attribute(self.model_class)
 
         def build():
-            previous = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)  # build in the final dtype: no fp32 copy on the way
-            try:
+            with default_dtype(self.dtype):  # build in the final dtype: no fp32 copy on the way
                 return cls(config)
-            finally:
-                torch.set_default_dtype(previous)
 
         return build
 

@@ -179,6 +179,25 @@ class Push(Message):
         return len(self.files)
 
 
+@_message("adopt")
+class Adopt(Message):
+    """Register open files by their content, under no name of the client's choosing (the
+    transparent mode's way in); ``files[i]`` names the file sent as ``fds[i]``."""
+
+    files: tuple[str, ...]
+    fds: tuple[int, ...] = _fds_field()
+
+    def expected_fds(self) -> int:
+        return len(self.files)
+
+
+@_message("get_files")
+class GetFiles(Message):
+    """A model's side files (config, tokenizer, ONNX graph), as read-only descriptors."""
+
+    name: str
+
+
 @_message("list")
 class ListModels(Message):
     pass
@@ -285,6 +304,15 @@ class Removed(Message):
 @_message("stats_reply")
 class StatsReply(Message):
     stats: dict[str, object]
+
+
+@_message("files")
+class Files(Message):
+    names: tuple[str, ...]
+    fds: tuple[int, ...] = _fds_field()
+
+    def expected_fds(self) -> int:
+        return len(self.names)
 
 
 @_message("pulled")

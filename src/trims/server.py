@@ -20,12 +20,16 @@ from typing import Callable
 from . import __version__, protocol
 from .cloud import remote_model_files
 from .acl import ADMIN, WRITE, AccessPolicy, Tenant
-from .errors import ConnectionLost, InvalidModel, LocalProtocolError, PermissionDenied, ProtocolError, RequestError
+from .errors import (ConnectionLost, InvalidModel, LocalProtocolError, PermissionDenied, ProtocolError, RequestError,
+                     StorageError)
 from .sources import FileSource
 from .store import Store
 from .transport import Channel
 
 log = logging.getLogger("trims.server")
+
+# Replies whose descriptors were opened just to be sent (segment descriptors are the store's).
+_OPENED_FOR_THE_REPLY = (protocol.Files,)
 
 # URL schemes a client may ask the daemon to read or write. Never file:// (the daemon would
 # open a path with its own rights: a confused deputy) nor http(s):// (requests to internal hosts).
@@ -91,6 +95,8 @@ class Server:
             protocol.Pull: self._on_pull,
             protocol.Pin: self._on_pin,
             protocol.Unpin: self._on_unpin,
+            protocol.Adopt: self._on_adopt,
+            protocol.GetFiles: self._on_get_files,
         }
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -196,6 +202,10 @@ class Server:
                         self.store.release(reply.lease, conn_id)
                     channel.send(protocol.Error(id=request.id, code="internal",
                                                 message=f"the daemon could not encode its reply to {request.TYPE}; see its log"))
+                finally:
+                    if isinstance(reply, _OPENED_FOR_THE_REPLY):  # the peer has its own copies now
+                        for fd in reply.fds:
+                            os.close(fd)
         except (ConnectionLost, OSError):
             pass
         finally:
@@ -260,6 +270,24 @@ class Server:
             files = [FileSource(label, fd) for label, fd in zip(request.files, request.fds)]
         result = self.store.push(request.name, files, to=request.to, progress=ctx.progress("push"), tenant=ctx.tenant)
         return protocol.Pushed(id=request.id, result=result)
+
+    def _on_adopt(self, request: protocol.Adopt, ctx: _Context) -> protocol.Message:
+        files = [FileSource(label, fd) for label, fd in zip(request.files, request.fds)]
+        may_add = ctx.tenant.push or ctx.tenant.admin
+        return protocol.Pushed(id=request.id, result=self.store.adopt(files, ctx.tenant, may_add=may_add))
+
+    def _on_get_files(self, request: protocol.GetFiles, ctx: _Context) -> protocol.Message:
+        # The daemon's own store files, opened read-only: never a path a client named.
+        files = self.store.side_files(request.name, ctx.tenant)
+        fds: list[int] = []
+        try:
+            for _, path in files:
+                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise StorageError(f"cannot read {request.name}'s side files from the store: {exc.strerror}") from None
+        return protocol.Files(id=request.id, names=tuple(label for label, _ in files), fds=tuple(fds))
 
     def _on_list(self, request: protocol.ListModels, ctx: _Context) -> protocol.Message:
         return protocol.ModelList(id=request.id, models=tuple(self.store.list_models(ctx.tenant)))

@@ -50,6 +50,12 @@ class FileSource(Source):
     def size(self) -> int:
         return os.fstat(self._fd).st_size
 
+    def identity(self) -> tuple[int, int, int, int, int]:
+        """What stays the same while the file's bytes do: a write changes the change time,
+        which no one can set back."""
+        info = os.fstat(self._fd)
+        return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
     def read_into(self, offset: int, view: memoryview) -> int:
         try:
             return os.preadv(self._fd, [view], offset)

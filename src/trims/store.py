@@ -39,10 +39,16 @@ from .metrics import OPEN_SECONDS_BUCKETS, Metrics
 from .policy import POLICIES
 from .protocol import ModelSummary, PushResult, TensorEntry, TensorTable
 from .records import Manifest, SegmentLayout
-from .sources import Source
+from .sources import FileSource, Source
 from .tier import PIN_TIERS, UNBOUNDED, Tier
 
 log = logging.getLogger("trims.store")
+
+ADOPTED = "auto"  # the namespace of models registered by content, by the transparent mode
+
+
+def adopted_name(model_digest: str) -> str:
+    return f"{ADOPTED}/{digests.hex_of(model_digest)[:32]}:latest"
 
 TIERS = ("host", "disk", "cloud")
 # Starting guesses of how fast each tier refills the one above it; refined by measurement.
@@ -136,6 +142,7 @@ class Store:
         self._placements: dict[str, _Placement] = {}
         self._doomed: set[str] = set()  # unused segments kept only until their leases end
         self._rates = dict(_INITIAL_RATES)
+        self._adopted: dict[tuple, str] = {}  # identities of files adopted -> model digest
         self._describe_metrics()
         self._take_stock()
 
@@ -160,22 +167,24 @@ class Store:
 
     # --- registration -----------------------------------------------------------------------
 
-    def push(self, reference: str, files: list[Source], *, to: str | None = None,
+    def push(self, reference: str | None, files: list[Source], *, to: str | None = None,
              progress: ingest.Progress | None = None, tenant: Tenant = EVERYONE) -> PushResult:
         """Register a model from ``files``; with ``to`` (default: the daemon's ``--cloud``), also
-        upload its segments there.
+        upload its segments there. With no ``reference``, the model is named by its digest,
+        ``auto/<digest>``.
 
         Files that are objects in a bucket (:class:`~trims.cloud.RemoteFile`) stay the cloud
         copy of what they hold, so the disk may later give those bytes up.
         """
-        name = names.canonical(reference)
-        if digests.is_digest(name):
+        name = names.canonical(reference) if reference is not None else None
+        if name is not None and digests.is_digest(name):
             raise InvalidName("push needs a NAME[:TAG] to tag the model with, not a digest")
-        if not tenant.can_see(name):
-            raise PermissionDenied(f"tenant {tenant.name} may not push {name}: it is outside its namespaces")
+        if not tenant.can_see(name or f"{ADOPTED}/x"):
+            raise PermissionDenied(f"tenant {tenant.name} may not push {name or ADOPTED + '/*'}: "
+                                   "it is outside its namespaces")
         planned = ingest.plan(files)
         with self._changed:
-            self._check_push_quota_locked(tenant, name, sum(spec.nbytes for _, spec in planned.specs))
+            self._check_push_quota_locked(tenant, name or "", sum(spec.nbytes for _, spec in planned.specs))
             try:
                 self._make_room_locked(self.disk, planned.size)
             except _NoRoom:
@@ -188,6 +197,7 @@ class Store:
                 self._reserved["disk"] -= planned.size
                 self._changed.notify_all()
         manifest = ingested.manifest
+        name = name or adopted_name(manifest.digest)
         to = to or self.cloud.default_url  # with --cloud, every model gets a copy the disk can give up
         if to is not None:
             self._upload(manifest, to)
@@ -197,7 +207,7 @@ class Store:
         return PushResult(name=name, digest=manifest.digest, nbytes=manifest.nbytes, tensors=len(manifest.tensors),
                           new_bytes=new_bytes)
 
-    def _write_and_commit(self, name: str, planned: ingest.Plan, files: list[Source],
+    def _write_and_commit(self, name: str | None, planned: ingest.Plan, files: list[Source],
                           progress: ingest.Progress | None, tenant: Tenant) -> tuple[ingest.Ingested, int]:
         remote_urls = {f.label: f.url for f in files if isinstance(f, RemoteFile)}
         catalog = self.catalog
@@ -214,7 +224,7 @@ class Store:
                 return ingested, new_bytes
         raise StorageError(f"pushing {name} kept racing with removals; try again")
 
-    def _commit_locked(self, name: str, ingested: ingest.Ingested, remote_urls: dict[str, str],
+    def _commit_locked(self, name: str | None, ingested: ingest.Ingested, remote_urls: dict[str, str],
                        tenant: Tenant) -> int | None:
         """Make a push visible; the new bytes stored, or None if a tensor it relies on is gone."""
         catalog, segment = self.catalog, ingested.segment
@@ -233,6 +243,7 @@ class Store:
         for file_digest, data in ingested.side_files.items():
             catalog.add_file(file_digest, data)
         catalog.add_manifest(ingested.manifest)
+        name = name or adopted_name(ingested.manifest.digest)
         replaced = catalog.tags.get(name)
         catalog.set_tag(name, ingested.manifest.digest, owner=tenant.name)
         if replaced not in (None, ingested.manifest.digest):
@@ -255,6 +266,33 @@ class Store:
                 for segment_id in segments:
                     self._reading[segment_id] -= 1
                 self._settle_locked(segments)
+
+    def adopt(self, files: list[FileSource], tenant: Tenant = EVERYONE, *, may_add: bool = True) -> PushResult:
+        """Register files by content, for the transparent mode: the model is ``auto/<digest>``.
+
+        Files seen before and unchanged since (same device, inode, size, modification and
+        change times) are not read again; a new file is pushed, which needs ``may_add``.
+        """
+        key = tuple(f.identity() for f in files)
+        with self._lock:
+            known = self._adopted.get(key)
+            if known in self.catalog.manifests and adopted_name(known) in self.catalog.tags:
+                if tenant.can_see(adopted_name(known)):
+                    manifest = self.catalog.manifests[known]
+                    return PushResult(name=adopted_name(known), digest=known, nbytes=manifest.nbytes,
+                                      tensors=len(manifest.tensors), new_bytes=0)
+        if not may_add:
+            raise PermissionDenied(f"tenant {tenant.name} may not register new files; it needs the push role")
+        result = self.push(None, files, tenant=tenant)
+        with self._lock:
+            self._adopted[key] = result.digest
+        return result
+
+    def side_files(self, reference: str, tenant: Tenant = EVERYONE) -> list[tuple[str, Path]]:
+        """A model's side files (config, tokenizer, ONNX graph): names and paths in the store."""
+        with self._lock:
+            _, manifest = self._resolve(reference, tenant)
+            return [(label, self.catalog.file_path(d)) for label, d in sorted(manifest.files.items())]
 
     def remove(self, reference: str, tenant: Tenant = EVERYONE) -> int:
         """Untag a model; delete what no tag needs any more. Returns disk bytes deleted."""

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from .client import Client, ModelView, shared_client
 from .errors import ModelMismatch
 
-__all__ = ["load_state_dict", "load_model", "assemble", "state_dict_from_view"]
+__all__ = ["load_state_dict", "load_model", "assemble", "state_dict_from_view", "default_dtype"]
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -141,6 +141,22 @@ def _parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         _building.active = outer
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | str | None) -> Iterator[None]:
+    """Build modules in ``dtype`` when it is a floating-point type, as ``from_pretrained``
+    does for a checkpoint in that precision; otherwise change nothing."""
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 # In-place initialisers: on a meta tensor they compute nothing, yet each runs through

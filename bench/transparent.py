@@ -1,0 +1,207 @@
+"""Transparent mode vs the explicit API vs plain loading, in fresh processes.
+
+    python bench/transparent.py            # a few minutes
+    python bench/transparent.py --runs 3
+
+- Hugging Face: GPT-2 (124M) from a local directory. plain: ``from_pretrained(dir)``;
+  transparent: the same code under ``trims run``; explicit: ``trims.transformers.from_pretrained(tag)``.
+- ONNX: an MLP of about 100 MB of fp32 weights. plain: ``onnxruntime.InferenceSession(path)``;
+  explicit: ``trims.onnxruntime.InferenceSession(tag)`` (transparent mode covers safetensors
+  loaders only). Also the PSS of 4 sessions held at once.
+
+Median of --runs fresh processes per cell, modes interleaved; the weights are read into page
+cache before each plain run. Writes transparent.json and transparent.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))
+
+import numpy as np  # noqa: E402
+
+import trims  # noqa: E402
+from trims.config import format_size  # noqa: E402
+from trims.spawn import start_daemon_process  # noqa: E402
+
+WORKER = """
+import json, sys, time
+started = time.perf_counter()
+mode, target = sys.argv[1], sys.argv[2]
+if mode.startswith("onnx"):
+    import numpy as np, onnxruntime as ort
+    imports = time.perf_counter() - started
+    begin = time.perf_counter()
+    if mode == "onnx-plain":
+        session = ort.InferenceSession(target, providers=["CPUExecutionProvider"])
+    else:
+        import trims.onnxruntime
+        session = trims.onnxruntime.InferenceSession(target)
+    ready = time.perf_counter() - begin
+    session.run(None, {"x": np.ones((1, 2048), dtype=np.float32)})
+else:
+    import torch, transformers
+    import transformers.models.gpt2.modeling_gpt2  # transformers imports model code lazily: not on the clock
+    imports = time.perf_counter() - started
+    begin = time.perf_counter()
+    if mode == "hf-explicit":
+        import trims.transformers
+        model = trims.transformers.from_pretrained(target)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(target)
+    ready = time.perf_counter() - begin
+    with torch.no_grad():
+        model(input_ids=torch.arange(16).unsqueeze(0))
+first = time.perf_counter() - begin - ready
+print(json.dumps({"imports_s": imports, "ready_s": ready, "first_s": first}), flush=True)
+if "--hold" in sys.argv:
+    sys.stdin.readline()
+"""
+
+MODES = [  # label, worker mode, target is the tag (else the path), run under `trims run`
+    ("HF plain", "hf-plain", False, False),
+    ("HF transparent", "hf-plain", False, True),
+    ("HF explicit", "hf-explicit", True, False),
+    ("ONNX plain", "onnx-plain", False, False),
+    ("ONNX explicit", "onnx-explicit", True, False),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="trims-transparent-"))
+    hf_dir, onnx_path = _models(args.out / "cache")
+    socket_path = work / "trims.sock"
+    daemon = start_daemon_process(socket_path, work / "store", "4G", work / "daemon.log")
+    env = {**os.environ, "TRIMS_SOCKET": str(socket_path)}
+    try:
+        client = trims.connect(socket_path)
+        client.push(hf_dir, "bench/gpt2")
+        client.push(onnx_path, "bench/mlp")
+        _function("hf-plain", hf_dir, env, transparent=True)  # the transparent mode's first sight of the files
+        targets = {False: {"hf": hf_dir, "onnx": onnx_path}, True: {"hf": "bench/gpt2", "onnx": "bench/mlp"}}
+        samples: dict[str, list[dict]] = {label: [] for label, *_ in MODES}
+        for _ in range(args.runs):
+            for label, mode, by_tag, transparent in MODES:
+                target = targets[by_tag]["onnx" if mode.startswith("onnx") else "hf"]
+                if not by_tag:
+                    _read(Path(target))
+                samples[label].append(_function(mode, target, env, transparent))
+                print(label, samples[label][-1], flush=True)
+        memory = {label: _pss_of_holders(mode, targets[by_tag]["onnx"], env)
+                  for label, mode, by_tag, _ in MODES if mode.startswith("onnx")}
+    finally:
+        daemon.terminate()
+        daemon.wait()
+    summary = {label: {k: statistics.median(s[k] for s in runs) for k in ("imports_s", "ready_s", "first_s")}
+               for label, runs in samples.items()}
+    results = {"runs": args.runs, "summary": summary, "samples": samples, "onnx_pss_4_holders": memory,
+               "onnx_weights_bytes": onnx_path.stat().st_size}
+    (args.out / "transparent.json").write_text(json.dumps(results, indent=2))
+    (args.out / "transparent.md").write_text(_table(results))
+    print((args.out / "transparent.md").read_text())
+
+
+def _models(cache: Path) -> tuple[Path, Path]:
+    from trims.examples import EXAMPLES
+
+    hf_dir = cache / "gpt2"
+    if not (hf_dir / "config.json").exists():
+        EXAMPLES["gpt2"].build(hf_dir)
+    onnx_path = cache / "mlp" / "mlp.onnx"
+    if not onnx_path.exists():
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_mlp(onnx_path)
+    return hf_dir, onnx_path
+
+
+def _write_mlp(path: Path, width: int = 2048, layers: int = 6) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, current = [], [], "x"
+    for i in range(layers):
+        weight = (rng.standard_normal((width, width), dtype=np.float32) / width**0.5).astype(np.float32)
+        inits.append(numpy_helper.from_array(weight, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [current, f"w{i}"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"])]
+        current = f"r{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, [1, width])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+
+
+def _function(mode: str, target, env: dict, transparent: bool, hold: bool = False):
+    command = [sys.executable, "-c", WORKER, mode, str(target)] + (["--hold"] if hold else [])
+    if transparent:
+        command = [sys.executable, "-m", "trims", "run", "--", *command]
+    if hold:
+        return subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _read(path: Path) -> None:
+    for file in ([path] if path.is_file() else list(path.glob("*.safetensors"))):
+        file.read_bytes()
+
+
+def _pss_of_holders(mode: str, target, env: dict, holders: int = 4) -> int:
+    processes = []
+    try:
+        for _ in range(holders):
+            processes.append(_function(mode, target, env, transparent=False, hold=True))
+            processes[-1].stdout.readline()
+        total = 0
+        for process in processes:
+            for line in open(f"/proc/{process.pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        return total
+    finally:
+        for process in processes:
+            process.stdin.write("\n")
+            process.stdin.flush()
+            process.wait()
+
+
+def _table(results: dict) -> str:
+    s = results["summary"]
+    lines = [
+        f"Median of {results['runs']} fresh processes; imports are timed apart from loading.",
+        "",
+        "| model | plain | transparent (`trims run`) | explicit API | ready: plain / explicit |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(label: str) -> str:
+        return f"{s[label]['ready_s'] * 1e3:.1f} ms (+{s[label]['first_s'] * 1e3:.0f} ms first run)"
+
+    lines.append(f"| GPT-2 124M, HF directory | {cell('HF plain')} | {cell('HF transparent')} | {cell('HF explicit')} "
+                 f"| {s['HF plain']['ready_s'] / s['HF explicit']['ready_s']:.1f}x |")
+    lines.append(f"| MLP {format_size(results['onnx_weights_bytes'])}, ONNX | {cell('ONNX plain')} | n/a (safetensors only) "
+                 f"| {cell('ONNX explicit')} | {s['ONNX plain']['ready_s'] / s['ONNX explicit']['ready_s']:.1f}x |")
+    pss = results["onnx_pss_4_holders"]
+    lines += ["", f"PSS of 4 ONNX sessions held at once: plain {format_size(pss['ONNX plain'])}, "
+                  f"trims {format_size(pss['ONNX explicit'])} (weights {format_size(results['onnx_weights_bytes'])})."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""NumPy adapter, the neutral form: a model's tensors as arrays over the shared memory.
+
+    import trims.numpy
+    weights = trims.numpy.load_state_dict("resnet50:1")   # dict[str, numpy.ndarray]
+
+Arrays are read-only views of the daemon's segments; bf16 and fp8 come as ``ml_dtypes``
+types, packed fp4/fp6 as raw bytes. They keep the model's lease alive while they exist.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .client import Client, ModelView, shared_client
+
+__all__ = ["load_state_dict", "state_dict_from_view"]
+
+
+def load_state_dict(name: str, *, client: Client | None = None) -> dict[str, np.ndarray]:
+    return state_dict_from_view((client or shared_client()).open(name))
+
+
+def state_dict_from_view(view: ModelView, *, writable: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor of an open view. ``writable`` arrays may be written in place: the mapping
+    is private, so a write copies the page it touches into this process and nowhere else."""
+    arrays = {name: view[name] for name in view}
+    if writable:
+        for array in arrays.values():
+            array.flags.writeable = True
+    return arrays

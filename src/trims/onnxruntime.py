@@ -1,0 +1,53 @@
+"""ONNX Runtime adapter: a session whose initializers are the shared memory, not copies.
+
+    import trims.onnxruntime
+    session = trims.onnxruntime.InferenceSession("classifier:3")
+    session.run(None, {"input": batch})
+
+``trims push model.onnx`` stores the graph beside the weights (see :mod:`trims.onnx_format`).
+Each initializer is an ``OrtValue`` over the mapped segment, given to ONNX Runtime with
+``SessionOptions.add_initializer``, which uses it in place. (Measured with onnxruntime 1.32:
+``add_external_initializers`` copies every initializer into the session, and so do external
+data "files in memory"; ``add_initializer`` does not, but wants the graph loaded from a path,
+beside a file for its external-data placeholders.) Weight prepacking is off, since it would
+copy each packed weight into every process; ``prepack=True`` trades sharing for ONNX
+Runtime's packed matrix layouts. Needs the ``onnx`` extra.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import onnxruntime as ort
+
+from .client import Client, shared_client
+from .errors import ModelMismatch
+from .onnx_format import GRAPH_FILE, PLACEHOLDER
+
+__all__ = ["InferenceSession"]
+
+
+def InferenceSession(name: str, *, client: Client | None = None, sess_options: ort.SessionOptions | None = None,
+                     providers: Sequence[Any] | None = None, prepack: bool = False) -> ort.InferenceSession:  # noqa: N802
+    """An ``onnxruntime.InferenceSession`` for the ONNX model pushed as ``name``."""
+    client = client or shared_client()
+    files = client.files(name)
+    if GRAPH_FILE not in files:
+        raise ModelMismatch(f"{name} was not pushed from an .onnx file: it has no {GRAPH_FILE}")
+    view = client.open(name)
+    options = sess_options or ort.SessionOptions()
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    values = {n: ort.OrtValue.ortvalue_from_numpy(view[n]) for n in view}  # no copy: the arrays' memory
+    for tensor_name, value in values.items():
+        options.add_initializer(tensor_name, value)
+    with tempfile.TemporaryDirectory(prefix="trims-onnx-") as directory:
+        (Path(directory) / PLACEHOLDER).touch()  # what the placeholders name; never read
+        graph = Path(directory) / GRAPH_FILE
+        graph.write_bytes(files[GRAPH_FILE])
+        session = ort.InferenceSession(str(graph), sess_options=options,
+                                       providers=list(providers or ["CPUExecutionProvider"]))
+    session._trims_weights = (view, values)  # the session reads this memory for as long as it lives
+    return session

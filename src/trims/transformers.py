@@ -1,0 +1,77 @@
+"""Hugging Face adapter: a ready ``transformers`` model from a tag, weights shared.
+
+    import trims.transformers
+    model = trims.transformers.from_pretrained("gpt2:large")
+    tokenizer = AutoTokenizer.from_pretrained(trims.transformers.snapshot("gpt2:large"))
+
+``trims push`` of a model directory keeps its config and tokenizer files beside the weights,
+so the tag alone is enough: the architecture comes from ``config.json``, is built without
+weights of its own (see :func:`trims.torch.assemble`) and given the shared tensors; tied
+weights are tied again. Causal LMs, encoders and vision models alike.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from .client import Client, shared_client
+from .digest import hex_of
+from .torch import default_dtype, load_model
+
+__all__ = ["from_pretrained", "snapshot"]
+
+
+def from_pretrained(name: str, *, client: Client | None = None, model_class: type | None = None,
+                    **config_overrides: Any) -> transformers.PreTrainedModel:
+    """The model ``name`` with its stored config; ``model_class`` overrides the architecture
+    the config names, ``config_overrides`` its attributes (as ``from_pretrained`` takes them)."""
+    client = client or shared_client()
+    config = transformers.AutoConfig.from_pretrained(snapshot(name, client=client), **config_overrides)
+    cls = model_class or _architecture(config)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+
+    def build() -> torch.nn.Module:
+        with default_dtype(dtype):  # buffers the model computes come out in the checkpoint's precision
+            return cls(config)
+
+    return load_model(name, build, client=client)
+
+
+def snapshot(name: str, *, client: Client | None = None) -> Path:
+    """A local directory with the model's side files (config, tokenizer, generation config).
+
+    Written once per model digest under ``$XDG_CACHE_HOME/trims/files`` and reused: pass it
+    to ``AutoTokenizer.from_pretrained`` or anything else that wants a model directory.
+    """
+    client = client or shared_client()
+    model_digest = client.info(name).digest
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trims" / "files"
+    target = cache / hex_of(model_digest)
+    if not target.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
+        try:
+            for label, data in client.files(model_digest).items():
+                (staging / label).parent.mkdir(parents=True, exist_ok=True)
+                (staging / label).write_bytes(data)
+            staging.rename(target)  # complete or absent, even with processes racing here
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not target.is_dir():
+                raise
+    return target
+
+
+def _architecture(config: transformers.PretrainedConfig) -> type:
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel._model_mapping[type(config)]

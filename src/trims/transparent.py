@@ -1,0 +1,241 @@
+"""Transparent mode: unchanged code that loads safetensors gets the node's shared copy.
+
+With ``trims run -- CMD`` (or ``TRIMS_TRANSPARENT=1`` after ``trims hook install``), these
+calls are served from the daemon when it can, for files on local disk and the CPU:
+
+- ``safetensors.safe_open(path, framework="pt" | "numpy")``
+- ``safetensors.torch.load_file(path)``, ``safetensors.numpy.load_file(path)``
+- and through them, transformers' ``from_pretrained`` of a local directory.
+
+The file is passed to the daemon as a descriptor and registered by its content (the model
+``auto/<digest>``; the next process finds it warm, and a file seen before and unchanged is
+not read again). The tensors come back as copy-on-write views of the shared memory, so code
+that writes to them still works, on private copies. When the daemon cannot help (not
+running, not allowed, a device other than the CPU), the original function runs, after one
+warning line on stderr per process.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from .client import ModelView, shared_client
+from .errors import TrimsError
+
+__all__ = ["install", "installed"]
+
+_lock = threading.Lock()
+_originals: dict[str, Any] = {}  # "safetensors.safe_open" -> the real object
+_digests: dict[tuple, str] = {}  # identity of a file this process adopted -> model digest
+_warned = False
+_LAZY_MODULES = ("safetensors.torch", "safetensors.numpy")  # they import torch/numpy: not eagerly
+
+
+def installed() -> bool:
+    return "safetensors.safe_open" in _originals
+
+
+def install() -> None:
+    """Serve safetensors loads from the daemon in this process (idempotent).
+
+    Run it before the program imports its frameworks (``trims run`` does, at interpreter
+    start): ``from safetensors import safe_open`` then binds the replacement.
+    """
+    import safetensors
+
+    with _lock:
+        if installed():
+            return
+        _originals["safetensors.safe_open"] = safetensors.safe_open
+        safetensors.safe_open = SharedSafeOpen
+        for name in _LAZY_MODULES:
+            if name in sys.modules:
+                _patch(sys.modules[name])
+        sys.meta_path.insert(0, _LazyModuleFinder())
+    for module in list(sys.modules.values()):  # anything imported earlier that kept the originals
+        _rebind(module)
+
+
+# --- what replaces the safetensors loaders --------------------------------------------------
+
+
+class SharedSafeOpen:
+    """Stands in for ``safetensors.safe_open``; the real one handles what trims cannot."""
+
+    def __init__(self, filename: Any, framework: str, device: Any = "cpu", **kwargs: Any) -> None:
+        self._args = (filename, framework)
+        self._kwargs = {"device": device, **kwargs}
+        self._real = None
+        self._tensors: dict[str, Any] | None = None
+        self._view: ModelView | None = None
+        if str(device) == "cpu" and framework in ("pt", "torch", "numpy", "np"):
+            self._view = _shared_view(filename)
+        if self._view is not None:
+            self._tensors = _tensors(self._view, "numpy" if framework in ("numpy", "np") else "pt")
+        else:
+            self._real = _originals["safetensors.safe_open"](filename, framework, device=device, **kwargs)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors) if self._tensors is not None else self._real.keys()
+
+    def offset_keys(self) -> list[str]:
+        if self._tensors is None:
+            return self._real.offset_keys()
+        return sorted(self._tensors, key=lambda n: (self._view.index[n].segment, self._view.index[n].offset))
+
+    def metadata(self) -> dict[str, str] | None:
+        return (self._view.metadata or None) if self._view is not None else self._real.metadata()
+
+    def get_tensor(self, name: str) -> Any:
+        return self._tensors[name] if self._tensors is not None else self._real.get_tensor(name)
+
+    def get_slice(self, name: str) -> Any:
+        if self._tensors is None:
+            return self._real.get_slice(name)
+        return _Slice(self._tensors[name], self._view.index[name].dtype)
+
+    def __enter__(self) -> SharedSafeOpen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._real is not None:
+            self._real.__exit__(*exc)
+        self._tensors = None  # the tensors handed out keep the memory (and lease) alive
+
+    def __getattr__(self, name: str) -> Any:  # anything else: the real reader, opened on demand
+        if self.__dict__.get("_real") is None:
+            filename, framework = self._args
+            self._real = _originals["safetensors.safe_open"](filename, framework, **self._kwargs)
+        return getattr(self._real, name)
+
+
+class _Slice:
+    """Like safetensors' lazy slice: index it to get (a view of) the tensor."""
+
+    def __init__(self, tensor: Any, dtype: str) -> None:
+        self._tensor = tensor
+        self._dtype = dtype
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._tensor[index]
+
+    def get_shape(self) -> list[int]:
+        return list(self._tensor.shape)
+
+    def get_dtype(self) -> str:
+        return self._dtype
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tensor, name)
+
+
+def shared_torch_load_file(filename: Any, device: Any = "cpu", **kwargs: Any) -> dict[str, Any]:
+    view = _shared_view(filename) if str(device) == "cpu" and not kwargs else None
+    if view is None:
+        return _originals["safetensors.torch.load_file"](filename, device=device, **kwargs)
+    return _tensors(view, "pt")
+
+
+def shared_numpy_load_file(filename: Any) -> dict[str, Any]:
+    view = _shared_view(filename)
+    if view is None:
+        return _originals["safetensors.numpy.load_file"](filename)
+    return _tensors(view, "numpy")
+
+
+# --- from a path to a view of the shared copy ------------------------------------------------
+
+
+def _shared_view(filename: Any) -> ModelView | None:
+    """The daemon's copy of a local safetensors file, or None (with one warning) if it cannot help."""
+    try:
+        path = Path(os.fspath(filename))
+        info = path.stat()
+        identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        client = shared_client()
+        model_digest = _digests.get(identity)
+        if model_digest is None:
+            model_digest = _digests[identity] = client.adopt(path).digest
+        return client.open(model_digest)
+    except (TrimsError, OSError, TypeError) as exc:
+        _warn_once(f"trims: loading {filename} without the shared store: {exc}")
+        return None
+
+
+def _tensors(view: ModelView, framework: str) -> dict[str, Any]:
+    if framework == "pt":
+        from .torch import state_dict_from_view
+
+        return state_dict_from_view(view)
+    from .numpy import state_dict_from_view as arrays
+
+    return arrays(view, writable=True)  # as safetensors' own arrays are
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        sys.stderr.write(message.rstrip() + "\n")
+
+
+# --- putting the replacements where code will look for them ----------------------------------
+
+
+def _patch(module: Any) -> None:
+    """Replace ``load_file`` in safetensors.torch or safetensors.numpy, and its ``safe_open``."""
+    replacement = shared_torch_load_file if module.__name__ == "safetensors.torch" else shared_numpy_load_file
+    _originals.setdefault(f"{module.__name__}.load_file", module.load_file)
+    module.load_file = replacement
+    if hasattr(module, "safe_open"):
+        module.safe_open = SharedSafeOpen
+
+
+def _rebind(module: Any) -> None:
+    """Point names a module imported from safetensors at the replacements."""
+    swaps = {id(_originals[k]): v for k, v in (("safetensors.safe_open", SharedSafeOpen),
+                                                ("safetensors.torch.load_file", shared_torch_load_file),
+                                                ("safetensors.numpy.load_file", shared_numpy_load_file))
+             if k in _originals}
+    try:
+        items = list(vars(module).items())
+    except TypeError:
+        return
+    for attr, value in items:
+        if id(value) in swaps:
+            setattr(module, attr, swaps[id(value)])
+
+
+class _LazyModuleFinder(importlib.abc.MetaPathFinder):
+    """Patches safetensors.torch and safetensors.numpy when the program imports them."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _LAZY_MODULES:
+            return None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    spec.loader = _PatchingLoader(spec.loader)
+                    return spec
+        return None
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        _patch(module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)

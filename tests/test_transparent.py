@@ -1,0 +1,138 @@
+"""Unchanged scripts under `trims run`: their tensors live in the store, their outputs do not change."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from .conftest import ROOT
+from .models import build
+
+PRELUDE = """
+import json, sys, torch
+def in_store(pointer):
+    for line in open("/proc/self/maps"):
+        if "memfd:trims" in line:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if start <= pointer < end:
+                return True
+    return False
+directory = sys.argv[1]
+"""
+
+# Each script is ordinary user code: nothing in it mentions trims.
+SCRIPTS = {
+    "safetensors.torch.load_file": """
+        from safetensors.torch import load_file
+        from tests.models import tiny_gpt2, output_of
+        state = load_file(directory + "/model.safetensors")
+        model = tiny_gpt2()()
+        model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        result = {"output": output_of(model.eval(), "gpt2").flatten().tolist(),
+                  "shared": in_store(state["transformer.wte.weight"].data_ptr())}
+    """,
+    "safe_open, torch, get_slice": """
+        from safetensors import safe_open
+        with safe_open(directory + "/model.safetensors", framework="pt") as f:
+            state = {k: f.get_slice(k)[...] for k in f.keys()}
+            metadata = f.metadata()
+        result = {"output": [float(state[k].double().sum()) for k in sorted(state)],
+                  "shared": all(in_store(t.data_ptr()) for t in state.values()), "metadata": metadata}
+    """,
+    "safe_open, numpy": """
+        from safetensors import safe_open
+        with safe_open(directory + "/model.safetensors", framework="numpy") as f:
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+        arrays["transformer.wte.weight"][0, 0] = 42.0  # numpy callers may write: on a private copy
+        result = {"output": [float(arrays[k].astype("float64").sum()) for k in sorted(arrays)],
+                  "shared": in_store(arrays["transformer.h.0.mlp.c_fc.weight"].ctypes.data)}
+    """,
+    "safetensors.numpy.load_file": """
+        from safetensors.numpy import load_file
+        arrays = load_file(directory + "/model.safetensors")
+        result = {"output": [float(arrays[k].astype("float64").sum()) for k in sorted(arrays)],
+                  "shared": in_store(arrays["transformer.wte.weight"].ctypes.data)}
+    """,
+    "transformers from_pretrained": """
+        from transformers import AutoModelForCausalLM
+        from tests.models import output_of
+        model = AutoModelForCausalLM.from_pretrained(directory)
+        result = {"output": output_of(model, "gpt2").flatten().tolist(),
+                  "shared": in_store(model.transformer.h[0].mlp.c_fc.weight.data_ptr()),
+                  "tied": model.lm_head.weight is model.transformer.wte.weight}
+    """,
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gpt2")
+    build("gpt2", directory)
+    return directory
+
+
+def run_script(body: str, directory, env: dict, transparent: bool) -> tuple[dict, str]:
+    code = PRELUDE + textwrap.dedent(body) + "\nprint(json.dumps(result))\n"
+    command = [sys.executable, "-c", code, str(directory)]
+    if transparent:
+        command = [sys.executable, "-m", "trims", "run", "--", *command]
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_unchanged_scripts_share_the_store_and_give_the_same_outputs(script, model_dir, shared_daemon):
+    plain, _ = run_script(SCRIPTS[script], model_dir, shared_daemon.env, transparent=False)
+    shared, stderr = run_script(SCRIPTS[script], model_dir, shared_daemon.env, transparent=True)
+    again, _ = run_script(SCRIPTS[script], model_dir, shared_daemon.env, transparent=True)
+    assert not plain["shared"] and shared["shared"] and again["shared"]
+    assert shared["output"] == plain["output"] == again["output"]
+    assert shared.get("tied", True) and shared.get("metadata") == plain.get("metadata")
+    assert "trims" not in stderr
+
+
+def test_a_registered_file_is_read_once_and_found_by_its_content(model_dir, shared_daemon, tmp_path):
+    run_script(SCRIPTS["safetensors.torch.load_file"], model_dir, shared_daemon.env, transparent=True)
+    client = shared_daemon.client()
+    adopted = [m for m in client.list() if m.name.startswith("auto/")]
+    assert adopted
+    before = client.stats()["pushes"]["total"]
+    again = client.adopt(model_dir / "model.safetensors")  # unchanged: looked up, not hashed again
+    assert again.new_bytes == 0 and client.stats()["pushes"]["total"] == before
+    copy = tmp_path / "copy"  # the same bytes at another path are the same model
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
+    assert client.adopt(copy / "model.safetensors").digest == again.digest
+
+
+@pytest.mark.parametrize("script", ["safetensors.torch.load_file", "transformers from_pretrained"])
+def test_without_a_daemon_scripts_run_as_plain_with_one_warning(script, model_dir, tmp_path):
+    env = {**os.environ, "TRIMS_SOCKET": str(tmp_path / "nobody.sock")}
+    plain, _ = run_script(SCRIPTS[script], model_dir, env, transparent=False)
+    alone, stderr = run_script(SCRIPTS[script], model_dir, env, transparent=True)
+    assert alone["output"] == plain["output"] and not alone["shared"]
+    warnings = [line for line in stderr.splitlines() if line.startswith("trims:")]
+    assert len(warnings) == 1 and "without the shared store" in warnings[0]
+
+
+def test_the_hook_turns_transparent_mode_on_from_the_environment(model_dir, shared_daemon):
+    env = {**shared_daemon.env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
+    trims_cli = [sys.executable, "-m", "trims", "hook"]
+    code = PRELUDE + textwrap.dedent(SCRIPTS["safetensors.torch.load_file"]) + "\nprint(json.dumps(result))\n"
+    assert subprocess.run([*trims_cli, "install"], env=env, capture_output=True).returncode == 0
+    try:  # the hook lives in this environment's site-packages and acts only on TRIMS_TRANSPARENT=1
+        for flag, expected in (("1", True), ("", False)):
+            done = subprocess.run([sys.executable, "-c", code, str(model_dir)], env={**env, "TRIMS_TRANSPARENT": flag},
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout.strip().splitlines()[-1])["shared"] is expected
+    finally:
+        subprocess.run([*trims_cli, "uninstall"], env=env, check=True, capture_output=True)
