@@ -98,6 +98,10 @@ def test_onnxruntime_session_runs_on_shared_initializers(shared_daemon, tmp_path
                    for s in view.segments for e in view.index.values())
     packed = trims.onnxruntime.InferenceSession("adapters/mlp", client=client, prepack=True)
     assert np.array_equal(packed.run(None, {"x": x})[0], plain(prepack=True))
+    options = ort.SessionOptions()
+    trims.onnxruntime.InferenceSession("adapters/mlp", client=client, sess_options=options)
+    with pytest.raises(TypeError, match="pass a fresh SessionOptions"):
+        trims.onnxruntime.InferenceSession("adapters/mlp", client=client, sess_options=options)
 
 
 SESSION_MEMORY = """

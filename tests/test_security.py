@@ -36,7 +36,7 @@ admin = true
 [tenants.team-a]
 uids = [{TEAM_A}]
 namespaces = ["team-a/*", "public/*"]
-push = true
+push = ["team-a/*"]
 max_leased_bytes = "600K"
 max_pushed_bytes = "300K"
 
@@ -147,11 +147,14 @@ def test_roles_bound_what_a_tenant_may_change(secured):
         attempt("evict", lambda: client.evict("team-a/m"))
         attempt("pin", lambda: client.pin("team-a/m"))
         attempt("rm other", lambda: client.remove("team-b/m"))
+        attempt("push public", lambda: client.push({str(models / "10.safetensors")!r}, "public/overwritten"))
+        attempt("rm public", lambda: client.remove("public/m"))
     """)
     assert seen["push own"] == ["ok", "team-a/new:latest"]
     assert seen["push other"][0] == "PermissionDenied"
     assert seen["evict"][0] == "PermissionDenied" and seen["pin"][0] == "PermissionDenied"
     assert seen["rm other"][0] == "ModelNotFound"
+    assert seen["push public"][0] == "PermissionDenied" and seen["rm public"][0] == "PermissionDenied"
     assert {m.name for m in daemon.client().list()} >= {"team-b/m:latest", "team-a/new:latest"}
     daemon.client().remove("team-a/new")
 
@@ -193,3 +196,96 @@ def test_quotas_on_leased_and_pushed_bytes(secured):
     assert seen["push 2"][0] == "QuotaExceeded" and "max_pushed_bytes" in seen["push 2"][1]
     assert trims.connect(daemon.socket).stats()["leases"] == 0  # its leases ended with its process
     daemon.client().remove("team-a/q1")
+
+
+def test_transparent_registrations_stay_with_their_tenant(secured):
+    daemon, models = secured
+    seen = probe(daemon, TEAM_A, f"""
+        attempt("adopt", lambda: client.adopt({str(models / "10.safetensors")!r}).name)
+    """)
+    assert seen["adopt"][0] == "ok" and seen["adopt"][1].startswith("auto/team-a/")
+    seen_b = probe(daemon, TEAM_B_MEMBER, f"""
+        attempt("ls", lambda: [m.name for m in client.list()])
+        attempt("open", lambda: client.open({seen["adopt"][1]!r}))
+    """, groups=(TEAM_B_GROUP,))
+    assert seen_b["ls"] == ["ok", ["team-b/m:latest"]] and seen_b["open"][0] == "ModelNotFound"
+    daemon.client().remove(seen["adopt"][1])
+
+
+def test_a_descriptor_not_open_for_reading_is_refused(secured):
+    from trims import protocol, transport
+
+    daemon, models = secured
+    fd = os.open(models / "10.safetensors", os.O_PATH)
+    channel = transport.connect(daemon.socket)
+    try:
+        channel.send(protocol.Adopt(id=1, files=("m.safetensors",), fds=(fd,)))
+        reply = channel.receive()
+        assert isinstance(reply, protocol.Error) and "not open for reading" in reply.message
+    finally:
+        channel.close()
+        os.close(fd)
+
+
+def test_other_names_for_a_model_are_shown_only_if_visible(secured):
+    daemon, models = secured
+    client = daemon.client()
+    client.push(models / "10.safetensors", "public/shared")
+    client.push(models / "10.safetensors", "private/acquisition-target")
+    try:
+        seen = probe(daemon, TEAM_A, """
+            attempt("aliases", lambda: list(client.info("public/shared").aliases))
+        """)
+        assert seen["aliases"] == ["ok", []]
+        assert "private/acquisition-target:latest" in client.info("public/shared").aliases
+    finally:
+        client.remove("public/shared")
+        client.remove("private/acquisition-target")
+
+
+def test_concurrent_opens_cannot_race_past_a_quota(secured):
+    daemon, _ = secured
+    seen = probe(daemon, TEAM_A, """
+        import threading
+        opened, refused, clients = [], [], [trims.connect() for _ in range(8)]
+        def one(c):
+            try:
+                opened.append(c.open("public/m"))
+            except trims.QuotaExceeded:
+                refused.append(1)
+        threads = [threading.Thread(target=one, args=(c,)) for c in clients]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        attempt("counts", lambda: [len(opened), len(refused)])
+    """)
+    assert seen["counts"] == ["ok", [4, 4]]  # 128 KiB each, 600 KiB allowed: never a fifth
+
+
+def test_push_rights_are_their_own_namespaces(tmp_path):
+    from trims.acl import parse_tenants
+    from trims.config import parse_size
+    from trims.errors import ConfigError
+
+    policy = parse_tenants({"a": {"uids": [1], "namespaces": ["team-a/*", "public/*"], "push": ["team-a/*"]}}, parse_size)
+    (tenant,) = policy.tenants
+    assert tenant.can_push("team-a/x") and tenant.can_see("public/x") and not tenant.can_push("public/x")
+    assert tenant.can_push("auto/a/0123") and not tenant.can_see("auto/b/0123")
+    for bad in ({"admin": "no"}, {"push": "yes"}, {"max_leased_bytes": -1}, {"uids": "0"}):
+        with pytest.raises(ConfigError):
+            parse_tenants({"a": {"namespaces": ["*"], **bad}}, parse_size)
+
+
+def test_the_socket_directory_keeps_its_special_bits(tmp_path):
+    import stat as stat_module
+
+    from trims.daemon import _open_directory_to_socket_users
+
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    _open_directory_to_socket_users(sticky, 0o666, None)
+    assert stat_module.S_IMODE(sticky.stat().st_mode) == 0o1777  # /tmp-like: left alone
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    _open_directory_to_socket_users(private, 0o666, None)
+    assert stat_module.S_IMODE(private.stat().st_mode) == 0o711  # search only, for group and others

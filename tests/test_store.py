@@ -435,3 +435,70 @@ def test_evict_refuses_a_segment_an_unfinished_open_holds(tmp_path):
         assert store.host.get(segments[0]).fd >= 0 and _os.fstat(store.host.get(segments[0]).fd)
     finally:
         store.close()
+
+
+def test_a_fine_tune_or_a_part_reuses_stored_tensors_and_maps_only_what_it_needs(daemon, tmp_path):
+    """One user: any stored tensor may be reused. Opening a model maps the fewest segments
+    that hold its tensors."""
+    common, head, extra = torch.arange(1024.0), torch.randn(4096), torch.randn(256)
+    save_file({"common": common, "head": head}, tmp_path / "base.safetensors")
+    save_file({"common": common}, tmp_path / "part.safetensors")
+    save_file({"common": common, "head": head, "extra": extra}, tmp_path / "extended.safetensors")
+    client = daemon.client()
+    client.push(tmp_path / "base.safetensors", "base")
+    assert client.push(tmp_path / "part.safetensors", "part").new_bytes == 0
+    extended = client.push(tmp_path / "extended.safetensors", "extended")
+    assert extended.new_bytes == 1024 and client.info("extended").segments == 2
+    with client.open("part") as view:
+        assert view["common"].tobytes() == common.numpy().tobytes() and len(view.segments) == 1
+
+
+def _push(store, name: str, path, tenant):
+    from trims.sources import FileSource
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return store.push(name, [FileSource("model.safetensors", fd)], tenant=tenant)
+    finally:
+        os.close(fd)
+
+
+def test_storage_is_shared_only_where_every_reader_may_read_all_of_it(tmp_path):
+    """Mapping a segment exposes all of it: a model reuses another's segment only if each of
+    its readers may read every other tensor there. If the config later narrows, an open
+    that would expose a tensor is refused."""
+    from trims.acl import AccessPolicy, Tenant
+    from trims.store import Store
+
+    a = Tenant("a", uids=frozenset({1}), namespaces=("a/*", "shared/*"), push=("a/*", "shared/*"))
+    b = Tenant("b", uids=frozenset({2}), namespaces=("b/*", "shared/*"), push=("b/*",))
+    b_sees_a = Tenant("b", uids=frozenset({2}), namespaces=("a/*", "b/*", "shared/*"), push=("b/*",))
+    common, secret, extra = torch.arange(1024.0), torch.randn(4096), torch.randn(256)
+    save_file({"common": common, "secret": secret}, tmp_path / "base.safetensors")
+    save_file({"common": common}, tmp_path / "part.safetensors")
+    save_file({"common": common, "secret": secret, "extra": extra}, tmp_path / "tuned.safetensors")
+
+    store = Store(tmp_path / "store", host_capacity=1 << 30, access=AccessPolicy((a, b)))
+    try:
+        _push(store, "a/base", tmp_path / "base.safetensors", a)
+        assert _push(store, "b/part", tmp_path / "part.safetensors", b).new_bytes == 4096  # not a's segment
+        opened = store.open("b/part", owner=1, tenant=b)
+        assert [s.size for s in opened.segments] == [4096]  # nothing of "secret" is mapped
+        assert _push(store, "a/tuned", tmp_path / "tuned.safetensors", a).new_bytes == 1024  # a's own base
+        assert _push(store, "shared/part", tmp_path / "part.safetensors", a).new_bytes == 0  # b/part's segment
+    finally:
+        store.close()
+
+    store = Store(tmp_path / "store2", host_capacity=1 << 30, access=AccessPolicy((a, b_sees_a)))
+    try:
+        _push(store, "a/base", tmp_path / "base.safetensors", a)
+        assert _push(store, "shared/part", tmp_path / "part.safetensors", a).new_bytes == 0  # b may read a/base
+    finally:
+        store.close()
+    store = Store(tmp_path / "store2", host_capacity=1 << 30, access=AccessPolicy((a, b)))  # b no longer sees a/*
+    try:
+        assert store.open("shared/part", owner=1, tenant=a).segments
+        with pytest.raises(trims.PermissionDenied, match="push it again"):
+            store.open("shared/part", owner=2, tenant=b)
+    finally:
+        store.close()

@@ -3,8 +3,9 @@
 A connection's tenant comes from ``SO_PEERCRED`` (uid, gid) and ``SO_PEERGROUPS``
 (supplementary groups), never from anything the client says. A tenant sees, and may open,
 only models whose names match one of its namespace patterns (``team-a/*``, ``public/*``,
-``*``); to it, every other model does not exist. Writing (push, rm) needs ``push`` or
-``admin``; moving models between tiers (evict, pull, pin, unpin) needs ``admin``.
+``*``); to it, every other model does not exist. Writing (push, rm) is allowed where the
+tenant's ``push`` patterns (or, for an admin, its namespaces) match; moving models between
+tiers (evict, pull, pin, unpin) needs ``admin``.
 
 With no tenants configured the daemon is single-user: its own uid (and root) may do
 everything, and nobody else may connect.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import grp
+import re
 import os
 import pwd
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ from typing import Any
 from .errors import ConfigError, PermissionDenied
 
 READ, WRITE, ADMIN = "read", "write", "admin"
+ANY_ID = -1  # `uids = ["*"]`: every uid
+_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # it names the tenant's auto/<tenant>/ namespace
 
 
 @dataclass(frozen=True)
@@ -30,18 +34,29 @@ class Tenant:
     uids: frozenset[int] = frozenset()
     gids: frozenset[int] = frozenset()
     namespaces: tuple[str, ...] = ("*",)
-    push: bool = False
+    push: tuple[str, ...] = ()  # where it may push and remove
     admin: bool = False
     max_leased_bytes: int | None = None
     max_pushed_bytes: int | None = None
 
+    def matches(self, uid: int, gids: list[int]) -> bool:
+        return uid in self.uids or ANY_ID in self.uids or any(g in self.gids for g in gids)
+
     def can_see(self, name: str) -> bool:
-        """Whether a model name (``NAME:TAG``) lies in one of this tenant's namespaces."""
+        """Whether a model name (``NAME:TAG``) lies in one of this tenant's namespaces, or in
+        ``auto/<tenant>/``, where its transparent-mode registrations go."""
         bare = name.split(":", 1)[0]
-        return any(fnmatch.fnmatchcase(bare, pattern) for pattern in self.namespaces)
+        return bare.startswith(f"auto/{self.name}/") or any(fnmatch.fnmatchcase(bare, p) for p in self.namespaces)
+
+    def can_push(self, name: str) -> bool:
+        """Whether it may push or remove ``name`` (which it must also be able to see)."""
+        bare = name.split(":", 1)[0]
+        patterns = self.namespaces if self.admin else self.push
+        return self.can_see(name) and (bare.startswith(f"auto/{self.name}/") or
+                                       any(fnmatch.fnmatchcase(bare, p) for p in patterns))
 
     def require(self, right: str, what: str) -> None:
-        allowed = {READ: True, WRITE: self.push or self.admin, ADMIN: self.admin}[right]
+        allowed = {READ: True, WRITE: bool(self.push) or self.admin, ADMIN: self.admin}[right]
         if not allowed:
             role = "push or admin" if right == WRITE else "admin"
             raise PermissionDenied(f"tenant {self.name} may not {what}: that needs the {role} role in the daemon's config")
@@ -49,7 +64,7 @@ class Tenant:
 
 # The daemon's own view, for calls that come from inside it (pinned re-warms) and for
 # embedding the store in-process: sees everything, may do everything, no quotas.
-EVERYONE = Tenant("daemon", namespaces=("*",), push=True, admin=True)
+EVERYONE = Tenant("daemon", namespaces=("*",), push=("*",), admin=True)
 
 
 @dataclass(frozen=True)
@@ -58,13 +73,13 @@ class AccessPolicy:
 
     @classmethod
     def single_user(cls) -> AccessPolicy:
-        owner = Tenant("owner", uids=frozenset({os.getuid(), 0}), namespaces=("*",), push=True, admin=True)
+        owner = Tenant("owner", uids=frozenset({os.getuid(), 0}), namespaces=("*",), push=("*",), admin=True)
         return cls((owner,))
 
     def tenant_for(self, uid: int, gids: list[int]) -> Tenant:
         """The first tenant whose uids or gids match; PermissionDenied if none does."""
         for tenant in self.tenants:
-            if uid in tenant.uids or any(g in tenant.gids for g in gids):
+            if tenant.matches(uid, gids):
                 return tenant
         raise PermissionDenied(
             f"uid {uid} is not a tenant of this trims daemon; ask its operator to add it to the config's [tenants]"
@@ -77,26 +92,34 @@ def parse_tenants(table: dict[str, Any], parse_size) -> AccessPolicy:
     for name, spec in table.items():
         if not isinstance(spec, dict):
             raise ConfigError(f"tenants.{name} must be a table")
+        if not _TENANT_NAME.fullmatch(name):
+            raise ConfigError(f"tenant name {name!r}: use letters, digits, '.', '_' and '-'")
         unknown = set(spec) - {"uids", "gids", "namespaces", "push", "admin", "max_leased_bytes", "max_pushed_bytes"}
         if unknown:
             raise ConfigError(f"tenants.{name}: unknown setting {sorted(unknown)[0]!r}")
+        namespaces = tuple(_strings(spec.get("namespaces", []), f"tenants.{name}.namespaces"))
+        push = spec.get("push", False)
+        if isinstance(push, bool):  # true: wherever it can see
+            push = list(namespaces) if push else []
         tenants.append(Tenant(
             name=name,
             uids=frozenset(_ids(spec.get("uids", []), _uid, f"tenants.{name}.uids")),
             gids=frozenset(_ids(spec.get("gids", []), _gid, f"tenants.{name}.gids")),
-            namespaces=tuple(_strings(spec.get("namespaces", []), f"tenants.{name}.namespaces")),
-            push=bool(spec.get("push", False)),
-            admin=bool(spec.get("admin", False)),
-            max_leased_bytes=parse_size(spec["max_leased_bytes"]) if "max_leased_bytes" in spec else None,
-            max_pushed_bytes=parse_size(spec["max_pushed_bytes"]) if "max_pushed_bytes" in spec else None,
+            namespaces=namespaces,
+            push=tuple(_strings(push, f"tenants.{name}.push")),
+            admin=_boolean(spec.get("admin", False), f"tenants.{name}.admin"),
+            max_leased_bytes=_size(spec, "max_leased_bytes", name, parse_size),
+            max_pushed_bytes=_size(spec, "max_pushed_bytes", name, parse_size),
         ))
     return AccessPolicy(tuple(tenants))
 
 
 def _ids(values: Any, lookup, where: str) -> list[int]:
+    """Numbers, names, or "*" for any (a catch-all tenant: list it last)."""
     if not isinstance(values, list):
         raise ConfigError(f"{where} must be a list")
-    return [v if isinstance(v, int) and not isinstance(v, bool) else lookup(v, where) for v in values]
+    return [ANY_ID if v == "*" else v if isinstance(v, int) and not isinstance(v, bool) else lookup(v, where)
+            for v in values]
 
 
 def _uid(name: Any, where: str) -> int:
@@ -111,6 +134,24 @@ def _gid(name: Any, where: str) -> int:
         return grp.getgrnam(str(name)).gr_gid
     except KeyError:
         raise ConfigError(f"{where}: no group named {name!r}") from None
+
+
+def _boolean(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):  # "no" would be truthy: refuse anything but true and false
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    return value
+
+
+def _size(spec: dict[str, Any], key: str, tenant: str, parse_size) -> int | None:
+    if key not in spec:
+        return None
+    value = spec[key]
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"tenants.{tenant}.{key} must be a size like \"16G\"")
+    size = parse_size(value)
+    if size < 0:
+        raise ConfigError(f"tenants.{tenant}.{key} cannot be negative")
+    return size
 
 
 def _strings(values: Any, where: str) -> list[str]:

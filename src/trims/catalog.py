@@ -6,6 +6,7 @@ Layout (every file is written to ``tmp/``, fsynced, then renamed into place)::
     <store>/tags.json                 {"resnet50:1": "blake3:…"}: names point at digests
     <store>/pins.json                 {"resnet50:1": "host"}: names kept warm in a tier
     <store>/owners.json               {"resnet50:1": "team-a"}: the tenant charged for a name
+    <store>/uses.json                 {"blake3:…": ["blake3:…", …]}: the segments each model is read from
     <store>/models/<hex>.json         Manifest, named by the model digest
     <store>/segments/<hex>.json       SegmentLayout, named by the segment id
     <store>/files/<hex>               side files (config.json, tokenizer), by content digest
@@ -13,8 +14,8 @@ Layout (every file is written to ``tmp/``, fsynced, then renamed into place)::
 
 Segment bytes belong to the tiers (``disk/``, ``cloud/``), not to the catalogue. A crash at
 any point leaves either the old or the new state visible: a segment's bytes land before
-its layout, a layout before the manifest that uses it, a manifest before the tag that
-names it. What a crash leaves unreferenced is collected at the next start.
+its layout, a layout before the model's ``uses`` entry, that before the manifest, and a
+manifest before the tag that names it. What a crash leaves unreferenced is collected at the next start.
 
 Not thread-safe: the store serialises every call.
 """
@@ -29,7 +30,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import digest as digests
 from .errors import ConfigError, StorageError
@@ -47,7 +48,9 @@ class Catalog:
         self.tags: dict[str, str] = {}
         self.manifests: dict[str, Manifest] = {}
         self.segments: dict[str, SegmentLayout] = {}
-        self.locations: dict[str, tuple[str, int]] = {}  # tensor digest -> (segment, offset)
+        self._holders: dict[str, list[str]] = {}  # tensor digest -> segments holding its bytes
+        self._models_of: dict[str, set[str]] = {}  # tensor digest -> models that have it
+        self.uses: dict[str, tuple[str, ...]] = {}  # model digest -> the segments its tensors are read from
         self.pins: dict[str, str] = {}  # name -> tier
         self.owners: dict[str, str] = {}  # name -> the tenant that pushed it
         self._load()
@@ -73,10 +76,14 @@ class Catalog:
     def read_file(self, file_digest: str) -> bytes:
         return self.file_path(file_digest).read_bytes()
 
-    def add_manifest(self, manifest: Manifest) -> None:
+    def add_manifest(self, manifest: Manifest, uses: tuple[str, ...]) -> None:
+        """Record a model, read from the segments ``uses`` (see :meth:`choose_segments`)."""
+        if self.uses.get(manifest.digest) != uses:
+            self._write_json(self.root / "uses.json", {**self.uses, manifest.digest: list(uses)})
+            self.uses[manifest.digest] = uses
         if manifest.digest not in self.manifests:
             self._write_json(self._manifest_path(manifest.digest), manifest.to_json())
-            self.manifests[manifest.digest] = manifest
+            self._index_manifest(manifest)
 
     def set_tag(self, name: str, model_digest: str, owner: str) -> None:
         """Point ``name`` at a model; ``owner`` (a tenant) is charged for it in quotas."""
@@ -114,7 +121,13 @@ class Catalog:
         tagged = set(self.tags.values())
         for model_digest in [d for d in self.manifests if d not in tagged]:
             _unlink(self._manifest_path(model_digest))
-            del self.manifests[model_digest]
+            for digest in {t.digest for t in self.manifests.pop(model_digest).tensors}:
+                self._models_of[digest].discard(model_digest)
+                if not self._models_of[digest]:
+                    del self._models_of[digest]
+        if set(self.uses) - set(self.manifests):
+            self.uses = {d: s for d, s in self.uses.items() if d in self.manifests}
+            self._write_json(self.root / "uses.json", {d: list(s) for d, s in self.uses.items()})
         for name in [n for n in self.pins if n not in self.tags]:
             self.remove_pin(name)
         dropped = sorted(self.unused_segments() - keep_segments)
@@ -127,9 +140,53 @@ class Catalog:
         return dropped
 
     def unused_segments(self) -> set[str]:
-        """Segments no manifest draws a tensor from."""
-        used = {self.locations[t.digest][0] for m in self.manifests.values() for t in m.tensors}
-        return set(self.segments) - used
+        """Segments no model is read from."""
+        return set(self.segments) - {s for d in self.manifests for s in self.uses[d]}
+
+    def extras(self, segment_id: str, manifest: Manifest) -> set[str]:
+        """Tensors in a segment that are not the model's: whoever maps the segment to read
+        the model can read these too."""
+        mine = {t.digest for t in manifest.tensors}
+        return {e.digest for e in self.segments[segment_id].entries if e.digest not in mine}
+
+    def models_with(self, tensor_digest: str) -> set[str]:
+        return self._models_of.get(tensor_digest, set())
+
+    def covered(self, manifest: Manifest, usable: Callable[[str], bool]) -> set[str]:
+        """Which of a model's tensors already lie in segments it may be read from."""
+        mine = {t.digest for t in manifest.tensors}
+        return {e.digest for s in self._candidates(manifest) if usable(s)
+                for e in self.segments[s].entries if e.digest in mine}
+
+    def choose_segments(self, manifest: Manifest, usable: Callable[[str], bool]) -> tuple[str, ...] | None:
+        """The fewest segments, among those ``usable``, that hold every tensor of the model
+        (greedy: the segment with most of its tensors first); None if some tensor is in none."""
+        todo = {t.digest for t in manifest.tensors}
+        chosen = []
+        held = {s: {e.digest for e in self.segments[s].entries} & todo
+                for s in self._candidates(manifest) if usable(s)}
+        while todo:
+            best = max(sorted(held), key=lambda s: len(held[s] & todo), default=None)
+            if best is None or not held[best] & todo:
+                return None
+            chosen.append(best)
+            todo -= held.pop(best)
+        return tuple(chosen)
+
+    def placement(self, manifest: Manifest) -> dict[str, tuple[str, int]] | None:
+        """Where each of a model's tensors is read: digest -> (segment, offset), from the
+        segments recorded for it; None if one of those is gone or lacks a tensor."""
+        places: dict[str, tuple[str, int]] = {}
+        for segment_id in self.uses.get(manifest.digest, ()):
+            layout = self.segments.get(segment_id)
+            if layout is None:
+                return None
+            for entry in layout.entries:
+                places.setdefault(entry.digest, (segment_id, entry.offset))
+        return places if all(t.digest in places for t in manifest.tensors) else None
+
+    def _candidates(self, manifest: Manifest) -> list[str]:
+        return sorted({s for t in manifest.tensors for s in self._holders.get(t.digest, ())})
 
     def files_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.root / "files").iterdir())
@@ -162,6 +219,7 @@ class Catalog:
         shutil.rmtree(self.temp_dir())
         self.temp_dir().mkdir(mode=0o700)
         self._load_segments()
+        self.uses = {d: tuple(s) for d, s in (self._read_json(self.root / "uses.json") or {}).items()}
         self._load_manifests()
         tags = self._read_json(self.root / "tags.json") or {}
         self.tags = {name: d for name, d in tags.items() if self._usable_tag(name, d)}
@@ -187,11 +245,13 @@ class Catalog:
             except (TypeError, KeyError, ValueError) as exc:
                 log.error("model manifest %s is unusable and was skipped: %s", path.name, exc)
                 continue
-            missing = [t.name for t in manifest.tensors if t.digest not in self.locations]
-            if missing:
-                log.error("model %s lacks the bytes of %d tensors (e.g. %s); skipped", path.stem, len(missing), missing[0])
+            if manifest.digest not in self.uses:  # lost: read it only from segments wholly its own
+                own = self.choose_segments(manifest, lambda s: not self.extras(s, manifest))
+                self.uses[manifest.digest] = own or ()
+            if self.placement(manifest) is None:
+                log.error("model %s lacks the bytes of some of its %d tensors; skipped", path.stem, len(manifest.tensors))
                 continue
-            self.manifests[manifest.digest] = manifest
+            self._index_manifest(manifest)
 
     def _usable_tag(self, name: str, model_digest: str) -> bool:
         if model_digest in self.manifests:
@@ -201,17 +261,20 @@ class Catalog:
 
     def _index_segment(self, layout: SegmentLayout) -> None:
         self.segments[layout.id] = layout
-        for entry in layout.entries:
-            self.locations.setdefault(entry.digest, (layout.id, entry.offset))
+        for digest in {e.digest for e in layout.entries}:
+            self._holders.setdefault(digest, []).append(layout.id)
+
+    def _index_manifest(self, manifest: Manifest) -> None:
+        self.manifests[manifest.digest] = manifest
+        for tensor in manifest.tensors:
+            self._models_of.setdefault(tensor.digest, set()).add(manifest.digest)
 
     def _drop_segment(self, segment_id: str) -> None:
         _unlink(self.root / "segments" / f"{digests.hex_of(segment_id)}.json")
-        del self.segments[segment_id]
-        self.locations = {d: loc for d, loc in self.locations.items() if loc[0] != segment_id}
-        # Another segment may hold a copy of a tensor this one indexed first.
-        for layout in self.segments.values():
-            for entry in layout.entries:
-                self.locations.setdefault(entry.digest, (layout.id, entry.offset))
+        for digest in {e.digest for e in self.segments.pop(segment_id).entries}:
+            self._holders[digest].remove(segment_id)
+            if not self._holders[digest]:
+                del self._holders[digest]
 
     def _manifest_path(self, model_digest: str) -> Path:
         return self.root / "models" / f"{digests.hex_of(model_digest)}.json"

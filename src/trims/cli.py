@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from .client import Client, connect
-from .config import Settings, format_size, parse_size
+from .config import Settings, default_socket_path, format_size, parse_size
 from .errors import ConfigError, TrimsError
 from .policy import POLICIES
 from .tier import PIN_TIERS
@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     rm = commands.add_parser("rm", help="delete a model name, and its bytes once nothing uses them")
     rm.add_argument("name")
     rm.set_defaults(run=_rm)
+
+    health = commands.add_parser("health", help="exit 0 if the daemon answers (for container and Kubernetes probes)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    health.set_defaults(run=_health)
 
     stats = commands.add_parser("stats", help="daemon counters and memory use")
     stats.add_argument("--json", action="store_true")
@@ -197,6 +201,13 @@ def _progress_bar() -> Callable[[str, int, int], None] | None:
         sys.stderr.flush()
 
     return show
+
+
+def _health(args: argparse.Namespace) -> int:
+    with Client(args.socket or default_socket_path(), timeout=args.timeout) as client:
+        pong = client.ping()
+    print(f"ok: trims daemon {pong.daemon_version}, pid {pong.pid}, protocol {pong.protocol_version}")
+    return 0
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -297,7 +308,8 @@ def _hook(args: argparse.Namespace) -> int:
     that turns transparent mode on only when TRIMS_TRANSPARENT=1."""
     path = Path(sysconfig.get_paths()["purelib"]) / _PTH
     if args.action == "install":
-        path.write_text("import trims._pth_hook\n")
+        # The check stays in the .pth line: without TRIMS_TRANSPARENT, starting Python costs nothing more.
+        path.write_text('import os; os.environ.get("TRIMS_TRANSPARENT") == "1" and __import__("trims._pth_hook")\n')
         print(f"installed {path}: Python programs here run in transparent mode when TRIMS_TRANSPARENT=1")
     else:
         path.unlink(missing_ok=True)

@@ -153,15 +153,15 @@ def _mode(text: str) -> int:
 
 
 def default_config_file() -> Path | None:
-    """``$TRIMS_CONFIG``, else ``/etc/trims/trims.toml`` for root or
-    ``$XDG_CONFIG_HOME/trims/trims.toml`` for others, if it exists."""
+    """``$TRIMS_CONFIG``; else, the first that exists of ``$XDG_CONFIG_HOME/trims/trims.toml``
+    (not for root) and ``/etc/trims/trims.toml`` (a service user finds the system's)."""
     if os.environ.get(CONFIG_ENV):
         return Path(os.environ[CONFIG_ENV])
-    if os.getuid() == 0:
-        candidate = Path("/etc/trims/trims.toml")
-    else:
-        candidate = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "trims" / "trims.toml"
-    return candidate if candidate.is_file() else None
+    candidates = [Path("/etc/trims/trims.toml")]
+    if os.getuid() != 0:
+        user = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "trims" / "trims.toml"
+        candidates.insert(0, user)
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def _read_config(path: Path) -> dict[str, Any]:

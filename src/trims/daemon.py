@@ -7,6 +7,8 @@ import logging
 import os
 import resource
 import signal
+import socket
+import stat
 import threading
 
 from . import __version__, transport
@@ -34,22 +36,31 @@ class Daemon:
         self.store = Store(  # takes the store's lock
             settings.store_dir, host_capacity=settings.host_memory, disk_capacity=settings.disk,
             policy=settings.policy, cloud_url=settings.cloud, busy_timeout=settings.busy_timeout,
+            access=settings.access,
         )
         self.exporter: MetricsServer | None = None
         try:
-            group = _group_id(settings.socket_group)
-            private_directory(socket_path.parent, sticky_ok=True)
-            _open_directory_to_socket_users(socket_path.parent, settings.socket_mode, group)
-            _remove_stale_socket(socket_path)
-            listener = transport.listen(socket_path, settings.socket_mode, group)
+            listener = _socket_from_systemd()
+            self._owns_socket = listener is None
+            if listener is None:
+                group = _group_id(settings.socket_group)
+                private_directory(socket_path.parent, sticky_ok=True)
+                _open_directory_to_socket_users(socket_path.parent, settings.socket_mode, group)
+                _remove_stale_socket(socket_path)
+                listener = transport.listen(socket_path, settings.socket_mode, group)
             if settings.metrics_port is not None:
-                self.exporter = MetricsServer(self.store.metrics, settings.metrics_address, settings.metrics_port)
+                self.exporter = MetricsServer(self.store.metrics, self._locality, settings.metrics_address,
+                                              settings.metrics_port)
         except BaseException:
             self.store.close()
             raise
         self.server = Server(self.store, listener, max_connections=settings.max_connections, describe=self._describe,
                              access=settings.access, frame_timeout=settings.frame_timeout)
         self._listener = listener
+
+    def _locality(self) -> list[dict]:
+        return [{"name": m.name, "digest": m.digest, "nbytes": m.nbytes, "tiers": list(m.tiers), "leases": m.leases,
+                 "pinned": m.pinned} for m in self.store.list_models()]
 
     def _describe(self) -> dict:
         return {"pid": os.getpid(), "version": __version__, "open_fds": len(os.listdir("/proc/self/fd")),
@@ -74,15 +85,28 @@ class Daemon:
         self.server.shutdown()
 
     def close(self) -> None:
-        try:
-            os.unlink(self.settings.socket_path)
-        except FileNotFoundError:
-            pass
+        if self._owns_socket:  # a socket systemd passed in is systemd's to remove
+            try:
+                os.unlink(self.settings.socket_path)
+            except FileNotFoundError:
+                pass
         self._listener.close()
         if self.exporter is not None:
             self.exporter.close()
         self.store.close()
         log.info("trims daemon stopped")
+
+
+def _socket_from_systemd() -> socket.socket | None:
+    """The listening socket systemd passed (socket activation: LISTEN_PID/LISTEN_FDS), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or int(os.environ.get("LISTEN_FDS", "0") or 0) < 1:
+        return None
+    listener = socket.socket(fileno=3)  # SD_LISTEN_FDS_START
+    listener.set_inheritable(False)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for our children
+        os.environ.pop(name, None)
+    log.info("serving the socket systemd passed in")
+    return listener
 
 
 def _group_id(name: str | None) -> int | None:
@@ -98,16 +122,17 @@ def _open_directory_to_socket_users(directory, mode: int, group: int | None) -> 
     """Whoever may use the socket must be able to reach it: search (x) permission only, so
     its directory still cannot be listed or written by them."""
     info = os.stat(directory)
-    if info.st_uid != os.getuid():
-        return  # a shared directory like /tmp: already searchable
-    wanted = info.st_mode & 0o777
+    if info.st_uid != os.getuid() or info.st_mode & stat.S_ISVTX:
+        return  # a shared directory like /tmp: searchable already, and not ours to change
+    wanted = info.st_mode & 0o7777  # keep setgid and the rest as they are
     if mode & 0o060:
         wanted |= 0o010
-        if group is not None:
+        if group is not None and info.st_gid != group:
             os.chown(directory, -1, group)
     if mode & 0o006:
         wanted |= 0o001
-    os.chmod(directory, wanted)
+    if wanted != info.st_mode & 0o7777:
+        os.chmod(directory, wanted)
 
 
 def _remove_stale_socket(path) -> None:

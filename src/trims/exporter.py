@@ -1,10 +1,21 @@
-"""The Prometheus endpoint: ``GET /metrics`` on ``--metrics-port``, served from a thread."""
+"""The daemon's HTTP side, on ``--metrics-port``, served from a thread:
+
+- ``GET /metrics``: Prometheus text format;
+- ``GET /healthz``: 200 while the daemon runs (for probes that speak HTTP);
+- ``GET /models``: which models this node holds and in which tiers, as JSON, so a router
+  can send a request where its model is already warm.
+
+It has no notion of tenants: bind it to an address only the operator's network reaches
+(the default is 127.0.0.1).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
 
 from .metrics import Metrics
 
@@ -12,14 +23,18 @@ log = logging.getLogger("trims.exporter")
 
 
 class MetricsServer:
-    def __init__(self, metrics: Metrics, address: str, port: int) -> None:
-        handler = type("Handler", (_Handler,), {"metrics": metrics})
+    def __init__(self, metrics: Metrics, models: Callable[[], list[dict[str, Any]]], address: str, port: int) -> None:
+        handler = type("Handler", (_Handler,), {"routes": {
+            "/metrics": ("text/plain; version=0.0.4; charset=utf-8", lambda: metrics.render()),
+            "/healthz": ("text/plain; charset=utf-8", lambda: "ok\n"),
+            "/models": ("application/json", lambda: json.dumps(models(), indent=1) + "\n"),
+        }})
         self._http = ThreadingHTTPServer((address, port), handler)
         self._http.daemon_threads = True
         self.port = self._http.server_address[1]
         self._thread = threading.Thread(target=self._http.serve_forever, name="trims-metrics", daemon=True)
         self._thread.start()
-        log.info("metrics at http://%s:%d/metrics", address, self.port)
+        log.info("metrics at http://%s:%d/metrics, locality at /models", address, self.port)
 
     def close(self) -> None:
         self._http.shutdown()
@@ -27,15 +42,17 @@ class MetricsServer:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    metrics: Metrics
+    routes: dict[str, tuple[str, Callable[[], str]]]
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
-        if self.path.split("?")[0] != "/metrics":
-            self.send_error(404, "only /metrics is served here")
+        route = self.routes.get(self.path.split("?")[0])
+        if route is None:
+            self.send_error(404, f"served here: {', '.join(self.routes)}")
             return
-        body = self.metrics.render().encode()
+        content_type, render = route
+        body = render().encode()
         self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -31,7 +31,7 @@ from .sources import Source
 WEIGHTS_SUFFIX = ".safetensors"
 MAX_SIDE_FILE_BYTES = 64 * 1024 * 1024
 _CHUNK = 8 * 1024 * 1024
-_LABEL = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+LABEL = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")  # a side file's name: a plain relative path
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all); called from any thread
 
@@ -82,9 +82,10 @@ def plan(files: list[Source]) -> Plan:
     return Plan(specs, metadata, {f.label: _read_side_file(f) for f in side}, candidate)
 
 
-def write(planned: Plan, temp_dir: Path, is_stored: Callable[[str], bool], workers: int,
+def write(planned: Plan, temp_dir: Path, covered: Callable[[Manifest], set[str]], workers: int,
           progress: Progress | None = None) -> Ingested:
-    """Copy and hash every tensor; keep only those the store lacks. Leaves no temp file on error."""
+    """Copy and hash every tensor; keep those not already in segments the model may be read
+    from (``covered`` says which, given its manifest). Leaves no temp file on error."""
     fd, name = new_temp_file(temp_dir, planned.size)
     path = Path(name)
     try:
@@ -102,7 +103,7 @@ def write(planned: Plan, temp_dir: Path, is_stored: Callable[[str], bool], worke
             metadata=planned.metadata,
             files={label: digests.of_bytes(data) for label, data in planned.side_files.items()},
         )
-        segment, path = _keep_new_tensors(planned.candidate, tensor_digests, path, is_stored)
+        segment, path = _keep_new_tensors(planned.candidate, tensor_digests, path, covered(manifest))
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -114,7 +115,7 @@ def write(planned: Plan, temp_dir: Path, is_stored: Callable[[str], bool], worke
 def _split(files: list[Source]) -> tuple[list[Source], list[Source]]:
     labels = [f.label for f in files]
     for label in labels:
-        if not _LABEL.fullmatch(label) or ".." in label.split("/") or len(label) > 255:
+        if not LABEL.fullmatch(label) or ".." in label.split("/") or len(label) > 255:
             raise InvalidModel(f"file name {label[:80]!r} is not a plain relative path")
     if len(set(labels)) != len(labels):
         raise InvalidModel("the same file name was sent twice")
@@ -180,12 +181,12 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def _keep_new_tensors(
-    candidate: SegmentLayout, tensor_digests: list[str], path: Path, is_stored: Callable[[str], bool]
+    candidate: SegmentLayout, tensor_digests: list[str], path: Path, stored: set[str]
 ) -> tuple[SegmentLayout | None, Path | None]:
-    """The segment this push adds: only tensors the store lacks, each once."""
+    """The segment this push adds: only tensors not ``stored`` already, each once."""
     first: dict[str, int] = {}
     for i, d in enumerate(tensor_digests):
-        if not is_stored(d):
+        if d not in stored:
             first.setdefault(d, i)
     if not first:
         path.unlink()

@@ -33,16 +33,20 @@ def InferenceSession(name: str, *, client: Client | None = None, sess_options: o
                      providers: Sequence[Any] | None = None, prepack: bool = False) -> ort.InferenceSession:  # noqa: N802
     """An ``onnxruntime.InferenceSession`` for the ONNX model pushed as ``name``."""
     client = client or shared_client()
-    files = client.files(name)
+    view = client.open(name)
+    files = client.files(view.digest)  # by digest: the graph of the very weights just opened
     if GRAPH_FILE not in files:
         raise ModelMismatch(f"{name} was not pushed from an .onnx file: it has no {GRAPH_FILE}")
-    view = client.open(name)
     options = sess_options or ort.SessionOptions()
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     values = {n: ort.OrtValue.ortvalue_from_numpy(view[n]) for n in view}  # no copy: the arrays' memory
-    for tensor_name, value in values.items():
-        options.add_initializer(tensor_name, value)
+    try:
+        for tensor_name, value in values.items():
+            options.add_initializer(tensor_name, value)
+    except RuntimeError:  # ONNX Runtime refuses a second value for a name: options used before
+        raise TypeError("these SessionOptions already hold another session's initializers (trims adds the "
+                        "model's to them); pass a fresh SessionOptions for each session") from None
     with tempfile.TemporaryDirectory(prefix="trims-onnx-") as directory:
         (Path(directory) / PLACEHOLDER).touch()  # what the placeholders name; never read
         graph = Path(directory) / GRAPH_FILE

@@ -273,7 +273,7 @@ class Server:
 
     def _on_adopt(self, request: protocol.Adopt, ctx: _Context) -> protocol.Message:
         files = [FileSource(label, fd) for label, fd in zip(request.files, request.fds)]
-        may_add = ctx.tenant.push or ctx.tenant.admin
+        may_add = bool(ctx.tenant.push) or ctx.tenant.admin
         return protocol.Pushed(id=request.id, result=self.store.adopt(files, ctx.tenant, may_add=may_add))
 
     def _on_get_files(self, request: protocol.GetFiles, ctx: _Context) -> protocol.Message:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from abc import ABC, abstractmethod
@@ -42,10 +43,14 @@ class FileSource(Source):
         self._fd = fd
         try:
             info = os.fstat(fd)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         except OSError as exc:
             raise InvalidModel(f"{label}: cannot stat: {exc.strerror}") from None
         if not stat.S_ISREG(info.st_mode):
             raise InvalidModel(f"{label}: not a regular file")
+        # An O_PATH descriptor lets a client name a file it may not read: it must not count.
+        if flags & getattr(os, "O_PATH", 0) or flags & os.O_ACCMODE == os.O_WRONLY:
+            raise InvalidModel(f"{label}: the descriptor is not open for reading")
 
     def size(self) -> int:
         return os.fstat(self._fd).st_size

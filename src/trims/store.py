@@ -31,7 +31,7 @@ from . import ingest, names
 from .catalog import Catalog
 from .cloud import CloudTier, RemoteFile
 from .disk import DiskTier
-from .acl import EVERYONE, Tenant
+from .acl import EVERYONE, AccessPolicy, Tenant
 from .errors import (CapacityError, IntegrityError, InvalidName, ModelBusy, ModelNotFound, PermissionDenied,
                      QuotaExceeded, StorageError)
 from .host import HostSegment, HostTier
@@ -44,11 +44,13 @@ from .tier import PIN_TIERS, UNBOUNDED, Tier
 
 log = logging.getLogger("trims.store")
 
-ADOPTED = "auto"  # the namespace of models registered by content, by the transparent mode
+ADOPTED = "auto"  # models registered by content (transparent mode) go to auto/<tenant>/
 
 
-def adopted_name(model_digest: str) -> str:
-    return f"{ADOPTED}/{digests.hex_of(model_digest)[:32]}:latest"
+def adopted_name(tenant: str, model_digest: str) -> str:
+    """Each tenant's registrations under a namespace of its own: no tenant learns, through
+    them, what files another one loads."""
+    return f"{ADOPTED}/{tenant}/{digests.hex_of(model_digest)[:32]}:latest"
 
 TIERS = ("host", "disk", "cloud")
 # Starting guesses of how fast each tier refills the one above it; refined by measurement.
@@ -80,6 +82,7 @@ class _Placement:
 
     segments: tuple[str, ...]
     tensors: TensorTable
+    extras: frozenset[str]  # other models' tensors that share its segments
 
 
 class _NoRoom(Exception):
@@ -117,8 +120,10 @@ class Store:
         busy_timeout: float = 0.0,
         workers: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        access: AccessPolicy | None = None,
     ) -> None:
         self.catalog = Catalog(root)
+        self._access = access or AccessPolicy.single_user()  # who may read what decides what may share storage
         self._workers = workers or os.cpu_count() or 2
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="trims-verify")
         self.host = HostTier(host_capacity)
@@ -143,6 +148,7 @@ class Store:
         self._doomed: set[str] = set()  # unused segments kept only until their leases end
         self._rates = dict(_INITIAL_RATES)
         self._adopted: dict[tuple, str] = {}  # identities of files adopted -> model digest
+        self._quota_reserved: Counter[tuple[str, str]] = Counter()  # (kind, tenant) -> bytes of requests under way
         self._describe_metrics()
         self._take_stock()
 
@@ -179,25 +185,30 @@ class Store:
         name = names.canonical(reference) if reference is not None else None
         if name is not None and digests.is_digest(name):
             raise InvalidName("push needs a NAME[:TAG] to tag the model with, not a digest")
-        if not tenant.can_see(name or f"{ADOPTED}/x"):
-            raise PermissionDenied(f"tenant {tenant.name} may not push {name or ADOPTED + '/*'}: "
-                                   "it is outside its namespaces")
+        if name is not None and not tenant.can_push(name):
+            raise PermissionDenied(f"tenant {tenant.name} may not push {name}: it is outside the namespaces it may write")
         planned = ingest.plan(files)
+        model_bytes = sum(spec.nbytes for _, spec in planned.specs)
         with self._changed:
-            self._check_push_quota_locked(tenant, name or "", sum(spec.nbytes for _, spec in planned.specs))
+            self._check_push_quota_locked(tenant, name or "", model_bytes)
             try:
                 self._make_room_locked(self.disk, planned.size)
             except _NoRoom:
+                self._release_push_quota_locked(tenant, model_bytes)
                 raise CapacityError(self._full_message(self.disk, planned.size)) from None
+            except BaseException:
+                self._release_push_quota_locked(tenant, model_bytes)
+                raise
             self._reserved["disk"] += planned.size
         try:
             ingested, new_bytes = self._write_and_commit(name, planned, files, progress, tenant)
         finally:
             with self._changed:
                 self._reserved["disk"] -= planned.size
+                self._release_push_quota_locked(tenant, model_bytes)
                 self._changed.notify_all()
         manifest = ingested.manifest
-        name = name or adopted_name(manifest.digest)
+        name = name or adopted_name(tenant.name, manifest.digest)
         to = to or self.cloud.default_url  # with --cloud, every model gets a copy the disk can give up
         if to is not None:
             self._upload(manifest, to)
@@ -214,7 +225,8 @@ class Store:
         for _ in range(3):
             # Hashing runs outside the lock; what it took as already stored may be deleted
             # meanwhile by a concurrent `remove`. Then the commit refuses and we go again.
-            ingested = ingest.write(planned, catalog.temp_dir(), lambda d: d in catalog.locations, self._workers, progress)
+            ingested = ingest.write(planned, catalog.temp_dir(), lambda m: self._covered(m, name, tenant),
+                                    self._workers, progress)
             try:
                 with self._changed:
                     new_bytes = self._commit_locked(name, ingested, remote_urls, tenant)
@@ -228,11 +240,8 @@ class Store:
                        tenant: Tenant) -> int | None:
         """Make a push visible; the new bytes stored, or None if a tensor it relies on is gone."""
         catalog, segment = self.catalog, ingested.segment
-        carried = {e.digest for e in segment.entries} if segment else set()
-        if any(t.digest not in catalog.locations and t.digest not in carried for t in ingested.manifest.tensors):
-            return None
         new_bytes = 0
-        if segment is not None and any(e.digest not in catalog.locations for e in segment.entries):
+        if segment is not None and segment.id not in catalog.segments:
             self.disk.adopt(segment, ingested.segment_path)
             catalog.add_segment(segment)
             if remote_urls:  # pushed from a bucket: the objects stay the cloud copy
@@ -240,15 +249,76 @@ class Store:
                 self.cloud.register(segment, places)
             self._policies["disk"].admit(segment.id, segment.size, self._reload_cost(segment.id, "disk"))
             new_bytes = segment.size
+        manifest = ingested.manifest
+        name = name or adopted_name(tenant.name, manifest.digest)
+        uses = self._segments_for_locked(manifest, name)
+        if uses is None:  # a segment it counted on was removed, or became off limits, meanwhile
+            self._collect_garbage_locked()
+            return None
         for file_digest, data in ingested.side_files.items():
             catalog.add_file(file_digest, data)
-        catalog.add_manifest(ingested.manifest)
-        name = name or adopted_name(ingested.manifest.digest)
+        moved = catalog.uses.get(manifest.digest) not in (None, uses)
+        catalog.add_manifest(manifest, uses)
+        if moved:
+            self._placements.pop(manifest.digest, None)
         replaced = catalog.tags.get(name)
-        catalog.set_tag(name, ingested.manifest.digest, owner=tenant.name)
-        if replaced not in (None, ingested.manifest.digest):
-            self._collect_garbage_locked()  # the name's old model may now be unused
+        catalog.set_tag(name, manifest.digest, owner=tenant.name)
+        if moved or replaced not in (None, manifest.digest):
+            self._collect_garbage_locked()  # the name's old model, or the model's old segments, may be unused
         return new_bytes
+
+    # --- what may share storage -------------------------------------------------------------
+    #
+    # Mapping a segment exposes all of it, so a model may be read from another model's
+    # segment only if everyone who may read the model may read every other tensor in that
+    # segment through some model of their own. Then a fine-tune reuses its base's bytes,
+    # and one tenant's model never exposes another's private tensors. With one user (no
+    # tenants configured), everything may share.
+
+    def _covered(self, manifest: Manifest, name: str | None, tenant: Tenant) -> set[str]:
+        """Which of a new model's tensors are stored where it may be read from (see above)."""
+        with self._lock:
+            usable = self._usable_for_locked(manifest, name or adopted_name(tenant.name, manifest.digest))
+            return self.catalog.covered(manifest, usable)
+
+    def _segments_for_locked(self, manifest: Manifest, name: str) -> tuple[str, ...] | None:
+        """The segments a model pushed as ``name`` is read from: those it had, if all may
+        still be shared with the new name's readers, or else a fresh choice."""
+        usable = self._usable_for_locked(manifest, name)
+        current = self.catalog.uses.get(manifest.digest)
+        if current and self.catalog.placement(manifest) is not None and all(usable(s) for s in current):
+            return current
+        return self.catalog.choose_segments(manifest, usable)
+
+    def _usable_for_locked(self, manifest: Manifest, name: str) -> Callable[[str], bool]:
+        catalog = self.catalog
+        names_of: dict[str, list[str]] = {}
+        for tag, model_digest in catalog.tags.items():
+            names_of.setdefault(model_digest, []).append(tag)
+        readers = self._readers([name, *names_of.get(manifest.digest, ())])
+
+        def usable(segment_id: str) -> bool:
+            for extra in catalog.extras(segment_id, manifest):
+                others = catalog.models_with(extra) - {manifest.digest}
+                if not readers <= self._readers([n for m in others for n in names_of.get(m, ())]):
+                    return False
+            return True
+        return usable
+
+    def _readers(self, model_names: list[str]) -> set[str]:
+        return {t.name for t in self._access.tenants if any(t.can_see(n) for n in model_names)}
+
+    def _check_may_map_locked(self, tenant: Tenant, placement: _Placement) -> None:
+        """Refuse a model whose segments hold tensors this tenant may not read: only after the
+        access config narrowed since the model was pushed. Bytes of removed models stay
+        readable to those who could read them when they were shared."""
+        for extra in placement.extras:
+            holders = self.catalog.models_with(extra)
+            if holders and not any(tenant.can_see(n) for n, d in self.catalog.tags.items() if d in holders):
+                raise PermissionDenied(
+                    "this model shares storage with models you may not read (the daemon's access config "
+                    "changed since it was pushed); ask the operator to remove it (`trims rm`) and push it again"
+                )
 
     def _upload(self, manifest: Manifest, base_url: str) -> None:
         with self._lock:
@@ -273,14 +343,13 @@ class Store:
         Files seen before and unchanged since (same device, inode, size, modification and
         change times) are not read again; a new file is pushed, which needs ``may_add``.
         """
-        key = tuple(f.identity() for f in files)
+        key = (tenant.name, tuple(f.identity() for f in files))
         with self._lock:
             known = self._adopted.get(key)
-            if known in self.catalog.manifests and adopted_name(known) in self.catalog.tags:
-                if tenant.can_see(adopted_name(known)):
-                    manifest = self.catalog.manifests[known]
-                    return PushResult(name=adopted_name(known), digest=known, nbytes=manifest.nbytes,
-                                      tensors=len(manifest.tensors), new_bytes=0)
+            if known in self.catalog.manifests and adopted_name(tenant.name, known) in self.catalog.tags:
+                manifest = self.catalog.manifests[known]
+                return PushResult(name=adopted_name(tenant.name, known), digest=known, nbytes=manifest.nbytes,
+                                  tensors=len(manifest.tensors), new_bytes=0)
         if not may_add:
             raise PermissionDenied(f"tenant {tenant.name} may not register new files; it needs the push role")
         result = self.push(None, files, tenant=tenant)
@@ -300,6 +369,8 @@ class Store:
         with self._changed:
             if name not in self.catalog.tags or not tenant.can_see(name):
                 raise ModelNotFound(f"no model named {name}")
+            if not tenant.can_push(name):
+                raise PermissionDenied(f"tenant {tenant.name} may not remove {name}: it is outside the namespaces it may write")
             self.catalog.remove_tag(name)
             return self._collect_garbage_locked()
 
@@ -331,11 +402,17 @@ class Store:
         with self._lock:
             name, manifest = self._resolve(reference, tenant)
             placement = self._placement(manifest)
+            self._check_may_map_locked(tenant, placement)
             self._check_lease_quota_locked(tenant, manifest.nbytes)
-        segments, missed = self._acquire_all(placement.segments, started + self.busy_timeout)
-        with self._lock:
-            lease = next(self._lease_ids)
-            self._leases[lease] = _Lease(owner, tenant.name, manifest.digest, manifest.nbytes, placement.segments)
+        try:
+            segments, missed = self._acquire_all(placement.segments, started + self.busy_timeout)
+            with self._lock:
+                lease = next(self._lease_ids)
+                self._leases[lease] = _Lease(owner, tenant.name, manifest.digest, manifest.nbytes, placement.segments)
+        finally:
+            with self._lock:
+                if tenant.max_leased_bytes is not None:  # the lease (if any) counts from here on
+                    self._quota_reserved[("lease", tenant.name)] -= manifest.nbytes
         self.metrics.inc("trims_opens_total", result="miss" if missed else "hit")
         self.metrics.observe("trims_open_seconds", self._clock() - started)
         return OpenResult(lease, name, manifest, tuple(segments), placement.tensors)
@@ -662,24 +739,32 @@ class Store:
         return name, manifest
 
     def _check_lease_quota_locked(self, tenant: Tenant, nbytes: int) -> None:
+        """Refuse, or reserve ``nbytes`` of the tenant's quota until the open ends (see open)."""
         if tenant.max_leased_bytes is None:
             return
-        held = self._leased_bytes_locked(tenant.name)
+        held = self._leased_bytes_locked(tenant.name) + self._quota_reserved[("lease", tenant.name)]
         if held + nbytes > tenant.max_leased_bytes:
             raise QuotaExceeded(
                 f"tenant {tenant.name} holds leases on {held} bytes; {nbytes} more would pass its "
                 f"max_leased_bytes of {tenant.max_leased_bytes}; close models it no longer uses"
             )
+        self._quota_reserved[("lease", tenant.name)] += nbytes
 
     def _check_push_quota_locked(self, tenant: Tenant, name: str, nbytes: int) -> None:
+        """Refuse, or reserve ``nbytes`` of the tenant's quota until the push ends."""
         if tenant.max_pushed_bytes is None:
             return
-        pushed = self._pushed_bytes_locked(tenant.name, excluding=name)
+        pushed = self._pushed_bytes_locked(tenant.name, excluding=name) + self._quota_reserved[("push", tenant.name)]
         if pushed + nbytes > tenant.max_pushed_bytes:
             raise QuotaExceeded(
                 f"tenant {tenant.name} has pushed {pushed} bytes; {nbytes} more would pass its "
                 f"max_pushed_bytes of {tenant.max_pushed_bytes}; remove models it no longer needs (`trims rm`)"
             )
+        self._quota_reserved[("push", tenant.name)] += nbytes
+
+    def _release_push_quota_locked(self, tenant: Tenant, nbytes: int) -> None:
+        if tenant.max_pushed_bytes is not None:  # committed, the model's tag counts instead
+            self._quota_reserved[("push", tenant.name)] -= nbytes
 
     def _leased_bytes_locked(self, tenant: str) -> int:
         return sum(held.nbytes for held in self._leases.values() if held.tenant == tenant)
@@ -699,21 +784,23 @@ class Store:
         if cached is None:
             order: dict[str, int] = {}
             tensors = []
+            places = self.catalog.placement(manifest)
             for t in manifest.tensors:
-                segment_id, offset = self.catalog.locations[t.digest]
+                segment_id, offset = places[t.digest]
                 index = order.setdefault(segment_id, len(order))
                 tensors.append(TensorEntry(t.name, t.dtype, t.shape, index, offset, t.nbytes))
-            cached = self._placements[manifest.digest] = _Placement(tuple(order), TensorTable.of(tensors))
+            extras = frozenset(d for s in order for d in self.catalog.extras(s, manifest))
+            cached = self._placements[manifest.digest] = _Placement(tuple(order), TensorTable.of(tensors), extras)
         return cached
 
     def list_models(self, tenant: Tenant = EVERYONE) -> list[ModelSummary]:
         with self._lock:
-            return [self._summary_locked(name) for name in sorted(self.catalog.tags) if tenant.can_see(name)]
+            return [self._summary_locked(name, tenant) for name in sorted(self.catalog.tags) if tenant.can_see(name)]
 
     def info(self, reference: str, tenant: Tenant = EVERYONE) -> ModelSummary:
         with self._lock:
             name, _ = self._resolve(reference, tenant)
-            return self._summary_locked(name)
+            return self._summary_locked(name, tenant)
 
     def usage(self, tenant: Tenant) -> dict[str, Any]:
         """What a tenant sees of the daemon: its own models, leases and quotas, nobody else's."""
@@ -728,7 +815,9 @@ class Store:
                 "max_pushed_bytes": tenant.max_pushed_bytes,
             }
 
-    def _summary_locked(self, name: str) -> ModelSummary:
+    def _summary_locked(self, name: str, tenant: Tenant) -> ModelSummary:
+        """What ``tenant`` may know of a model: other names for it only if it may see them,
+        and only its own leases unless it is an admin."""
         _, manifest = self._resolve(name)
         segments = self._placement(manifest).segments
         return ModelSummary(
@@ -737,12 +826,14 @@ class Store:
             nbytes=manifest.nbytes,
             tensors=len(manifest.tensors),
             tiers=tuple(t for t, tier in self._tiers.items() if all(tier.has(s) for s in segments)),
-            leases=sum(1 for held in self._leases.values() if held.model == manifest.digest),
+            leases=sum(1 for held in self._leases.values()
+                       if held.model == manifest.digest and (tenant.admin or held.tenant == tenant.name)),
             segments=len(segments),
             dtypes=dict(Counter(t.dtype for t in manifest.tensors)),
             metadata=manifest.metadata,
             files=tuple(sorted(manifest.files)),
-            aliases=tuple(n for n, d in sorted(self.catalog.tags.items()) if d == manifest.digest and n != name),
+            aliases=tuple(n for n, d in sorted(self.catalog.tags.items())
+                          if d == manifest.digest and n != name and tenant.can_see(n)),
             pinned=self.catalog.pins.get(name, ""),
         )
 

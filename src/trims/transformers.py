@@ -23,6 +23,7 @@ import transformers
 
 from .client import Client, shared_client
 from .digest import hex_of
+from .ingest import LABEL as _LABEL
 from .torch import default_dtype, load_model
 
 __all__ = ["from_pretrained", "snapshot"]
@@ -33,7 +34,8 @@ def from_pretrained(name: str, *, client: Client | None = None, model_class: typ
     """The model ``name`` with its stored config; ``model_class`` overrides the architecture
     the config names, ``config_overrides`` its attributes (as ``from_pretrained`` takes them)."""
     client = client or shared_client()
-    config = transformers.AutoConfig.from_pretrained(snapshot(name, client=client), **config_overrides)
+    model_digest = client.info(name).digest  # one look-up: config and weights of the same version
+    config = transformers.AutoConfig.from_pretrained(snapshot(model_digest, client=client), **config_overrides)
     cls = model_class or _architecture(config)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
 
@@ -41,7 +43,7 @@ def from_pretrained(name: str, *, client: Client | None = None, model_class: typ
         with default_dtype(dtype):  # buffers the model computes come out in the checkpoint's precision
             return cls(config)
 
-    return load_model(name, build, client=client)
+    return load_model(model_digest, build, client=client)
 
 
 def snapshot(name: str, *, client: Client | None = None) -> Path:
@@ -56,16 +58,20 @@ def snapshot(name: str, *, client: Client | None = None) -> Path:
     target = cache / hex_of(model_digest)
     if not target.is_dir():
         cache.mkdir(parents=True, exist_ok=True)
+        files = client.files(model_digest)
         staging = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
         try:
-            for label, data in client.files(model_digest).items():
+            for label, data in files.items():
+                if not _LABEL.fullmatch(label) or ".." in label.split("/"):  # never trust a path from a socket
+                    raise ValueError(f"the daemon sent a side file named {label!r}")
                 (staging / label).parent.mkdir(parents=True, exist_ok=True)
                 (staging / label).write_bytes(data)
             staging.rename(target)  # complete or absent, even with processes racing here
         except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-            if not target.is_dir():
+            if not target.is_dir():  # another process finished first: use its copy
                 raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

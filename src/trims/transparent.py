@@ -33,6 +33,7 @@ _lock = threading.Lock()
 _originals: dict[str, Any] = {}  # "safetensors.safe_open" -> the real object
 _digests: dict[tuple, str] = {}  # identity of a file this process adopted -> model digest
 _warned = False
+_bypass = threading.local()  # .active while a real loader runs, in that thread
 _LAZY_MODULES = ("safetensors.torch", "safetensors.numpy")  # they import torch/numpy: not eagerly
 
 
@@ -73,7 +74,7 @@ class SharedSafeOpen:
         self._real = None
         self._tensors: dict[str, Any] | None = None
         self._view: ModelView | None = None
-        if str(device) == "cpu" and framework in ("pt", "torch", "numpy", "np"):
+        if str(device) == "cpu" and framework in ("pt", "torch", "numpy", "np") and not _bypassed():
             self._view = _shared_view(filename)
         if self._view is not None:
             self._tensors = _tensors(self._view, "numpy" if framework in ("numpy", "np") else "pt")
@@ -81,7 +82,7 @@ class SharedSafeOpen:
             self._real = _originals["safetensors.safe_open"](filename, framework, device=device, **kwargs)
 
     def keys(self) -> list[str]:
-        return list(self._tensors) if self._tensors is not None else self._real.keys()
+        return sorted(self._open()) if self._real is None else self._real.keys()  # sorted, as safetensors does
 
     def offset_keys(self) -> list[str]:
         if self._tensors is None:
@@ -89,15 +90,25 @@ class SharedSafeOpen:
         return sorted(self._tensors, key=lambda n: (self._view.index[n].segment, self._view.index[n].offset))
 
     def metadata(self) -> dict[str, str] | None:
-        return (self._view.metadata or None) if self._view is not None else self._real.metadata()
+        if self._real is not None:
+            return self._real.metadata()
+        self._open()
+        return self._view.metadata or None
 
     def get_tensor(self, name: str) -> Any:
-        return self._tensors[name] if self._tensors is not None else self._real.get_tensor(name)
+        return self._real.get_tensor(name) if self._real is not None else self._open()[name]
 
     def get_slice(self, name: str) -> Any:
-        if self._tensors is None:
+        if self._real is not None:
             return self._real.get_slice(name)
-        return _Slice(self._tensors[name], self._view.index[name].dtype)
+        return _Slice(self._open()[name], self._view.index[name].dtype)
+
+    def _open(self) -> dict[str, Any]:
+        if self._tensors is None:
+            from safetensors import SafetensorError
+
+            raise SafetensorError("File is closed")
+        return self._tensors
 
     def __enter__(self) -> SharedSafeOpen:
         return self
@@ -108,6 +119,8 @@ class SharedSafeOpen:
         self._tensors = None  # the tensors handed out keep the memory (and lease) alive
 
     def __getattr__(self, name: str) -> Any:  # anything else: the real reader, opened on demand
+        if name.startswith("_"):
+            raise AttributeError(name)
         if self.__dict__.get("_real") is None:
             filename, framework = self._args
             self._real = _originals["safetensors.safe_open"](filename, framework, **self._kwargs)
@@ -135,17 +148,30 @@ class _Slice:
 
 
 def shared_torch_load_file(filename: Any, device: Any = "cpu", **kwargs: Any) -> dict[str, Any]:
-    view = _shared_view(filename) if str(device) == "cpu" and not kwargs else None
+    view = _shared_view(filename) if str(device) == "cpu" and not kwargs and not _bypassed() else None
     if view is None:
-        return _originals["safetensors.torch.load_file"](filename, device=device, **kwargs)
+        return _original("safetensors.torch.load_file", filename, device=device, **kwargs)
     return _tensors(view, "pt")
 
 
 def shared_numpy_load_file(filename: Any) -> dict[str, Any]:
-    view = _shared_view(filename)
+    view = _shared_view(filename) if not _bypassed() else None
     if view is None:
-        return _originals["safetensors.numpy.load_file"](filename)
+        return _original("safetensors.numpy.load_file", filename)
     return _tensors(view, "numpy")
+
+
+def _bypassed() -> bool:
+    return getattr(_bypass, "active", False)
+
+
+def _original(name: str, *args: Any, **kwargs: Any) -> Any:
+    """Call a real loader; the safe_open it calls inside must not ask the daemon again."""
+    _bypass.active = True
+    try:
+        return _originals[name](*args, **kwargs)
+    finally:
+        _bypass.active = False
 
 
 # --- from a path to a view of the shared copy ------------------------------------------------
