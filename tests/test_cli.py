@@ -141,3 +141,76 @@ def test_importing_trims_imports_no_framework():
     code = "import sys, trims; print(sorted(m for m in ('torch', 'numpy', 'transformers', 'safetensors') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_health_for_probes(daemon, tmp_path):
+    healthy = trims_cli("health", env=daemon.env)
+    assert healthy.returncode == 0 and healthy.stdout.startswith("ok: trims daemon")
+    gone = trims_cli("health", "--timeout", "1", env={**os.environ, "TRIMS_SOCKET": str(tmp_path / "none.sock")})
+    assert gone.returncode == 1 and "no trims daemon" in gone.stderr
+
+
+def test_the_http_side_says_what_is_warm_on_this_node(tmp_path):
+    import urllib.request
+
+    from .conftest import DaemonProcess
+
+    daemon = DaemonProcess(tmp_path, extra=("--metrics-port", "0")).start()
+    try:
+        save_file({"w": torch.randn(1000)}, tmp_path / "m.safetensors")
+        client = daemon.client()
+        client.push(tmp_path / "m.safetensors", "team-a/m:1")
+        port = client.stats()["daemon"]["metrics_port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
+            assert reply.status == 200 and reply.read() == b"ok\n"
+        with client.open("team-a/m:1"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/models", timeout=5) as reply:
+                (model,) = json.load(reply)
+        assert model["name"] == "team-a/m:1" and model["tiers"] == ["host", "disk"] and model["leases"] == 1
+        listed = json.loads(trims_cli("ls", "--json", env=daemon.env).stdout)
+        assert [(m["name"], m["tiers"], m["leases"]) for m in listed] == [("team-a/m:1", ["host", "disk"], 0)]
+    finally:
+        daemon.kill()
+
+
+def test_systemd_socket_activation(tmp_path):
+    """systemd creates and listens on the socket, passes it as fd 3 (LISTEN_FDS), and keeps
+    it across restarts: the daemon serves it, and leaves it in place when it stops."""
+    import signal
+    import socket as socket_module
+
+    from .conftest import wait_for
+
+    path = tmp_path / "trims.sock"
+    listener = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(64)
+    command = (f'LISTEN_PID=$$ LISTEN_FDS=1 exec {sys.executable} -m trims serve --socket {path} '
+               f'--store {tmp_path / "store"} --host-memory 64M')
+    process = subprocess.Popen(["sh", "-c", command], pass_fds=(3,),
+                               preexec_fn=lambda: os.dup2(listener.fileno(), 3),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        env = {**os.environ, "TRIMS_SOCKET": str(path)}
+        wait_for(lambda: trims_cli("health", env=env).returncode == 0, timeout=30, message="the activated daemon")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert "serving the socket systemd passed in" in process.stderr.read()
+        assert path.is_socket()  # systemd's socket, still there for the next start
+    finally:
+        process.kill()
+        listener.close()
+
+
+def test_health_fails_on_a_daemon_that_accepts_but_never_answers(tmp_path):
+    import socket as socket_module
+
+    path = tmp_path / "wedged.sock"
+    wedged = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    wedged.bind(str(path))
+    wedged.listen(8)  # the kernel accepts connections; nobody reads them
+    try:
+        result = trims_cli("health", "--timeout", "1", env={**os.environ, "TRIMS_SOCKET": str(path)})
+    finally:
+        wedged.close()
+    assert result.returncode == 1 and "did not answer within 1 s" in result.stderr

@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import sysconfig
 import time
@@ -17,7 +18,7 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .client import Client, connect
 from .config import Settings, default_socket_path, format_size, parse_size
-from .errors import ConfigError, TrimsError
+from .errors import ConfigError, DaemonUnavailable, TrimsError
 from .policy import POLICIES
 from .tier import PIN_TIERS
 
@@ -204,8 +205,18 @@ def _progress_bar() -> Callable[[str, int, int], None] | None:
 
 
 def _health(args: argparse.Namespace) -> int:
-    with Client(args.socket or default_socket_path(), timeout=args.timeout) as client:
-        pong = client.ping()
+    path = args.socket or default_socket_path()
+
+    def too_slow(*_: object) -> None:  # a daemon that accepts but never answers is not healthy
+        raise DaemonUnavailable(f"the trims daemon at {path} did not answer within {args.timeout:g} s")
+
+    signal.signal(signal.SIGALRM, too_slow)
+    signal.setitimer(signal.ITIMER_REAL, args.timeout)
+    try:
+        with Client(path, timeout=args.timeout) as client:
+            pong = client.ping()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     print(f"ok: trims daemon {pong.daemon_version}, pid {pong.pid}, protocol {pong.protocol_version}")
     return 0
 

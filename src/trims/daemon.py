@@ -101,7 +101,11 @@ def _socket_from_systemd() -> socket.socket | None:
     """The listening socket systemd passed (socket activation: LISTEN_PID/LISTEN_FDS), if any."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()) or int(os.environ.get("LISTEN_FDS", "0") or 0) < 1:
         return None
-    listener = socket.socket(fileno=3)  # SD_LISTEN_FDS_START
+    try:
+        listener = socket.socket(fileno=3)  # SD_LISTEN_FDS_START
+    except OSError as exc:
+        raise ConfigError(f"LISTEN_FDS says a socket was passed in, but descriptor 3 is not one ({exc.strerror}); "
+                          "check the unit's trims.socket") from None
     listener.set_inheritable(False)
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for our children
         os.environ.pop(name, None)
