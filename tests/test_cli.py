@@ -160,6 +160,8 @@ def test_the_http_side_says_what_is_warm_on_this_node(tmp_path):
         save_file({"w": torch.randn(1000)}, tmp_path / "m.safetensors")
         client = daemon.client()
         client.push(tmp_path / "m.safetensors", "team-a/m:1")
+        save_file({"mine": torch.randn(10)}, tmp_path / "private.safetensors")
+        client.adopt(tmp_path / "private.safetensors")  # a tenant's own registration: not for the network
         port = client.stats()["daemon"]["metrics_port"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
             assert reply.status == 200 and reply.read() == b"ok\n"
@@ -168,7 +170,8 @@ def test_the_http_side_says_what_is_warm_on_this_node(tmp_path):
                 (model,) = json.load(reply)
         assert model["name"] == "team-a/m:1" and model["tiers"] == ["host", "disk"] and model["leases"] == 1
         listed = json.loads(trims_cli("ls", "--json", env=daemon.env).stdout)
-        assert [(m["name"], m["tiers"], m["leases"]) for m in listed] == [("team-a/m:1", ["host", "disk"], 0)]
+        assert ("team-a/m:1", ["host", "disk"], 0) in [(m["name"], m["tiers"], m["leases"]) for m in listed]
+        assert any(m["name"].startswith("auto/") for m in listed)  # its owner still sees it
     finally:
         daemon.kill()
 
@@ -202,6 +205,30 @@ def test_systemd_socket_activation(tmp_path):
         listener.close()
 
 
+@pytest.mark.parametrize("passed", ["tcp", "unix-not-listening", "count"])
+def test_socket_activation_refuses_what_is_not_a_listening_unix_socket(tmp_path, passed):
+    """A TCP socket would report every peer's uid as -1, an unlistened socket never accepts;
+    either is a config error that says what to fix, not a daemon that serves it."""
+    import socket as socket_module
+
+    family = socket_module.AF_INET if passed == "tcp" else socket_module.AF_UNIX
+    sock = socket_module.socket(family, socket_module.SOCK_STREAM)
+    if passed == "tcp":
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+    count = "one" if passed == "count" else "1"
+    command = (f'LISTEN_PID=$$ LISTEN_FDS={count} exec {sys.executable} -m trims serve --socket {tmp_path / "s.sock"} '
+               f'--store {tmp_path / "store"} --host-memory 64M')
+    try:
+        result = subprocess.run(["sh", "-c", command], pass_fds=(3,), preexec_fn=lambda: os.dup2(sock.fileno(), 3),
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        sock.close()
+    assert result.returncode != 0
+    expected = "is not a number of descriptors" if passed == "count" else "is not a listening Unix stream socket"
+    assert expected in result.stderr
+
+
 def test_health_fails_on_a_daemon_that_accepts_but_never_answers(tmp_path):
     import socket as socket_module
 
@@ -213,4 +240,4 @@ def test_health_fails_on_a_daemon_that_accepts_but_never_answers(tmp_path):
         result = trims_cli("health", "--timeout", "1", env={**os.environ, "TRIMS_SOCKET": str(path)})
     finally:
         wedged.close()
-    assert result.returncode == 1 and "did not answer within 1 s" in result.stderr
+    assert result.returncode == 1 and "did not answer: peer stalled: no answer within 1 s" in result.stderr

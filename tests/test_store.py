@@ -438,19 +438,44 @@ def test_evict_refuses_a_segment_an_unfinished_open_holds(tmp_path):
 
 
 def test_a_fine_tune_or_a_part_reuses_stored_tensors_and_maps_only_what_it_needs(daemon, tmp_path):
-    """One user: any stored tensor may be reused. Opening a model maps the fewest segments
-    that hold its tensors."""
-    common, head, extra = torch.arange(1024.0), torch.randn(4096), torch.randn(256)
+    """One user: a stored tensor is reused when at least half the segment holding it is the new
+    model's; opening a model maps the fewest segments that hold its tensors."""
+    common, head, extra = torch.arange(4096.0), torch.randn(1024), torch.randn(256)
     save_file({"common": common, "head": head}, tmp_path / "base.safetensors")
     save_file({"common": common}, tmp_path / "part.safetensors")
+    save_file({"head": head}, tmp_path / "small-part.safetensors")
     save_file({"common": common, "head": head, "extra": extra}, tmp_path / "extended.safetensors")
     client = daemon.client()
     client.push(tmp_path / "base.safetensors", "base")
     assert client.push(tmp_path / "part.safetensors", "part").new_bytes == 0
+    # 4 KiB of a 20 KiB segment: stored again rather than keeping 16 KiB of others' bytes mapped
+    assert client.push(tmp_path / "small-part.safetensors", "small-part").new_bytes == 4096
     extended = client.push(tmp_path / "extended.safetensors", "extended")
     assert extended.new_bytes == 1024 and client.info("extended").segments == 2
     with client.open("part") as view:
         assert view["common"].tobytes() == common.numpy().tobytes() and len(view.segments) == 1
+
+
+def test_removing_a_base_repacks_what_its_fine_tunes_still_use(daemon, tmp_path):
+    """A removed model's tensors leave the segments other models are read from: no one maps
+    them any more, and the disk gets their bytes back."""
+    common, head, tuned_head = torch.arange(4096.0), torch.randn(1024), torch.randn(1024)
+    save_file({"common": common, "head": head}, tmp_path / "base.safetensors")
+    save_file({"common": common, "head": tuned_head}, tmp_path / "tuned.safetensors")
+    client = daemon.client()
+    client.push(tmp_path / "base.safetensors", "base")
+    assert client.push(tmp_path / "tuned.safetensors", "tuned").new_bytes == 4096
+    held = client.open("tuned")  # a lease across the repack: its mapping stays valid
+    before = client.stats()["tiers"]["disk"]["used_bytes"]
+    client.remove("base")
+    with client.open("tuned") as view:
+        assert sorted(len(s) for s in view.segments) == [4096, 16384]  # nothing of "head" is mapped
+        assert view["head"].tobytes() == tuned_head.numpy().tobytes()
+        assert view["common"].tobytes() == common.numpy().tobytes()
+    assert held["common"].tobytes() == common.numpy().tobytes()
+    held.close()
+    assert client.stats()["tiers"]["disk"]["used_bytes"] == before - 4096
+    assert client.info("tuned").segments == 2
 
 
 def _push(store, name: str, path, tenant):
@@ -466,14 +491,14 @@ def _push(store, name: str, path, tenant):
 def test_storage_is_shared_only_where_every_reader_may_read_all_of_it(tmp_path):
     """Mapping a segment exposes all of it: a model reuses another's segment only if each of
     its readers may read every other tensor there. If the config later narrows, an open
-    that would expose a tensor is refused."""
+    that would expose a tensor is refused, until the tensor's own model is removed."""
     from trims.acl import AccessPolicy, Tenant
     from trims.store import Store
 
     a = Tenant("a", uids=frozenset({1}), namespaces=("a/*", "shared/*"), push=("a/*", "shared/*"))
     b = Tenant("b", uids=frozenset({2}), namespaces=("b/*", "shared/*"), push=("b/*",))
     b_sees_a = Tenant("b", uids=frozenset({2}), namespaces=("a/*", "b/*", "shared/*"), push=("b/*",))
-    common, secret, extra = torch.arange(1024.0), torch.randn(4096), torch.randn(256)
+    common, secret, extra = torch.arange(4096.0), torch.randn(1024), torch.randn(256)
     save_file({"common": common, "secret": secret}, tmp_path / "base.safetensors")
     save_file({"common": common}, tmp_path / "part.safetensors")
     save_file({"common": common, "secret": secret, "extra": extra}, tmp_path / "tuned.safetensors")
@@ -481,11 +506,15 @@ def test_storage_is_shared_only_where_every_reader_may_read_all_of_it(tmp_path):
     store = Store(tmp_path / "store", host_capacity=1 << 30, access=AccessPolicy((a, b)))
     try:
         _push(store, "a/base", tmp_path / "base.safetensors", a)
-        assert _push(store, "b/part", tmp_path / "part.safetensors", b).new_bytes == 4096  # not a's segment
+        assert _push(store, "b/part", tmp_path / "part.safetensors", b).new_bytes == 16384  # not a's segment
         opened = store.open("b/part", owner=1, tenant=b)
-        assert [s.size for s in opened.segments] == [4096]  # nothing of "secret" is mapped
+        assert [s.size for s in opened.segments] == [16384]  # nothing of "secret" is mapped
         assert _push(store, "a/tuned", tmp_path / "tuned.safetensors", a).new_bytes == 1024  # a's own base
         assert _push(store, "shared/part", tmp_path / "part.safetensors", a).new_bytes == 0  # b/part's segment
+        # Re-pointing a name: its old model does not vouch for the new one's extras.
+        _push(store, "shared/x", tmp_path / "tuned.safetensors", a)
+        _push(store, "shared/x", tmp_path / "part.safetensors", a)
+        assert [s.size for s in store.open("shared/x", owner=2, tenant=b).segments] == [16384]
     finally:
         store.close()
 
@@ -500,5 +529,7 @@ def test_storage_is_shared_only_where_every_reader_may_read_all_of_it(tmp_path):
         assert store.open("shared/part", owner=1, tenant=a).segments
         with pytest.raises(trims.PermissionDenied, match="push it again"):
             store.open("shared/part", owner=2, tenant=b)
+        store.remove("a/base", tenant=a)  # "secret" is nobody's now: it leaves the segment
+        assert [s.size for s in store.open("shared/part", owner=2, tenant=b).segments] == [16384]
     finally:
         store.close()

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from . import digest as digests
 from .errors import ConfigError, StorageError
-from .records import Manifest, SegmentLayout
+from .records import Manifest, SegmentEntry, SegmentLayout
 
 log = logging.getLogger("trims.catalog")
 
@@ -50,6 +50,7 @@ class Catalog:
         self.segments: dict[str, SegmentLayout] = {}
         self._holders: dict[str, list[str]] = {}  # tensor digest -> segments holding its bytes
         self._models_of: dict[str, set[str]] = {}  # tensor digest -> models that have it
+        self._names: dict[str, set[str]] = {}  # model digest -> the names pointing at it
         self.uses: dict[str, tuple[str, ...]] = {}  # model digest -> the segments its tensors are read from
         self.pins: dict[str, str] = {}  # name -> tier
         self.owners: dict[str, str] = {}  # name -> the tenant that pushed it
@@ -76,14 +77,28 @@ class Catalog:
     def read_file(self, file_digest: str) -> bytes:
         return self.file_path(file_digest).read_bytes()
 
-    def add_manifest(self, manifest: Manifest, uses: tuple[str, ...]) -> None:
-        """Record a model, read from the segments ``uses`` (see :meth:`choose_segments`)."""
+    def add_manifest(self, manifest: Manifest, uses: tuple[str, ...]) -> bool:
+        """Record a model, read from the segments ``uses`` (see :meth:`choose_segments`).
+        True if it was known and read from other segments until now."""
+        moved = self.uses.get(manifest.digest) not in (None, uses)
         if self.uses.get(manifest.digest) != uses:
-            self._write_json(self.root / "uses.json", {**self.uses, manifest.digest: list(uses)})
-            self.uses[manifest.digest] = uses
+            self._set_uses({**self.uses, manifest.digest: uses})
         if manifest.digest not in self.manifests:
             self._write_json(self._manifest_path(manifest.digest), manifest.to_json())
             self._index_manifest(manifest)
+        return moved
+
+    def replace_segment(self, old: str, new: SegmentLayout) -> list[str]:
+        """Read every model that uses segment ``old`` from ``new`` instead (which must hold
+        all their tensors); returns those models."""
+        self.add_segment(new)
+        moved = [d for d, segments in self.uses.items() if old in segments]
+        self._set_uses({d: tuple(new.id if s == old else s for s in segments) if d in moved else segments
+                        for d, segments in self.uses.items()})
+        return moved
+
+    def names_of(self, model_digest: str) -> set[str]:
+        return self._names.get(model_digest, set())
 
     def set_tag(self, name: str, model_digest: str, owner: str) -> None:
         """Point ``name`` at a model; ``owner`` (a tenant) is charged for it in quotas."""
@@ -92,12 +107,12 @@ class Catalog:
         self.owners = owners
         tags = {**self.tags, name: model_digest}
         self._write_json(self.root / "tags.json", tags)
-        self.tags = tags
+        self._set_tags(tags)
 
     def remove_tag(self, name: str) -> None:
         tags = {k: v for k, v in self.tags.items() if k != name}
         self._write_json(self.root / "tags.json", tags)
-        self.tags = tags
+        self._set_tags(tags)
         self.owners = {k: v for k, v in self.owners.items() if k in tags}
         self._write_json(self.root / "owners.json", self.owners)
 
@@ -126,8 +141,7 @@ class Catalog:
                 if not self._models_of[digest]:
                     del self._models_of[digest]
         if set(self.uses) - set(self.manifests):
-            self.uses = {d: s for d, s in self.uses.items() if d in self.manifests}
-            self._write_json(self.root / "uses.json", {d: list(s) for d, s in self.uses.items()})
+            self._set_uses({d: s for d, s in self.uses.items() if d in self.manifests})
         for name in [n for n in self.pins if n not in self.tags]:
             self.remove_pin(name)
         dropped = sorted(self.unused_segments() - keep_segments)
@@ -143,11 +157,20 @@ class Catalog:
         """Segments no model is read from."""
         return set(self.segments) - {s for d in self.manifests for s in self.uses[d]}
 
-    def extras(self, segment_id: str, manifest: Manifest) -> set[str]:
-        """Tensors in a segment that are not the model's: whoever maps the segment to read
-        the model can read these too."""
-        mine = {t.digest for t in manifest.tensors}
-        return {e.digest for e in self.segments[segment_id].entries if e.digest not in mine}
+    def extras(self, segment_id: str, mine: set[str]) -> list[SegmentEntry]:
+        """Tensors in a segment that are not among a model's (``mine``, its tensor digests):
+        whoever maps the segment to read the model can read these too."""
+        return [e for e in self.segments[segment_id].entries if e.digest not in mine]
+
+    def orphans_in_use(self) -> dict[str, set[str]]:
+        """Segments some model is read from that hold tensors no model has any more (their
+        model was removed or re-tagged): segment -> those tensors."""
+        found: dict[str, set[str]] = {}
+        for segment_id in {s for segments in self.uses.values() for s in segments}:
+            orphans = {e.digest for e in self.segments[segment_id].entries if not self._models_of.get(e.digest)}
+            if orphans:
+                found[segment_id] = orphans
+        return found
 
     def models_with(self, tensor_digest: str) -> set[str]:
         return self._models_of.get(tensor_digest, set())
@@ -159,14 +182,15 @@ class Catalog:
                 for e in self.segments[s].entries if e.digest in mine}
 
     def choose_segments(self, manifest: Manifest, usable: Callable[[str], bool]) -> tuple[str, ...] | None:
-        """The fewest segments, among those ``usable``, that hold every tensor of the model
-        (greedy: the segment with most of its tensors first); None if some tensor is in none."""
-        todo = {t.digest for t in manifest.tensors}
+        """Few segments, among those ``usable``, that hold every tensor of the model (greedy:
+        the one with most of its bytes first); None if some tensor is in none."""
+        sizes = {t.digest: t.nbytes for t in manifest.tensors}
+        todo = set(sizes)
         chosen = []
         held = {s: {e.digest for e in self.segments[s].entries} & todo
                 for s in self._candidates(manifest) if usable(s)}
         while todo:
-            best = max(sorted(held), key=lambda s: len(held[s] & todo), default=None)
+            best = max(sorted(held), key=lambda s: sum(sizes[d] for d in held[s] & todo), default=None)
             if best is None or not held[best] & todo:
                 return None
             chosen.append(best)
@@ -219,10 +243,10 @@ class Catalog:
         shutil.rmtree(self.temp_dir())
         self.temp_dir().mkdir(mode=0o700)
         self._load_segments()
-        self.uses = {d: tuple(s) for d, s in (self._read_json(self.root / "uses.json") or {}).items()}
+        self.uses = self._read_uses()
         self._load_manifests()
         tags = self._read_json(self.root / "tags.json") or {}
-        self.tags = {name: d for name, d in tags.items() if self._usable_tag(name, d)}
+        self._set_tags({name: d for name, d in tags.items() if self._usable_tag(name, d)})
         self.pins = {n: t for n, t in (self._read_json(self.root / "pins.json") or {}).items() if n in self.tags}
         self.owners = {n: o for n, o in (self._read_json(self.root / "owners.json") or {}).items() if n in self.tags}
 
@@ -245,9 +269,8 @@ class Catalog:
             except (TypeError, KeyError, ValueError) as exc:
                 log.error("model manifest %s is unusable and was skipped: %s", path.name, exc)
                 continue
-            if manifest.digest not in self.uses:  # lost: read it only from segments wholly its own
-                own = self.choose_segments(manifest, lambda s: not self.extras(s, manifest))
-                self.uses[manifest.digest] = own or ()
+            if manifest.digest not in self.uses:  # a store from before uses.json: any segment holding its tensors
+                self.uses[manifest.digest] = self.choose_segments(manifest, lambda s: True) or ()
             if self.placement(manifest) is None:
                 log.error("model %s lacks the bytes of some of its %d tensors; skipped", path.stem, len(manifest.tensors))
                 continue
@@ -263,6 +286,26 @@ class Catalog:
         self.segments[layout.id] = layout
         for digest in {e.digest for e in layout.entries}:
             self._holders.setdefault(digest, []).append(layout.id)
+
+    def _read_uses(self) -> dict[str, tuple[str, ...]]:
+        path = self.root / "uses.json"
+        if not path.exists():
+            return {}
+        try:
+            return {d: tuple(segments) for d, segments in json.loads(path.read_bytes()).items()}
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            # Guessing could widen what a model exposes, and dropping models loses data.
+            raise ConfigError(f"{path} is unreadable ({exc}); restore it from a backup of the store") from None
+
+    def _set_uses(self, uses: dict[str, tuple[str, ...]]) -> None:
+        self._write_json(self.root / "uses.json", {d: list(segments) for d, segments in uses.items()})
+        self.uses = uses
+
+    def _set_tags(self, tags: dict[str, str]) -> None:
+        self.tags = tags
+        self._names = {}
+        for name, model_digest in tags.items():
+            self._names.setdefault(model_digest, set()).add(name)
 
     def _index_manifest(self, manifest: Manifest) -> None:
         self.manifests[manifest.digest] = manifest

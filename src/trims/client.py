@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from . import protocol, transport
 from ._mapping import map_private
 from .config import default_socket_path
-from .errors import ConnectionLost, InvalidModel, RemoteProtocolError, error_for_code
+from .errors import ConnectionLost, DaemonUnavailable, InvalidModel, RemoteProtocolError, error_for_code
 from .protocol import ModelSummary, PushResult, TensorEntry
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def connect(socket: str | os.PathLike | None = None, *, timeout: float | None = 
     Raises :class:`~trims.errors.DaemonUnavailable` if no daemon answers.
     """
     client = Client(Path(socket) if socket is not None else default_socket_path(), timeout=timeout)
-    client.ping()
+    client.ping(timeout)
     return client
 
 
@@ -98,8 +98,13 @@ class Client:
 
     # --- public verbs ----------------------------------------------------------------------
 
-    def ping(self) -> protocol.Pong:
-        return self._request(protocol.Ping(), protocol.Pong)[0]
+    def ping(self, timeout: float | None = None) -> protocol.Pong:
+        """The daemon's version and pid; :class:`DaemonUnavailable` if it does not answer
+        within ``timeout`` seconds (a daemon that accepts but never answers is not healthy)."""
+        try:
+            return self._request(protocol.Ping(), protocol.Pong, reply_timeout=timeout)[0]
+        except ConnectionLost as exc:
+            raise DaemonUnavailable(f"the trims daemon at {self.socket_path} did not answer: {exc}") from None
 
     def open(self, name: str) -> ModelView:
         """Lease and map model ``name`` (``NAME[:TAG]`` or a ``blake3:`` digest)."""
@@ -184,7 +189,7 @@ class Client:
     # --- requests -------------------------------------------------------------------------------
 
     def _request(self, message: protocol.Message, reply_type: type[_Reply],
-                 progress: ProgressCallback | None = None) -> tuple[_Reply, int]:
+                 progress: ProgressCallback | None = None, reply_timeout: float | None = None) -> tuple[_Reply, int]:
         """Send one request and wait for its reply, reconnecting once if the daemon restarted."""
         with self._lock:
             for attempt in (1, 2):
@@ -192,7 +197,7 @@ class Client:
                 channel = self._channel_locked()
                 try:
                     self._flush_releases_locked(channel)
-                    reply = self._exchange_locked(channel, message, progress)
+                    reply = self._exchange_locked(channel, message, progress, reply_timeout)
                 except ConnectionLost:
                     self._drop_channel_locked()
                     if fresh or attempt == 2:
@@ -207,11 +212,12 @@ class Client:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _exchange_locked(self, channel: transport.Channel, message: protocol.Message,
-                         progress: ProgressCallback | None = None) -> protocol.Message:
+                         progress: ProgressCallback | None = None,
+                         reply_timeout: float | None = None) -> protocol.Message:
         self._next_id += 1
         request_id = self._next_id
         channel.send(_with_id(message, request_id))
-        reply = channel.receive()
+        reply = channel.receive(reply_timeout, reply_timeout)
         while isinstance(reply, protocol.Progress) and reply.id == request_id:
             if progress is not None:
                 progress(reply.stage, reply.done, reply.total)

@@ -16,7 +16,7 @@ from .config import UNBOUNDED, Settings, format_size, private_directory
 from .errors import ConfigError, DaemonUnavailable
 from .exporter import MetricsServer
 from .server import Server
-from .store import Store
+from .store import ADOPTED, Store
 
 log = logging.getLogger("trims.daemon")
 
@@ -59,8 +59,10 @@ class Daemon:
         self._listener = listener
 
     def _locality(self) -> list[dict]:
+        # The metrics port asks no one who they are: tenants' own registrations (transparent
+        # mode's auto/<tenant>/...) would tell anyone on the network who runs what.
         return [{"name": m.name, "digest": m.digest, "nbytes": m.nbytes, "tiers": list(m.tiers), "leases": m.leases,
-                 "pinned": m.pinned} for m in self.store.list_models()]
+                 "pinned": m.pinned} for m in self.store.list_models() if not m.name.startswith(f"{ADOPTED}/")]
 
     def _describe(self) -> dict:
         return {"pid": os.getpid(), "version": __version__, "open_fds": len(os.listdir("/proc/self/fd")),
@@ -99,13 +101,25 @@ class Daemon:
 
 def _socket_from_systemd() -> socket.socket | None:
     """The listening socket systemd passed (socket activation: LISTEN_PID/LISTEN_FDS), if any."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()) or int(os.environ.get("LISTEN_FDS", "0") or 0) < 1:
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = os.environ.get("LISTEN_FDS", "0") or "0"
+    if not count.isdigit():
+        raise ConfigError(f"LISTEN_FDS={count!r} is not a number of descriptors; check the unit's trims.socket")
+    if int(count) < 1:
         return None
     try:
         listener = socket.socket(fileno=3)  # SD_LISTEN_FDS_START
     except OSError as exc:
         raise ConfigError(f"LISTEN_FDS says a socket was passed in, but descriptor 3 is not one ({exc.strerror}); "
                           "check the unit's trims.socket") from None
+    # Only a listening Unix stream socket tells us who is calling (SO_PEERCRED); on TCP the
+    # peer's uid would read as -1, which the access rules must never see.
+    listening = listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM or not listening:
+        listener.detach()
+        raise ConfigError("the socket systemd passed in is not a listening Unix stream socket; set "
+                          "ListenStream=/run/trims/trims.sock (a path, not a port) in trims.socket")
     listener.set_inheritable(False)
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for our children
         os.environ.pop(name, None)

@@ -23,7 +23,7 @@ from typing import Callable
 from . import digest as digests
 from .catalog import storage_error
 from .disk import new_temp_file
-from .errors import InvalidModel
+from .errors import IntegrityError, InvalidModel
 from .records import Manifest, SegmentEntry, SegmentLayout, TensorRecord
 from .safetensors_format import TensorSpec, read_header
 from .sources import Source
@@ -194,18 +194,25 @@ def _keep_new_tensors(
     if len(first) == len(tensor_digests):
         entries = [SegmentEntry(d, e.offset, e.nbytes) for e, d in zip(candidate.entries, tensor_digests)]
         return SegmentLayout(size=candidate.size, entries=tuple(entries)), path
-    layout = SegmentLayout.pack([(d, candidate.entries[i].nbytes) for d, i in first.items()])
-    fd, compacted = new_temp_file(path.parent, layout.size)
-    os.close(fd)
+    keep = [SegmentEntry(d, candidate.entries[i].offset, candidate.entries[i].nbytes) for d, i in first.items()]
+    layout = SegmentLayout.pack([(e.digest, e.nbytes) for e in keep])
     try:
-        moves = [(candidate.entries[i].offset, e) for i, e in zip(first.values(), layout.entries)]
-        _copy_entries(path, Path(compacted), moves)
-    except BaseException:
-        Path(compacted).unlink(missing_ok=True)
-        raise
+        return layout, repack(path, keep, layout, path.parent)
     finally:
         path.unlink()
-    return layout, Path(compacted)
+
+
+def repack(source: Path, keep: list[SegmentEntry], layout: SegmentLayout, temp_dir: Path) -> Path:
+    """A new segment file in ``temp_dir`` laid out as ``layout`` (``SegmentLayout.pack`` of
+    ``keep``), holding the tensors ``keep`` locates in ``source``; copied in the kernel."""
+    fd, target = new_temp_file(temp_dir, layout.size)
+    os.close(fd)
+    try:
+        _copy_entries(source, Path(target), [(e.offset, placed) for e, placed in zip(keep, layout.entries)])
+    except BaseException:
+        Path(target).unlink(missing_ok=True)
+        raise
+    return Path(target)
 
 
 def _copy_entries(source: Path, target: Path, moves: list[tuple[int, SegmentEntry]]) -> None:
@@ -218,9 +225,9 @@ def _copy_entries(source: Path, target: Path, moves: list[tuple[int, SegmentEntr
                 try:
                     n = os.copy_file_range(src, dst, entry.nbytes - done, src_offset + done, entry.offset + done)
                 except OSError as exc:
-                    raise storage_error(exc, "compacting a new model") from None
+                    raise storage_error(exc, "packing tensors into a segment") from None
                 if n == 0:
-                    raise InvalidModel("segment copy ended early")  # pragma: no cover - our own file
+                    raise IntegrityError(f"{source.name} ended before the tensors it should hold")
                 done += n
         os.fsync(dst)
     finally:

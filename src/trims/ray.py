@@ -32,20 +32,27 @@ from typing import Any, Callable, TypeVar
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .client import connect, default_socket_path
+from .client import connect
+from .config import SOCKET_ENV
 from .names import canonical
 
 __all__ = ["runtime_env", "load_model", "from_pretrained", "node_models", "where", "node_affinity"]
 
 T = TypeVar("T")
-_TIER_ORDER = {"host": 0, "disk": 1, "cloud": 2}
+DEPLOYED_SOCKET = "/run/trims/trims.sock"
+_LOCAL_TIERS = ("host", "disk")  # warmest first; the cloud tier is no closer to one node than another
 
 
 def runtime_env(socket: str | os.PathLike | None = None) -> dict[str, Any]:
-    """A ``runtime_env`` that points workers at the node's daemon (default: this process's
-    ``$TRIMS_SOCKET``, or the path clients use by default). The socket path must be the same
-    on every node: ``/run/trims/trims.sock`` with the provided deployments."""
-    return {"env_vars": {"TRIMS_SOCKET": str(socket or default_socket_path())}}
+    """A ``runtime_env`` that points workers at their node's daemon: ``socket``, else this
+    process's ``$TRIMS_SOCKET``, else ``/run/trims/trims.sock`` (where ``deploy/`` puts it).
+    The path must be the same on every node."""
+    return {"env_vars": {SOCKET_ENV: _cluster_socket(socket)}}
+
+
+def _cluster_socket(socket: str | os.PathLike | None) -> str:
+    # Not the per-user default: the driver's runtime directory means nothing on other nodes.
+    return str(socket or os.environ.get(SOCKET_ENV) or DEPLOYED_SOCKET)
 
 
 async def load_model(name: str, factory: Callable[[], T], *, strict: bool = True) -> T:
@@ -63,47 +70,56 @@ async def from_pretrained(name: str, **kwargs: Any) -> Any:
     return await asyncio.to_thread(load, name, **kwargs)
 
 
-def node_models() -> list[dict[str, Any]]:
+def node_models(socket: str | os.PathLike | None = None, *, timeout: float = 10.0) -> list[dict[str, Any]]:
     """What this node's daemon holds: each model's name, digest, size, tiers and leases
     (what ``trims ls --json`` and the daemon's ``/models`` endpoint say)."""
-    with connect() as client:
+    with connect(socket, timeout=timeout) as client:
         return [{"name": m.name, "digest": m.digest, "nbytes": m.nbytes, "tiers": list(m.tiers),
                  "leases": m.leases} for m in client.list()]
 
 
 @ray.remote(num_cpus=0)  # asks its own node's daemon; must run even on a full node
-def _models_on_this_node() -> list[dict[str, Any]]:
-    return node_models()
+def _models_on_this_node(socket: str | None, timeout: float) -> list[dict[str, Any]]:
+    return node_models(_cluster_socket(socket), timeout=timeout)  # this worker's $TRIMS_SOCKET, from the job's runtime_env
 
 
-def where(name: str, *, timeout: float = 30.0) -> dict[str, list[str]]:
-    """The alive nodes that hold ``name`` (or its digest), each with the tiers it is in there,
-    warmest first. A node whose daemon does not answer is left out."""
+def where(name: str, *, socket: str | os.PathLike | None = None, timeout: float = 10.0) -> dict[str, list[str]]:
+    """The alive nodes that hold ``name`` (or its digest) in host memory or on disk, each with
+    those tiers, warmest first. Each node's daemon is found as its workers find it (see
+    :func:`runtime_env`) unless ``socket`` says where. Nodes are asked in parallel; one whose daemon does not answer
+    within ``timeout`` seconds is left out. A model only in the cloud tier is equally far
+    from every node, so it places no one."""
     wanted = canonical(name)
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    pending = {
-        node: _models_on_this_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
-        for node in nodes
+    socket_path = os.fspath(socket) if socket is not None else None
+    asks = {
+        _models_on_this_node.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(socket_path, timeout): node["NodeID"]
+        for node in ray.nodes() if node.get("Alive")
     }
+    ready, late = ray.wait(list(asks), num_returns=len(asks), timeout=timeout)
+    for ref in late:
+        ray.cancel(ref, force=True)
     found: dict[str, list[str]] = {}
-    for node, ref in pending.items():
+    for ref in ready:
         try:
-            models = ray.get(ref, timeout=timeout)
-        except (ray.exceptions.RayError, TimeoutError):
+            models = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # no daemon there, or it refused us
             continue
         for model in models:
-            if wanted in (model["name"], model["digest"]):
-                found[node] = sorted(model["tiers"], key=lambda t: _TIER_ORDER.get(t, 9))
+            tiers = [t for t in model["tiers"] if t in _LOCAL_TIERS]
+            if wanted in (model["name"], model["digest"]) and tiers:
+                found[asks[ref]] = sorted(tiers, key=_LOCAL_TIERS.index)
     return found
 
 
-def node_affinity(name: str) -> NodeAffinitySchedulingStrategy | str:
-    """A scheduling strategy for the node where ``name`` is warmest (host memory before disk
-    before cloud); soft, so Ray may still place the work elsewhere. ``"DEFAULT"`` if no node
-    holds it."""
-    found = where(name)
+def node_affinity(name: str, **where_options: Any) -> NodeAffinitySchedulingStrategy | str:
+    """A scheduling strategy for the node where ``name`` is warmest (host memory before disk),
+    or ``"DEFAULT"`` if no node holds it locally. The affinity is soft in Ray's sense: the work
+    goes elsewhere only if that node has died or could never fit it; if the node is merely
+    busy, the work waits there for room (a warm start later rather than a cold one now)."""
+    found = where(name, **where_options)
     if not found:
         return "DEFAULT"
-    warmest = min(found, key=lambda node: _TIER_ORDER.get(found[node][0] if found[node] else "", 9))
+    warmest = min(found, key=lambda node: _LOCAL_TIERS.index(found[node][0]))
     return NodeAffinitySchedulingStrategy(warmest, soft=True)
-

@@ -33,12 +33,13 @@ from .cloud import CloudTier, RemoteFile
 from .disk import DiskTier
 from .acl import EVERYONE, AccessPolicy, Tenant
 from .errors import (CapacityError, IntegrityError, InvalidName, ModelBusy, ModelNotFound, PermissionDenied,
-                     QuotaExceeded, StorageError)
+                     QuotaExceeded, StorageError, TrimsError)
 from .host import HostSegment, HostTier
 from .metrics import OPEN_SECONDS_BUCKETS, Metrics
 from .policy import POLICIES
 from .protocol import ModelSummary, PushResult, TensorEntry, TensorTable
 from .records import Manifest, SegmentLayout
+from .sharing import SharingRule
 from .sources import FileSource, Source
 from .tier import PIN_TIERS, UNBOUNDED, Tier
 
@@ -123,7 +124,7 @@ class Store:
         access: AccessPolicy | None = None,
     ) -> None:
         self.catalog = Catalog(root)
-        self._access = access or AccessPolicy.single_user()  # who may read what decides what may share storage
+        self._sharing = SharingRule(self.catalog, access or AccessPolicy.single_user())
         self._workers = workers or os.cpu_count() or 2
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="trims-verify")
         self.host = HostTier(host_capacity)
@@ -146,6 +147,8 @@ class Store:
         self._lease_ids = itertools.count(1)
         self._placements: dict[str, _Placement] = {}
         self._doomed: set[str] = set()  # unused segments kept only until their leases end
+        self._repacking: set[str] = set()  # segments losing a removed model's tensors (see _repack_orphans)
+        self._may_map: dict[tuple[str, str], bool] = {}  # (model, tenant) -> SharingRule.may_map; cleared on changes
         self._rates = dict(_INITIAL_RATES)
         self._adopted: dict[tuple, str] = {}  # identities of files adopted -> model digest
         self._quota_reserved: Counter[tuple[str, str]] = Counter()  # (kind, tenant) -> bytes of requests under way
@@ -164,6 +167,7 @@ class Store:
             log.error("%d segments are on no tier (their models cannot be opened): %s", len(lost), lost[:3])
         with self._lock:
             self._collect_garbage_locked()
+        self._repack_orphans()  # left by a crash in the middle of one
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -202,6 +206,7 @@ class Store:
             self._reserved["disk"] += planned.size
         try:
             ingested, new_bytes = self._write_and_commit(name, planned, files, progress, tenant)
+            self._repack_orphans()  # if the name pointed at another model, it may have left some
         finally:
             with self._changed:
                 self._reserved["disk"] -= planned.size
@@ -257,68 +262,97 @@ class Store:
             return None
         for file_digest, data in ingested.side_files.items():
             catalog.add_file(file_digest, data)
-        moved = catalog.uses.get(manifest.digest) not in (None, uses)
-        catalog.add_manifest(manifest, uses)
+        moved = catalog.add_manifest(manifest, uses)
         if moved:
             self._placements.pop(manifest.digest, None)
         replaced = catalog.tags.get(name)
         catalog.set_tag(name, manifest.digest, owner=tenant.name)
+        self._may_map.clear()
         if moved or replaced not in (None, manifest.digest):
             self._collect_garbage_locked()  # the name's old model, or the model's old segments, may be unused
         return new_bytes
 
-    # --- what may share storage -------------------------------------------------------------
-    #
-    # Mapping a segment exposes all of it, so a model may be read from another model's
-    # segment only if everyone who may read the model may read every other tensor in that
-    # segment through some model of their own. Then a fine-tune reuses its base's bytes,
-    # and one tenant's model never exposes another's private tensors. With one user (no
-    # tenants configured), everything may share.
+    # --- what may share storage (see sharing.py) ---------------------------------------------
 
     def _covered(self, manifest: Manifest, name: str | None, tenant: Tenant) -> set[str]:
-        """Which of a new model's tensors are stored where it may be read from (see above)."""
+        """Which of a new model's tensors are stored where it may be read from."""
         with self._lock:
-            usable = self._usable_for_locked(manifest, name or adopted_name(tenant.name, manifest.digest))
+            usable = self._sharing.usable_for(manifest, name or adopted_name(tenant.name, manifest.digest))
             return self.catalog.covered(manifest, usable)
 
     def _segments_for_locked(self, manifest: Manifest, name: str) -> tuple[str, ...] | None:
         """The segments a model pushed as ``name`` is read from: those it had, if all may
         still be shared with the new name's readers, or else a fresh choice."""
-        usable = self._usable_for_locked(manifest, name)
+        usable = self._sharing.usable_for(manifest, name)
         current = self.catalog.uses.get(manifest.digest)
         if current and self.catalog.placement(manifest) is not None and all(usable(s) for s in current):
             return current
         return self.catalog.choose_segments(manifest, usable)
 
-    def _usable_for_locked(self, manifest: Manifest, name: str) -> Callable[[str], bool]:
-        catalog = self.catalog
-        names_of: dict[str, list[str]] = {}
-        for tag, model_digest in catalog.tags.items():
-            names_of.setdefault(model_digest, []).append(tag)
-        readers = self._readers([name, *names_of.get(manifest.digest, ())])
-
-        def usable(segment_id: str) -> bool:
-            for extra in catalog.extras(segment_id, manifest):
-                others = catalog.models_with(extra) - {manifest.digest}
-                if not readers <= self._readers([n for m in others for n in names_of.get(m, ())]):
-                    return False
+    def _may_map_locked(self, tenant: Tenant, manifest: Manifest, placement: _Placement) -> bool:
+        if not placement.extras:
             return True
-        return usable
+        key = (manifest.digest, tenant.name)
+        if key not in self._may_map:
+            self._may_map[key] = self._sharing.may_map(tenant, manifest.digest, placement.extras)
+        return self._may_map[key]
 
-    def _readers(self, model_names: list[str]) -> set[str]:
-        return {t.name for t in self._access.tenants if any(t.can_see(n) for n in model_names)}
+    def _repack_orphans(self) -> None:
+        """Removing or re-tagging a model can leave its tensors in a segment other models are
+        still read from: copy those models' tensors into a segment without them, so nobody
+        keeps mapping (or storing) the removed model's bytes. Opens that would map them wait."""
+        with self._lock:
+            work = {s: o for s, o in self.catalog.orphans_in_use().items() if s not in self._repacking}
+            self._repacking.update(work)
+        try:
+            for segment_id, orphans in work.items():
+                try:
+                    self._repack(segment_id, orphans)
+                except (TrimsError, OSError) as exc:
+                    log.error("could not repack segment %s without the tensors of removed models: %s; "
+                              "models read from it stay unopenable for tenants who may not read those", segment_id[:19], exc)
+        finally:
+            with self._changed:
+                self._repacking.difference_update(work)
+                self._changed.notify_all()
 
-    def _check_may_map_locked(self, tenant: Tenant, placement: _Placement) -> None:
-        """Refuse a model whose segments hold tensors this tenant may not read: only after the
-        access config narrowed since the model was pushed. Bytes of removed models stay
-        readable to those who could read them when they were shared."""
-        for extra in placement.extras:
-            holders = self.catalog.models_with(extra)
-            if holders and not any(tenant.can_see(n) for n, d in self.catalog.tags.items() if d in holders):
-                raise PermissionDenied(
-                    "this model shares storage with models you may not read (the daemon's access config "
-                    "changed since it was pushed); ask the operator to remove it (`trims rm`) and push it again"
-                )
+    def _repack(self, segment_id: str, orphans: set[str]) -> None:
+        layout = self.catalog.segments[segment_id]
+        keep = [e for e in layout.entries if e.digest not in orphans]
+        packed = SegmentLayout.pack([(e.digest, e.nbytes) for e in keep])
+        self._stage_on_disk(layout, required=True)  # counts as reading it until the finally below
+        moved: list[Manifest] = []
+        try:
+            with self._changed:
+                try:
+                    self._make_room_locked(self.disk, packed.size)
+                except _NoRoom:
+                    raise CapacityError(self._full_message(self.disk, packed.size)) from None
+                self._reserved["disk"] += packed.size
+            try:
+                path = ingest.repack(self.disk.path(segment_id), keep, packed, self.catalog.temp_dir())
+            finally:
+                with self._changed:
+                    self._reserved["disk"] -= packed.size
+            with self._changed:
+                if any(self.catalog.models_with(d) for d in orphans) or packed.id in self.catalog.segments:
+                    path.unlink()  # pushed again meanwhile: they are nobody's orphans any more
+                    return
+                self.disk.adopt(packed, path)
+                for model_digest in self.catalog.replace_segment(segment_id, packed):
+                    self._placements.pop(model_digest, None)
+                    moved.append(self.catalog.manifests[model_digest])
+                self._policies["disk"].admit(packed.id, packed.size, self._reload_cost(packed.id, "disk"))
+                self._may_map.clear()
+                self._collect_garbage_locked()  # the old segment goes once its leases end
+        finally:
+            with self._changed:
+                self._reading[segment_id] -= 1
+                self._settle_locked([segment_id])
+        log.info("repacked segment %s without %d tensors of removed models", segment_id[:19], len(orphans))
+        if self.cloud.default_url is not None:
+            for manifest in moved:
+                self._upload(manifest, self.cloud.default_url)
 
     def _upload(self, manifest: Manifest, base_url: str) -> None:
         with self._lock:
@@ -346,7 +380,7 @@ class Store:
         key = (tenant.name, tuple(f.identity() for f in files))
         with self._lock:
             known = self._adopted.get(key)
-            if known in self.catalog.manifests and adopted_name(tenant.name, known) in self.catalog.tags:
+            if known is not None and self.catalog.tags.get(adopted_name(tenant.name, known)) == known:
                 manifest = self.catalog.manifests[known]
                 return PushResult(name=adopted_name(tenant.name, known), digest=known, nbytes=manifest.nbytes,
                                   tensors=len(manifest.tensors), new_bytes=0)
@@ -372,7 +406,10 @@ class Store:
             if not tenant.can_push(name):
                 raise PermissionDenied(f"tenant {tenant.name} may not remove {name}: it is outside the namespaces it may write")
             self.catalog.remove_tag(name)
-            return self._collect_garbage_locked()
+            self._may_map.clear()
+            freed = self._collect_garbage_locked()
+        self._repack_orphans()
+        return freed
 
     def _collect_garbage_locked(self) -> int:
         """Delete what no name needs; a segment still in use goes when its last lease ends."""
@@ -399,10 +436,17 @@ class Store:
     def open(self, reference: str, owner: int, tenant: Tenant = EVERYONE) -> OpenResult:
         """Lease a model's segments in host memory, bringing them up the hierarchy if needed."""
         started = self._clock()
-        with self._lock:
-            name, manifest = self._resolve(reference, tenant)
-            placement = self._placement(manifest)
-            self._check_may_map_locked(tenant, placement)
+        with self._changed:
+            while True:
+                name, manifest = self._resolve(reference, tenant)
+                placement = self._placement(manifest)
+                if self._may_map_locked(tenant, manifest, placement):
+                    break
+                if not self._repacking.intersection(placement.segments):
+                    raise PermissionDenied(
+                        f"{name} shares storage with models you may not read (the daemon's access config changed "
+                        "since it was pushed); ask the operator to remove it (`trims rm`) and push it again")
+                self._changed.wait()  # a removed model's tensors are being taken out of its segments
             self._check_lease_quota_locked(tenant, manifest.nbytes)
         try:
             segments, missed = self._acquire_all(placement.segments, started + self.busy_timeout)
@@ -789,7 +833,8 @@ class Store:
                 segment_id, offset = places[t.digest]
                 index = order.setdefault(segment_id, len(order))
                 tensors.append(TensorEntry(t.name, t.dtype, t.shape, index, offset, t.nbytes))
-            extras = frozenset(d for s in order for d in self.catalog.extras(s, manifest))
+            mine = {t.digest for t in manifest.tensors}
+            extras = frozenset(e.digest for s in order for e in self.catalog.extras(s, mine))
             cached = self._placements[manifest.digest] = _Placement(tuple(order), TensorTable.of(tensors), extras)
         return cached
 

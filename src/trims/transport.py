@@ -42,26 +42,29 @@ class Channel:
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ConnectionLost(f"connection closed while sending: {exc}") from None
 
-    def receive(self, frame_timeout: float | None = None) -> protocol.Message:
+    def receive(self, frame_timeout: float | None = None, first_byte_timeout: float | None = None) -> protocol.Message:
         """The next message; raises :class:`ConnectionLost` on EOF.
 
         With ``frame_timeout``, a frame must arrive whole within that many seconds of its
-        first byte (waiting for a first byte has no limit: idle clients may hold leases).
+        first byte. Waiting for a first byte has no limit unless ``first_byte_timeout`` sets
+        one (idle clients may hold leases; a health check may not wait for ever).
         """
         while True:
             message = self._decoder.next_message()
             if message is not None:
                 return message
-            self.sock.settimeout(frame_timeout if frame_timeout and self._decoder.buffered else None)
-            self._receive_some(frame_timeout)
+            timeout = frame_timeout if self._decoder.buffered else first_byte_timeout
+            self.sock.settimeout(timeout or None)
+            self._receive_some(timeout)
 
-    def _receive_some(self, frame_timeout: float | None) -> None:
+    def _receive_some(self, timeout: float | None) -> None:
         try:
             data, fds, flags, _ = socket.recv_fds(
                 self.sock, _RECV_BYTES, protocol.MAX_FDS_PER_FRAME, socket.MSG_CMSG_CLOEXEC
             )
         except TimeoutError:
-            raise ConnectionLost(f"peer stalled: no complete frame within {frame_timeout:g} s") from None
+            what = "no complete frame" if self._decoder.buffered else "no answer"
+            raise ConnectionLost(f"peer stalled: {what} within {timeout:g} s") from None
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise ConnectionLost(f"connection reset: {exc}") from None
         self._decoder.feed(data, fds)
