@@ -115,6 +115,7 @@ def test_received_descriptors_cannot_write_or_unseal(shared_daemon, gpt2_model):
 
 def test_an_open_model_costs_no_descriptor_and_one_mapping_per_segment(shared_daemon, gpt2_model):
     client = shared_daemon.client()
+    client.open(gpt2_model).close()  # the client's own descriptors (connection, release pipe) are open now
     fds_before = len(os.listdir("/proc/self/fd"))
     view = client.open(gpt2_model)
     arrays = [view[name] for name in view]
@@ -169,8 +170,40 @@ def test_lease_lasts_while_tensors_live_and_ends_when_they_go(shared_daemon, gpt
     assert float(weight.sum()) == float(weight.sum())  # still readable
     del weight
     gc.collect()
-    client.ping()  # the release goes out with the next request
-    assert client.stats()["leases"] == leases
+    wait_for(lambda: client.stats()["leases"] == leases, message="the release, sent without another request")
+    client.close()
+
+
+def test_a_process_that_drops_a_model_and_idles_does_not_keep_it_leased(shared_daemon, gpt2_model):
+    """A function instance that lets go of its model and waits for work must not pin the
+    model in the daemon's memory: the release goes out without a request to carry it."""
+    client = shared_daemon.client()
+    baseline = client.stats()["leases"]
+    child = start_python(
+        f"""
+        import gc, sys, time
+        import trims.torch
+        state = trims.torch.load_state_dict("{gpt2_model}")
+        print("holding", flush=True)
+        sys.stdin.readline()
+        del state
+        gc.collect()
+        print("dropped", flush=True)
+        time.sleep(60)
+        """,
+        shared_daemon.env,
+    )
+    try:
+        assert child.stdout.readline().strip() == "holding"
+        assert client.stats()["leases"] == baseline + 1
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "dropped"
+        wait_for(lambda: client.stats()["leases"] == baseline, message="the idle process's release")
+        assert child.poll() is None  # still alive: the lease ended, not the connection
+    finally:
+        child.kill()
+        child.wait()
     client.close()
 
 

@@ -62,6 +62,9 @@ def _after_fork_in_child() -> None:
     _shared_lock = threading.Lock()
     for client in list(_clients):
         client._lock = threading.Lock()
+        if client._release_flusher is not None:  # the parent's thread did not come along
+            client._release_flusher.abandon()
+            client._release_flusher = None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -95,6 +98,7 @@ class Client:
         self._generation = 0  # bumped on every new connection: leases belong to one
         self._next_id = 0
         self._pending_releases: list[tuple[int, int]] = []
+        self._release_flusher: _ReleaseFlusher | None = None
 
     # --- public verbs ----------------------------------------------------------------------
 
@@ -108,6 +112,8 @@ class Client:
 
     def open(self, name: str) -> ModelView:
         """Lease and map model ``name`` (``NAME[:TAG]`` or a ``blake3:`` digest)."""
+        if self._release_flusher is None:
+            self._release_flusher = _ReleaseFlusher(self)
         reply, generation = self._request(protocol.Open(name=name), protocol.Opened)
         return _map_model(reply, _Lease(self, reply.lease, generation))
 
@@ -179,6 +185,9 @@ class Client:
         """Close the connection; the daemon ends every lease it carried."""
         with self._lock:
             self._drop_channel_locked()
+        if self._release_flusher is not None:
+            self._release_flusher.stop()
+            self._release_flusher = None
 
     def __enter__(self) -> Client:
         return self
@@ -255,18 +264,72 @@ class Client:
                     self._drop_channel_locked()
 
     def _release_later(self, lease: int, generation: int) -> None:
-        """End a lease whose memory was garbage-collected; sent with the next request.
+        """End a lease whose memory was garbage-collected, from the flusher thread (or with
+        the next request, whichever comes first).
 
         Runs inside the garbage collector, maybe while this thread holds the lock, so it
-        must not block or send.
+        must not block or send: it only wakes the flusher.
         """
         self._pending_releases.append((lease, generation))
+        flusher = self._release_flusher
+        if flusher is not None:
+            flusher.wake()
+
+    def _flush_releases(self) -> None:
+        with self._lock:
+            if self._channel is None or self._pid != os.getpid() or not self._pending_releases:
+                return
+            try:
+                self._flush_releases_locked(self._channel)
+            except ConnectionLost:
+                self._drop_channel_locked()
 
     def _flush_releases_locked(self, channel: transport.Channel) -> None:
         pending, self._pending_releases = self._pending_releases, []
         for lease, generation in pending:
             if generation == self._generation:
                 _expect(self._exchange_locked(channel, protocol.Release(lease=lease)), protocol.Done)
+
+
+class _ReleaseFlusher:
+    """Sends the releases of garbage-collected models at once, so a process that drops a model
+    and then sits idle does not keep it leased (and unevictable) until its next request. The
+    garbage collector wakes it through a pipe: a write takes no Python lock it might hold."""
+
+    def __init__(self, client: Client) -> None:
+        self._read_end, self._write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        os.set_blocking(self._read_end, True)
+        # A client dropped without close() still ends its thread: end-of-file on the pipe.
+        self._closer = weakref.finalize(client, os.close, self._write_end)
+        threading.Thread(target=self._run, args=(weakref.ref(client), self._read_end), name="trims-releases",
+                         daemon=True).start()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._write_end, b"!")
+        except OSError:  # full (already woken) or closed (stopping)
+            pass
+
+    def stop(self) -> None:
+        self._closer()  # the thread reads end-of-file, closes its end and returns
+
+    def abandon(self) -> None:
+        """In a forked child, where the thread does not exist: close the inherited pipe."""
+        if self._closer.detach() is not None:
+            os.close(self._write_end)
+            os.close(self._read_end)
+
+    @staticmethod
+    def _run(client_ref: weakref.ref, read_end: int) -> None:
+        try:
+            while os.read(read_end, 4096):
+                client = client_ref()
+                if client is None:
+                    return
+                client._flush_releases()
+                del client
+        finally:
+            os.close(read_end)
 
 
 class _Lease:
