@@ -40,11 +40,22 @@ def tiny_resnet():
     return lambda: ResNetForImageClassification(config)
 
 
+def tiny_vit():
+    """transformers 5 saves ViT in the old layout (encoder.layer.N.attention.attention.query)
+    and renames on load (layers.N.attention.q_proj): the adapters must rename as well."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8, num_labels=10)
+    return lambda: ViTForImageClassification(config)
+
+
 FACTORIES: dict[str, Callable[[], Callable[[], torch.nn.Module]]] = {
     "gpt2": tiny_gpt2,
     "bert": tiny_bert,
     "llama": tiny_llama,
     "resnet": tiny_resnet,
+    "vit": tiny_vit,
 }
 
 
@@ -68,7 +79,7 @@ def _randomize_buffers(model: torch.nn.Module, seed: int) -> None:
 
 def example_input(kind: str) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    if kind == "resnet":
+    if kind in ("resnet", "vit"):
         return {"pixel_values": torch.rand(1, 3, 32, 32, generator=generator)}
     return {"input_ids": torch.randint(0, 512, (1, 12), generator=generator)}
 

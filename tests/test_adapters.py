@@ -14,7 +14,7 @@ from .models import build, output_of
 from .test_torch import lives_in_store
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert", "resnet", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "resnet", "llama", "vit"])
 def test_from_pretrained_needs_only_the_tag(kind, shared_daemon, tmp_path):
     original, _ = build(kind, tmp_path / kind)
     client = shared_daemon.client()

@@ -80,16 +80,21 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def load_model(name: str, factory: Callable[[], M], *, client: Client | None = None, strict: bool = True) -> M:
+KeyMap = Callable[[torch.nn.Module, "dict[str, torch.Tensor]"], "dict[str, torch.Tensor]"]
+
+
+def load_model(name: str, factory: Callable[[], M], *, client: Client | None = None, strict: bool = True,
+               key_map: KeyMap | None = None) -> M:
     """``factory()`` built without weights of its own, given the stored model's shared ones.
 
     See :func:`assemble`. Raises :class:`~trims.errors.ModelMismatch` if ``strict`` and the
     module's parameters and the stored tensors do not match one to one.
     """
-    return assemble(factory, load_state_dict(name, client=client), strict=strict, source=name)
+    return assemble(factory, load_state_dict(name, client=client), strict=strict, source=name, key_map=key_map)
 
 
-def assemble(factory: Callable[[], M], state: dict[str, torch.Tensor], *, strict: bool = True, source: str = "the state dict") -> M:
+def assemble(factory: Callable[[], M], state: dict[str, torch.Tensor], *, strict: bool = True,
+             source: str = "the state dict", key_map: KeyMap | None = None) -> M:
     """Build ``factory()`` without allocating its weights, then give it ``state``'s tensors.
 
     Parameters are created on the ``meta`` device (no memory, no random init); buffers
@@ -97,15 +102,19 @@ def assemble(factory: Callable[[], M], state: dict[str, torch.Tensor], *, strict
     are built on the CPU as the model's own code builds them. The tensors are then
     assigned, not copied, and weights the checkpoint stored once but the model ties
     (GPT-2's ``lm_head`` and ``wte``) are tied again. The module comes back in eval mode.
+    ``key_map(module, state)``, if given, renames the stored keys to the module's own names
+    (a checkpoint saved in an older layout); it may rename, never copy.
     """
     with _parameters_on_meta(), _SkipFillsOnMeta():
         model = factory()
+    if key_map is not None:
+        state = key_map(model, state)
     groups = _tied_groups(model)
     missing_keys, unexpected = model.load_state_dict(state, strict=False, assign=True)
     retied = _retie(model, groups, state)
     # Stored tensors the module lacks, parameters still on meta, and persistent buffers the
     # state did not provide (built on the CPU, they would silently keep their initial values).
-    missing = sorted({n for n in missing_keys if n not in retied} | {n for n, t in _named_tensors(model) if t.is_meta})
+    missing = sorted({n for n in missing_keys if n not in retied} | {n for n, t in named_tensors(model) if t.is_meta})
     if strict and (missing or unexpected):
         raise ModelMismatch(
             f"the module built by the factory does not match {source}: "
@@ -204,6 +213,7 @@ def _retie(model: torch.nn.Module, groups: list[list[str]], state: dict[str, tor
     return retied
 
 
-def _named_tensors(model: torch.nn.Module):
+def named_tensors(model: torch.nn.Module):
+    """Every parameter and buffer, a tied one under each of its names."""
     yield from model.named_parameters(remove_duplicate=False)
     yield from model.named_buffers(remove_duplicate=False)

@@ -24,7 +24,8 @@ import transformers
 from .client import Client, shared_client
 from .digest import hex_of
 from .ingest import LABEL as _LABEL
-from .torch import default_dtype, load_model
+from .errors import ModelMismatch
+from .torch import default_dtype, load_model, named_tensors
 
 __all__ = ["from_pretrained", "snapshot"]
 
@@ -43,7 +44,36 @@ def from_pretrained(name: str, *, client: Client | None = None, model_class: typ
         with default_dtype(dtype):  # buffers the model computes come out in the checkpoint's precision
             return cls(config)
 
-    return load_model(model_digest, build, client=client)
+    return load_model(model_digest, build, client=client, key_map=_checkpoint_to_module_names)
+
+
+def _checkpoint_to_module_names(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stored keys as the module names them. transformers 5 renames some architectures'
+    weights (ViT's ``encoder.layer.N.attention.attention.query`` is ``layers.N.attention.q_proj``)
+    but saves checkpoints in the old layout, renaming again on load; renaming is free, so do
+    the same. Conversions that compute new tensors (merging experts, splitting fused
+    projections) would copy every weight they touch, so they are refused instead."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: checkpoints are stored as modules name their weights
+        return state
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names = dict(named_tensors(model))
+    renamed = {}
+    for key, tensor in state.items():
+        target, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
+        if converted is not None:
+            raise ModelMismatch(
+                f"{type(model).__name__} computes its weight {target} from the stored {key}, and trims maps "
+                "weights as stored rather than copy them: push the weights in the module's own layout "
+                "(safetensors.torch.save_file(model.state_dict(), ...) beside its config.json), or load this "
+                "model with transformers' own from_pretrained"
+            )
+        renamed[target] = tensor
+    return renamed
 
 
 def snapshot(name: str, *, client: Client | None = None) -> Path:
