@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench soak
+.PHONY: demo test bench bench-faas soak
 
 demo: $(VENV)/.installed
 	$(BIN)/trims demo
@@ -14,6 +14,9 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/coldstart.py
 	$(BIN)/python bench/tiers.py
+
+bench-faas: $(VENV)/.installed
+	$(BIN)/python bench/faas/run.py
 
 soak: $(VENV)/.installed
 	$(BIN)/python bench/soak.py

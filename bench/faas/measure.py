@@ -1,0 +1,186 @@
+"""The two experiments: per-model latency (the paper's Fig. 7) and a node under load (Fig. 10)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from node import Node, Pool
+from streams import requests
+
+from trims import Client
+from trims.demo import drop_page_cache
+
+SOURCES = ("own", "trims")  # the baseline (each instance loads its own copy), and trims
+LATENCY_COLUMNS = ("cold", "page-cached", "trims miss", "trims warm", "ideal")
+
+
+class Bench:
+    """What every experiment shares: the pool, the daemon's client and store, the zoo on disk."""
+
+    def __init__(self, pool: Pool, client: Client, store: Path, directories: dict[str, Path],
+                 sizes: dict[str, int], keep_alive: float) -> None:
+        self.pool, self.client, self.store = pool, client, store
+        self.directories, self.sizes, self.keep_alive = directories, sizes, keep_alive
+
+    def cold_node(self) -> None:
+        """As a node that has served nothing lately: no instance holds a model, the daemon's
+        host memory is empty, and no model file is in the page cache."""
+        self.pool.reset()
+        self.evict(*self.sizes)
+        drop_page_cache([p for d in self.directories.values() for p in d.glob("*.safetensors")] + _files(self.store))
+
+    def evict(self, *models: str) -> None:
+        """Take models out of the daemon's host memory, once instances that dropped them have
+        released them (a release arrives just after the drop)."""
+        deadline = time.monotonic() + 30
+        while self.client.stats()["leases"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for name in models:
+            self.client.evict(f"zoo/{name}")
+
+
+def model_latency(bench: Bench, model: str, runs: int) -> dict[str, float]:
+    """Median seconds from request to answer for one model on an instance of the pool:
+    ``cold`` reads the files from disk into memory of its own, ``page-cached`` the same with
+    the files in the page cache; ``trims miss`` maps a copy the daemon must first bring from
+    its disk tier; ``trims warm`` one already in its host memory; ``ideal`` runs a model
+    already in the process (inference only)."""
+    instance = bench.pool.instances[0]
+    weights = sorted(bench.directories[model].glob("*.safetensors"))
+    samples: dict[str, list[float]] = {column: [] for column in LATENCY_COLUMNS}
+
+    def request(source: str) -> float:
+        reply = instance.call({"op": "serve", "model": model, "dir": str(bench.directories[model]), "source": source})
+        if "error" in reply:
+            raise RuntimeError(f"{model}: {reply['error']}")
+        return reply["acquire_s"] + reply["infer_s"]
+
+    request("trims")  # once unmeasured: one-time costs of a first run in a process land in no column
+    for _ in range(runs):
+        instance.call({"op": "drop"})
+        drop_page_cache(weights)
+        samples["cold"].append(request("own"))
+        instance.call({"op": "drop"})
+        _read(weights)
+        samples["page-cached"].append(request("own"))
+        instance.call({"op": "drop"})
+        bench.evict(model)
+        drop_page_cache(_files(bench.store))
+        samples["trims miss"].append(request("trims"))
+        instance.call({"op": "drop"})
+        samples["trims warm"].append(request("trims"))
+        samples["ideal"].append(request("trims"))
+    instance.call({"op": "drop"})
+    return {column: statistics.median(values) for column, values in samples.items()}
+
+
+def load_run(bench: Bench, source: str, budget: int, models: list[str], concurrency: int, count: int,
+             stream: str = "pareto", seed: int = 0) -> dict:
+    """``count`` requests from ``concurrency`` closed-loop clients (each sends its next request
+    when its last is answered) on a cold node; throughput, latencies, memory over time."""
+    bench.cold_node()
+    queue = iter(requests(stream, models, count, seed))
+    lock = threading.Lock()
+    records: list[dict] = []
+    failures: list[BaseException] = []
+    node = Node(bench.pool, source, budget, bench.sizes, bench.directories, bench.keep_alive)
+
+    def client() -> None:
+        while True:
+            with lock:
+                model = next(queue, None)
+            if model is None or failures:
+                return
+            try:
+                record = node.serve(model)
+            except BaseException as exc:  # noqa: BLE001 -- reported below, in the main thread
+                failures.append(exc)
+                return
+            with lock:
+                records.append(record)
+
+    sampler = _MemorySampler(bench.pool.pids() + [_daemon_pid(bench.client)])
+    started = time.perf_counter()
+    clients = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    node.close()
+    memory = sampler.stop()
+    if failures:
+        raise failures[0]
+    return _summary(records, elapsed, memory) | {"source": source, "concurrency": concurrency,
+                                                  "models": len(models), "stream": stream, "budget": budget}
+
+
+def _summary(records: list[dict], elapsed: float, memory: list[tuple[float, int]]) -> dict:
+    totals = sorted(r["total_s"] for r in records)
+    ideal = sorted(r["infer_s"] for r in records)
+    return {
+        "requests": len(records), "seconds": elapsed, "throughput": len(records) / elapsed,
+        "p50_s": _percentile(totals, 50), "p99_s": _percentile(totals, 99),
+        "ideal_p50_s": _percentile(ideal, 50), "ideal_p99_s": _percentile(ideal, 99),
+        "warm_fraction": sum(r["warm"] for r in records) / len(records),
+        "acquisitions": sum(not r["warm"] for r in records),
+        "from_store": sum(bool(r["from_store"]) for r in records if not r["warm"]),
+        "acquire_s": sum(r["acquire_s"] for r in records), "queue_s": sum(r["queue_s"] for r in records),
+        "peak_memory": max((m for _, m in memory), default=0), "memory": memory,
+    }
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+class _MemorySampler:
+    """The node's memory, as the sum of its processes' PSS (shared pages split among their
+    users, so a daemon's copy mapped by ten instances counts once), every quarter second."""
+
+    def __init__(self, pids: list[int], interval: float = 0.25) -> None:
+        self.pids, self.interval, self.samples = pids, interval, []
+        self._stop = threading.Event()
+        self._started = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((round(time.perf_counter() - self._started, 2), sum(map(pss_bytes, self.pids))))
+            self._stop.wait(self.interval)
+
+
+def pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def _daemon_pid(client: Client) -> int:
+    return client.stats()["daemon"]["pid"]
+
+
+def _files(root: Path) -> list[Path]:
+    return [Path(d) / f for d, _, names in os.walk(root) for f in names if (Path(d) / f).is_file()]
+
+
+def _read(paths: list[Path]) -> None:
+    for path in paths:
+        with open(path, "rb") as file:
+            while file.read(1 << 24):
+                pass

@@ -1,0 +1,173 @@
+"""faas.json, faas.md and the plots, from what run.py measured (rewritten after each phase)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from measure import LATENCY_COLUMNS
+
+from trims.config import format_size
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "faas.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "faas.md").write_text(markdown(results))
+    _plots(results, out)
+
+
+def best_cell(grid: list[dict]) -> dict:
+    """The paper's "best point": where trims' throughput gains most over the baseline."""
+    return max(grid, key=lambda cell: cell["throughput_ratio"])
+
+
+def cell_line(cell: dict) -> str:
+    parts = [f"{cell['stream']} c={cell['concurrency']} {cell['fraction']:.0%} of zoo:"]
+    for source in ("own", "trims"):
+        if source in cell:
+            run = cell[source]
+            parts.append(f"{source} {run['throughput']:.2f} req/s p99 {run['p99_s']:.2f} s warm {run['warm_fraction']:.0%}")
+    if "throughput_ratio" in cell:
+        parts.append(f"ratio {cell['throughput_ratio']:.2f}x")
+    return "  ".join(parts)
+
+
+def markdown(results: dict) -> str:
+    lines = [f"`{results['command']}` on {results['machine']['cpus']} CPUs, "
+             f"{format_size(results['machine']['memory'])} memory, {results['machine']['platform']}", ""]
+    if "zoo" in results:
+        total = sum(m["bytes"] for m in results["zoo"])
+        lines += [f"Zoo: {len(results['zoo'])} models, {format_size(total)}; node budget for models "
+                  f"{format_size(results['budget'])} ({results['budget'] / total:.0%} of the zoo); "
+                  f"{results['settings']['pool']} function instances, keep-alive {results['settings']['keep_alive']:g} s.", ""]
+    if "latency" in results:
+        lines += _latency_table(results)
+    if "grid" in results:
+        lines += _grid_tables(results["grid"])
+    if "streams" in results:
+        lines += ["### Request streams at the best point", ""] + _cells_table(results["streams"], ("stream",))
+    if "beyond" in results:
+        lines += ["### Eviction policy and host memory at the best point's concurrency", ""]
+        lines += _cells_table(results["beyond"], ("memory", "policy", "fraction"))
+    return "\n".join(lines) + "\n"
+
+
+def _latency_table(results: dict) -> list[str]:
+    sizes = {m["name"]: m["bytes"] for m in results["zoo"]}
+    header = ["model", "size", *(f"{c} ms" for c in LATENCY_COLUMNS), "cold / trims warm", "trims warm / ideal",
+              "trims miss / cold"]
+    rows = []
+    for name, row in results["latency"].items():
+        rows.append([name, format_size(sizes[name]), *(f"{row[c] * 1000:.0f}" for c in LATENCY_COLUMNS),
+                     f"{row['cold'] / row['trims warm']:.1f}x", f"{row['trims warm'] / row['ideal']:.2f}x",
+                     f"{row['trims miss'] / row['cold']:.2f}x"])
+    return ["### End-to-end latency per model (cf. the paper's Fig. 7)", "",
+            "One request on an idle instance, median of the runs: `cold` reads the model from disk into the",
+            "instance's own memory, `page-cached` the same with the file cached, `trims miss` maps a copy the",
+            "daemon first brings from its disk tier, `trims warm` one already in its host memory, `ideal`",
+            "runs a model already in the process.", "", *_table(header, rows), ""]
+
+
+def _grid_tables(grid: list[dict]) -> list[str]:
+    fractions = sorted({c["fraction"] for c in grid})
+    concurrencies = sorted({c["concurrency"] for c in grid})
+    at = {(c["fraction"], c["concurrency"]): c for c in grid if c["stream"] == "pareto"}
+    header = ["models in play", *(f"c={c}" for c in concurrencies)]
+    ratio = [[f"{f:.0%}", *(f"{at[f, c]['throughput_ratio']:.2f}x" for c in concurrencies)] for f in fractions]
+    best = best_cell(grid)
+    own, shared = best["own"], best["trims"]
+    return ["### Throughput, trims / baseline, Pareto stream (cf. the paper's Fig. 10)", "", *_table(header, ratio), "",
+            f"Best point: {best['fraction']:.0%} of the zoo, concurrency {best['concurrency']}: "
+            f"{shared['throughput']:.2f} vs {own['throughput']:.2f} requests/s ({best['throughput_ratio']:.2f}x); "
+            f"p99 latency {shared['p99_s']:.2f} s vs {own['p99_s']:.2f} s; p99 against ideal (the same requests' "
+            f"inference alone) {shared['p99_s'] / shared['ideal_p99_s']:.2f}x with trims, "
+            f"{own['p99_s'] / own['ideal_p99_s']:.2f}x without; peak node memory {format_size(shared['peak_memory'])} "
+            f"vs {format_size(own['peak_memory'])}.", ""]
+
+
+def _cells_table(cells: list[dict], keys: tuple[str, ...]) -> list[str]:
+    header = [*keys, "c", "source", "req/s", "p50 s", "p99 s", "p99 / ideal", "warm", "peak memory"]
+    rows = []
+    for cell in cells:
+        for source in ("own", "trims"):
+            if source in cell:
+                run = cell[source]
+                label = [f"{cell[k]:.0%}" if k == "fraction" else str(cell[k]) for k in keys]
+                rows.append([*label, str(cell["concurrency"]), "baseline" if source == "own" else "trims",
+                             f"{run['throughput']:.2f}", f"{run['p50_s']:.2f}", f"{run['p99_s']:.2f}",
+                             f"{run['p99_s'] / run['ideal_p99_s']:.2f}x", f"{run['warm_fraction']:.0%}",
+                             format_size(run["peak_memory"])])
+    return [*_table(header, rows), ""]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _plots(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "latency" in results:
+        _latency_plot(plt, results["latency"], out / "latency.png")
+    if "grid" in results:
+        _throughput_plot(plt, results["grid"], out / "throughput.png")
+        _memory_plot(plt, best_cell(results["grid"]), out / "memory.png")
+
+
+def _latency_plot(plt, latency: dict, path: Path) -> None:
+    models = list(latency)
+    figure, axes = plt.subplots(figsize=(10, 0.32 * len(models) + 1.5))
+    height = 0.8 / len(LATENCY_COLUMNS)
+    for k, column in enumerate(LATENCY_COLUMNS):
+        axes.barh([i + k * height for i in range(len(models))], [latency[m][column] * 1000 for m in models],
+                  height=height, label=column)
+    axes.set_yticks([i + 0.4 - height / 2 for i in range(len(models))], models)
+    axes.invert_yaxis()
+    axes.set_xscale("log")
+    axes.set_xlabel("end-to-end latency of one request, ms (log)")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _throughput_plot(plt, grid: list[dict], path: Path) -> None:
+    fractions = sorted({c["fraction"] for c in grid})
+    concurrencies = sorted({c["concurrency"] for c in grid})
+    at = {(c["fraction"], c["concurrency"]): c for c in grid}
+    panels = [("throughput, trims / baseline", lambda c: c["throughput_ratio"]),
+              ("p99 latency, trims / ideal", lambda c: c["trims"]["p99_s"] / c["trims"]["ideal_p99_s"])]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for axis, (title, value) in zip(axes, panels):
+        grid_values = [[value(at[f, c]) for c in concurrencies] for f in fractions]
+        image = axis.imshow(grid_values, origin="lower", cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid_values):
+            for j, v in enumerate(row):
+                axis.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=8)
+        axis.set_xticks(range(len(concurrencies)), concurrencies)
+        axis.set_yticks(range(len(fractions)), [f"{f:.0%}" for f in fractions])
+        axis.set_xlabel("concurrency")
+        axis.set_ylabel("models in play")
+        axis.set_title(title)
+        figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _memory_plot(plt, cell: dict, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(8, 4))
+    for source, label in (("own", "baseline"), ("trims", "trims")):
+        samples = cell[source]["memory"]
+        axes.plot([t for t, _ in samples], [m / 2**30 for _, m in samples], label=label)
+    axes.set_xlabel("seconds into the run")
+    axes.set_ylabel("node memory (PSS of instances + daemon), GiB")
+    axes.set_title(f"{cell['fraction']:.0%} of the zoo, concurrency {cell['concurrency']}")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

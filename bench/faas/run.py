@@ -1,0 +1,170 @@
+"""The FaaS evaluation: the paper's latency (Fig. 7) and throughput (Fig. 10) experiments on trims.
+
+    python bench/faas/run.py                  # the full zoo (26 models, 12 GB); about 40 minutes
+    python bench/faas/run.py --zoo small      # no model over 600 MB: for machines under 16 GB
+    python bench/faas/run.py --quick          # a 3 x 3 grid instead of 6 x 6
+    python bench/faas/run.py --zoo tiny --requests 8 --concurrency 1,2 --fractions 0.5,1 --runs 1 --pool 3
+
+One node: a trims daemon whose host memory is the node's model budget (40 % of the zoo, as
+the paper's zoo was twice its capped GPU memory), a pool of pre-warmed function instances
+(separate processes) with keep-alive, and closed-loop clients sending requests drawn from
+the paper's Pareto stream. Every cell of the grid runs twice, side by side: instances that
+load their own copy (the baseline) and instances that map the daemon's. Then the same with
+the cost-aware policy and a host tier half as large, and with Zipf and uniform streams.
+Writes faas.json, faas.md, latency.png, throughput.png and memory.png to bench/results/faas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent.parent / "src")]
+
+import measure  # noqa: E402
+import report  # noqa: E402
+import streams  # noqa: E402
+import zoo  # noqa: E402
+from node import Pool  # noqa: E402
+
+from trims import connect  # noqa: E402
+from trims.config import format_size  # noqa: E402
+from trims.spawn import start_daemon_process  # noqa: E402
+
+
+def main() -> None:
+    args = _arguments()
+    models = zoo.zoo(args.zoo)
+    directories = zoo.ensure_built(models, args.cache)
+    names = [m.name for m in models]
+    workdir = Path(tempfile.mkdtemp(prefix="trims-faas-"))
+    results: dict = {"machine": _machine(), "command": " ".join(sys.argv), "settings": vars(args) | {
+        "cache": str(args.cache), "out": str(args.out)}}
+    files = {name: zoo.weight_bytes(directories[name]) for name in names}
+    budget = max(int(args.budget * sum(files.values())), int(1.05 * max(files.values())))
+    tight = max(int(args.budget / 2 * sum(files.values())), int(1.05 * max(files.values())))
+    print(f"{len(names)} models, {format_size(sum(files.values()))}; node budget {format_size(budget)}", flush=True)
+
+    pool = Pool(args.pool, workdir / "trims.sock", names)
+    try:
+        with _daemon(workdir, budget, "lru") as client:
+            for name in names:
+                client.push(directories[name], f"zoo/{name}")
+            sizes = {name: client.info(f"zoo/{name}").nbytes for name in names}
+            results |= {"zoo": [{"name": n, "bytes": sizes[n]} for n in names], "budget": budget, "tight_budget": tight}
+            bench = measure.Bench(pool, client, workdir / "store", directories, sizes, args.keep_alive)
+            results["latency"] = _latency(bench, names, args.runs)
+            report.write(results, args.out)
+            results["grid"] = _grid(bench, budget, names, args)
+            report.write(results, args.out)
+            best = report.best_cell(results["grid"])
+            results["streams"] = [_pair(bench, budget, names, best["concurrency"], best["fraction"], args, stream)
+                                  for stream in ("zipf", "uniform")]
+        results["beyond"] = _beyond(pool, workdir, directories, sizes, names, results["grid"], best, budget, tight, args)
+    finally:
+        pool.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    report.write(results, args.out)
+    print((args.out / "faas.md").read_text())
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", choices=zoo.SCALES, default="full", help="which models (see bench/faas/zoo.py)")
+    parser.add_argument("--quick", action="store_true", help="concurrency 1,4,8 x fractions 0.1,0.4,1")
+    parser.add_argument("--concurrency", type=_numbers(int), default=None, help="clients, e.g. 1,2,4,6,8,10")
+    parser.add_argument("--fractions", type=_numbers(float), default=None, help="of the zoo in play, e.g. 0.1,0.4,1")
+    parser.add_argument("--requests", type=int, default=48, help="requests per run")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions per latency measurement (median)")
+    parser.add_argument("--pool", type=int, default=10, help="function instances on the node")
+    parser.add_argument("--budget", type=float, default=0.4, help="node memory for models, as a fraction of the zoo")
+    parser.add_argument("--keep-alive", type=float, default=60.0, help="seconds an idle instance keeps its model")
+    parser.add_argument("--cache", type=Path, default=HERE.parent / "results" / "cache", help="where the zoo is built")
+    parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "faas")
+    args = parser.parse_args()
+    args.concurrency = args.concurrency or ([1, 4, 8] if args.quick else [1, 2, 4, 6, 8, 10])
+    args.fractions = args.fractions or ([0.1, 0.4, 1.0] if args.quick else [0.1, 0.2, 0.4, 0.6, 0.8, 1.0])
+    return args
+
+
+def _latency(bench: measure.Bench, names: list[str], runs: int) -> dict[str, dict[str, float]]:
+    latency = {}
+    for name in names:
+        latency[name] = measure.model_latency(bench, name, runs)
+        print(f"latency {name}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in latency[name].items()), flush=True)
+    return latency
+
+
+def _grid(bench: measure.Bench, budget: int, names: list[str], args: argparse.Namespace) -> list[dict]:
+    return [_pair(bench, budget, names, concurrency, fraction, args)
+            for fraction in args.fractions for concurrency in args.concurrency]
+
+
+def _pair(bench: measure.Bench, budget: int, names: list[str], concurrency: int, fraction: float,
+          args: argparse.Namespace, stream: str = "pareto", sources: tuple[str, ...] = measure.SOURCES) -> dict:
+    """One cell: the same request stream served each way, one right after the other."""
+    playing = streams.in_play(names, fraction)
+    cell = {"concurrency": concurrency, "fraction": fraction, "stream": stream}
+    for source in sources:
+        cell[source] = measure.load_run(bench, source, budget, playing, concurrency, args.requests, stream)
+    if set(measure.SOURCES) <= set(cell):
+        cell["throughput_ratio"] = cell["trims"]["throughput"] / cell["own"]["throughput"]
+    print(report.cell_line(cell), flush=True)
+    return cell
+
+
+def _beyond(pool: Pool, workdir: Path, directories: dict, sizes: dict, names: list[str], grid: list[dict],
+            best: dict, budget: int, tight: int, args: argparse.Namespace) -> list[dict]:
+    """At the best point's concurrency, with its fraction of the zoo and with all of it: the
+    cost-aware policy beside LRU, with the node's budget and with half of it."""
+    cells = []
+    fractions = sorted({best["fraction"], 1.0})
+    for label, memory in (("budget", budget), ("half budget", tight)):
+        for policy in ("lru", "cost"):
+            if (label, policy) == ("budget", "lru"):  # measured in the grid already
+                cells += [c | {"memory": label, "policy": policy} for c in grid
+                          if c["concurrency"] == best["concurrency"] and c["fraction"] in fractions]
+                continue
+            with _daemon(workdir, memory, policy) as client:
+                bench = measure.Bench(pool, client, workdir / "store", directories, sizes, args.keep_alive)
+                sources = measure.SOURCES if policy == "lru" else ("trims",)  # the baseline has no policy
+                cells += [_pair(bench, memory, names, best["concurrency"], f, args, sources=sources)
+                          | {"memory": label, "policy": policy} for f in fractions]
+    return cells
+
+
+@contextlib.contextmanager
+def _daemon(workdir: Path, host_memory: int, policy: str):
+    socket_path = workdir / "trims.sock"
+    # An open that finds host memory held by leases waits for them: an instance's release
+    # reaches the daemon just after it drops a model, and a freshly placed one may be faster.
+    process = start_daemon_process(socket_path, workdir / "store", int(host_memory * 1.01) + (1 << 20),
+                                   workdir / "daemon.log", extra=("--policy", policy, "--busy-timeout", "30"), timeout=120)
+    try:
+        with connect(socket_path) as client:
+            yield client
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        time.sleep(0.2)
+
+
+def _numbers(kind):
+    return lambda text: [kind(part) for part in text.split(",")]
+
+
+def _machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "memory": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The FaaS evaluation (bench/faas) in miniature, so the harness cannot rot: a real daemon, real
+function instances, tiny real models; and the node's placement rules on their own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "faas"
+
+
+@pytest.fixture(scope="module")
+def faas_node_module():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import node
+
+        yield node
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_the_miniature_runs_every_experiment_and_measures_what_it_says(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, str(BENCH / "run.py"), "--zoo", "tiny", "--requests", "8", "--concurrency", "1,2",
+               "--fractions", "1", "--runs", "1", "--pool", "2", "--out", str(out), "--cache", str(tmp_path / "cache")]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results = json.loads((out / "faas.json").read_text())
+
+    assert set(results["latency"]) == {"gpt2-tiny", "resnet-tiny", "bert-tiny"}
+    for row in results["latency"].values():
+        assert all(seconds > 0 for seconds in row.values())
+        assert row["ideal"] < row["cold"]  # a model already in the process skips acquiring it
+
+    runs = [cell[source] for cell in results["grid"] + results["streams"] + results["beyond"]
+            for source in ("own", "trims") if source in cell]
+    # grid and streams: 2 cells each, both ways; beyond: LRU both ways and cost-aware trims, at two budgets
+    assert len(results["grid"]) == 2 and len(runs) == 2 * 2 + 2 * 2 + 2 * (2 + 1)
+    for run in runs:
+        assert run["requests"] == 8 and run["throughput"] > 0 and run["p99_s"] >= run["p50_s"] > 0
+        assert run["acquisitions"] >= 1 and run["peak_memory"] > 0 and run["memory"]
+        # trims' instances map the daemon's copy; the baseline's hold their own
+        assert run["from_store"] == (run["acquisitions"] if run["source"] == "trims" else 0)
+    assert {cell.get("policy") for cell in results["beyond"]} == {"lru", "cost"}
+
+    for plot in ("latency.png", "throughput.png", "memory.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "faas.md").read_text()
+    assert "### End-to-end latency per model" in table and "Best point:" in table
+
+
+def instances(node, *models):
+    """Stand-ins used just now, oldest first: the placement rules only read their state."""
+    now = time.perf_counter()
+    return [node.Instance(process=None, model=model, last_used=now + i) for i, model in enumerate(models)]
+
+
+def test_without_trims_every_instance_counts_its_own_copy(faas_node_module):
+    node = faas_node_module
+    pool = types.SimpleNamespace(instances=instances(node, "a", "a", None))
+    placer = node.Node(pool, "own", budget=250, sizes={"a": 100, "b": 100}, directories={}, keep_alive=60)
+    try:
+        instance, victims = placer._place_locked("b")  # a, a and b would be 300: the older "a" goes
+        assert instance is pool.instances[2] and victims == [pool.instances[0]]
+        assert placer._place_locked("a") == (pool.instances[0], [])  # a warm instance, nothing to drop
+    finally:
+        placer.close()
+
+
+def test_with_trims_a_model_counts_once_however_many_instances_map_it(faas_node_module):
+    node = faas_node_module
+    pool = types.SimpleNamespace(instances=instances(node, "a", "a", None))
+    placer = node.Node(pool, "trims", budget=250, sizes={"a": 100, "b": 100}, directories={}, keep_alive=60)
+    try:
+        assert placer._place_locked("b") == (pool.instances[2], [])
+    finally:
+        placer.close()
+
+
+def test_a_request_waits_while_busy_instances_hold_the_memory(faas_node_module):
+    node = faas_node_module
+    pool = types.SimpleNamespace(instances=instances(node, "a", None))
+    pool.instances[0].busy = True
+    placer = node.Node(pool, "own", budget=150, sizes={"a": 100, "b": 100}, directories={}, keep_alive=60)
+    try:
+        assert placer._place_locked("b") is None
+        pool.instances[0].busy = False
+        assert placer._place_locked("b") == (pool.instances[1], [pool.instances[0]])
+    finally:
+        placer.close()
