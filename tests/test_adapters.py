@@ -25,6 +25,20 @@ def test_from_pretrained_needs_only_the_tag(kind, shared_daemon, tmp_path):
     assert all(lives_in_store(p) for p in model.parameters())
 
 
+def test_weights_in_the_modules_own_layout_are_not_renamed(shared_daemon, tmp_path):
+    """The other way to store a ViT: its state_dict as the module names it, beside its config."""
+    from safetensors.torch import save_file
+
+    original, _ = build("vit", tmp_path / "saved")
+    directory = tmp_path / "own-layout"
+    original.config.save_pretrained(directory)
+    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, directory / "model.safetensors")
+    client = shared_daemon.client()
+    client.push(directory, "adapters/vit-own-layout")
+    model = trims.transformers.from_pretrained("adapters/vit-own-layout", client=client)
+    assert torch.equal(output_of(model, "vit"), output_of(original, "vit"))
+
+
 def test_tied_weights_and_snapshot(shared_daemon, tmp_path):
     build("gpt2", tmp_path / "gpt2")
     client = shared_daemon.client()

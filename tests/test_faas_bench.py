@@ -84,6 +84,23 @@ def test_with_trims_a_model_counts_once_however_many_instances_map_it(faas_node_
         placer.close()
 
 
+def test_with_trims_only_dropping_every_mapping_of_a_copy_frees_it(faas_node_module):
+    node = faas_node_module
+    pool = types.SimpleNamespace(instances=instances(node, "a", "b", "a", "a", None))
+    pool.instances[3].busy = True  # maps "a" too: dropping the idle holders of "a" frees nothing
+    placer = node.Node(pool, "trims", budget=250, sizes={"a": 100, "b": 100, "c": 100}, directories={}, keep_alive=60)
+    try:
+        assert placer._place_locked("c") == (pool.instances[4], [pool.instances[1]])
+        pool.instances[3].busy = False
+        pool.instances[1].model = None
+        instance, victims = placer._place_locked("c")
+        assert victims == [] and instance is pool.instances[1]
+        placer.budget = 150  # now "a" must go: from all three instances that map it
+        assert placer._place_locked("c") == (pool.instances[1], [pool.instances[0], pool.instances[2], pool.instances[3]])
+    finally:
+        placer.close()
+
+
 def test_a_request_waits_while_busy_instances_hold_the_memory(faas_node_module):
     node = faas_node_module
     pool = types.SimpleNamespace(instances=instances(node, "a", None))

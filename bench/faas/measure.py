@@ -57,6 +57,8 @@ def model_latency(bench: Bench, model: str, runs: int) -> dict[str, float]:
         reply = instance.call({"op": "serve", "model": model, "dir": str(bench.directories[model]), "source": source})
         if "error" in reply:
             raise RuntimeError(f"{model}: {reply['error']}")
+        if reply.get("from_store", source == "trims") != (source == "trims"):
+            raise RuntimeError(f"{model}: acquired with {source}, but its weights are not where that puts them")
         return reply["acquire_s"] + reply["infer_s"]
 
     request("trims")  # once unmeasured: one-time costs of a first run in a process land in no column
@@ -103,6 +105,7 @@ def load_run(bench: Bench, source: str, budget: int, models: list[str], concurre
             with lock:
                 records.append(record)
 
+    host_before = _host_tier_counts(bench.client)
     sampler = _MemorySampler(bench.pool.pids() + [_daemon_pid(bench.client)])
     started = time.perf_counter()
     clients = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -115,8 +118,20 @@ def load_run(bench: Bench, source: str, budget: int, models: list[str], concurre
     memory = sampler.stop()
     if failures:
         raise failures[0]
-    return _summary(records, elapsed, memory) | {"source": source, "concurrency": concurrency,
-                                                  "models": len(models), "stream": stream, "budget": budget}
+    _check_where_weights_came_from(source, records)
+    hits, misses = (after - before for after, before in zip(_host_tier_counts(bench.client), host_before))
+    return _summary(records, elapsed, memory) | {"source": source, "concurrency": concurrency, "models": len(models),
+                                                  "stream": stream, "budget": budget, "daemon_host_hits": hits,
+                                                  "daemon_host_misses": misses}
+
+
+def _check_where_weights_came_from(source: str, records: list[dict]) -> None:
+    """Fail a run that did not measure what it says: trims instances must have mapped the
+    daemon's copy, baseline instances read their own."""
+    acquired = [r for r in records if not r["warm"]]
+    from_store = sum(bool(r["from_store"]) for r in acquired)
+    if from_store != (len(acquired) if source == "trims" else 0):
+        raise RuntimeError(f"{source}: {from_store} of {len(acquired)} acquisitions had every weight in trims' memory")
 
 
 def _summary(records: list[dict], elapsed: float, memory: list[tuple[float, int]]) -> dict:
@@ -131,6 +146,7 @@ def _summary(records: list[dict], elapsed: float, memory: list[tuple[float, int]
         "from_store": sum(bool(r["from_store"]) for r in records if not r["warm"]),
         "acquire_s": sum(r["acquire_s"] for r in records), "queue_s": sum(r["queue_s"] for r in records),
         "peak_memory": max((m for _, m in memory), default=0), "memory": memory,
+        "records": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records],
     }
 
 
@@ -139,11 +155,14 @@ def _percentile(ordered: list[float], q: float) -> float:
 
 
 class _MemorySampler:
-    """The node's memory, as the sum of its processes' PSS (shared pages split among their
-    users, so a daemon's copy mapped by ten instances counts once), every quarter second."""
+    """The node's memory every quarter second: the private memory of its processes (PSS of
+    anonymous pages: an instance's own copy of a model, its activations) plus the shared
+    memory created since the run began (the daemon's memfds, counted once whether no
+    instance or ten map them). Page cache is left out in both modes: it can be reclaimed."""
 
     def __init__(self, pids: list[int], interval: float = 0.25) -> None:
         self.pids, self.interval, self.samples = pids, interval, []
+        self._shmem_before = _shmem_bytes()
         self._stop = threading.Event()
         self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -156,19 +175,34 @@ class _MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((round(time.perf_counter() - self._started, 2), sum(map(pss_bytes, self.pids))))
+            node = sum(map(private_bytes, self.pids)) + max(0, _shmem_bytes() - self._shmem_before)
+            self.samples.append((round(time.perf_counter() - self._started, 2), node))
             self._stop.wait(self.interval)
 
 
-def pss_bytes(pid: int) -> int:
+def private_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as rollup:
             for line in rollup:
-                if line.startswith("Pss:"):
+                if line.startswith("Pss_Anon:"):
                     return int(line.split()[1]) * 1024
     except FileNotFoundError:
         pass
     return 0
+
+
+def _shmem_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _host_tier_counts(client: Client) -> tuple[int, int]:
+    """Opens the daemon served from host memory, and those it first had to bring there."""
+    opens = client.stats()["opens"]
+    return opens["hits"], opens["misses"]
 
 
 def _daemon_pid(client: Client) -> int:

@@ -8,7 +8,9 @@ memory budget: each instance's own copy without trims, each distinct model once 
 (they all map the daemon's copy, which is capped at the same budget). An acquisition that
 would go over the budget first takes models away from idle instances, least recently used
 first; if busy instances hold the memory, the request waits. An instance idle for longer
-than the keep-alive drops its model, as platforms scale idle functions to zero.
+than the keep-alive drops its model, as platforms scale idle functions to zero; with a
+keep-alive of 0 it drops it after every request (the paper's baseline: every request a
+cold start).
 """
 
 from __future__ import annotations
@@ -92,9 +94,9 @@ class Node:
         arrived = time.perf_counter()
         instance, victims = self._claim(model)
         for victim in victims:
-            self._finish(victim, victim.call({"op": "drop"}))
-        reply = instance.call({"op": "serve", "model": model, "dir": str(self.directories[model]),
-                               "source": self.source})
+            self._finish(victim, self._call(victim, {"op": "drop"}))
+        reply = self._call(instance, {"op": "serve", "model": model, "dir": str(self.directories[model]),
+                                      "source": self.source, "then_drop": self.keep_alive <= 0})
         self._finish(instance, reply)
         if "error" in reply:
             raise RuntimeError(f"{model} on instance {instance.process.pid}: {reply['error']}")
@@ -108,6 +110,16 @@ class Node:
             self._stopping = True
             self._changed.notify_all()
         self._reaper.join()
+
+    def _call(self, instance: Instance, request: dict) -> dict:
+        """An instance's reply; a dead instance's request fails the run, not hangs it."""
+        try:
+            return instance.call(request)
+        except (OSError, RuntimeError, ValueError) as exc:
+            with self._changed:
+                self._stopping = True  # requests waiting for room would wait for ever
+                self._changed.notify_all()
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
     # --- placement, under the lock ----------------------------------------------------------
 
@@ -123,6 +135,8 @@ class Node:
                         victim.model = None
                     instance.model = model
                     return instance, victims
+                if self._stopping:
+                    raise RuntimeError("the node stopped: an instance failed")
                 self._changed.wait()
 
     def _place_locked(self, model: str) -> tuple[Instance, list[Instance]] | None:
@@ -135,12 +149,20 @@ class Node:
         instance = min(idle, key=lambda i: (i.model is not None, i.last_used))  # empty first, then LRU
         victims: list[Instance] = []
         candidates = sorted((i for i in idle if i is not instance and i.model is not None), key=lambda i: i.last_used)
-        while self._held_bytes(instance, model, victims) > self.budget:
+        held = self._held_bytes(instance, model, victims)
+        while held > self.budget:
             if not candidates:
                 if not any(i.busy for i in self.pool.instances):
                     raise RuntimeError(f"{model} ({self.sizes[model]} bytes) does not fit the node's budget ({self.budget})")
                 return None  # busy instances hold the memory: wait for one to finish
-            victims.append(candidates.pop(0))
+            # With trims a copy is freed only when every instance mapping it lets go of it.
+            candidate = candidates[0]
+            group = [candidate] if self.source == "own" else [c for c in candidates if c.model == candidate.model]
+            without = self._held_bytes(instance, model, victims + group)
+            candidates = [c for c in candidates if c not in group]
+            if without < held:  # else a busy instance maps it too: dropping it frees nothing
+                victims += group
+                held = without
         return instance, victims
 
     def _held_bytes(self, instance: Instance, model: str, victims: list[Instance]) -> int:
@@ -155,7 +177,7 @@ class Node:
         with self._changed:
             instance.busy = False
             instance.last_used = time.perf_counter()
-            if "error" in reply:
+            if "error" in reply or self.keep_alive <= 0:
                 instance.model = None
             self._changed.notify_all()
 
@@ -170,6 +192,6 @@ class Node:
                 for instance in expired:
                     instance.busy, instance.model = True, None
             for instance in expired:
-                self._finish(instance, instance.call({"op": "drop"}))
+                self._finish(instance, self._call(instance, {"op": "drop"}))
             with self._changed:
-                self._changed.wait(timeout=min(1.0, self.keep_alive / 4))
+                self._changed.wait(timeout=min(1.0, max(self.keep_alive, 0.1) / 4))

@@ -1,15 +1,16 @@
 """The FaaS evaluation: the paper's latency (Fig. 7) and throughput (Fig. 10) experiments on trims.
 
-    python bench/faas/run.py                  # the full zoo (26 models, 12 GB); about 40 minutes
+    python bench/faas/run.py                  # the full zoo (26 models, 10.8 GiB); 25 minutes on 2 CPUs
     python bench/faas/run.py --zoo small      # no model over 600 MB: for machines under 16 GB
     python bench/faas/run.py --quick          # a 3 x 3 grid instead of 6 x 6
+    python bench/faas/run.py --keep-alive 0 --quick --phases none --out bench/results/faas/no-keep-alive
     python bench/faas/run.py --zoo tiny --requests 8 --concurrency 1,2 --fractions 0.5,1 --runs 1 --pool 3
 
 One node: a trims daemon whose host memory is the node's model budget (40 % of the zoo, as
 the paper's zoo was twice its capped GPU memory), a pool of pre-warmed function instances
 (separate processes) with keep-alive, and closed-loop clients sending requests drawn from
-the paper's Pareto stream. Every cell of the grid runs twice, side by side: instances that
-load their own copy (the baseline) and instances that map the daemon's. Then the same with
+the paper's Pareto stream. Every cell of the grid runs twice, one run right after the other:
+instances that load their own copy (the baseline), and instances that map the daemon's. Then the same with
 the cost-aware policy and a host tier half as large, and with Zipf and uniform streams.
 Writes faas.json, faas.md, latency.png, throughput.png and memory.png to bench/results/faas.
 """
@@ -44,10 +45,10 @@ def main() -> None:
     args = _arguments()
     models = zoo.zoo(args.zoo)
     directories = zoo.ensure_built(models, args.cache)
-    names = [m.name for m in models]
+    names = sorted((m.name for m in models), key=lambda name: zoo.weight_bytes(directories[name]))  # small to large
     workdir = Path(tempfile.mkdtemp(prefix="trims-faas-"))
     results: dict = {"machine": _machine(), "command": " ".join(sys.argv), "settings": vars(args) | {
-        "cache": str(args.cache), "out": str(args.out)}}
+        "cache": str(args.cache), "out": str(args.out), "phases": sorted(args.phases)}}
     files = {name: zoo.weight_bytes(directories[name]) for name in names}
     budget = max(int(args.budget * sum(files.values())), int(1.05 * max(files.values())))
     tight = max(int(args.budget / 2 * sum(files.values())), int(1.05 * max(files.values())))
@@ -61,14 +62,18 @@ def main() -> None:
             sizes = {name: client.info(f"zoo/{name}").nbytes for name in names}
             results |= {"zoo": [{"name": n, "bytes": sizes[n]} for n in names], "budget": budget, "tight_budget": tight}
             bench = measure.Bench(pool, client, workdir / "store", directories, sizes, args.keep_alive)
-            results["latency"] = _latency(bench, names, args.runs)
-            report.write(results, args.out)
+            if "latency" in args.phases:
+                results["latency"] = _latency(bench, names, args.runs)
+                report.write(results, args.out)
             results["grid"] = _grid(bench, budget, names, args)
             report.write(results, args.out)
             best = report.best_cell(results["grid"])
-            results["streams"] = [_pair(bench, budget, names, best["concurrency"], best["fraction"], args, stream)
-                                  for stream in ("zipf", "uniform")]
-        results["beyond"] = _beyond(pool, workdir, directories, sizes, names, results["grid"], best, budget, tight, args)
+            if "streams" in args.phases:
+                results["streams"] = [_pair(bench, budget, names, best["concurrency"], best["fraction"], args, stream)
+                                      for stream in ("zipf", "uniform")]
+        if "beyond" in args.phases:
+            results["beyond"] = _beyond(pool, workdir, directories, sizes, names, results["grid"], best, budget,
+                                        tight, args)
     finally:
         pool.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -87,9 +92,14 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--pool", type=int, default=10, help="function instances on the node")
     parser.add_argument("--budget", type=float, default=0.4, help="node memory for models, as a fraction of the zoo")
     parser.add_argument("--keep-alive", type=float, default=60.0, help="seconds an idle instance keeps its model")
+    parser.add_argument("--phases", type=lambda text: set(text.split(",")), default={"latency", "streams", "beyond"},
+                        help="besides the grid, any of latency,streams,beyond, or none (default: all three)")
     parser.add_argument("--cache", type=Path, default=HERE.parent / "results" / "cache", help="where the zoo is built")
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "faas")
     args = parser.parse_args()
+    unknown = args.phases - {"latency", "streams", "beyond", "none"}
+    if unknown:
+        parser.error(f"unknown phases {', '.join(sorted(unknown))}; choose from latency, streams, beyond (or none)")
     args.concurrency = args.concurrency or ([1, 4, 8] if args.quick else [1, 2, 4, 6, 8, 10])
     args.fractions = args.fractions or ([0.1, 0.4, 1.0] if args.quick else [0.1, 0.2, 0.4, 0.6, 0.8, 1.0])
     return args
@@ -125,19 +135,18 @@ def _beyond(pool: Pool, workdir: Path, directories: dict, sizes: dict, names: li
             best: dict, budget: int, tight: int, args: argparse.Namespace) -> list[dict]:
     """At the best point's concurrency, with its fraction of the zoo and with all of it: the
     cost-aware policy beside LRU, with the node's budget and with half of it."""
+    measured = {c["fraction"]: c for c in grid if c["concurrency"] == best["concurrency"]}
     cells = []
-    fractions = sorted({best["fraction"], 1.0})
     for label, memory in (("budget", budget), ("half budget", tight)):
         for policy in ("lru", "cost"):
-            if (label, policy) == ("budget", "lru"):  # measured in the grid already
-                cells += [c | {"memory": label, "policy": policy} for c in grid
-                          if c["concurrency"] == best["concurrency"] and c["fraction"] in fractions]
-                continue
+            sources = measure.SOURCES if policy == "lru" else ("trims",)  # the baseline has no policy
             with _daemon(workdir, memory, policy) as client:
                 bench = measure.Bench(pool, client, workdir / "store", directories, sizes, args.keep_alive)
-                sources = measure.SOURCES if policy == "lru" else ("trims",)  # the baseline has no policy
-                cells += [_pair(bench, memory, names, best["concurrency"], f, args, sources=sources)
-                          | {"memory": label, "policy": policy} for f in fractions]
+                for fraction in sorted({best["fraction"], 1.0}):
+                    reuse = (label, policy) == ("budget", "lru") and fraction in measured  # the grid's own cell
+                    cell = measured[fraction] if reuse else _pair(bench, memory, names, best["concurrency"], fraction,
+                                                                  args, sources=sources)
+                    cells.append(cell | {"memory": label, "policy": policy})
     return cells
 
 

@@ -4,6 +4,7 @@ A pre-warmed runtime (Python, torch and transformers imported, as a FaaS platfor
 "stem cell" containers), specialised to a model by its first request. Requests:
 
   {"op": "serve", "model": M, "dir": D, "source": "own"|"trims"}  acquire M unless held, run it
+                                                    ("then_drop": true: and forget it)
   {"op": "drop"}                                                    forget the held model
   {"op": "quit"}
 
@@ -38,8 +39,8 @@ def acquire(name: str, directory: Path, source: str) -> torch.nn.Module:
 
 
 def from_store(model: torch.nn.Module) -> bool:
-    """Whether every weight lies in the daemon's shared memory (a memfd mapping): the check
-    that a run measured what it says it measured."""
+    """Whether every parameter lies in the daemon's shared memory (a memfd mapping): the
+    check that a run measured what it says it measured."""
     spans = []
     with open("/proc/self/maps") as maps:
         for line in maps:
@@ -68,6 +69,9 @@ def main() -> None:
             held = None
             reply["error"] = f"{type(exc).__name__}: {exc}"
         print(json.dumps(reply), flush=True)
+        if request.get("then_drop"):  # no keep-alive: torn down after answering, before the next request
+            held = None
+            gc.collect()
 
 
 def serve(request: dict, held: tuple | None, reply: dict) -> tuple:

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import sysconfig
@@ -142,7 +143,7 @@ def _seconds(text: str) -> float:
         seconds = float(text)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
+    if not (seconds > 0 and math.isfinite(seconds)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return seconds
 

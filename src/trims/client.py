@@ -104,7 +104,9 @@ class Client:
 
     def ping(self, timeout: float | None = None) -> protocol.Pong:
         """The daemon's version and pid; :class:`DaemonUnavailable` if it does not answer
-        within ``timeout`` seconds (a daemon that accepts but never answers is not healthy)."""
+        within ``timeout`` seconds (a daemon that accepts but never answers is not healthy).
+        A timeout drops the connection, ending the leases it carried: probe with a client of
+        its own, as ``trims health`` does."""
         try:
             return self._request(protocol.Ping(), protocol.Pong, reply_timeout=timeout)[0]
         except ConnectionLost as exc:
@@ -112,8 +114,9 @@ class Client:
 
     def open(self, name: str) -> ModelView:
         """Lease and map model ``name`` (``NAME[:TAG]`` or a ``blake3:`` digest)."""
-        if self._release_flusher is None:
-            self._release_flusher = _ReleaseFlusher(self)
+        with self._lock:
+            if self._release_flusher is None:
+                self._release_flusher = _ReleaseFlusher(self)
         reply, generation = self._request(protocol.Open(name=name), protocol.Opened)
         return _map_model(reply, _Lease(self, reply.lease, generation))
 
@@ -185,9 +188,6 @@ class Client:
         """Close the connection; the daemon ends every lease it carried."""
         with self._lock:
             self._drop_channel_locked()
-        if self._release_flusher is not None:
-            self._release_flusher.stop()
-            self._release_flusher = None
 
     def __enter__(self) -> Client:
         return self
@@ -281,7 +281,9 @@ class Client:
                 return
             try:
                 self._flush_releases_locked(self._channel)
-            except ConnectionLost:
+            except Exception:  # noqa: BLE001 -- no caller to tell; the next request reconnects
+                # A reply may be half read: the connection cannot be trusted with another
+                # request. Dropping it ends its leases, which is what was being asked.
                 self._drop_channel_locked()
 
     def _flush_releases_locked(self, channel: transport.Channel) -> None:
@@ -294,42 +296,39 @@ class Client:
 class _ReleaseFlusher:
     """Sends the releases of garbage-collected models at once, so a process that drops a model
     and then sits idle does not keep it leased (and unevictable) until its next request. The
-    garbage collector wakes it through a pipe: a write takes no Python lock it might hold."""
+    garbage collector wakes it through a pipe: a write takes no Python lock it might hold.
+    It lives as long as its client; the client's finalizer closes the pipe, which ends it (no
+    lease can wake it then: each pending one keeps the client alive)."""
 
     def __init__(self, client: Client) -> None:
         self._read_end, self._write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         os.set_blocking(self._read_end, True)
-        # A client dropped without close() still ends its thread: end-of-file on the pipe.
+        self._read_closed = False
         self._closer = weakref.finalize(client, os.close, self._write_end)
-        threading.Thread(target=self._run, args=(weakref.ref(client), self._read_end), name="trims-releases",
-                         daemon=True).start()
+        self._closer.atexit = False  # at exit a late finalizer might still wake it
+        threading.Thread(target=self._run, args=(weakref.ref(client),), name="trims-releases", daemon=True).start()
 
     def wake(self) -> None:
         try:
             os.write(self._write_end, b"!")
-        except OSError:  # full (already woken) or closed (stopping)
+        except BlockingIOError:  # the pipe is full: woken already
             pass
-
-    def stop(self) -> None:
-        self._closer()  # the thread reads end-of-file, closes its end and returns
 
     def abandon(self) -> None:
         """In a forked child, where the thread does not exist: close the inherited pipe."""
         if self._closer.detach() is not None:
             os.close(self._write_end)
-            os.close(self._read_end)
+            if not self._read_closed:
+                os.close(self._read_end)
 
-    @staticmethod
-    def _run(client_ref: weakref.ref, read_end: int) -> None:
-        try:
-            while os.read(read_end, 4096):
-                client = client_ref()
-                if client is None:
-                    return
+    def _run(self, client_ref: weakref.ref) -> None:
+        while os.read(self._read_end, 4096):
+            client = client_ref()
+            if client is not None:
                 client._flush_releases()
-                del client
-        finally:
-            os.close(read_end)
+            del client
+        self._read_closed = True
+        os.close(self._read_end)
 
 
 class _Lease:

@@ -104,7 +104,7 @@ def _socket_from_systemd() -> socket.socket | None:
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return None
     count = os.environ.get("LISTEN_FDS", "0") or "0"
-    if not count.isdigit():
+    if not (count.isascii() and count.isdigit()):
         raise ConfigError(f"LISTEN_FDS={count!r} is not a number of descriptors; check the unit's trims.socket")
     if int(count) < 1:
         return None

@@ -104,7 +104,7 @@ def where(name: str, *, socket: str | os.PathLike | None = None, timeout: float 
     for ref in ready:
         try:
             models = ray.get(ref)
-        except ray.exceptions.RayError as exc:  # no daemon there, or it refused us
+        except ray.exceptions.RayError:  # no daemon there, or it refused us
             continue
         for model in models:
             tiers = [t for t in model["tiers"] if t in _LOCAL_TIERS]

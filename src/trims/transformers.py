@@ -56,15 +56,16 @@ def _checkpoint_to_module_names(model: torch.nn.Module, state: dict[str, torch.T
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:  # transformers 4: checkpoints are stored as modules name their weights
+    except ImportError:  # transformers 4 renamed for a few models only (Llava): those fail as mismatches
         return state
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     names = dict(named_tensors(model))
-    renamed = {}
+    renamed: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        target, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
+        target, converted = (key, None) if key in names else rename_source_key(
+            key, renamings, converters, model.base_model_prefix, names)
         if converted is not None:
             raise ModelMismatch(
                 f"{type(model).__name__} computes its weight {target} from the stored {key}, and trims maps "
@@ -72,6 +73,8 @@ def _checkpoint_to_module_names(model: torch.nn.Module, state: dict[str, torch.T
                 "(safetensors.torch.save_file(model.state_dict(), ...) beside its config.json), or load this "
                 "model with transformers' own from_pretrained"
             )
+        if target in renamed:
+            raise ModelMismatch(f"two stored weights, one of them {key}, are both {target} in {type(model).__name__}")
         renamed[target] = tensor
     return renamed
 

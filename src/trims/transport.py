@@ -45,17 +45,21 @@ class Channel:
     def receive(self, frame_timeout: float | None = None, first_byte_timeout: float | None = None) -> protocol.Message:
         """The next message; raises :class:`ConnectionLost` on EOF.
 
-        With ``frame_timeout``, a frame must arrive whole within that many seconds of its
-        first byte. Waiting for a first byte has no limit unless ``first_byte_timeout`` sets
-        one (idle clients may hold leases; a health check may not wait for ever).
+        With ``frame_timeout``, each read of a frame begun must bring bytes within that many
+        seconds. Waiting for a first byte has no limit unless ``first_byte_timeout`` sets one
+        (idle clients may hold leases; a health check may not wait for ever).
         """
         while True:
             message = self._decoder.next_message()
             if message is not None:
                 return message
-            timeout = frame_timeout if self._decoder.buffered else first_byte_timeout
-            self.sock.settimeout(timeout or None)
-            self._receive_some(timeout)
+            timeout = (frame_timeout if self._decoder.buffered else first_byte_timeout) or None
+            self.sock.settimeout(timeout)
+            try:
+                self._receive_some(timeout)
+            finally:
+                if timeout:  # sends stay blocking (or bounded by SO_SNDTIMEO)
+                    self.sock.settimeout(None)
 
     def _receive_some(self, timeout: float | None) -> None:
         try:
