@@ -13,6 +13,10 @@ import trims.torch
 from .conftest import ROOT, run_python
 from .models import FACTORIES, build, output_of
 
+# save_pretrained writes ViT in transformers' older layout, which only trims.transformers
+# renames (tests/test_adapters.py); trims.torch takes weights as the module names them.
+KINDS = sorted(kind for kind in FACTORIES if kind != "vit")
+
 
 def memfd_ranges() -> list[tuple[int, int]]:
     ranges = []
@@ -33,7 +37,7 @@ def pushed(shared_daemon, tmp_path_factory):
     """Each tiny architecture, pushed once, with its original module for comparison."""
     client = shared_daemon.client()
     models = {}
-    for kind in FACTORIES:
+    for kind in KINDS:
         directory = tmp_path_factory.mktemp(kind)
         model, factory = build(kind, directory)
         client.push(directory, f"torch-tests/{kind}")
@@ -41,7 +45,7 @@ def pushed(shared_daemon, tmp_path_factory):
     return client, models
 
 
-@pytest.mark.parametrize("kind", sorted(FACTORIES))
+@pytest.mark.parametrize("kind", KINDS)
 def test_load_model_gives_identical_outputs_from_shared_memory(pushed, kind):
     client, models = pushed
     original, factory = models[kind]

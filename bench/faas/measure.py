@@ -33,6 +33,18 @@ class Bench:
         self.evict(*self.sizes)
         drop_page_cache([p for d in self.directories.values() for p in d.glob("*.safetensors")] + _files(self.store))
 
+    def warm_node(self, source: str, stream: list[str]) -> None:
+        """As a node in steady state: no instance holds a model, but the node's cache holds
+        what the stream asks for most, the least popular brought first so the most popular
+        stay: the daemon's host memory with trims, the page cache without."""
+        self.cold_node()
+        by_popularity = sorted(set(stream), key=stream.count)
+        for name in by_popularity:
+            if source == "trims":
+                self.client.pull(f"zoo/{name}", "host")
+            else:
+                _read(sorted(self.directories[name].glob("*.safetensors")))
+
     def evict(self, *models: str) -> None:
         """Take models out of the daemon's host memory, once instances that dropped them have
         released them (a release arrives just after the drop)."""
@@ -81,11 +93,16 @@ def model_latency(bench: Bench, model: str, runs: int) -> dict[str, float]:
 
 
 def load_run(bench: Bench, source: str, budget: int, models: list[str], concurrency: int, count: int,
-             stream: str = "pareto", seed: int = 0) -> dict:
+             stream: str = "pareto", warm: bool = False, seed: int = 0) -> dict:
     """``count`` requests from ``concurrency`` closed-loop clients (each sends its next request
-    when its last is answered) on a cold node; throughput, latencies, memory over time."""
-    bench.cold_node()
-    queue = iter(requests(stream, models, count, seed))
+    when its last is answered) on a cold node (or a ``warm`` one); throughput, latencies,
+    memory over time."""
+    asked = requests(stream, models, count, seed)
+    if warm:
+        bench.warm_node(source, asked)
+    else:
+        bench.cold_node()
+    queue = iter(asked)
     lock = threading.Lock()
     records: list[dict] = []
     failures: list[BaseException] = []

@@ -3,7 +3,7 @@
     python bench/faas/run.py                  # the full zoo (26 models, 10.8 GiB); 25 minutes on 2 CPUs
     python bench/faas/run.py --zoo small      # no model over 600 MB: for machines under 16 GB
     python bench/faas/run.py --quick          # a 3 x 3 grid instead of 6 x 6
-    python bench/faas/run.py --keep-alive 0 --quick --phases none --out bench/results/faas/no-keep-alive
+    python bench/faas/run.py --keep-alive 0 --warm-node --quick --phases none --out bench/results/faas/paper
     python bench/faas/run.py --zoo tiny --requests 8 --concurrency 1,2 --fractions 0.5,1 --runs 1 --pool 3
 
 One node: a trims daemon whose host memory is the node's model budget (40 % of the zoo, as
@@ -92,6 +92,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--pool", type=int, default=10, help="function instances on the node")
     parser.add_argument("--budget", type=float, default=0.4, help="node memory for models, as a fraction of the zoo")
     parser.add_argument("--keep-alive", type=float, default=60.0, help="seconds an idle instance keeps its model")
+    parser.add_argument("--warm-node", action="store_true",
+                        help="start each run with the node's cache warm (steady state) rather than cold")
     parser.add_argument("--phases", type=lambda text: set(text.split(",")), default={"latency", "streams", "beyond"},
                         help="besides the grid, any of latency,streams,beyond, or none (default: all three)")
     parser.add_argument("--cache", type=Path, default=HERE.parent / "results" / "cache", help="where the zoo is built")
@@ -124,7 +126,8 @@ def _pair(bench: measure.Bench, budget: int, names: list[str], concurrency: int,
     playing = streams.in_play(names, fraction)
     cell = {"concurrency": concurrency, "fraction": fraction, "stream": stream}
     for source in sources:
-        cell[source] = measure.load_run(bench, source, budget, playing, concurrency, args.requests, stream)
+        cell[source] = measure.load_run(bench, source, budget, playing, concurrency, args.requests, stream,
+                                        args.warm_node)
     if set(measure.SOURCES) <= set(cell):
         cell["throughput_ratio"] = cell["trims"]["throughput"] / cell["own"]["throughput"]
     print(report.cell_line(cell), flush=True)
