@@ -1,5 +1,6 @@
 """Ray Serve: the replicas on a node get their models from the node's trims daemon.
 
+    import torch
     from ray import serve
     import trims.ray
 
@@ -9,9 +10,10 @@
         async def get_model(self, model_id: str):
             return await trims.ray.from_pretrained(model_id)
 
-        async def __call__(self, prompt: str):
+        async def __call__(self, input_ids: list[int]):
             model = await self.get_model(serve.get_multiplexed_model_id())
-            ...
+            with torch.inference_mode():
+                return model(torch.tensor([input_ids])).logits[0, -1].argmax().item()
 
 Every replica on a node maps the same copy of a model's weights, so a node holds each
 model once however many replicas load it, and a replica that loads a model another one
