@@ -10,6 +10,7 @@ from pathlib import Path
 
 from node import Node, Pool
 from streams import requests
+from zoo import weight_files
 
 from trims import Client
 from trims.demo import drop_page_cache
@@ -31,7 +32,7 @@ class Bench:
         host memory is empty, and no model file is in the page cache."""
         self.pool.reset()
         self.evict(*self.sizes)
-        drop_page_cache([p for d in self.directories.values() for p in d.glob("*.safetensors")] + _files(self.store))
+        drop_page_cache([p for d in self.directories.values() for p in weight_files(d)] + _files(self.store))
 
     def warm_node(self, source: str, stream: list[str]) -> None:
         """As a node in steady state: no instance holds a model, but the node's cache holds
@@ -43,7 +44,7 @@ class Bench:
             if source == "trims":
                 self.client.pull(f"zoo/{name}", "host")
             else:
-                _read(sorted(self.directories[name].glob("*.safetensors")))
+                _read(weight_files(self.directories[name]))
 
     def evict(self, *models: str) -> None:
         """Take models out of the daemon's host memory, once instances that dropped them have
@@ -62,7 +63,7 @@ def model_latency(bench: Bench, model: str, runs: int) -> dict[str, float]:
     its disk tier; ``trims warm`` one already in its host memory; ``ideal`` runs a model
     already in the process (inference only)."""
     instance = bench.pool.instances[0]
-    weights = sorted(bench.directories[model].glob("*.safetensors"))
+    weights = weight_files(bench.directories[model])
     samples: dict[str, list[float]] = {column: [] for column in LATENCY_COLUMNS}
 
     def request(source: str) -> float:

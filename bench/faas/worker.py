@@ -33,7 +33,7 @@ def acquire(name: str, directory: Path, source: str) -> torch.nn.Module:
     if source == "trims":
         return trims.torch.load_model(f"zoo/{name}", factory)
     state = {}
-    for path in sorted(directory.glob("*.safetensors")):
+    for path in zoo.weight_files(directory):
         state.update((key, tensor.clone()) for key, tensor in load_file(path).items())  # off the page cache: our own copy
     return trims.torch.assemble(factory, state)
 

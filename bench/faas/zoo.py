@@ -149,7 +149,7 @@ def ensure_built(models: list[ZooModel], cache: Path) -> dict[str, Path]:
     directories = {}
     for model in models:
         directory = cache / model.name
-        if not any(directory.glob("*.safetensors")):
+        if not weight_files(directory):
             print(f"building {model.name} ...", flush=True)
             partial = cache / f".{model.name}.partial"
             shutil.rmtree(partial, ignore_errors=True)
@@ -170,5 +170,9 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
 
 
+def weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
 def weight_bytes(directory: Path) -> int:
-    return sum(path.stat().st_size for path in directory.glob("*.safetensors"))
+    return sum(path.stat().st_size for path in weight_files(directory))
