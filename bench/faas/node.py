@@ -57,8 +57,7 @@ class Pool:
             process = subprocess.Popen([sys.executable, str(HERE / "worker.py"), *self.models], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
             self.instances.append(Instance(process))
-        for instance in self.instances:  # every runtime ready before any clock starts
-            instance.call({"op": "drop"})
+        self.reset()  # answers once every runtime is ready, before any clock starts
 
     def reset(self) -> None:
         for instance in self.instances:

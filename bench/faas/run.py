@@ -139,17 +139,19 @@ def _beyond(pool: Pool, workdir: Path, directories: dict, sizes: dict, names: li
     """At the best point's concurrency, with its fraction of the zoo and with all of it: the
     cost-aware policy beside LRU, with the node's budget and with half of it."""
     measured = {c["fraction"]: c for c in grid if c["concurrency"] == best["concurrency"]}
+    fractions = sorted({best["fraction"], 1.0})
     cells = []
     for label, memory in (("budget", budget), ("half budget", tight)):
         for policy in ("lru", "cost"):
-            sources = measure.SOURCES if policy == "lru" else ("trims",)  # the baseline has no policy
-            with _daemon(workdir, memory, policy) as client:
-                bench = measure.Bench(pool, client, workdir / "store", directories, sizes, args.keep_alive)
-                for fraction in sorted({best["fraction"], 1.0}):
-                    reuse = (label, policy) == ("budget", "lru") and fraction in measured  # the grid's own cell
-                    cell = measured[fraction] if reuse else _pair(bench, memory, names, best["concurrency"], fraction,
-                                                                  args, sources=sources)
-                    cells.append(cell | {"memory": label, "policy": policy})
+            # With the budget and LRU, the grid has run these cells already.
+            done = {f: measured[f] for f in fractions if (label, policy) == ("budget", "lru") and f in measured}
+            if len(done) < len(fractions):
+                sources = measure.SOURCES if policy == "lru" else ("trims",)  # the baseline has no policy
+                with _daemon(workdir, memory, policy) as client:
+                    bench = measure.Bench(pool, client, workdir / "store", directories, sizes, args.keep_alive)
+                    done |= {f: _pair(bench, memory, names, best["concurrency"], f, args, sources=sources)
+                             for f in fractions if f not in done}
+            cells += [done[f] | {"memory": label, "policy": policy} for f in fractions]
     return cells
 
 

@@ -148,6 +148,7 @@ class Store:
         self._placements: dict[str, _Placement] = {}
         self._doomed: set[str] = set()  # unused segments kept only until their leases end
         self._repacking: set[str] = set()  # segments losing a removed model's tensors (see _repack_orphans)
+        self._orphans_possible = True  # a model left a segment others read from: look for its tensors
         self._may_map: dict[tuple[str, str], bool] = {}  # (model, tenant) -> SharingRule.may_map; cleared on changes
         self._rates = dict(_INITIAL_RATES)
         self._adopted: dict[tuple, str] = {}  # identities of files adopted -> model digest
@@ -270,6 +271,7 @@ class Store:
         self._may_map.clear()
         if moved or replaced not in (None, manifest.digest):
             self._collect_garbage_locked()  # the name's old model, or the model's old segments, may be unused
+            self._orphans_possible = True
         return new_bytes
 
     # --- what may share storage (see sharing.py) ---------------------------------------------
@@ -302,13 +304,19 @@ class Store:
         still read from: copy those models' tensors into a segment without them, so nobody
         keeps mapping (or storing) the removed model's bytes. Opens that would map them wait."""
         with self._lock:
-            work = {s: o for s, o in self.catalog.orphans_in_use().items() if s not in self._repacking}
+            if not self._orphans_possible:  # the scan reads every stored tensor: not on every push
+                return
+            found = self.catalog.orphans_in_use()
+            work = {s: o for s, o in found.items() if s not in self._repacking}
+            self._orphans_possible = len(work) < len(found)  # one being repacked may need it again
             self._repacking.update(work)
         try:
             for segment_id, orphans in work.items():
                 try:
                     self._repack(segment_id, orphans)
                 except (TrimsError, OSError) as exc:
+                    with self._lock:
+                        self._orphans_possible = True  # try again after the next push or removal
                     log.error("could not repack segment %s without the tensors of removed models: %s; "
                               "models read from it stay unopenable for tenants who may not read those", segment_id[:19], exc)
         finally:
@@ -408,6 +416,7 @@ class Store:
             self.catalog.remove_tag(name)
             self._may_map.clear()
             freed = self._collect_garbage_locked()
+            self._orphans_possible = True
         self._repack_orphans()
         return freed
 
