@@ -29,7 +29,7 @@ def faas_node_module():
 def test_the_miniature_runs_every_experiment_and_measures_what_it_says(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, str(BENCH / "run.py"), "--zoo", "tiny", "--requests", "8", "--concurrency", "1,2",
-               "--fractions", "1", "--runs", "1", "--pool", "2", "--out", str(out), "--cache", str(tmp_path / "cache")]
+               "--fractions", "1", "--runs", "1", "--repeats", "2", "--pool", "2", "--out", str(out), "--cache", str(tmp_path / "cache")]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     results = json.loads((out / "faas.json").read_text())
@@ -43,12 +43,20 @@ def test_the_miniature_runs_every_experiment_and_measures_what_it_says(tmp_path)
             for source in ("own", "trims") if source in cell]
     # grid and streams: 2 cells each, both ways; beyond: LRU both ways and cost-aware trims, at two budgets
     assert len(results["grid"]) == 2 and len(runs) == 2 * 2 + 2 * 2 + 2 * (2 + 1)
-    for run in runs:
-        assert run["requests"] == 8 and run["throughput"] > 0 and run["p99_s"] >= run["p50_s"] > 0
+    for run in runs:  # each the two repeats pooled
+        assert run["requests"] == 2 * 8 and run["throughput"] > 0 and run["p99_s"] >= run["p50_s"] > 0
+        assert [repeat["seed"] for repeat in run["repeats"]] == [0, 1]
+        assert {record["repeat"] for record in run["records"]} == {0, 1}
         assert run["acquisitions"] >= 1 and run["peak_memory"] > 0 and run["memory"]
         # trims' instances map the daemon's copy; the baseline's hold their own
         assert run["from_store"] == (run["acquisitions"] if run["source"] == "trims" else 0)
     assert {cell.get("policy") for cell in results["beyond"]} == {"lru", "cost"}
+    for cell in results["grid"]:
+        assert len(cell["repeat_ratios"]) == 2
+        trims_run = cell["trims"]
+        # a cold node: the daemon brought every model it served up from its disk, and timed it
+        assert trims_run["daemon_host_misses"] >= 1 and trims_run["daemon_fetch_s"] > 0
+        assert trims_run["daemon_fetch_bytes"] > 0
 
     for plot in ("latency.png", "throughput.png", "memory.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -123,7 +123,7 @@ def load_run(bench: Bench, source: str, budget: int, models: list[str], concurre
             with lock:
                 records.append(record)
 
-    host_before = _host_tier_counts(bench.client)
+    daemon_before = _daemon_counts(bench.client)
     sampler = _MemorySampler(bench.pool.pids() + [_daemon_pid(bench.client)])
     started = time.perf_counter()
     clients = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -137,10 +137,21 @@ def load_run(bench: Bench, source: str, budget: int, models: list[str], concurre
     if failures:
         raise failures[0]
     _check_where_weights_came_from(source, records)
-    hits, misses = (after - before for after, before in zip(_host_tier_counts(bench.client), host_before))
+    daemon = {key: after - daemon_before[key] for key, after in _daemon_counts(bench.client).items()}
     return _summary(records, elapsed, memory) | {"source": source, "concurrency": concurrency, "models": len(models),
-                                                  "stream": stream, "budget": budget, "daemon_host_hits": hits,
-                                                  "daemon_host_misses": misses}
+                                                  "stream": stream, "budget": budget, "seed": seed, **daemon}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """Repeats of one run (other seeds, same settings) as one: their requests together, their
+    seconds added up, the highest peak; the memory trace is the first repeat's."""
+    records = [record | {"repeat": k} for k, run in enumerate(runs) for record in run["records"]]
+    summary = _summary(records, sum(run["seconds"] for run in runs), runs[0]["memory"])
+    return runs[0] | summary | {
+        "peak_memory": max(run["peak_memory"] for run in runs), "seed": [run["seed"] for run in runs],
+        **{key: sum(run[key] for run in runs) for key in _DAEMON_COUNTS},
+        "repeats": [{key: run[key] for key in ("seed", "seconds", "throughput", "p99_s", "peak_memory")} for run in runs],
+    }
 
 
 def _check_where_weights_came_from(source: str, records: list[dict]) -> None:
@@ -162,7 +173,8 @@ def _summary(records: list[dict], elapsed: float, memory: list[tuple[float, int]
         "warm_fraction": sum(r["warm"] for r in records) / len(records),
         "acquisitions": sum(not r["warm"] for r in records),
         "from_store": sum(bool(r["from_store"]) for r in records if not r["warm"]),
-        "acquire_s": sum(r["acquire_s"] for r in records), "queue_s": sum(r["queue_s"] for r in records),
+        "acquire_s": sum(r["acquire_s"] for r in records), "weights_s": sum(r["weights_s"] for r in records),
+        "queue_s": sum(r["queue_s"] for r in records),
         "peak_memory": max((m for _, m in memory), default=0), "memory": memory,
         "records": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records],
     }
@@ -217,10 +229,16 @@ def _shmem_bytes() -> int:
     return 0
 
 
-def _host_tier_counts(client: Client) -> tuple[int, int]:
-    """Opens the daemon served from host memory, and those it first had to bring there."""
-    opens = client.stats()["opens"]
-    return opens["hits"], opens["misses"]
+_DAEMON_COUNTS = ("daemon_host_hits", "daemon_host_misses", "daemon_fetch_s", "daemon_fetch_bytes")
+
+
+def _daemon_counts(client: Client) -> dict[str, float]:
+    """Opens the daemon served from host memory and those it first had to bring there; the
+    seconds and bytes it spent bringing segments up from disk (copy and verification)."""
+    stats = client.stats()
+    fetched = stats["fetches"].get("disk->host", {})
+    values = (stats["opens"]["hits"], stats["opens"]["misses"], fetched.get("seconds", 0.0), fetched.get("bytes", 0))
+    return dict(zip(_DAEMON_COUNTS, values))
 
 
 def _daemon_pid(client: Client) -> int:

@@ -89,7 +89,8 @@ class Node:
         self._reaper.start()
 
     def serve(self, model: str) -> dict:
-        """One request, end to end; returns its timings (queue, acquire, inference, total)."""
+        """One request, end to end; returns its timings (queue, acquire and the weights' part of it,
+        inference, total)."""
         arrived = time.perf_counter()
         instance, victims = self._claim(model)
         for victim in victims:
@@ -100,8 +101,8 @@ class Node:
         if "error" in reply:
             raise RuntimeError(f"{model} on instance {instance.process.pid}: {reply['error']}")
         total = time.perf_counter() - arrived
-        return {"model": model, "warm": reply["warm"], "acquire_s": reply["acquire_s"], "infer_s": reply["infer_s"],
-                "total_s": total, "queue_s": max(0.0, total - reply["acquire_s"] - reply["infer_s"]),
+        return {"model": model, "warm": reply["warm"], "acquire_s": reply["acquire_s"],
+                "weights_s": reply.get("weights_s", 0.0), "infer_s": reply["infer_s"], "total_s": total, "queue_s": max(0.0, total - reply["acquire_s"] - reply["infer_s"]),
                 "from_store": reply.get("from_store")}
 
     def close(self) -> None:

@@ -29,8 +29,15 @@ def cell_line(cell: dict) -> str:
             run = cell[source]
             parts.append(f"{source} {run['throughput']:.2f} req/s p99 {run['p99_s']:.2f} s warm {run['warm_fraction']:.0%}")
     if "throughput_ratio" in cell:
-        parts.append(f"ratio {cell['throughput_ratio']:.2f}x")
+        parts.append(f"ratio {ratio_text(cell)}")
     return "  ".join(parts)
+
+
+def ratio_text(cell: dict) -> str:
+    """The pooled throughput ratio, and the lowest and highest of its repeats when there are several."""
+    ratios = cell.get("repeat_ratios", [])
+    spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+    return f"{cell['throughput_ratio']:.2f}x{spread}"
 
 
 def markdown(results: dict) -> str:
@@ -38,9 +45,12 @@ def markdown(results: dict) -> str:
              f"{format_size(results['machine']['memory'])} memory, {results['machine']['platform']}", ""]
     if "zoo" in results:
         total = sum(m["bytes"] for m in results["zoo"])
+        settings = results["settings"]
         lines += [f"Zoo: {len(results['zoo'])} models, {format_size(total)}; node budget for models "
                   f"{format_size(results['budget'])} ({results['budget'] / total:.0%} of the zoo); "
-                  f"{results['settings']['pool']} function instances, keep-alive {results['settings']['keep_alive']:g} s.", ""]
+                  f"{settings['pool']} function instances, keep-alive {settings['keep_alive']:g} s; "
+                  f"{settings['repeats']} x {settings['requests']} requests per cell and mode "
+                  "(one request stream per repeat, the same in both modes).", ""]
     if "latency" in results:
         lines += _latency_table(results)
     if "grid" in results:
@@ -78,12 +88,14 @@ def _grid_tables(grid: list[dict]) -> list[str]:
     concurrencies = sorted({c["concurrency"] for c in grid})
     at = {(c["fraction"], c["concurrency"]): c for c in grid if c["stream"] == "pareto"}
     header = ["models in play", *(f"c={c}" for c in concurrencies)]
-    ratio = [[f"{f:.0%}", *(f"{at[f, c]['throughput_ratio']:.2f}x" for c in concurrencies)] for f in fractions]
+    ratio = [[f"{f:.0%}", *(ratio_text(at[f, c]) for c in concurrencies)] for f in fractions]
     best = best_cell(grid)
     own, shared = best["own"], best["trims"]
-    return ["### Throughput, trims / baseline, Pareto stream (cf. the paper's Fig. 10)", "", *_table(header, ratio), "",
+    return ["### Throughput, trims / baseline, Pareto stream (cf. the paper's Fig. 10)", "",
+            "All repeats of a cell pooled; in brackets, the lowest and highest ratio of a single repeat.", "",
+            *_table(header, ratio), "",
             f"Best point: {best['fraction']:.0%} of the zoo, concurrency {best['concurrency']}: "
-            f"{shared['throughput']:.2f} vs {own['throughput']:.2f} requests/s ({best['throughput_ratio']:.2f}x); "
+            f"{shared['throughput']:.2f} vs {own['throughput']:.2f} requests/s, {ratio_text(best)}; "
             f"p99 latency {shared['p99_s']:.2f} s vs {own['p99_s']:.2f} s; p99 against ideal (the same requests' "
             f"inference alone) {shared['p99_s'] / shared['ideal_p99_s']:.2f}x with trims, "
             f"{own['p99_s'] / own['ideal_p99_s']:.2f}x without; peak node memory {format_size(shared['peak_memory'])} "
@@ -91,7 +103,7 @@ def _grid_tables(grid: list[dict]) -> list[str]:
 
 
 def _cells_table(cells: list[dict], keys: tuple[str, ...]) -> list[str]:
-    header = [*keys, "c", "source", "req/s", "p50 s", "p99 s", "p99 / ideal", "warm", "peak memory"]
+    header = [*keys, "c", "source", "req/s", "p50 s", "p99 s", "p99 / ideal", "warm", "daemon fetch s", "peak memory"]
     rows = []
     for cell in cells:
         for source in ("own", "trims"):
@@ -101,7 +113,7 @@ def _cells_table(cells: list[dict], keys: tuple[str, ...]) -> list[str]:
                 rows.append([*label, str(cell["concurrency"]), "baseline" if source == "own" else "trims",
                              f"{run['throughput']:.2f}", f"{run['p50_s']:.2f}", f"{run['p99_s']:.2f}",
                              f"{run['p99_s'] / run['ideal_p99_s']:.2f}x", f"{run['warm_fraction']:.0%}",
-                             format_size(run["peak_memory"])])
+                             f"{run['daemon_fetch_s']:.2f}" if source == "trims" else "", format_size(run["peak_memory"])])
     return [*_table(header, rows), ""]
 
 
@@ -143,15 +155,17 @@ def _throughput_plot(plt, grid: list[dict], path: Path) -> None:
     fractions = sorted({c["fraction"] for c in grid})
     concurrencies = sorted({c["concurrency"] for c in grid})
     at = {(c["fraction"], c["concurrency"]): c for c in grid}
-    panels = [("throughput, trims / baseline", lambda c: c["throughput_ratio"]),
-              ("p99 latency, trims / ideal", lambda c: c["trims"]["p99_s"] / c["trims"]["ideal_p99_s"])]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for axis, (title, value) in zip(axes, panels):
-        grid_values = [[value(at[f, c]) for c in concurrencies] for f in fractions]
-        image = axis.imshow(grid_values, origin="lower", cmap="viridis", aspect="auto")
-        for i, row in enumerate(grid_values):
-            for j, v in enumerate(row):
-                axis.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=8)
+    panels = [("throughput, trims / baseline (repeats' range)", lambda c: c["throughput_ratio"],
+               lambda c: ratio_text(c).replace("x (", "\n(")),
+              ("p99 latency, trims / ideal", lambda c: c["trims"]["p99_s"] / c["trims"]["ideal_p99_s"],
+               lambda c: f"{c['trims']['p99_s'] / c['trims']['ideal_p99_s']:.2f}")]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for axis, (title, value, label) in zip(axes, panels):
+        image = axis.imshow([[value(at[f, c]) for c in concurrencies] for f in fractions], origin="lower",
+                            cmap="viridis", aspect="auto")
+        for i, f in enumerate(fractions):
+            for j, c in enumerate(concurrencies):
+                axis.text(j, i, label(at[f, c]), ha="center", va="center", color="white", fontsize=7)
         axis.set_xticks(range(len(concurrencies)), concurrencies)
         axis.set_yticks(range(len(fractions)), [f"{f:.0%}" for f in fractions])
         axis.set_xlabel("concurrency")

@@ -1,17 +1,18 @@
 """The FaaS evaluation: the paper's latency (Fig. 7) and throughput (Fig. 10) experiments on trims.
 
-    python bench/faas/run.py                  # the full zoo (26 models, 10.8 GiB); 25 minutes on 2 CPUs
+    python bench/faas/run.py                  # the full zoo (26 models, 10.8 GiB); about an hour on 2 CPUs
     python bench/faas/run.py --zoo small      # no model over 600 MB: for machines under 16 GB
     python bench/faas/run.py --quick          # a 3 x 3 grid instead of 6 x 6
     python bench/faas/run.py --keep-alive 0 --warm-node --quick --phases none --out bench/results/faas/paper
-    python bench/faas/run.py --zoo tiny --requests 8 --concurrency 1,2 --fractions 0.5,1 --runs 1 --pool 3
+    python bench/faas/run.py --zoo tiny --requests 8 --concurrency 1,2 --fractions 0.5,1 --runs 1 --repeats 1 --pool 3
 
 One node: a trims daemon whose host memory is the node's model budget (40 % of the zoo, as
 the paper's zoo was twice its capped GPU memory), a pool of pre-warmed function instances
 (separate processes) with keep-alive, and closed-loop clients sending requests drawn from
-the paper's Pareto stream. Every cell of the grid runs twice, one run right after the other:
-instances that load their own copy (the baseline), and instances that map the daemon's. Then the same with
-the cost-aware policy and a host tier half as large, and with Zipf and uniform streams.
+the paper's Pareto stream. Every cell of the grid runs both ways, one run right after the
+other: instances that load their own copy (the baseline), and instances that map the daemon's;
+three times (``--repeats``), each repeat with its own request stream, pooled. Then the same
+with the cost-aware policy and a host tier half as large, and with Zipf and uniform streams.
 Writes faas.json, faas.md, latency.png, throughput.png and memory.png to bench/results/faas.
 """
 
@@ -88,6 +89,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=_numbers(int), default=None, help="clients, e.g. 1,2,4,6,8,10")
     parser.add_argument("--fractions", type=_numbers(float), default=None, help="of the zoo in play, e.g. 0.1,0.4,1")
     parser.add_argument("--requests", type=int, default=48, help="requests per run")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per cell and mode, each with its own request stream (seeds 0, 1, …), pooled")
     parser.add_argument("--runs", type=int, default=3, help="repetitions per latency measurement (median)")
     parser.add_argument("--pool", type=int, default=10, help="function instances on the node")
     parser.add_argument("--budget", type=float, default=0.4, help="node memory for models, as a fraction of the zoo")
@@ -122,14 +125,19 @@ def _grid(bench: measure.Bench, budget: int, names: list[str], args: argparse.Na
 
 def _pair(bench: measure.Bench, budget: int, names: list[str], concurrency: int, fraction: float,
           args: argparse.Namespace, stream: str = "pareto", sources: tuple[str, ...] = measure.SOURCES) -> dict:
-    """One cell: the same request stream served each way, one right after the other."""
+    """One cell: each repeat's request stream (seed 0, 1, …) served each way, one right after
+    the other; the repeats pooled, and the throughput ratio of each repeat kept for its spread."""
     playing = streams.in_play(names, fraction)
+    runs: dict[str, list[dict]] = {source: [] for source in sources}
+    for seed in range(args.repeats):
+        for source in sources:
+            runs[source].append(measure.load_run(bench, source, budget, playing, concurrency, args.requests, stream,
+                                                 args.warm_node, seed))
     cell = {"concurrency": concurrency, "fraction": fraction, "stream": stream}
-    for source in sources:
-        cell[source] = measure.load_run(bench, source, budget, playing, concurrency, args.requests, stream,
-                                        args.warm_node)
+    cell |= {source: measure.pooled(source_runs) for source, source_runs in runs.items()}
     if set(measure.SOURCES) <= set(cell):
         cell["throughput_ratio"] = cell["trims"]["throughput"] / cell["own"]["throughput"]
+        cell["repeat_ratios"] = [shared["throughput"] / own["throughput"] for own, shared in zip(runs["own"], runs["trims"])]
     print(report.cell_line(cell), flush=True)
     return cell
 
