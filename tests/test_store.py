@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -435,6 +436,62 @@ def test_evict_refuses_a_segment_an_unfinished_open_holds(tmp_path):
         assert store.host.get(segments[0]).fd >= 0 and _os.fstat(store.host.get(segments[0]).fd)
     finally:
         store.close()
+
+
+def test_a_segment_just_loaded_is_not_evicted_before_its_open_takes_it(tmp_path):
+    """White box: a load's segment is in host memory a moment before the open that loaded it
+    takes its reference. Another open making room in that moment must not evict it (the first
+    open would answer with no segment: an internal error, seen in the FaaS benchmark)."""
+    import threading
+
+    from trims.errors import CapacityError
+    from trims.store import Store
+
+    size = _push_seeded_store(tmp_path)
+    store = Store(tmp_path / "store", host_capacity=int(size * 1.5))  # room for one model
+    resident, go = threading.Event(), threading.Event()
+    put = store.host.put
+
+    def put_then_pause(layout, fill):
+        put(layout, fill)
+        resident.set()
+        go.wait(10)
+
+    store.host.put = put_then_pause
+    first = {}
+    opener = threading.Thread(target=lambda: first.update(segments=store._acquire_all(_segments(store, "m1"), 0)[0]))
+    try:
+        opener.start()
+        assert resident.wait(10)
+        with pytest.raises(CapacityError, match="host memory is full"):  # m1 is taken: nothing may go
+            store._acquire_all(_segments(store, "m0"), deadline=time.monotonic() + 0.2)
+        go.set()
+        opener.join(10)
+        assert [os.fstat(segment.fd).st_size for segment in first["segments"]] == [size]
+    finally:
+        go.set()
+        store.close()
+
+
+def _push_seeded_store(tmp_path) -> int:
+    from trims.sources import FileSource
+    from trims.store import Store
+
+    store = Store(tmp_path / "store", host_capacity=1 << 30)
+    try:
+        for seed in range(2):
+            path = tmp_path / f"{seed}.safetensors"
+            save_file({"w": torch.randn(64 * 1024, generator=torch.Generator().manual_seed(seed))}, path)
+            fd = os.open(path, os.O_RDONLY)
+            store.push(f"m{seed}", [FileSource("model.safetensors", fd)])
+            os.close(fd)
+        return store.catalog.segments[_segments(store, "m0")[0]].size
+    finally:
+        store.close()
+
+
+def _segments(store, name: str) -> tuple[str, ...]:
+    return store._placement(store._resolve(name)[1]).segments
 
 
 def test_a_fine_tune_or_a_part_reuses_stored_tensors_and_maps_only_what_it_needs(daemon, tmp_path):

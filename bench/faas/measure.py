@@ -168,8 +168,8 @@ def _summary(records: list[dict], elapsed: float, memory: list[tuple[float, int]
     ideal = sorted(r["infer_s"] for r in records)
     return {
         "requests": len(records), "seconds": elapsed, "throughput": len(records) / elapsed,
-        "p50_s": _percentile(totals, 50), "p99_s": _percentile(totals, 99),
-        "ideal_p50_s": _percentile(ideal, 50), "ideal_p99_s": _percentile(ideal, 99),
+        "p50_s": percentile(totals, 50), "p99_s": percentile(totals, 99),
+        "ideal_p50_s": percentile(ideal, 50), "ideal_p99_s": percentile(ideal, 99),
         "warm_fraction": sum(r["warm"] for r in records) / len(records),
         "acquisitions": sum(not r["warm"] for r in records),
         "from_store": sum(bool(r["from_store"]) for r in records if not r["warm"]),
@@ -180,7 +180,7 @@ def _summary(records: list[dict], elapsed: float, memory: list[tuple[float, int]
     }
 
 
-def _percentile(ordered: list[float], q: float) -> float:
+def percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 

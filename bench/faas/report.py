@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from measure import LATENCY_COLUMNS
+from measure import LATENCY_COLUMNS, percentile
 
 from trims.config import format_size
 
 
 def write(results: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "faas.json").write_text(json.dumps(results, indent=1) + "\n")
+    save(results, out)
     (out / "faas.md").write_text(markdown(results))
     _plots(results, out)
+
+
+def save(results: dict, out: Path) -> None:
+    """faas.json alone: what has been measured so far."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "faas.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 def best_cell(grid: list[dict]) -> dict:
@@ -54,7 +59,7 @@ def markdown(results: dict) -> str:
     if "latency" in results:
         lines += _latency_table(results)
     if "grid" in results:
-        lines += _grid_tables(results["grid"])
+        lines += _grid_tables(results["grid"]) + _acquisition_table(results["grid"])
     if "streams" in results:
         lines += ["### Request streams at the best point", ""] + _cells_table(results["streams"], ("stream",))
     if "beyond" in results:
@@ -100,6 +105,30 @@ def _grid_tables(grid: list[dict]) -> list[str]:
             f"inference alone) {shared['p99_s'] / shared['ideal_p99_s']:.2f}x with trims, "
             f"{own['p99_s'] / own['ideal_p99_s']:.2f}x without; peak node memory {format_size(shared['peak_memory'])} "
             f"vs {format_size(own['peak_memory'])}.", ""]
+
+
+def _acquisition_table(grid: list[dict]) -> list[str]:
+    """Where cold starts' time went, at the best and the worst cell: getting the weights
+    (reading one's own copy, or the daemon's answer to an open) and building the module."""
+    worst = min(grid, key=lambda cell: cell["throughput_ratio"])
+    header = ["cell", "source", "acquisitions", "weights s (mean)", "build s (mean)", "acquire p99 s",
+              "daemon misses", "daemon disk->host s"]
+    rows = []
+    for label, cell in (("best", best_cell(grid)), ("worst", worst)):
+        for source in ("own", "trims"):
+            cold = [r for r in cell[source]["records"] if not r["warm"]]
+            acquire = sorted(r["acquire_s"] for r in cold)
+            weights = sum(r["weights_s"] for r in cold) / max(1, len(cold))
+            rows.append([f"{label}: {cell['fraction']:.0%}, c={cell['concurrency']}",
+                         "baseline" if source == "own" else "trims", str(len(cold)), f"{weights:.3f}",
+                         f"{sum(acquire) / max(1, len(cold)) - weights:.3f}", f"{percentile(acquire, 99):.2f}",
+                         *((f"{cell[source]['daemon_host_misses']:.0f}", f"{cell[source]['daemon_fetch_s']:.2f}")
+                           if source == "trims" else ("", ""))])
+    return ["### Where cold starts' time went", "",
+            "Per acquisition (a request that found no instance holding its model): getting the weights (the",
+            "baseline reads its own copy; trims opens the daemon's, which waits while the daemon brings a",
+            "missed model up from its disk and verifies it) and building the module around them.", "",
+            *_table(header, rows), ""]
 
 
 def _cells_table(cells: list[dict], keys: tuple[str, ...]) -> list[str]:

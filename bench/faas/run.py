@@ -66,7 +66,7 @@ def main() -> None:
             if "latency" in args.phases:
                 results["latency"] = _latency(bench, names, args.runs)
                 report.write(results, args.out)
-            results["grid"] = _grid(bench, budget, names, args)
+            results["grid"] = _grid(bench, budget, names, args, results)
             report.write(results, args.out)
             best = report.best_cell(results["grid"])
             if "streams" in args.phases:
@@ -75,6 +75,9 @@ def main() -> None:
         if "beyond" in args.phases:
             results["beyond"] = _beyond(pool, workdir, directories, sizes, names, results["grid"], best, budget,
                                         tight, args)
+    except BaseException:
+        _keep_daemon_log(workdir, args.out)
+        raise
     finally:
         pool.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -118,9 +121,14 @@ def _latency(bench: measure.Bench, names: list[str], runs: int) -> dict[str, dic
     return latency
 
 
-def _grid(bench: measure.Bench, budget: int, names: list[str], args: argparse.Namespace) -> list[dict]:
-    return [_pair(bench, budget, names, concurrency, fraction, args)
-            for fraction in args.fractions for concurrency in args.concurrency]
+def _grid(bench: measure.Bench, budget: int, names: list[str], args: argparse.Namespace, results: dict) -> list[dict]:
+    """Every cell; each saved to faas.json as soon as it is measured, so a failed run keeps them."""
+    grid = results["grid"] = []
+    for fraction in args.fractions:
+        for concurrency in args.concurrency:
+            grid.append(_pair(bench, budget, names, concurrency, fraction, args))
+            report.save(results, args.out)
+    return grid
 
 
 def _pair(bench: measure.Bench, budget: int, names: list[str], concurrency: int, fraction: float,
@@ -177,6 +185,14 @@ def _daemon(workdir: Path, host_memory: int, policy: str):
         process.terminate()
         process.wait(timeout=60)
         time.sleep(0.2)
+
+
+def _keep_daemon_log(workdir: Path, out: Path) -> None:
+    """A failed run's daemon log, kept beside its results (the work directory goes)."""
+    if (workdir / "daemon.log").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(workdir / "daemon.log", out / "daemon.log")
+        print(f"the daemon's log is kept in {out / 'daemon.log'}", file=sys.stderr)
 
 
 def _numbers(kind):

@@ -730,8 +730,8 @@ class Store:
     def _evictable_locked(self, tier: Tier, segment_id: str) -> bool:
         if segment_id in self._pinned_locked(tier.name):
             return False
-        if tier is self.host:
-            return not self._refs.get(segment_id)
+        if tier is self.host:  # a load's segment is resident just before the load is accounted for
+            return not self._refs.get(segment_id) and segment_id not in self._loading
         return (self.cloud.has(segment_id) and not self._reading.get(segment_id)
                 and segment_id not in self._staging)
 
