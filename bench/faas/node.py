@@ -102,7 +102,8 @@ class Node:
             raise RuntimeError(f"{model} on instance {instance.process.pid}: {reply['error']}")
         total = time.perf_counter() - arrived
         return {"model": model, "warm": reply["warm"], "acquire_s": reply["acquire_s"],
-                "weights_s": reply.get("weights_s", 0.0), "infer_s": reply["infer_s"], "total_s": total, "queue_s": max(0.0, total - reply["acquire_s"] - reply["infer_s"]),
+                "weights_s": reply.get("weights_s", 0.0), "infer_s": reply["infer_s"], "total_s": total,
+                "queue_s": max(0.0, total - reply["acquire_s"] - reply["infer_s"]),
                 "from_store": reply.get("from_store")}
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
 """The FaaS evaluation: the paper's latency (Fig. 7) and throughput (Fig. 10) experiments on trims.
 
-    python bench/faas/run.py                  # the full zoo (26 models, 10.8 GiB); about an hour on 2 CPUs
+    python bench/faas/run.py                  # the full zoo (26 models, 10.8 GiB); about 75 minutes on 2 CPUs
     python bench/faas/run.py --zoo small      # no model over 600 MB: for machines under 16 GB
     python bench/faas/run.py --quick          # a 3 x 3 grid instead of 6 x 6
     python bench/faas/run.py --keep-alive 0 --warm-node --quick --phases none --out bench/results/faas/paper
@@ -66,7 +66,7 @@ def main() -> None:
             if "latency" in args.phases:
                 results["latency"] = _latency(bench, names, args.runs)
                 report.write(results, args.out)
-            results["grid"] = _grid(bench, budget, names, args, results)
+            _grid(bench, budget, names, args, results)
             report.write(results, args.out)
             best = report.best_cell(results["grid"])
             if "streams" in args.phases:
@@ -121,14 +121,14 @@ def _latency(bench: measure.Bench, names: list[str], runs: int) -> dict[str, dic
     return latency
 
 
-def _grid(bench: measure.Bench, budget: int, names: list[str], args: argparse.Namespace, results: dict) -> list[dict]:
-    """Every cell; each saved to faas.json as soon as it is measured, so a failed run keeps them."""
+def _grid(bench: measure.Bench, budget: int, names: list[str], args: argparse.Namespace, results: dict) -> None:
+    """Every cell into ``results["grid"]``, saved to faas.json as soon as it is measured, so a
+    failed run keeps them."""
     grid = results["grid"] = []
     for fraction in args.fractions:
         for concurrency in args.concurrency:
             grid.append(_pair(bench, budget, names, concurrency, fraction, args))
             report.save(results, args.out)
-    return grid
 
 
 def _pair(bench: measure.Bench, budget: int, names: list[str], concurrency: int, fraction: float,
