@@ -474,7 +474,7 @@ def test_a_segment_just_loaded_is_not_evicted_before_its_open_takes_it(tmp_path)
 
 
 def _push_seeded_store(tmp_path) -> int:
-    from trims.sources import FileSource
+    from trims.acl import EVERYONE
     from trims.store import Store
 
     store = Store(tmp_path / "store", host_capacity=1 << 30)
@@ -482,9 +482,7 @@ def _push_seeded_store(tmp_path) -> int:
         for seed in range(2):
             path = tmp_path / f"{seed}.safetensors"
             save_file({"w": torch.randn(64 * 1024, generator=torch.Generator().manual_seed(seed))}, path)
-            fd = os.open(path, os.O_RDONLY)
-            store.push(f"m{seed}", [FileSource("model.safetensors", fd)])
-            os.close(fd)
+            _push(store, f"m{seed}", path, EVERYONE)
         return store.catalog.segments[_segments(store, "m0")[0]].size
     finally:
         store.close()
