@@ -132,7 +132,7 @@ def test_public_api_is_small_and_explicit():
         "TrimsError", "ConfigError", "ModelMismatch", "ProtocolError", "LocalProtocolError",
         "RemoteProtocolError", "DaemonUnavailable", "ConnectionLost", "RequestError", "PermissionDenied",
         "InvalidName", "ModelNotFound", "InvalidModel", "ModelBusy", "CapacityError", "QuotaExceeded",
-        "IntegrityError", "StorageError", "InternalError",
+        "IntegrityError", "StorageError", "GpuError", "InternalError",
     ])
     assert all(hasattr(trims, name) for name in trims.__all__)
 

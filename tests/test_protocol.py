@@ -33,6 +33,9 @@ EXAMPLES = [
     protocol.Pong(id=1, daemon_version="0.1.0", protocol_version=1, pid=42),
     protocol.Opened(id=2, lease=1, name="m:latest", digest="blake3:" + "1" * 64, nbytes=12,
                     segment_sizes=(192,), tensors=TABLE, metadata={"k": "v"}, fds=(12,)),
+    protocol.Open(id=10, name="resnet50:1", device=1),
+    protocol.Opened(id=10, lease=2, name="m:latest", digest="blake3:" + "1" * 64, nbytes=12,
+                    segment_sizes=(2 << 20,), tensors=TABLE, device=1, fds=(13,)),
     protocol.Done(id=3),
     protocol.Pushed(id=4, result=protocol.PushResult(name="m:latest", digest="blake3:" + "2" * 64, nbytes=1, tensors=1, new_bytes=0)),
     protocol.ModelList(id=5, models=(SUMMARY,)),
@@ -89,7 +92,7 @@ def test_wire_format_is_documented_header_and_named_json_fields():
     data = protocol.encode(protocol.Open(id=7, name="x"))
     magic, version, nfds, flags, length = struct.unpack("!4sBBHI", data[:12])
     assert (magic, version, nfds, flags, length) == (b"TRIM", 1, 0, 0, len(data) - 12)
-    assert json.loads(data[12:]) == {"type": "open", "id": 7, "name": "x"}
+    assert json.loads(data[12:]) == {"type": "open", "id": 7, "name": "x", "device": None}
 
 
 def test_unknown_fields_are_ignored_for_forward_compatibility():

@@ -64,10 +64,10 @@ class TierChecks:
         second, second_data = make_segment(3, sizes=(5000,))
         tier.put(first, fill_with(first_data))
         tier.put(second, fill_with(second_data))
-        assert tier.bytes_used() == before + first.size + second.size
-        assert tier.evict(first.id) == first.size
+        assert tier.bytes_used() == before + tier.footprint(first.size) + tier.footprint(second.size)
+        assert tier.evict(first.id) == tier.footprint(first.size)
         assert not tier.has(first.id) and tier.has(second.id)
-        assert tier.bytes_used() == before + second.size
+        assert tier.bytes_used() == before + tier.footprint(second.size)
 
     def test_a_failing_fill_keeps_nothing(self, tier):
         layout, _ = make_segment(4)
@@ -206,3 +206,40 @@ class TestCloudTierOverFsspec(TierChecks):
         data[layout.entries[0].offset] ^= 0xFF
         open(path, "wb").write(bytes(data))
 
+
+
+class TestGpuTierLogic(TierChecks):
+    """The GPU tier's own code (chunked, double-buffered upload; granules; export), over the
+    memfd stand-in for the driver; tests/test_gpu.py runs it against a real GPU."""
+
+    can_be_corrupted = False  # clients map it read-only; nothing of the daemon's writes it
+
+    @pytest.fixture
+    def driver(self):
+        from tests.fake_cuda import FakeDriver
+
+        return FakeDriver()
+
+    @pytest.fixture
+    def tier(self, driver, monkeypatch):
+        import trims.gpu
+
+        monkeypatch.setattr(trims.gpu, "STAGING_CHUNK", 1024)  # many chunks, both staging buffers in turn
+        gpu = trims.gpu.GpuTier(driver, 0, capacity=1 << 30)
+        yield gpu
+        gpu.close()
+        assert driver.open_handles() == 0  # every allocation and import released
+
+    def test_segments_take_whole_granules_and_leave_as_descriptors(self, tier, driver):
+        layout, data = make_segment(11, sizes=(5000,))
+        tier.put(layout, fill_with(data))
+        segment = tier.get(layout.id)
+        assert segment.mapped_size == driver.granule == tier.footprint(layout.size)
+        assert os.pread(segment.fd, layout.size, 0) == data  # the exported descriptor holds the bytes
+        assert driver.uploads == -(-layout.size // 1024)
+
+    def test_a_driver_that_refuses_read_only_mappings_is_reported(self, driver):
+        from trims.gpu import GpuTier
+
+        driver.read_only = False
+        assert not GpuTier(driver, 0, capacity=1 << 20).capabilities.read_only_mapping

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", type=Path, default=None, help="store directory (default: $TRIMS_STORE or ~/.local/share/trims)")
     serve.add_argument("--host-memory", type=_size, default=None, help=f"host memory cap; {_SIZE_HELP} (default: half of RAM)")
     serve.add_argument("--disk", type=_size, default=None, help="disk tier cap (default: unbounded)")
+    serve.add_argument("--gpu-memory", type=_size, default=None,
+                       help="GPU tier cap per CUDA device, for clients that open models on a GPU (default: 0, no GPU tier)")
     serve.add_argument("--policy", choices=sorted(POLICIES), default=None, help="eviction order in every tier (default: lru)")
     serve.add_argument("--cloud", default=None, help="upload every pushed model here too, e.g. s3://bucket/trims, so the disk tier can give any up")
     serve.add_argument("--busy-timeout", type=float, default=None,
@@ -158,6 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     flags = {
         "socket": args.socket, "store": args.store, "host_memory": args.host_memory, "disk": args.disk,
+        "gpu_memory": args.gpu_memory,
         "policy": args.policy, "cloud": args.cloud, "busy_timeout": args.busy_timeout,
         "max_connections": args.max_connections, "metrics_port": args.metrics_port,
         "metrics_address": args.metrics_address, "frame_timeout": args.frame_timeout,
@@ -241,6 +244,8 @@ def _ls(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     with _client(args) as client:
         model = client.info(args.name)
+        gpu_tiers = client.stats()["tiers"] if any(t.startswith("gpu:") for t in model.tiers) else {}
+        gpu_tiers = {name: tier for name, tier in gpu_tiers.items() if name.startswith("gpu:")}
     if args.json:
         _print_json(dataclasses.asdict(model))
         return 0
@@ -252,6 +257,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"tensors:  {model.tensors} ({', '.join(f'{n} {d}' for d, n in sorted(model.dtypes.items()))})")
     print(f"segments: {model.segments}")
     print(f"tiers:    {', '.join(model.tiers)}")
+    for name in (t for t in model.tiers if t in gpu_tiers):
+        print(f"{name}:    {_gpu_path(gpu_tiers[name])}")
     print(f"leases:   {model.leases}")
     if model.files:
         print(f"files:    {', '.join(model.files)}")
@@ -260,10 +267,15 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_path(tier: dict) -> str:
+    protection = "read-only" if tier["read_only_mapping"] else "WRITABLE (the driver refused read-only mappings)"
+    return f"shared as {tier['sharing']}, mapped {protection} by clients"
+
+
 def _evict(args: argparse.Namespace) -> int:
     with _client(args) as client:
         freed = client.evict(args.name)
-    print(f"{args.name}: freed {format_size(freed)} of host memory")
+    print(f"{args.name}: freed {format_size(freed)} of host and GPU memory")
     return 0
 
 
@@ -285,6 +297,8 @@ def _stats(args: argparse.Namespace) -> int:
         evictions = ", ".join(f"{n:g} {reason}" for reason, n in tier["evictions"].items()) or "none"
         print(f"{name:6} {format_size(tier['used_bytes'])} of {capacity} in {tier['segments']} segments; "
               f"{tier['hits']:g} hits, {tier['misses']:g} misses; evictions: {evictions}")
+        if "sharing" in tier:
+            print(f"{'':6} {_gpu_path(tier)}")
     opens = stats["opens"]
     print(f"policy {stats['policy']}; {stats['models']} models ({stats['tags']} names, {stats['pins']} pinned); "
           f"{stats['leases']} leases over {stats['connections']} connections")

@@ -5,7 +5,10 @@ daemon's sealed segments mapped copy-on-write: no byte is copied, a write stays 
 the process that makes it, and the descriptors are closed as soon as the memory is mapped
 (a model costs no descriptors and one mapping per segment).
 
-A lease keeps the model in the daemon's host memory. It ends at :meth:`ModelView.close`,
+``Client.open(name, device=N)`` maps the node's copy in CUDA device N's memory instead,
+read-only, for the adapters (:mod:`trims.torch`) to build tensors over.
+
+A lease keeps the model in the daemon's host (or GPU) memory. It ends at :meth:`ModelView.close`,
 when the process exits, or once nothing refers to the view or to any array or tensor made
 from it.
 """
@@ -13,7 +16,6 @@ from it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -27,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from . import protocol, transport
 from ._mapping import map_private
 from .config import default_socket_path
-from .errors import ConnectionLost, DaemonUnavailable, InvalidModel, RemoteProtocolError, error_for_code
+from .errors import (ConnectionLost, DaemonUnavailable, GpuError, InvalidModel, ProtocolError, RemoteProtocolError,
+                     error_for_code)
 from .protocol import ModelSummary, PushResult, TensorEntry
 
 if TYPE_CHECKING:
@@ -112,13 +115,21 @@ class Client:
         except ConnectionLost as exc:
             raise DaemonUnavailable(f"the trims daemon at {self.socket_path} did not answer: {exc}") from None
 
-    def open(self, name: str) -> ModelView:
-        """Lease and map model ``name`` (``NAME[:TAG]`` or a ``blake3:`` digest)."""
+    def open(self, name: str, *, device: int | None = None) -> ModelView:
+        """Lease and map model ``name`` (``NAME[:TAG]`` or a ``blake3:`` digest): in host
+        memory, or, with ``device``, the node's copy in that CUDA device's memory."""
         with self._lock:
             if self._release_flusher is None:
                 self._release_flusher = _ReleaseFlusher(self)
-        reply, generation = self._request(protocol.Open(name=name), protocol.Opened)
-        return _map_model(reply, _Lease(self, reply.lease, generation))
+        reply, generation = self._request(protocol.Open(name=name, device=device), protocol.Opened)
+        lease = _Lease(self, reply.lease, generation)
+        if reply.device != device:
+            lease.close()
+            _close_fds(reply.fds)
+            raise GpuError(f"asked for {name} on cuda:{device}, the daemon sent it in "
+                           f"{'host memory' if reply.device is None else f'cuda:{reply.device}'}; "
+                           "upgrade the daemon to one with a GPU tier")
+        return _map_model(reply, lease)
 
     def push(self, path: str | os.PathLike, name: str, *, to: str | None = None,
              progress: ProgressCallback | None = None) -> PushResult:
@@ -225,7 +236,13 @@ class Client:
                          reply_timeout: float | None = None) -> protocol.Message:
         self._next_id += 1
         request_id = self._next_id
-        channel.send(_with_id(message, request_id))
+        try:
+            channel.send(_with_id(message, request_id))
+        except ConnectionLost:
+            refusal = _pending_refusal(channel)
+            if refusal is None:
+                raise
+            return refusal
         reply = channel.receive(reply_timeout, reply_timeout)
         while isinstance(reply, protocol.Progress) and reply.id == request_id:
             if progress is not None:
@@ -351,12 +368,16 @@ class ModelView(Mapping[str, "np.ndarray"]):
     """A leased, mapped model: tensor name -> read-only ``numpy.ndarray``, no copies.
 
     ``index`` has each tensor's safetensors dtype, shape and place; ``segments`` are the
-    mapped buffers (adapters build their own tensors from them).
+    mapped buffers (adapters build their own tensors from them). A view opened on a CUDA
+    ``device`` has :class:`~trims._device_mapping.DeviceSegment` segments, for adapters
+    only: NumPy cannot read GPU memory.
     """
 
     def __init__(self, *, name: str, digest: str, nbytes: int, metadata: dict[str, str],
-                 index: dict[str, TensorEntry], segments: tuple[ctypes.Array, ...], lease: _Lease) -> None:
+                 index: dict[str, TensorEntry], segments: tuple[Any, ...], lease: _Lease,
+                 device: int | None = None) -> None:
         self.name = name
+        self.device = device
         self.digest = digest
         self.nbytes = nbytes
         self.metadata = metadata
@@ -369,6 +390,9 @@ class ModelView(Mapping[str, "np.ndarray"]):
     def __getitem__(self, key: str) -> np.ndarray:
         if self.closed:
             raise ValueError(f"model view of {self.name} is closed")
+        if self.device is not None:
+            raise TypeError(f"{self.name} is open in GPU memory (cuda:{self.device}), which NumPy cannot read; "
+                            "use trims.torch.load_state_dict(name, device=...) or open it without a device")
         array = self._arrays.get(key)
         if array is None:
             from ._numpy_views import as_array
@@ -387,11 +411,17 @@ class ModelView(Mapping[str, "np.ndarray"]):
         return key in self.index
 
     def close(self) -> None:
-        """End the lease now. Arrays already taken stay valid: the mapping is private."""
+        """End the lease now. Arrays already taken stay valid: the mapping is private.
+
+        On a device, tensors already made share the daemon's allocation: the lease ends with
+        the last of them instead, so the daemon never counts memory in use as free."""
         if not self.closed:
             self.closed = True
             self._arrays.clear()
-            self._lease.close()
+            if self.device is None:
+                self._lease.close()
+            else:  # the lease now lives as long as the segments that hold it
+                self.segments, self._lease = (), None
 
     def __enter__(self) -> ModelView:
         return self
@@ -406,7 +436,7 @@ class ModelView(Mapping[str, "np.ndarray"]):
 
 def _map_model(reply: protocol.Opened, lease: _Lease) -> ModelView:
     try:
-        segments = tuple(_map_segment(fd, size, lease) for fd, size in zip(reply.fds, reply.segment_sizes))
+        segments = tuple(_map_segment(fd, size, lease, reply.device) for fd, size in zip(reply.fds, reply.segment_sizes))
         entries = reply.tensors.entries()
         index = {entry.name: entry for entry in entries}
         for entry in entries:
@@ -419,13 +449,18 @@ def _map_model(reply: protocol.Opened, lease: _Lease) -> ModelView:
     finally:
         _close_fds(reply.fds)
     return ModelView(name=reply.name, digest=reply.digest, nbytes=reply.nbytes, metadata=reply.metadata,
-                     index=index, segments=segments, lease=lease)
+                     index=index, segments=segments, lease=lease, device=reply.device)
 
 
-def _map_segment(fd: int, size: int, lease: _Lease) -> ctypes.Array:
-    if os.fstat(fd).st_size < size:
-        raise RemoteProtocolError(f"segment is {os.fstat(fd).st_size} bytes, the daemon said {size}")
-    segment = map_private(fd, size)
+def _map_segment(fd: int, size: int, lease: _Lease, device: int | None) -> Any:
+    if device is not None:
+        from ._device_mapping import DeviceSegment
+
+        segment = DeviceSegment(device, fd, size)
+    else:
+        if os.fstat(fd).st_size < size:
+            raise RemoteProtocolError(f"segment is {os.fstat(fd).st_size} bytes, the daemon said {size}")
+        segment = map_private(fd, size)
     segment.lease = lease  # whatever keeps the memory alive keeps the lease too
     return segment
 
@@ -454,6 +489,16 @@ def _read_whole(fd: int) -> bytes:
         chunks.append(chunk)
         offset += len(chunk)
     return b"".join(chunks)
+
+
+def _pending_refusal(channel: transport.Channel) -> protocol.Error | None:
+    """The daemon may refuse a connection (too many) and close it before our request is
+    written: its reason is still in the socket's buffer."""
+    try:
+        reply = channel.receive(0.5, 0.5)
+    except (OSError, ProtocolError):  # ConnectionLost included
+        return None
+    return reply if isinstance(reply, protocol.Error) and reply.id == 0 else None
 
 
 def _expect(reply: protocol.Message, reply_type: type[_Reply]) -> _Reply:

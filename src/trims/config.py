@@ -93,6 +93,7 @@ class Settings:
     store_dir: Path
     host_memory: int
     disk: int = UNBOUNDED
+    gpu_memory: int = 0  # per CUDA device; 0: no GPU tier
     policy: str = "lru"
     cloud: str | None = None
     busy_timeout: float = 0.0
@@ -122,6 +123,7 @@ class Settings:
             store_dir=Path(values.get("store") or default_store_dir()),
             host_memory=parse_size(values["host_memory"]) if "host_memory" in values else _half_of_memory(),
             disk=parse_size(values["disk"]) if "disk" in values else UNBOUNDED,
+            gpu_memory=parse_size(values["gpu_memory"]) if "gpu_memory" in values else 0,
             policy=_choice(values.get("policy", "lru"), tuple(POLICIES), "policy"),
             cloud=values.get("cloud"),
             busy_timeout=float(values.get("busy_timeout", 0.0)),
@@ -136,7 +138,7 @@ class Settings:
 
 
 CONFIG_KEYS = {
-    "socket": str, "store": str, "host_memory": (str, int), "disk": (str, int), "policy": str, "cloud": str,
+    "socket": str, "store": str, "host_memory": (str, int), "disk": (str, int), "gpu_memory": (str, int), "policy": str, "cloud": str,
     "busy_timeout": (int, float), "max_connections": int, "metrics_port": int, "metrics_address": str,
     "socket_mode": str, "socket_group": str, "frame_timeout": (int, float), "tenants": dict,
 }

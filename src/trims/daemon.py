@@ -36,7 +36,7 @@ class Daemon:
         self.store = Store(  # takes the store's lock
             settings.store_dir, host_capacity=settings.host_memory, disk_capacity=settings.disk,
             policy=settings.policy, cloud_url=settings.cloud, busy_timeout=settings.busy_timeout,
-            access=settings.access,
+            access=settings.access, gpu_capacity=settings.gpu_memory,
         )
         self.exporter: MetricsServer | None = None
         try:
@@ -75,8 +75,10 @@ class Daemon:
                 signal.signal(signum, lambda *_: self.shutdown())
         s = self.settings
         disk = "unbounded" if s.disk == UNBOUNDED else format_size(s.disk)
-        log.info("trims daemon %d serving %s (store %s, host memory %s, disk %s, policy %s, cloud %s)",
-                 os.getpid(), s.socket_path, s.store_dir, format_size(s.host_memory), disk, s.policy, s.cloud or "none")
+        gpu = f"{format_size(s.gpu_memory)} per device" if s.gpu_memory else "off"
+        log.info("trims daemon %d serving %s (store %s, host memory %s, GPU memory %s, disk %s, policy %s, cloud %s)",
+                 os.getpid(), s.socket_path, s.store_dir, format_size(s.host_memory), gpu, disk, s.policy,
+                 s.cloud or "none")
         threading.Thread(target=self.store.warm_pins, name="trims-warm-pins", daemon=True).start()
         try:
             self.server.serve_forever()

@@ -20,6 +20,7 @@
         ├── QuotaExceeded            your tenant's share of leased or pushed bytes is used up
         ├── IntegrityError           stored bytes no longer match their digest
         ├── StorageError             the store could not be read or written (disk full, I/O)
+        ├── GpuError                 no usable GPU, or the CUDA driver refused a call
         └── InternalError            a bug in the daemon; it kept serving
 
 A :class:`RequestError` travels over the wire as ``(code, message)``; each subclass owns
@@ -47,6 +48,7 @@ __all__ = [
     "QuotaExceeded",
     "IntegrityError",
     "StorageError",
+    "GpuError",
     "InternalError",
 ]
 
@@ -128,6 +130,12 @@ class StorageError(RequestError):
     code = "storage"
 
 
+class GpuError(RequestError):
+    """The GPU tier cannot serve: no CUDA driver or device, no VMM support, or a driver call failed."""
+
+    code = "gpu"
+
+
 class InternalError(RequestError):
     code = "internal"
 
@@ -145,6 +153,7 @@ _BY_CODE = {
         QuotaExceeded,
         IntegrityError,
         StorageError,
+        GpuError,
         InternalError,
     )
 }

@@ -32,6 +32,10 @@ class HostSegment:
     size: int
     fd: int  # read-only descriptor of the sealed memfd
 
+    @property
+    def mapped_size(self) -> int:
+        return self.size
+
     def close(self) -> None:
         os.close(self.fd)
 

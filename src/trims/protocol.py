@@ -156,7 +156,10 @@ class Ping(Message):
 
 @_message("open")
 class Open(Message):
+    """Lease a model; ``device`` asks for its copy in that CUDA device's memory."""
+
     name: str
+    device: int | None = None
 
 
 @_message("release")
@@ -254,7 +257,8 @@ class Pong(Message):
 
 @_message("opened")
 class Opened(Message):
-    """A leased model: ``fds[i]`` is a read-only, sealed segment of ``segment_sizes[i]`` bytes."""
+    """A leased model: ``fds[i]`` is a read-only, sealed segment of ``segment_sizes[i]`` bytes,
+    or, when ``device`` is set, an exported allocation of that many bytes of its memory."""
 
     lease: int
     name: str
@@ -263,6 +267,7 @@ class Opened(Message):
     segment_sizes: tuple[int, ...]
     tensors: TensorTable
     metadata: dict[str, str] = field(default_factory=dict)
+    device: int | None = None
     fds: tuple[int, ...] = _fds_field()
 
     def expected_fds(self) -> int:

@@ -237,14 +237,15 @@ class Server:
         return protocol.Pong(id=request.id, daemon_version=__version__, protocol_version=protocol.PROTOCOL_VERSION, pid=os.getpid())
 
     def _on_open(self, request: protocol.Open, ctx: _Context) -> protocol.Message:
-        opened = self.store.open(request.name, owner=ctx.conn_id, tenant=ctx.tenant)
+        opened = self.store.open(request.name, owner=ctx.conn_id, tenant=ctx.tenant, device=request.device)
         return protocol.Opened(
             id=request.id,
             lease=opened.lease,
             name=opened.name,
             digest=opened.manifest.digest,
             nbytes=opened.manifest.nbytes,
-            segment_sizes=tuple(s.size for s in opened.segments),
+            segment_sizes=tuple(s.mapped_size for s in opened.segments),
+            device=opened.device,
             tensors=opened.tensors,
             metadata=opened.manifest.metadata,
             fds=tuple(s.fd for s in opened.segments),

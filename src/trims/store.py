@@ -31,9 +31,10 @@ from . import ingest, names
 from .catalog import Catalog
 from .cloud import CloudTier, RemoteFile
 from .disk import DiskTier
+from .gpu import GpuSegment, GpuTier
 from .acl import EVERYONE, AccessPolicy, Tenant
-from .errors import (CapacityError, IntegrityError, InvalidName, ModelBusy, ModelNotFound, PermissionDenied,
-                     QuotaExceeded, StorageError, TrimsError)
+from .errors import (CapacityError, GpuError, IntegrityError, InvalidName, ModelBusy, ModelNotFound,
+                     PermissionDenied, QuotaExceeded, StorageError, TrimsError)
 from .host import HostSegment, HostTier
 from .metrics import OPEN_SECONDS_BUCKETS, Metrics
 from .policy import POLICIES
@@ -55,7 +56,7 @@ def adopted_name(tenant: str, model_digest: str) -> str:
 
 TIERS = ("host", "disk", "cloud")
 # Starting guesses of how fast each tier refills the one above it; refined by measurement.
-_INITIAL_RATES = {"disk": 1.5e9, "cloud": 1.0e8}
+_INITIAL_RATES = {"host": 2.0e10, "disk": 1.5e9, "cloud": 1.0e8}
 _CLOUD_LATENCY = 0.05
 
 
@@ -64,8 +65,9 @@ class OpenResult:
     lease: int
     name: str
     manifest: Manifest
-    segments: tuple[HostSegment, ...]
+    segments: tuple[HostSegment, ...] | tuple[GpuSegment, ...]
     tensors: TensorTable
+    device: int | None = None  # the CUDA device holding the segments; None for host memory
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class _Lease:
     model: str
     nbytes: int
     segments: tuple[str, ...]
+    gpu: str | None = None  # the GPU tier whose copies it holds; None for host memory
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,12 @@ class _Tracker:
                 self._report(self._done, self._total)
 
 
+def _capacity_flag(tier: Tier) -> str:
+    if isinstance(tier, GpuTier):
+        return "gpu-memory"
+    return "host-memory" if tier.name == "host" else tier.name
+
+
 def _add(tracker: _Tracker | None) -> Callable[[int], None] | None:
     return tracker.add if tracker is not None else None
 
@@ -122,6 +131,8 @@ class Store:
         workers: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         access: AccessPolicy | None = None,
+        gpu_capacity: int = 0,
+        gpu_driver: Callable[[], Any] | None = None,
     ) -> None:
         self.catalog = Catalog(root)
         self._sharing = SharingRule(self.catalog, access or AccessPolicy.single_user())
@@ -153,6 +164,12 @@ class Store:
         self._rates = dict(_INITIAL_RATES)
         self._adopted: dict[tuple, str] = {}  # identities of files adopted -> model digest
         self._quota_reserved: Counter[tuple[str, str]] = Counter()  # (kind, tenant) -> bytes of requests under way
+        self.gpu_capacity = gpu_capacity  # per device; 0: no GPU tier
+        self._gpu_driver = gpu_driver
+        self._gpus: dict[int, GpuTier] = {}
+        self._gpu_setup = threading.Lock()
+        self._gpu_loading: dict[tuple[str, str], Future] = {}  # (gpu tier, segment) -> its upload
+        self._gpu_refs: Counter[tuple[str, str]] = Counter()  # (gpu tier, segment) -> leases holding it
         self._describe_metrics()
         self._take_stock()
 
@@ -173,6 +190,8 @@ class Store:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
+            for gpu in self._gpus.values():
+                gpu.close()
             self.host.close()
             self.catalog.close()
 
@@ -423,6 +442,7 @@ class Store:
     def _collect_garbage_locked(self) -> int:
         """Delete what no name needs; a segment still in use goes when its last lease ends."""
         busy = set(self._refs) | set(self._loading) | set(self._staging) | set(+self._reading)
+        busy |= {segment for _, segment in [*self._gpu_refs, *self._gpu_loading]}
         freed = 0
         for segment_id in self.catalog.collect_garbage(keep_segments=busy):
             for tier in self._tiers.values():
@@ -442,8 +462,9 @@ class Store:
 
     # --- opening, pulling, pinning ------------------------------------------------------------
 
-    def open(self, reference: str, owner: int, tenant: Tenant = EVERYONE) -> OpenResult:
-        """Lease a model's segments in host memory, bringing them up the hierarchy if needed."""
+    def open(self, reference: str, owner: int, tenant: Tenant = EVERYONE, device: int | None = None) -> OpenResult:
+        """Lease a model's segments in host memory, or in CUDA ``device``'s memory, bringing
+        them up the hierarchy if needed."""
         started = self._clock()
         with self._changed:
             while True:
@@ -458,17 +479,25 @@ class Store:
                 self._changed.wait()  # a removed model's tensors are being taken out of its segments
             self._check_lease_quota_locked(tenant, manifest.nbytes)
         try:
-            segments, missed = self._acquire_all(placement.segments, started + self.busy_timeout)
+            gpu = None if device is None else self._gpu_tier(device)  # only for a model this tenant may open
+            deadline = started + self.busy_timeout
+            if gpu is None:
+                segments, missed = self._acquire_all(placement.segments, deadline)
+            else:
+                segments, missed = self._acquire_each(
+                    placement.segments, lambda s: self._acquire_on_gpu(gpu, s, deadline),
+                    lambda ids: self._unref_gpu_locked(gpu.name, ids))
             with self._lock:
                 lease = next(self._lease_ids)
-                self._leases[lease] = _Lease(owner, tenant.name, manifest.digest, manifest.nbytes, placement.segments)
+                self._leases[lease] = _Lease(owner, tenant.name, manifest.digest, manifest.nbytes, placement.segments,
+                                             gpu.name if gpu else None)
         finally:
             with self._lock:
                 if tenant.max_leased_bytes is not None:  # the lease (if any) counts from here on
                     self._quota_reserved[("lease", tenant.name)] -= manifest.nbytes
         self.metrics.inc("trims_opens_total", result="miss" if missed else "hit")
         self.metrics.observe("trims_open_seconds", self._clock() - started)
-        return OpenResult(lease, name, manifest, tuple(segments), placement.tensors)
+        return OpenResult(lease, name, manifest, tuple(segments), placement.tensors, device)
 
     def pull(self, reference: str, tier: str = "host", progress: ingest.Progress | None = None,
              tenant: Tenant = EVERYONE) -> int:
@@ -531,16 +560,21 @@ class Store:
 
     def _acquire_all(self, segment_ids: tuple[str, ...], deadline: float,
                      tracker: _Tracker | None = None) -> tuple[list[HostSegment], bool]:
-        acquired: list[HostSegment] = []
+        return self._acquire_each(segment_ids, lambda s: self._acquire(s, deadline, tracker), self._unref_locked)
+
+    def _acquire_each(self, segment_ids: tuple[str, ...], acquire: Callable[[str], tuple[Any, bool]],
+                      unref_locked: Callable[[list[str]], None]) -> tuple[list, bool]:
+        """Take every segment, or none: a failure lets go of those already taken."""
+        acquired: list = []
         missed = False
         try:
             for segment_id in segment_ids:
-                segment, loaded = self._acquire(segment_id, deadline, tracker)
+                segment, loaded = acquire(segment_id)
                 acquired.append(segment)
                 missed |= loaded
         except BaseException:
             with self._changed:
-                self._unref_locked([s.id for s in acquired])
+                unref_locked([s.id for s in acquired])
             raise
         return acquired, missed
 
@@ -659,6 +693,90 @@ class Store:
         pending.set_result(None)
         return True
 
+    # --- the GPU tier: above host memory, filled from it -----------------------------------------
+
+    def _gpu_tier(self, device: int) -> GpuTier:
+        """The tier for CUDA ``device``, made on first use; GpuError if there can be none."""
+        if self.gpu_capacity <= 0:
+            raise GpuError("this daemon keeps no models in GPU memory; start it with --gpu-memory SIZE "
+                           "(or open the model without a device)")
+        with self._gpu_setup:  # one setup at a time; the store's lock stays free meanwhile
+            with self._lock:
+                tier = self._gpus.get(device)
+            if tier is not None:
+                return tier
+            from . import cuda_driver
+            from .gpu import open_tier
+
+            tier = open_tier((self._gpu_driver or cuda_driver.driver)(), device, self.gpu_capacity)  # a CUDA context: slow
+            with self._lock:
+                self._gpus[device] = self._tiers[tier.name] = tier
+                self._policies[tier.name] = POLICIES[self.policy_name](self._clock)
+            log.info("GPU tier on cuda:%d: %d bytes, shared as %s, read-only mapping %s", device, tier.capacity,
+                     tier.capabilities.sharing, "supported" if tier.capabilities.read_only_mapping else "UNSUPPORTED")
+            return tier
+
+    def _acquire_on_gpu(self, tier: GpuTier, segment_id: str, deadline: float) -> tuple[GpuSegment, bool]:
+        """Take a reference on a segment in ``tier``, uploading it (once) from host memory."""
+        key = (tier.name, segment_id)
+        while True:
+            with self._changed:
+                resident = tier.get(segment_id)
+                if resident is not None:
+                    self._gpu_refs[key] += 1
+                    self._policies[tier.name].access(segment_id)
+                    self.metrics.inc("trims_tier_hits_total", tier=tier.name)
+                    return resident, False
+                pending = self._gpu_loading.get(key)
+                if pending is None:
+                    layout = self._layout_locked(segment_id)
+                    footprint = tier.footprint(layout.size)
+                    if not self._room_or_wait_locked(tier, footprint, deadline):
+                        continue
+                    self._reserved[tier.name] += footprint
+                    pending = self._gpu_loading[key] = Future()
+                    self.metrics.inc("trims_tier_misses_total", tier=tier.name)
+                    break
+            pending.result()
+        return self._load_onto_gpu(tier, layout, footprint, pending, deadline), True
+
+    def _load_onto_gpu(self, tier: GpuTier, layout: SegmentLayout, footprint: int, pending: Future,
+                       deadline: float) -> GpuSegment:
+        key, started = (tier.name, layout.id), self._clock()
+        try:
+            host_segment, _ = self._acquire(layout.id, deadline)  # the host copy is held only while it is read
+            try:
+                tier.put_from(layout, host_segment.fd)
+            finally:
+                with self._changed:
+                    self._unref_locked([layout.id])
+        except BaseException as exc:
+            with self._changed:
+                self._reserved[tier.name] -= footprint
+                del self._gpu_loading[key]
+                self._settle_locked([layout.id])
+                self.metrics.inc("trims_fetch_failures_total", source="host")
+            pending.set_exception(exc)
+            raise
+        with self._changed:
+            self._reserved[tier.name] -= footprint
+            del self._gpu_loading[key]
+            self._gpu_refs[key] += 1
+            self._policies[tier.name].admit(layout.id, footprint, self._reload_cost(layout.id, tier.name))
+            self._settle_locked([layout.id])
+            segment = tier.get(layout.id)
+        self._count_fetch("host", tier.name, layout.size, self._clock() - started)
+        pending.set_result(segment)
+        return segment
+
+    def _unref_gpu_locked(self, tier_name: str, segment_ids) -> None:
+        for segment_id in segment_ids:
+            key = (tier_name, segment_id)
+            self._gpu_refs[key] -= 1
+            if self._gpu_refs[key] <= 0:
+                del self._gpu_refs[key]
+        self._settle_locked(segment_ids)
+
     # --- leases -------------------------------------------------------------------------------
 
     def release(self, lease: int, owner: int) -> None:
@@ -667,15 +785,21 @@ class Store:
             held = self._leases.get(lease)
             if held is not None and held.owner == owner:
                 del self._leases[lease]
-                self._unref_locked(held.segments)
+                self._end_lease_locked(held)
 
     def release_owner(self, owner: int) -> int:
         """End every lease of a connection that went away; returns how many."""
         with self._changed:
             mine = [lease for lease, held in self._leases.items() if held.owner == owner]
             for lease in mine:
-                self._unref_locked(self._leases.pop(lease).segments)
+                self._end_lease_locked(self._leases.pop(lease))
         return len(mine)
+
+    def _end_lease_locked(self, held: _Lease) -> None:
+        if held.gpu is None:
+            self._unref_locked(held.segments)
+        else:
+            self._unref_gpu_locked(held.gpu, held.segments)
 
     def _unref_locked(self, segment_ids) -> None:
         for segment_id in segment_ids:
@@ -685,17 +809,20 @@ class Store:
         self._settle_locked(segment_ids)
 
     def evict(self, reference: str, tenant: Tenant = EVERYONE) -> int:
-        """Drop a model from host memory; it stays on disk or in the cloud. Returns bytes freed."""
+        """Drop a model from host and GPU memory; it stays on disk or in the cloud. Returns bytes freed."""
         with self._lock:
             name, manifest = self._resolve(reference, tenant)
             segments = self._placement(manifest).segments
             leases = sum(1 for held in self._leases.values() if set(held.segments) & set(segments))
-            # _refs also counts opens and pulls still under way, which hold no lease yet
-            if leases or any(self._refs.get(s) or s in self._loading for s in segments):
+            # the refs also count opens and pulls still under way, which hold no lease yet
+            gpu_busy = any(self._gpu_refs.get((g.name, s)) or (g.name, s) in self._gpu_loading
+                           for g in self._gpus.values() for s in segments)
+            if leases or gpu_busy or any(self._refs.get(s) or s in self._loading for s in segments):
                 raise ModelBusy(f"{name} is in use ({leases} leases); it can leave host memory once they close")
             if set(segments) & self._pinned_locked("host"):
                 raise ModelBusy(f"{name} is pinned in host memory; `trims unpin` it first")
-            return sum(self._evict_locked(self.host, s, "requested") for s in segments if self.host.has(s))
+            copies = [(tier, s) for tier in (self.host, *self._gpus.values()) for s in segments if tier.has(s)]
+            return sum(self._evict_locked(tier, s, "requested") for tier, s in copies)
 
     # --- accounting: the one place bytes are made room for -------------------------------------
 
@@ -719,7 +846,7 @@ class Store:
         if nbytes > tier.capacity:
             raise CapacityError(
                 f"a segment of {nbytes} bytes is larger than the {tier.name} tier's capacity ({tier.capacity} "
-                f"bytes); restart the daemon with a larger --{'host-memory' if tier is self.host else tier.name}"
+                f"bytes); restart the daemon with a larger --{_capacity_flag(tier)}"
             )
         while tier.bytes_used() + self._reserved[tier.name] + nbytes > tier.capacity:
             candidates = [s for s in tier.segment_ids() if self._evictable_locked(tier, s)]
@@ -728,6 +855,9 @@ class Store:
             self._evict_locked(tier, self._policies[tier.name].victim(candidates), "capacity")
 
     def _evictable_locked(self, tier: Tier, segment_id: str) -> bool:
+        if isinstance(tier, GpuTier):
+            key = (tier.name, segment_id)
+            return not self._gpu_refs.get(key) and key not in self._gpu_loading
         if segment_id in self._pinned_locked(tier.name):
             return False
         if tier is self.host:  # a load's segment is resident just before the load is accounted for
@@ -752,6 +882,10 @@ class Store:
 
     def _full_message(self, tier: Tier, nbytes: int) -> str:
         used = tier.bytes_used() + self._reserved[tier.name]
+        if isinstance(tier, GpuTier):
+            return (f"GPU memory for models on cuda:{tier.device} is full: {used} of {tier.capacity} bytes are leased "
+                    f"or loading and {nbytes} more are needed; close models you no longer use, or give the daemon a "
+                    "larger --gpu-memory")
         if tier is self.host:
             return (f"host memory is full: {used} of {tier.capacity} bytes are leased, pinned or loading and "
                     f"{nbytes} more are needed; close models you no longer use, or give the daemon a larger --host-memory")
@@ -762,6 +896,9 @@ class Store:
     def _reload_cost(self, segment_id: str, tier: str) -> float:
         """Seconds to bring a segment back into ``tier`` from the tier below it."""
         size = self.catalog.segments[segment_id].size
+        if tier.startswith("gpu:"):  # from host memory, which may need it from below first
+            below = 0.0 if self.host.has(segment_id) else self._reload_cost(segment_id, "host")
+            return below + size / self._rates["host"]
         if tier == "host" and self.disk.has(segment_id):
             return size / self._rates["disk"]
         return _CLOUD_LATENCY + size / self._rates["cloud"]
@@ -911,10 +1048,11 @@ class Store:
         m.describe("trims_tier_segments", "gauge", "Segments a tier holds.")
         m.describe("trims_leases", "gauge", "Leases held by clients.")
         m.describe("trims_models", "gauge", "Models in the catalogue.")
-        m.gauge("trims_tier_bytes", lambda: {(("tier", n),): t.bytes_used() for n, t in self._tiers.items()})
-        m.gauge("trims_tier_capacity_bytes", lambda: {(("tier", n),): t.capacity for n, t in self._tiers.items()
+        tiers = lambda: list(self._tiers.items())  # noqa: E731 - a GPU tier may join meanwhile
+        m.gauge("trims_tier_bytes", lambda: {(("tier", n),): t.bytes_used() for n, t in tiers()})
+        m.gauge("trims_tier_capacity_bytes", lambda: {(("tier", n),): t.capacity for n, t in tiers()
                                                       if t.capacity != UNBOUNDED})
-        m.gauge("trims_tier_segments", lambda: {(("tier", n),): len(list(t.segment_ids())) for n, t in self._tiers.items()})
+        m.gauge("trims_tier_segments", lambda: {(("tier", n),): len(list(t.segment_ids())) for n, t in tiers()})
         m.gauge("trims_leases", lambda: {(): len(self._leases)})
         m.gauge("trims_models", lambda: {(): len(self.catalog.manifests)})
 
@@ -935,11 +1073,14 @@ class Store:
                 }
                 for name, tier in self._tiers.items()
             }
+            for gpu in self._gpus.values():
+                tiers[gpu.name].update(sharing=gpu.capabilities.sharing,
+                                       read_only_mapping=gpu.capabilities.read_only_mapping)
             counts = {"models": len(self.catalog.manifests), "tags": len(self.catalog.tags),
                       "pins": len(self.catalog.pins), "leases": len(self._leases)}
         fetches = {}
         for source in TIERS:
-            for destination in TIERS:
+            for destination in tiers:
                 count = m.value("trims_fetches_total", source=source, destination=destination)
                 if count:
                     fetches[f"{source}->{destination}"] = {

@@ -15,7 +15,7 @@ does the accounting and chooses victims in one place, before it calls ``put``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Iterable
+from typing import Callable, Iterable
 
 from .config import UNBOUNDED
 from .records import SegmentLayout
@@ -28,7 +28,7 @@ Fill = Callable[[int], None]  # writes a segment's bytes into the descriptor it 
 
 
 class Tier(ABC):
-    name: ClassVar[str]
+    name: str  # a class attribute, except the GPU's ("gpu:0", one tier per device)
 
     def __init__(self, capacity: int = UNBOUNDED) -> None:
         self.capacity = capacity
@@ -62,3 +62,7 @@ class Tier(ABC):
     @abstractmethod
     def evict(self, segment_id: str) -> int:
         """Drop the segment; returns the bytes freed."""
+
+    def footprint(self, nbytes: int) -> int:
+        """Bytes of capacity a segment of ``nbytes`` takes (a GPU allocates in granules)."""
+        return nbytes

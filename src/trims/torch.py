@@ -8,6 +8,10 @@ them copies nothing, an in-place write (say, fine-tuning by mistake) copies only
 it touches and is never seen by another process. They keep the model's lease alive for as
 long as any of them exists.
 
+With ``device="cuda"`` (or ``"cuda:N"``) they are views of the node's one copy in that GPU's
+memory, mapped read-only: building them copies nothing, and an in-place write faults in
+the writing process (its CUDA context is lost) instead of reaching anyone else.
+
 Importing this module wraps ``torch.nn.Module.register_parameter`` once; outside
 :func:`assemble`, in every thread, the wrapper only calls the original.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import defaultdict
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -25,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from .client import Client, ModelView, shared_client
 from .errors import ModelMismatch
 
-__all__ = ["load_state_dict", "load_model", "assemble", "state_dict_from_view", "default_dtype"]
+__all__ = ["load_state_dict", "load_model", "assemble", "state_dict_from_view", "default_dtype", "cuda_index"]
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -42,10 +46,28 @@ for _name, _attr in (("F8_E8M0", "float8_e8m0fnu"), ("F4", "float4_e2m1fn_x2")):
         _DTYPES[_name] = getattr(torch, _attr)
 
 
-def load_state_dict(name: str, *, client: Client | None = None) -> dict[str, torch.Tensor]:
-    """The model's tensors, sharing the daemon's memory. The lease lasts while they do."""
-    view = (client or shared_client()).open(name)
+Device = Union[torch.device, str, None]
+
+
+def load_state_dict(name: str, *, client: Client | None = None,
+                    device: Device | int = None) -> dict[str, torch.Tensor]:
+    """The model's tensors, sharing the daemon's memory (host, or the GPU ``device``'s).
+    The lease lasts while they do."""
+    view = (client or shared_client()).open(name, device=cuda_index(device))
     return state_dict_from_view(view)
+
+
+def cuda_index(device: Device | int) -> int | None:
+    """The CUDA device index ``device`` names (an int is one already; the current device for
+    a bare ``"cuda"``); None for the CPU."""
+    if device is None or isinstance(device, int):
+        return device
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"trims shares models in host memory or CUDA device memory, not on {device.type!r}")
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def state_dict_from_view(view: ModelView) -> dict[str, torch.Tensor]:
@@ -57,9 +79,16 @@ def state_dict_from_view(view: ModelView) -> dict[str, torch.Tensor]:
         dtype, shape = _torch_layout(entry.dtype, entry.shape, entry.nbytes)
         base = bases.get((entry.segment, dtype))
         if base is None:  # segments are 64-byte multiples: every element type divides them
-            base = bases[entry.segment, dtype] = torch.frombuffer(view.segments[entry.segment], dtype=torch.uint8).view(dtype)
+            base = bases[entry.segment, dtype] = _bytes_of(view, entry.segment).view(dtype)
         state[name] = base.as_strided(shape, _contiguous_strides(shape), entry.offset // dtype.itemsize)
     return state
+
+
+def _bytes_of(view: ModelView, segment: int) -> torch.Tensor:
+    """One segment as a uint8 tensor over its mapped memory (host or device), no copy."""
+    if view.device is None:
+        return torch.frombuffer(view.segments[segment], dtype=torch.uint8)
+    return torch.as_tensor(view.segments[segment], device=f"cuda:{view.device}")
 
 
 def _torch_layout(dtype: str, shape: tuple[int, ...], nbytes: int) -> tuple[torch.dtype, tuple[int, ...]]:
@@ -84,13 +113,19 @@ KeyMap = Callable[[torch.nn.Module, "dict[str, torch.Tensor]"], "dict[str, torch
 
 
 def load_model(name: str, factory: Callable[[], M], *, client: Client | None = None, strict: bool = True,
-               key_map: KeyMap | None = None) -> M:
-    """``factory()`` built without weights of its own, given the stored model's shared ones.
+               key_map: KeyMap | None = None, device: Device = None) -> M:
+    """``factory()`` built without weights of its own, given the stored model's shared ones:
+    in host memory, or on the CUDA ``device`` (``"cuda"``, ``"cuda:1"``).
 
     See :func:`assemble`. Raises :class:`~trims.errors.ModelMismatch` if ``strict`` and the
     module's parameters and the stored tensors do not match one to one.
     """
-    return assemble(factory, load_state_dict(name, client=client), strict=strict, source=name, key_map=key_map)
+    index = cuda_index(device)
+    model = assemble(factory, load_state_dict(name, client=client, device=index), strict=strict, source=name,
+                     key_map=key_map)
+    # Shared tensors are on the device already (``to`` leaves them be); the buffers the model
+    # computes rather than stores were built on the CPU and follow them.
+    return model if index is None else model.to(f"cuda:{index}")
 
 
 def assemble(factory: Callable[[], M], state: dict[str, torch.Tensor], *, strict: bool = True,

@@ -1,0 +1,225 @@
+"""The store's GPU tier bookkeeping, over the memfd stand-in for the CUDA driver
+(tests/fake_cuda.py): one upload per segment whoever asks, leases that hold copies, a cap
+that evicts only unleased ones, failures that leave nothing behind. tests/test_gpu.py
+checks the same paths against a real GPU."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from trims.acl import EVERYONE
+from trims.errors import CapacityError, GpuError, ModelBusy
+from trims.store import Store
+
+from .fake_cuda import FakeDriver
+from .test_store import _push, _segments
+
+GRANULE = 64 * 1024
+MODEL_BYTES = 64 * 1024 * 4  # one float32 tensor of 64 Ki elements: four granules
+
+
+@pytest.fixture
+def driver():
+    return FakeDriver(granularity=GRANULE)
+
+
+def make_store(tmp_path, driver, gpu_capacity=2 * MODEL_BYTES + GRANULE, models=4) -> Store:
+    store = Store(tmp_path / "store", host_capacity=1 << 30, gpu_capacity=gpu_capacity, gpu_driver=lambda: driver)
+    for seed in range(models):
+        path = tmp_path / f"{seed}.safetensors"
+        save_file({"w": torch.randn(MODEL_BYTES // 4, generator=torch.Generator().manual_seed(seed))}, path)
+        _push(store, f"m{seed}", path, EVERYONE)
+    return store
+
+
+@pytest.fixture
+def store(tmp_path, driver):
+    store = make_store(tmp_path, driver)
+    yield store
+    store.close()
+    assert driver.open_handles() == 0  # every device allocation released
+
+
+def gpu_bytes(store) -> int:
+    return store.stats()["tiers"]["gpu:0"]["used_bytes"]
+
+
+def test_opening_on_a_device_uploads_once_and_every_open_shares_that_copy(store, driver):
+    first = store.open("m0", owner=1, device=0)
+    second = store.open("m0", owner=2, device=0)
+    assert first.device == second.device == 0
+    assert first.segments == second.segments and driver.uploads == len(first.segments)
+    (segment,) = first.segments
+    host_copy = store.host.get(segment.id)
+    assert os.pread(segment.fd, segment.size, 0) == os.pread(host_copy.fd, segment.size, 0)
+    assert segment.mapped_size % GRANULE == 0 and gpu_bytes(store) == segment.mapped_size
+    assert "gpu:0" in store.info("m0").tiers
+    stats = store.stats()["tiers"]["gpu:0"]
+    assert (stats["hits"], stats["misses"]) == (1, 1)
+    assert stats["sharing"] == "vmm-posix-fd" and stats["read_only_mapping"] is True
+
+
+def test_concurrent_opens_of_a_cold_model_cause_one_upload(store, driver):
+    results, barrier = [], threading.Barrier(6)
+
+    def open_it(owner):
+        barrier.wait()
+        results.append(store.open("m1", owner=owner, device=0))
+
+    threads = [threading.Thread(target=open_it, args=(owner,)) for owner in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 6 and len({tuple(s.fd for s in r.segments) for r in results}) == 1
+    assert driver.uploads == 1
+
+
+def test_the_cap_evicts_unleased_copies_and_never_leased_ones(store):
+    held = store.open("m0", owner=1, device=0)
+    released = store.open("m1", owner=2, device=0)
+    store.release(released.lease, owner=2)
+    store.open("m2", owner=3, device=0)  # room only by evicting m1's copy
+    tiers = {name: store.info(name).tiers for name in ("m0", "m1", "m2")}
+    assert "gpu:0" in tiers["m0"] and "gpu:0" not in tiers["m1"] and "gpu:0" in tiers["m2"]
+    assert gpu_bytes(store) <= store.gpu_capacity
+    with pytest.raises(CapacityError, match="--gpu-memory"):
+        store.open("m3", owner=4, device=0)  # m0 and m2 are leased: nothing may go
+    store.release_owner(1)  # a client that went away lets go of its copies
+    store.open("m3", owner=4, device=0)
+    assert "gpu:0" not in store.info("m0").tiers and held.lease not in store._leases
+
+
+def test_evict_and_remove_drop_gpu_copies_once_unused(store):
+    opened = store.open("m0", owner=1, device=0)
+    with pytest.raises(ModelBusy):
+        store.evict("m0")
+    store.release(opened.lease, owner=1)
+    assert store.evict("m0") > 0 and gpu_bytes(store) == 0
+    store.open("m1", owner=1, device=0)
+    store.release_owner(1)
+    store.remove("m1")
+    assert gpu_bytes(store) == 0
+
+
+def test_a_failed_upload_leaves_nothing_reserved_and_the_next_open_retries(store, driver, monkeypatch):
+    def broken(*args):
+        raise GpuError("the CUDA driver refused cuMemcpyHtoDAsync: out of memory")
+
+    monkeypatch.setattr(driver, "copy_to_device", broken)
+    with pytest.raises(GpuError):
+        store.open("m0", owner=1, device=0)
+    assert gpu_bytes(store) == 0 and store._reserved["gpu:0"] == 0 and not store._gpu_loading
+    assert not store._refs  # the host copy it read is no longer held
+    monkeypatch.undo()
+    assert store.open("m0", owner=1, device=0).device == 0
+
+
+def test_the_host_copy_is_held_only_while_it_is_uploaded(store):
+    store.open("m0", owner=1, device=0)
+    (segment_id,) = _segments(store, "m0")
+    assert store.host.has(segment_id) and not store._refs.get(segment_id)
+    store.host.evict(segment_id)  # host pressure may drop it: the GPU copy still serves
+    assert store.open("m0", owner=2, device=0).device == 0
+
+
+def test_a_daemon_without_gpu_memory_says_how_to_get_it(tmp_path, driver):
+    store = make_store(tmp_path, driver, gpu_capacity=0, models=1)
+    try:
+        with pytest.raises(GpuError, match="--gpu-memory"):
+            store.open("m0", owner=1, device=0)
+    finally:
+        store.close()
+
+
+def test_a_device_the_node_lacks_is_refused(store):
+    with pytest.raises(GpuError, match="no CUDA device 3"):
+        store.open("m0", owner=1, device=3)
+
+
+def test_without_a_cuda_driver_a_device_open_says_so(tmp_path):
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("this machine has a CUDA driver")
+    store = Store(tmp_path / "store", host_capacity=1 << 30, gpu_capacity=1 << 30)
+    try:
+        path = tmp_path / "m.safetensors"
+        save_file({"w": torch.zeros(16)}, path)
+        _push(store, "m", path, EVERYONE)
+        with pytest.raises(GpuError, match="no CUDA driver"):
+            store.open("m", owner=1, device=0)
+        assert store.open("m", owner=1).device is None  # host memory still serves
+    finally:
+        store.close()
+
+
+def test_a_client_asking_a_daemon_without_a_gpu_tier_gets_a_typed_error(daemon, tmp_path):
+    import trims
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(16)}, path)
+    client = daemon.client()
+    client.push(path, "m")
+    with pytest.raises(trims.GpuError, match="--gpu-memory"):
+        client.open("m", device=0)
+    assert client.stats()["leases"] == 0 and client.open("m")["w"].shape == (16,)
+
+
+def test_an_open_under_way_keeps_its_gpu_copy_from_trims_evict(store):
+    (segment_id,) = _segments(store, "m0")
+    tier = store._gpu_tier(0)
+    store._acquire_on_gpu(tier, segment_id, deadline=0)  # what an open holds before its lease exists
+    with pytest.raises(ModelBusy):
+        store.evict("m0")
+    with store._changed:
+        store._unref_gpu_locked(tier.name, [segment_id])
+    assert store.evict("m0") > 0
+
+
+@pytest.fixture
+def gpu_daemon_in_process(tmp_path, driver, monkeypatch):
+    """A real daemon (socket, server, store) in this process, with the stand-in driver on both
+    sides of the socket."""
+    import trims.cuda_driver
+    from trims.config import Settings
+    from trims.daemon import Daemon
+
+    monkeypatch.setattr(trims.cuda_driver, "driver", lambda: driver)
+    settings = Settings.load({"socket": str(tmp_path / "run" / "trims.sock"), "store": str(tmp_path / "store"),
+                              "host_memory": "64M", "gpu_memory": "64M"})
+    daemon = Daemon(settings)
+    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
+    thread.start()
+    yield settings.socket_path
+    daemon.shutdown()
+    thread.join(timeout=20)
+
+
+def test_a_closed_device_view_keeps_its_lease_while_its_segments_live(gpu_daemon_in_process, tmp_path):
+    import gc
+
+    import trims
+    from trims.errors import ModelBusy as Busy
+
+    save_file({"w": torch.arange(1000.0)}, tmp_path / "m.safetensors")
+    client = trims.connect(gpu_daemon_in_process)
+    client.push(tmp_path / "m.safetensors", "m")
+    view = client.open("m", device=0)
+    (segment,) = view.segments
+    assert view.device == 0 and segment.read_only and segment.size % GRANULE == 0
+    assert segment.__cuda_array_interface__["shape"] == (segment.size,)
+    with pytest.raises(TypeError, match="GPU memory"):
+        view["w"]
+    view.close()  # a tensor over the segment would still read the daemon's allocation
+    with pytest.raises(Busy):
+        client.evict("m")
+    del view, segment
+    gc.collect()
+    client.stats()  # carries the release the finalizer queued
+    assert client.stats()["leases"] == 0 and client.evict("m") > 0
