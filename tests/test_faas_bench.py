@@ -48,6 +48,7 @@ def test_the_miniature_runs_every_experiment_and_measures_what_it_says(tmp_path)
         assert [repeat["seed"] for repeat in run["repeats"]] == [0, 1]
         assert {record["repeat"] for record in run["records"]} == {0, 1}
         assert run["acquisitions"] >= 1 and run["peak_memory"] > 0 and run["memory"]
+        assert run["peak_private"] + run["peak_shared"] == run["peak_memory"] and run["peak_private"] > 0
         # trims' instances map the daemon's copy; the baseline's hold their own
         assert run["from_store"] == (run["acquisitions"] if run["source"] == "trims" else 0)
     assert {cell.get("policy") for cell in results["beyond"]} == {"lru", "cost"}
@@ -57,6 +58,7 @@ def test_the_miniature_runs_every_experiment_and_measures_what_it_says(tmp_path)
         # a cold node: the daemon brought every model it served up from its disk, and timed it
         assert trims_run["daemon_host_misses"] >= 1 and trims_run["daemon_fetch_s"] > 0
         assert trims_run["daemon_fetch_bytes"] > 0
+        assert trims_run["peak_shared"] > 0  # the daemon's copies, counted once
 
     for plot in ("latency.png", "throughput.png", "memory.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

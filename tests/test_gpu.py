@@ -90,6 +90,18 @@ def test_a_module_on_cuda_is_built_over_the_shared_copy_with_no_copy(gpu_daemon,
     assert tier["used_bytes"] == segment.size and tier["read_only_mapping"]
 
 
+def test_the_transformers_adapter_builds_on_the_gpu_copy_too(gpu_daemon, pushed):
+    import trims.transformers
+
+    model, _ = pushed
+    shared = trims.transformers.from_pretrained("gpt2", client=gpu_daemon.client(), device="cuda")
+    assert all(t.is_cuda for t in shared.parameters())
+    inputs = {k: v.cuda() for k, v in example_input("gpt2").items()}
+    with torch.no_grad():
+        logits = shared(**inputs).logits.cpu()
+    torch.testing.assert_close(logits, reference_logits(model))
+
+
 def test_four_processes_hold_one_copy(gpu_daemon, pushed):
     outputs = [json.loads(run_python(CHILD, gpu_daemon.env, timeout=300).stdout) for _ in range(4)]
     assert len({round(o["sum"], 3) for o in outputs}) == 1

@@ -223,3 +223,20 @@ def test_a_closed_device_view_keeps_its_lease_while_its_segments_live(gpu_daemon
     gc.collect()
     client.stats()  # carries the release the finalizer queued
     assert client.stats()["leases"] == 0 and client.evict("m") > 0
+
+
+def test_trims_info_and_stats_say_how_gpu_memory_is_shared(gpu_daemon_in_process, tmp_path, monkeypatch, capsys):
+    import trims
+    from trims.cli import main
+
+    save_file({"w": torch.arange(1000.0)}, tmp_path / "m.safetensors")
+    client = trims.connect(gpu_daemon_in_process)
+    client.push(tmp_path / "m.safetensors", "m")
+    view = client.open("m", device=0)
+    monkeypatch.setenv("TRIMS_SOCKET", str(gpu_daemon_in_process))
+    capsys.readouterr()
+    assert main(["info", "m"]) == 0 and main(["stats"]) == 0
+    out = capsys.readouterr().out
+    assert "tiers:    host, disk, gpu:0" in out
+    assert out.count("shared as vmm-posix-fd, mapped read-only by clients") == 2  # info's line and stats'
+    view.close()

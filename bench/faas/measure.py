@@ -148,7 +148,7 @@ def pooled(runs: list[dict]) -> dict:
     records = [record | {"repeat": k} for k, run in enumerate(runs) for record in run["records"]]
     summary = _summary(records, sum(run["seconds"] for run in runs), runs[0]["memory"])
     return runs[0] | summary | {
-        "peak_memory": max(run["peak_memory"] for run in runs), "seed": [run["seed"] for run in runs],
+        **_peak(max(runs, key=lambda run: run["peak_memory"])["memory"]), "seed": [run["seed"] for run in runs],
         **{key: sum(run[key] for run in runs) for key in _DAEMON_COUNTS},
         "repeats": [{key: run[key] for key in ("seed", "seconds", "throughput", "p99_s", "peak_memory")} for run in runs],
     }
@@ -175,9 +175,16 @@ def _summary(records: list[dict], elapsed: float, memory: list[tuple[float, int]
         "from_store": sum(bool(r["from_store"]) for r in records if not r["warm"]),
         "acquire_s": sum(r["acquire_s"] for r in records), "weights_s": sum(r["weights_s"] for r in records),
         "queue_s": sum(r["queue_s"] for r in records),
-        "peak_memory": max((m for _, m in memory), default=0), "memory": memory,
+        **_peak(memory), "memory": memory,
         "records": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records],
     }
+
+
+def _peak(memory: list[tuple]) -> dict[str, int]:
+    """The node's highest sample, and how much of it was the daemon's shared memory."""
+    top = max(memory, key=lambda sample: sample[1], default=(0.0, 0, 0))
+    shared = top[2] if len(top) > 2 else 0  # traces from before the split have no shared column
+    return {"peak_memory": top[1], "peak_private": top[1] - shared, "peak_shared": shared}
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -185,10 +192,11 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 class _MemorySampler:
-    """The node's memory every quarter second: the private memory of its processes (PSS of
-    anonymous pages: an instance's own copy of a model, its activations) plus the shared
-    memory created since the run began (the daemon's memfds, counted once whether no
-    instance or ten map them). Page cache is left out in both modes: it can be reclaimed."""
+    """The node's memory every quarter second, as (seconds, total, shared): the private memory
+    of its processes (PSS of anonymous pages: an instance's own copy of a model, its
+    activations) plus the shared memory created since the run began (the daemon's memfds,
+    counted once whether no instance or ten map them). Page cache is left out in both modes:
+    it can be reclaimed."""
 
     def __init__(self, pids: list[int], interval: float = 0.25) -> None:
         self.pids, self.interval, self.samples = pids, interval, []
@@ -205,8 +213,9 @@ class _MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            node = sum(map(private_bytes, self.pids)) + max(0, _shmem_bytes() - self._shmem_before)
-            self.samples.append((round(time.perf_counter() - self._started, 2), node))
+            shared = max(0, _shmem_bytes() - self._shmem_before)
+            node = sum(map(private_bytes, self.pids)) + shared
+            self.samples.append((round(time.perf_counter() - self._started, 2), node, shared))
             self._stop.wait(self.interval)
 
 

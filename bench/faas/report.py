@@ -103,8 +103,16 @@ def _grid_tables(grid: list[dict]) -> list[str]:
             f"{shared['throughput']:.2f} vs {own['throughput']:.2f} requests/s, {ratio_text(best)}; "
             f"p99 latency {shared['p99_s']:.2f} s vs {own['p99_s']:.2f} s; p99 against ideal (the same requests' "
             f"inference alone) {shared['p99_s'] / shared['ideal_p99_s']:.2f}x with trims, "
-            f"{own['p99_s'] / own['ideal_p99_s']:.2f}x without; peak node memory {format_size(shared['peak_memory'])} "
-            f"vs {format_size(own['peak_memory'])}.", ""]
+            f"{own['p99_s'] / own['ideal_p99_s']:.2f}x without; peak node memory {_peak_text(shared)} "
+            f"vs {_peak_text(own)}.", ""]
+
+
+def _peak_text(run: dict) -> str:
+    """Peak node memory, split into the processes' private memory and the daemon's shared memory."""
+    if not run.get("peak_shared"):
+        return format_size(run["peak_memory"])
+    return (f"{format_size(run['peak_memory'])} ({format_size(run['peak_private'])} private + "
+            f"{format_size(run['peak_shared'])} shared)")
 
 
 def _acquisition_table(grid: list[dict]) -> list[str]:
@@ -210,7 +218,7 @@ def _memory_plot(plt, cell: dict, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 4))
     for source, label in (("own", "baseline"), ("trims", "trims")):
         samples = cell[source]["memory"]
-        axes.plot([t for t, _ in samples], [m / 2**30 for _, m in samples], label=label)
+        axes.plot([s[0] for s in samples], [s[1] / 2**30 for s in samples], label=label)
     axes.set_xlabel("seconds into the run")
     axes.set_ylabel("node memory (PSS of instances + daemon), GiB")
     axes.set_title(f"{cell['fraction']:.0%} of the zoo, concurrency {cell['concurrency']}")

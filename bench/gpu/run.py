@@ -36,6 +36,7 @@ from trims.spawn import start_daemon_process  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 MODES = ("torch", "safetensors", "trims")
+PHASES = ("open_and_map_s", "tensors_s", "build_and_assign_s", "buffers_to_cuda_s")  # see worker.load
 HOLDERS = 4
 
 
@@ -140,6 +141,7 @@ def summarize(name: str, nbytes: int, runs: list[dict], cold: dict, memory: dict
         "torch_over_trims_ready": ready["torch"] / ready["trims"],
         "safetensors_over_trims_ready": ready["safetensors"] / ready["trims"],
         "held_by_4_processes_bytes": memory,
+        "trims_phases_s": {phase: median_of(by_mode["trims"], phase) for phase in PHASES},
         "runs": runs,
     }
 
@@ -166,6 +168,10 @@ def markdown(results: dict) -> str:
         held = m["held_by_4_processes_bytes"]
         lines.append(f"| {m['model']} | {m['bytes'] / 1e9:.2f} GB | {held['safetensors'] / 1e9:.2f} GB "
                      f"| {held['trims'] / 1e9:.2f} GB |")
+    lines += ["", "Where a trims hit's time went (median, ms):", "",
+              "| model | open + map | tensors | build + assign | buffers to CUDA |", "|---|---|---|---|---|"]
+    for m in results["models"]:
+        lines.append(f"| {m['model']} | " + " | ".join(f"{m['trims_phases_s'][p] * 1e3:.1f}" for p in PHASES) + " |")
     w = results["write_check"]
     lines += ["", f"Write to a shared weight ({w['model']}): writer -> `{w['writer']}`; holder's outputs unchanged: "
               f"{w['holder_unchanged']}; a fresh process's outputs match: {w['fresh_process_checksum_matches']}.",

@@ -22,9 +22,11 @@ started = time.perf_counter()
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+import trims.client  # noqa: E402
 import trims.torch  # noqa: E402
 
 WARM_REQUESTS = 5
+PHASES: dict[str, float] = {}  # where a trims load's time went
 
 
 def factory(directory: Path):
@@ -48,8 +50,19 @@ def load(mode: str, directory: Path, name: str, build) -> torch.nn.Module:
 
         state = load_file(directory / "model.safetensors", device="cuda")
         return trims.torch.assemble(build, state).to("cuda")
-    if mode == "trims":
-        return trims.torch.load_model(name, build, device="cuda")
+    if mode == "trims":  # what trims.torch.load_model(name, build, device="cuda") does, phase by phase
+        marks = [time.perf_counter()]
+        view = trims.client.shared_client().open(name, device=torch.cuda.current_device())
+        marks.append(time.perf_counter())
+        state = trims.torch.state_dict_from_view(view)
+        marks.append(time.perf_counter())
+        model = trims.torch.assemble(build, state, source=name)
+        marks.append(time.perf_counter())
+        model = model.to("cuda")
+        marks.append(time.perf_counter())
+        PHASES.update(zip(("open_and_map_s", "tensors_s", "build_and_assign_s", "buffers_to_cuda_s"),
+                          (b - a for a, b in zip(marks, marks[1:]))))
+        return model
     raise SystemExit(f"unknown mode {mode!r}")
 
 
@@ -89,6 +102,7 @@ def main() -> None:
         "mode": mode, "model": name, "import_s": imported - started, "cuda_init_s": ready_to_start - imported,
         "ready_s": ready - ready_to_start, "first_request_s": first, "warm_request_s": warm,
         "checksum": float(logits.double().sum()), "torch_allocated_bytes": torch.cuda.memory_allocated(),
+        **PHASES,
     }), flush=True)
     if "--hold" in sys.argv:
         sys.stdin.read()

@@ -25,15 +25,16 @@ from .client import Client, shared_client
 from .digest import hex_of
 from .ingest import LABEL as _LABEL
 from .errors import ModelMismatch
-from .torch import default_dtype, load_model, named_tensors
+from .torch import Device, default_dtype, load_model, named_tensors
 
 __all__ = ["from_pretrained", "snapshot"]
 
 
 def from_pretrained(name: str, *, client: Client | None = None, model_class: type | None = None,
-                    **config_overrides: Any) -> transformers.PreTrainedModel:
+                    device: Device = None, **config_overrides: Any) -> transformers.PreTrainedModel:
     """The model ``name`` with its stored config; ``model_class`` overrides the architecture
-    the config names, ``config_overrides`` its attributes (as ``from_pretrained`` takes them)."""
+    the config names, ``config_overrides`` its attributes (as ``from_pretrained`` takes them).
+    ``device="cuda[:N]"`` builds it over the node's copy in that GPU's memory."""
     client = client or shared_client()
     model_digest = client.info(name).digest  # one look-up: config and weights of the same version
     config = transformers.AutoConfig.from_pretrained(snapshot(model_digest, client=client), **config_overrides)
@@ -44,7 +45,7 @@ def from_pretrained(name: str, *, client: Client | None = None, model_class: typ
         with default_dtype(dtype):  # buffers the model computes come out in the checkpoint's precision
             return cls(config)
 
-    return load_model(model_digest, build, client=client, key_map=_checkpoint_to_module_names)
+    return load_model(model_digest, build, client=client, key_map=_checkpoint_to_module_names, device=device)
 
 
 def _checkpoint_to_module_names(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
