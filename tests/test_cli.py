@@ -67,7 +67,9 @@ def test_pull_pin_and_unpin(daemon, tmp_path):
     assert trims_cli("unpin", "m", env=env).returncode == 0
     assert json.loads(trims_cli("info", "m", "--json", env=env).stdout)["pinned"] == ""
     bad = trims_cli("pull", "m", "--tier", "gpu", env=env)
-    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    assert bad.returncode == 1 and "not one of host, disk or gpu:N" in bad.stderr
+    no_gpu = trims_cli("pull", "m", "--tier", "gpu:0", env=env)  # a daemon started without --gpu-memory
+    assert no_gpu.returncode == 1 and "--gpu-memory" in no_gpu.stderr
 
 
 def test_socket_flag_overrides_the_environment(daemon):

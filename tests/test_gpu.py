@@ -159,3 +159,12 @@ def test_trims_info_says_how_gpu_memory_is_shared(gpu_daemon, pushed):
     out = subprocess.run([sys.executable, "-m", "trims", "info", "gpt2"], env=gpu_daemon.env,
                          capture_output=True, text=True, check=True).stdout
     assert "gpu:0" in out and "vmm-posix-fd" in out and "read-only" in out
+
+
+def test_pull_puts_a_model_in_gpu_memory_before_any_open(gpu_daemon, pushed):
+    subprocess.run([sys.executable, "-m", "trims", "pull", "gpt2", "--tier", "gpu:0"], env=gpu_daemon.env,
+                   check=True, capture_output=True)
+    stats = gpu_daemon.client().stats()
+    assert stats["tiers"]["gpu:0"]["segments"] == 1 and stats["leases"] == 0
+    json.loads(run_python(CHILD, gpu_daemon.env, timeout=300).stdout)
+    assert gpu_daemon.client().stats()["tiers"]["gpu:0"]["hits"] == 1  # the function's open found it there

@@ -240,3 +240,42 @@ def test_trims_info_and_stats_say_how_gpu_memory_is_shared(gpu_daemon_in_process
     assert "tiers:    host, disk, gpu:0" in out
     assert out.count("shared as vmm-posix-fd, mapped read-only by clients") == 2  # info's line and stats'
     view.close()
+
+
+def test_pull_brings_a_model_into_gpu_memory_without_a_lease(store, driver):
+    assert store.pull("m0", "gpu:0") == MODEL_BYTES
+    assert "gpu:0" in store.info("m0").tiers and not store._leases and not store._gpu_refs
+    assert store.pull("m0", "gpu:0") == 0 and driver.uploads == 1  # already there
+    assert store.evict("m0") > 0  # nothing holds it
+
+
+def test_a_model_pinned_in_gpu_memory_stays_under_pressure(store):
+    from trims.errors import InvalidName
+
+    store.pin("m0", "gpu:0")
+    for name in ("m1", "m2", "m3"):  # room for two: each open evicts the unpinned one before it
+        store.release(store.open(name, owner=1, device=0).lease, owner=1)
+        assert "gpu:0" in store.info("m0").tiers
+    with pytest.raises(ModelBusy, match="pinned in gpu:0"):
+        store.evict("m0")
+    store.pin("m1", "gpu:0")
+    with pytest.raises(CapacityError, match="unpin"):
+        store.pin("m2", "gpu:0")  # three models' granules: more than the tier holds
+    with pytest.raises(InvalidName, match="gpu:N"):
+        store.pull("m0", "gpu:zero")
+    store.unpin("m0")
+    store.unpin("m1")
+    assert store.evict("m0") > 0
+
+
+def test_gpu_pins_come_back_after_a_restart(tmp_path, driver):
+    store = make_store(tmp_path, driver, models=1)
+    store.pin("m0", "gpu:0")
+    store.close()
+    again = Store(tmp_path / "store", host_capacity=1 << 30, gpu_capacity=1 << 30, gpu_driver=lambda: driver)
+    try:
+        again.warm_pins()
+        assert "gpu:0" in again.info("m0").tiers and again.info("m0").pinned == "gpu:0"
+    finally:
+        again.close()
+    assert driver.open_handles() == 0

@@ -22,6 +22,8 @@ from .errors import ConfigError, TrimsError
 from .policy import POLICIES
 from .tier import PIN_TIERS
 
+_TIER_HELP = f"{', '.join(PIN_TIERS)}, or gpu:N for CUDA device N's memory (default: host)"
+
 _SIZE_HELP = "bytes, or with a unit: 512M, 4G, 1.5GiB (K/M/G/T = 1024^n; KB/MB/GB = 1000^n)"
 
 
@@ -80,12 +82,12 @@ def _parser() -> argparse.ArgumentParser:
 
     pull = commands.add_parser("pull", help="bring a model into host memory (or --tier disk) without opening it")
     pull.add_argument("name")
-    pull.add_argument("--tier", choices=PIN_TIERS, default="host")
+    pull.add_argument("--tier", default="host", help=_TIER_HELP)
     pull.set_defaults(run=_pull)
 
     pin = commands.add_parser("pin", help="keep a model in a tier under pressure and across restarts")
     pin.add_argument("name")
-    pin.add_argument("--tier", choices=PIN_TIERS, default="host")
+    pin.add_argument("--tier", default="host", help=_TIER_HELP)
     pin.set_defaults(run=_pin)
 
     unpin = commands.add_parser("unpin", help="let a pinned model be evicted again")

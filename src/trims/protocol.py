@@ -228,7 +228,7 @@ class Stats(Message):
 
 @_message("pull")
 class Pull(Message):
-    """Bring a model into a tier (``host`` or ``disk``) without leasing it."""
+    """Bring a model into a tier (``host``, ``disk`` or ``gpu:N``) without leasing it."""
 
     name: str
     tier: str = "host"

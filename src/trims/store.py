@@ -42,7 +42,7 @@ from .protocol import ModelSummary, PushResult, TensorEntry, TensorTable
 from .records import Manifest, SegmentLayout
 from .sharing import SharingRule
 from .sources import FileSource, Source
-from .tier import PIN_TIERS, UNBOUNDED, Tier
+from .tier import PIN_TIERS, UNBOUNDED, Tier, gpu_device
 
 log = logging.getLogger("trims.store")
 
@@ -502,13 +502,19 @@ class Store:
     def pull(self, reference: str, tier: str = "host", progress: ingest.Progress | None = None,
              tenant: Tenant = EVERYONE) -> int:
         """Bring a model into ``tier`` without leasing it; returns the bytes that moved."""
-        if tier not in PIN_TIERS:
-            raise InvalidName(f"tier {tier!r} is not one of {', '.join(PIN_TIERS)}")
+        device = gpu_device(tier)
         with self._lock:
             _, manifest = self._resolve(reference, tenant)
             segments = self._placement(manifest).segments
             layouts = [self.catalog.segments[s] for s in segments]
         tracker = _Tracker(sum(layout.size for layout in layouts), progress)
+        if device is not None:
+            gpu, deadline = self._gpu_tier(device), self._clock() + self.busy_timeout
+            _, missed = self._acquire_each(segments, lambda s: self._acquire_on_gpu(gpu, s, deadline),
+                                           lambda ids: self._unref_gpu_locked(gpu.name, ids))
+            with self._changed:
+                self._unref_gpu_locked(gpu.name, segments)
+            return sum(layout.size for layout in layouts) if missed else 0
         if tier == "host":
             _, missed = self._acquire_all(segments, self._clock() + self.busy_timeout, tracker)
             with self._changed:
@@ -526,13 +532,14 @@ class Store:
     def pin(self, reference: str, tier: str = "host", progress: ingest.Progress | None = None,
             tenant: Tenant = EVERYONE) -> int:
         """Keep a model in ``tier`` across pressure and restarts; brings it there now."""
-        if tier not in PIN_TIERS:
-            raise InvalidName(f"tier {tier!r} is not one of {', '.join(PIN_TIERS)}")
+        device = gpu_device(tier)
+        with self._lock:
+            self._resolve(reference, tenant)  # a model this tenant may see, before any GPU is set up for it
+        tier_obj = self._gpu_tier(device) if device is not None else self._tiers[tier]
         with self._lock:
             name, manifest = self._resolve(reference, tenant)
-            tier_obj = self._tiers[tier]
             pinned = self._pinned_locked(tier) | set(self._placement(manifest).segments)
-            pinned_bytes = sum(self.catalog.segments[s].size for s in pinned)
+            pinned_bytes = sum(tier_obj.footprint(self.catalog.segments[s].size) for s in pinned)
             if pinned_bytes > tier_obj.capacity:
                 raise CapacityError(
                     f"pinning {name} would pin {pinned_bytes} bytes in the {tier} tier, more than its capacity "
@@ -819,8 +826,10 @@ class Store:
                            for g in self._gpus.values() for s in segments)
             if leases or gpu_busy or any(self._refs.get(s) or s in self._loading for s in segments):
                 raise ModelBusy(f"{name} is in use ({leases} leases); it can leave host memory once they close")
-            if set(segments) & self._pinned_locked("host"):
-                raise ModelBusy(f"{name} is pinned in host memory; `trims unpin` it first")
+            pinned_in = [t for t in ("host", *(g.name for g in self._gpus.values()))
+                         if set(segments) & self._pinned_locked(t)]
+            if pinned_in:
+                raise ModelBusy(f"{name} is pinned in {pinned_in[0]}; `trims unpin` it first")
             copies = [(tier, s) for tier in (self.host, *self._gpus.values()) for s in segments if tier.has(s)]
             return sum(self._evict_locked(tier, s, "requested") for tier, s in copies)
 
@@ -855,11 +864,11 @@ class Store:
             self._evict_locked(tier, self._policies[tier.name].victim(candidates), "capacity")
 
     def _evictable_locked(self, tier: Tier, segment_id: str) -> bool:
+        if segment_id in self._pinned_locked(tier.name):
+            return False
         if isinstance(tier, GpuTier):
             key = (tier.name, segment_id)
             return not self._gpu_refs.get(key) and key not in self._gpu_loading
-        if segment_id in self._pinned_locked(tier.name):
-            return False
         if tier is self.host:  # a load's segment is resident just before the load is accounted for
             return not self._refs.get(segment_id) and segment_id not in self._loading
         return (self.cloud.has(segment_id) and not self._reading.get(segment_id)

@@ -18,11 +18,23 @@ from abc import ABC, abstractmethod
 from typing import Callable, Iterable
 
 from .config import UNBOUNDED
+from .errors import InvalidName
 from .records import SegmentLayout
 
-__all__ = ["UNBOUNDED", "PIN_TIERS", "Fill", "Tier"]
+__all__ = ["UNBOUNDED", "PIN_TIERS", "Fill", "Tier", "gpu_device"]
 
-PIN_TIERS = ("host", "disk")  # the tiers a model can be pinned or pulled into
+PIN_TIERS = ("host", "disk")  # the tiers a model can be pinned or pulled into, besides a GPU's ("gpu:0")
+
+
+def gpu_device(tier: str) -> int | None:
+    """The CUDA device a tier name means ("gpu:1" -> 1); None for host and disk; InvalidName
+    for anything else."""
+    if tier in PIN_TIERS:
+        return None
+    prefix, _, index = tier.partition(":")
+    if prefix == "gpu" and index.isdigit() and len(index) <= 3:
+        return int(index)
+    raise InvalidName(f"tier {tier!r} is not one of {', '.join(PIN_TIERS)} or gpu:N (a CUDA device)")
 
 Fill = Callable[[int], None]  # writes a segment's bytes into the descriptor it is given
 
