@@ -261,8 +261,11 @@ def test_a_model_pinned_in_gpu_memory_stays_under_pressure(store):
     store.pin("m1", "gpu:0")
     with pytest.raises(CapacityError, match="unpin"):
         store.pin("m2", "gpu:0")  # three models' granules: more than the tier holds
-    with pytest.raises(InvalidName, match="gpu:N"):
-        store.pull("m0", "gpu:zero")
+    for bad in ("gpu:zero", "gpu:00", "gpu:\u00b2", "gpu:\u0663"):  # one name per tier, ASCII digits only
+        with pytest.raises(InvalidName, match="gpu:N"):
+            store.pull("m0", bad)
+    with pytest.raises(ModelBusy, match="pinned in gpu:0"):
+        store.pin("m0", "host")  # one pin per model: moving it must be asked for
     store.unpin("m0")
     store.unpin("m1")
     assert store.evict("m0") > 0
@@ -279,3 +282,26 @@ def test_gpu_pins_come_back_after_a_restart(tmp_path, driver):
     finally:
         again.close()
     assert driver.open_handles() == 0
+
+
+def test_what_a_pin_brings_in_is_pinned_before_the_pull_lets_go(store, monkeypatch):
+    pins_seen = []
+    unref = store._unref_gpu_locked
+
+    def spy(tier_name, segment_ids):
+        pins_seen.append(dict(store.catalog.pins))
+        unref(tier_name, segment_ids)
+
+    monkeypatch.setattr(store, "_unref_gpu_locked", spy)
+    store.pin("m0", "gpu:0")
+    assert pins_seen and all(pins.get("m0:latest") == "gpu:0" for pins in pins_seen)
+
+
+def test_a_pin_whose_pull_fails_is_not_kept(store, driver, monkeypatch):
+    def broken(*args):
+        raise GpuError("the CUDA driver refused cuMemcpyHtoDAsync: out of memory")
+
+    monkeypatch.setattr(driver, "copy_to_device", broken)
+    with pytest.raises(GpuError):
+        store.pin("m0", "gpu:0")
+    assert "m0" not in store.catalog.pins

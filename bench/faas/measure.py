@@ -163,7 +163,7 @@ def _check_where_weights_came_from(source: str, records: list[dict]) -> None:
         raise RuntimeError(f"{source}: {from_store} of {len(acquired)} acquisitions had every weight in trims' memory")
 
 
-def _summary(records: list[dict], elapsed: float, memory: list[tuple[float, int]]) -> dict:
+def _summary(records: list[dict], elapsed: float, memory: list[tuple]) -> dict:
     totals = sorted(r["total_s"] for r in records)
     ideal = sorted(r["infer_s"] for r in records)
     return {

@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--to", default=None, help="also upload it to object storage, e.g. s3://bucket/trims")
     push.set_defaults(run=_push)
 
-    pull = commands.add_parser("pull", help="bring a model into host memory (or --tier disk) without opening it")
+    pull = commands.add_parser("pull", help="bring a model into host memory (or --tier disk, gpu:N) without opening it")
     pull.add_argument("name")
     pull.add_argument("--tier", default="host", help=_TIER_HELP)
     pull.set_defaults(run=_pull)

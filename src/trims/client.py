@@ -168,7 +168,7 @@ class Client:
             _close_fds(reply.fds)
 
     def pull(self, name: str, tier: str = "host", *, progress: ProgressCallback | None = None) -> int:
-        """Bring a model into ``tier`` (``host`` or ``disk``) without opening it; bytes moved."""
+        """Bring a model into ``tier`` (``host``, ``disk`` or ``gpu:N``) without opening it; bytes moved."""
         return self._request(protocol.Pull(name=name, tier=tier), protocol.Pulled, progress)[0].moved_bytes
 
     def pin(self, name: str, tier: str = "host", *, progress: ProgressCallback | None = None) -> int:

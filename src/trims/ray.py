@@ -57,12 +57,12 @@ def _cluster_socket(socket: str | os.PathLike | None) -> str:
     return str(socket or os.environ.get(SOCKET_ENV) or DEPLOYED_SOCKET)
 
 
-async def load_model(name: str, factory: Callable[[], T], *, strict: bool = True) -> T:
+async def load_model(name: str, factory: Callable[[], T], *, strict: bool = True, device: Any = None) -> T:
     """:func:`trims.torch.load_model`, off the replica's event loop (an open that misses host
-    memory waits on disk or the cloud)."""
+    memory waits on disk or the cloud); ``device="cuda"`` for the node's GPU copy."""
     from .torch import load_model as load
 
-    return await asyncio.to_thread(load, name, factory, strict=strict)
+    return await asyncio.to_thread(load, name, factory, strict=strict, device=device)
 
 
 async def from_pretrained(name: str, **kwargs: Any) -> Any:

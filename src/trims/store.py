@@ -538,6 +538,9 @@ class Store:
         tier_obj = self._gpu_tier(device) if device is not None else self._tiers[tier]
         with self._lock:
             name, manifest = self._resolve(reference, tenant)
+            current = self.catalog.pins.get(name)
+            if current not in (None, tier):  # one pin per model: moving it would silently drop the other
+                raise ModelBusy(f"{name} is pinned in {current}; `trims unpin` it first to pin it in {tier}")
             pinned = self._pinned_locked(tier) | set(self._placement(manifest).segments)
             pinned_bytes = sum(tier_obj.footprint(self.catalog.segments[s].size) for s in pinned)
             if pinned_bytes > tier_obj.capacity:
@@ -545,10 +548,14 @@ class Store:
                     f"pinning {name} would pin {pinned_bytes} bytes in the {tier} tier, more than its capacity "
                     f"({tier_obj.capacity}); unpin something first"
                 )
-        moved = self.pull(name, tier, progress, tenant)  # the pin holds only once the model is there
-        with self._lock:
-            self.catalog.set_pin(name, tier)
-        return moved
+            self.catalog.set_pin(name, tier)  # before the pull: what it brings in must not be evicted meanwhile
+        try:
+            return self.pull(name, tier, progress, tenant)
+        except BaseException:
+            with self._lock:
+                if current is None:
+                    self.catalog.remove_pin(name)
+            raise
 
     def unpin(self, reference: str, tenant: Tenant = EVERYONE) -> None:
         with self._changed:
@@ -892,9 +899,9 @@ class Store:
     def _full_message(self, tier: Tier, nbytes: int) -> str:
         used = tier.bytes_used() + self._reserved[tier.name]
         if isinstance(tier, GpuTier):
-            return (f"GPU memory for models on cuda:{tier.device} is full: {used} of {tier.capacity} bytes are leased "
-                    f"or loading and {nbytes} more are needed; close models you no longer use, or give the daemon a "
-                    "larger --gpu-memory")
+            return (f"GPU memory for models on cuda:{tier.device} is full: {used} of {tier.capacity} bytes are leased, "
+                    f"pinned or loading and {nbytes} more are needed; close models you no longer use, unpin some, or "
+                    "give the daemon a larger --gpu-memory")
         if tier is self.host:
             return (f"host memory is full: {used} of {tier.capacity} bytes are leased, pinned or loading and "
                     f"{nbytes} more are needed; close models you no longer use, or give the daemon a larger --host-memory")

@@ -14,6 +14,7 @@ does the accounting and chooses victims in one place, before it calls ``put``.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from typing import Callable, Iterable
 
@@ -28,13 +29,13 @@ PIN_TIERS = ("host", "disk")  # the tiers a model can be pinned or pulled into, 
 
 def gpu_device(tier: str) -> int | None:
     """The CUDA device a tier name means ("gpu:1" -> 1); None for host and disk; InvalidName
-    for anything else."""
+    for anything else, "gpu:01" included: a tier has one name, or pins would miss it."""
     if tier in PIN_TIERS:
         return None
-    prefix, _, index = tier.partition(":")
-    if prefix == "gpu" and index.isdigit() and len(index) <= 3:
-        return int(index)
-    raise InvalidName(f"tier {tier!r} is not one of {', '.join(PIN_TIERS)} or gpu:N (a CUDA device)")
+    match = re.fullmatch(r"gpu:(0|[1-9][0-9]{0,2})", tier)
+    if match is None:
+        raise InvalidName(f"tier {tier!r} is not one of {', '.join(PIN_TIERS)} or gpu:N (a CUDA device)")
+    return int(match.group(1))
 
 Fill = Callable[[int], None]  # writes a segment's bytes into the descriptor it is given
 
