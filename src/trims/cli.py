@@ -246,8 +246,8 @@ def _ls(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     with _client(args) as client:
         model = client.info(args.name)
-        gpu_tiers = client.stats()["tiers"] if any(t.startswith("gpu:") for t in model.tiers) else {}
-        gpu_tiers = {name: tier for name, tier in gpu_tiers.items() if name.startswith("gpu:")}
+        on_gpu = [t for t in model.tiers if t.startswith("gpu:")]
+        tiers = client.stats()["tiers"] if on_gpu else {}  # how each GPU shares its memory
     if args.json:
         _print_json(dataclasses.asdict(model))
         return 0
@@ -259,8 +259,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"tensors:  {model.tensors} ({', '.join(f'{n} {d}' for d, n in sorted(model.dtypes.items()))})")
     print(f"segments: {model.segments}")
     print(f"tiers:    {', '.join(model.tiers)}")
-    for name in (t for t in model.tiers if t in gpu_tiers):
-        print(f"{name}:    {_gpu_path(gpu_tiers[name])}")
+    for name in on_gpu:
+        print(f"{name}:    {_gpu_path(tiers[name])}")
     print(f"leases:   {model.leases}")
     if model.files:
         print(f"files:    {', '.join(model.files)}")

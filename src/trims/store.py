@@ -484,9 +484,7 @@ class Store:
             if gpu is None:
                 segments, missed = self._acquire_all(placement.segments, deadline)
             else:
-                segments, missed = self._acquire_each(
-                    placement.segments, lambda s: self._acquire_on_gpu(gpu, s, deadline),
-                    lambda ids: self._unref_gpu_locked(gpu.name, ids))
+                segments, missed = self._acquire_all_on_gpu(gpu, placement.segments, deadline)
             with self._lock:
                 lease = next(self._lease_ids)
                 self._leases[lease] = _Lease(owner, tenant.name, manifest.digest, manifest.nbytes, placement.segments,
@@ -509,9 +507,8 @@ class Store:
             layouts = [self.catalog.segments[s] for s in segments]
         tracker = _Tracker(sum(layout.size for layout in layouts), progress)
         if device is not None:
-            gpu, deadline = self._gpu_tier(device), self._clock() + self.busy_timeout
-            _, missed = self._acquire_each(segments, lambda s: self._acquire_on_gpu(gpu, s, deadline),
-                                           lambda ids: self._unref_gpu_locked(gpu.name, ids))
+            gpu = self._gpu_tier(device)
+            _, missed = self._acquire_all_on_gpu(gpu, segments, self._clock() + self.busy_timeout)
             with self._changed:
                 self._unref_gpu_locked(gpu.name, segments)
             return sum(layout.size for layout in layouts) if missed else 0
@@ -575,6 +572,11 @@ class Store:
     def _acquire_all(self, segment_ids: tuple[str, ...], deadline: float,
                      tracker: _Tracker | None = None) -> tuple[list[HostSegment], bool]:
         return self._acquire_each(segment_ids, lambda s: self._acquire(s, deadline, tracker), self._unref_locked)
+
+    def _acquire_all_on_gpu(self, gpu: GpuTier, segment_ids: tuple[str, ...],
+                            deadline: float) -> tuple[list[GpuSegment], bool]:
+        return self._acquire_each(segment_ids, lambda s: self._acquire_on_gpu(gpu, s, deadline),
+                                  lambda ids: self._unref_gpu_locked(gpu.name, ids))
 
     def _acquire_each(self, segment_ids: tuple[str, ...], acquire: Callable[[str], tuple[Any, bool]],
                       unref_locked: Callable[[list[str]], None]) -> tuple[list, bool]:
