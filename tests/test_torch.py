@@ -74,6 +74,39 @@ def test_computed_buffers_are_built_on_cpu_not_left_on_meta(pushed):
     assert torch.equal(bert.embeddings.position_ids, models["bert"][0].embeddings.position_ids)
 
 
+def test_transformers_initialises_only_modules_with_computed_buffers():
+    """assemble skips transformers' per-module weight initialisation (about half of a build)
+    except where it computes a non-persistent buffer, which no checkpoint holds."""
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    initialised = []
+
+    class Config(PretrainedConfig):
+        model_type = "trims-test-computed-buffer"
+
+    class Model(PreTrainedModel):
+        config_class = Config
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.linear = torch.nn.Linear(4, 4)
+            self.register_buffer("table", torch.zeros(4), persistent=False)  # its value comes from _init_weights
+            self.post_init()
+
+        def _init_weights(self, module):
+            initialised.append(type(module).__name__)
+            if module is self:
+                self.table.copy_(torch.arange(4.0))
+
+    original = Model(Config())
+    assert original.table.tolist() == [0.0, 1.0, 2.0, 3.0] and "Linear" in initialised
+    initialised.clear()
+    assembled = trims.torch.assemble(lambda: Model(Config()), original.state_dict())
+    assert assembled.table.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert initialised == ["Model"]
+    assert torch.equal(assembled.linear.weight, original.linear.weight)
+
+
 def test_state_dict_is_zero_copy_and_a_write_stays_private(pushed):
     client, _ = pushed
     state = trims.torch.load_state_dict("torch-tests/gpt2", client=client)

@@ -12,13 +12,15 @@ With ``device="cuda"`` (or ``"cuda:N"``) they are views of the node's one copy i
 memory, mapped read-only: building them copies nothing, and an in-place write faults in
 the writing process (its CUDA context is lost) instead of reaching anyone else.
 
-Importing this module wraps ``torch.nn.Module.register_parameter`` once; outside
-:func:`assemble`, in every thread, the wrapper only calls the original.
+Importing this module wraps ``torch.nn.Module.register_parameter`` once (and the first
+:func:`assemble` after transformers is loaded wraps its per-module weight initialisation);
+outside :func:`assemble`, in every thread, the wrappers only call the originals.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections import defaultdict
 from typing import Callable, Iterator, TypeVar, Union
@@ -140,6 +142,7 @@ def assemble(factory: Callable[[], M], state: dict[str, torch.Tensor], *, strict
     ``key_map(module, state)``, if given, renames the stored keys to the module's own names
     (a checkpoint saved in an older layout); it may rename, never copy.
     """
+    _skip_transformers_init_of_weights()
     with _parameters_on_meta(), _SkipFillsOnMeta():
         model = factory()
     if key_map is not None:
@@ -174,6 +177,27 @@ def _register_on_meta_while_building(module: torch.nn.Module, name: str, param: 
 
 
 torch.nn.Module.register_parameter = _register_on_meta_while_building
+
+
+def _skip_transformers_init_of_weights() -> None:
+    """While this thread assembles, transformers' model-wide initialisation pass
+    (``PreTrainedModel._initialize_weights``, once per module) runs only for modules that
+    hold non-persistent buffers: the values of those come from nowhere else, and transformers
+    computes them there. Every other module's pass would only fill meta parameters (skipped)
+    and persistent buffers the state replaces, yet its config look-ups and dispatch are about
+    half of building a transformers model. Installed once, when transformers is loaded."""
+    pretrained = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    original = getattr(pretrained, "_initialize_weights", None)
+    if original is None or getattr(original, "_trims_wrapper", False):
+        return
+
+    def _initialize_weights(self, module: torch.nn.Module, *args, **kwargs):
+        if getattr(_building, "active", False) and not module._non_persistent_buffers_set:
+            return None
+        return original(self, module, *args, **kwargs)
+
+    _initialize_weights._trims_wrapper = True
+    pretrained._initialize_weights = _initialize_weights
 
 
 @contextlib.contextmanager
