@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+from device_memory import DeviceMemory
 from node import Node, Pool
 from streams import requests
 from zoo import weight_files
@@ -20,29 +21,41 @@ LATENCY_COLUMNS = ("cold", "page-cached", "trims miss", "trims warm", "ideal")
 
 
 class Bench:
-    """What every experiment shares: the pool, the daemon's client and store, the zoo on disk."""
+    """What every experiment shares: the pool, the daemon's client and store, the zoo on disk;
+    on a GPU node, the daemon's tier for the pool's device and a reader of its memory."""
 
     def __init__(self, pool: Pool, client: Client, store: Path, directories: dict[str, Path],
                  sizes: dict[str, int], keep_alive: float) -> None:
         self.pool, self.client, self.store = pool, client, store
         self.directories, self.sizes, self.keep_alive = directories, sizes, keep_alive
+        self.gpu_tier, self.device_memory, self.idle_device_bytes = None, None, 0
+        if pool.device.startswith("cuda"):
+            index = int(pool.device.partition(":")[2] or 0)
+            self.gpu_tier, self.device_memory = f"gpu:{index}", DeviceMemory(index)
+            # The daemon makes its CUDA context with its first GPU copy: make it now, so that the
+            # idle level every run measures from includes it.
+            client.pull(f"zoo/{min(sizes, key=sizes.get)}", self.gpu_tier)
 
     def cold_node(self) -> None:
         """As a node that has served nothing lately: no instance holds a model, the daemon's
-        host memory is empty, and no model file is in the page cache."""
+        memory (host and GPU) is empty, and no model file is in the page cache. On a GPU, the
+        device memory then in use (the instances' and the daemon's CUDA contexts) is the idle
+        level runs measure from."""
         self.pool.reset()
         self.evict(*self.sizes)
         drop_page_cache([p for d in self.directories.values() for p in weight_files(d)] + _files(self.store))
+        if self.device_memory is not None:
+            self.idle_device_bytes = self.device_memory.used()
 
     def warm_node(self, source: str, stream: list[str]) -> None:
         """As a node in steady state: no instance holds a model, but the node's cache holds
         what the stream asks for most, the least popular brought first so the most popular
-        stay: the daemon's host memory with trims, the page cache without."""
+        stay: the daemon's memory with trims (its GPU tier on a GPU node), the page cache without."""
         self.cold_node()
         by_popularity = sorted(set(stream), key=stream.count)
         for name in by_popularity:
             if source == "trims":
-                self.client.pull(f"zoo/{name}", "host")
+                self.client.pull(f"zoo/{name}", self.gpu_tier or "host")
             else:
                 _read(weight_files(self.directories[name]))
 
@@ -60,8 +73,8 @@ def model_latency(bench: Bench, model: str, runs: int) -> dict[str, float]:
     """Median seconds from request to answer for one model on an instance of the pool:
     ``cold`` reads the files from disk into memory of its own, ``page-cached`` the same with
     the files in the page cache; ``trims miss`` maps a copy the daemon must first bring from
-    its disk tier; ``trims warm`` one already in its host memory; ``ideal`` runs a model
-    already in the process (inference only)."""
+    its disk tier; ``trims warm`` one already in its memory (host, or the GPU's on a GPU node);
+    ``ideal`` runs a model already in the process (inference only)."""
     instance = bench.pool.instances[0]
     weights = weight_files(bench.directories[model])
     samples: dict[str, list[float]] = {column: [] for column in LATENCY_COLUMNS}
@@ -123,8 +136,9 @@ def load_run(bench: Bench, source: str, budget: int, models: list[str], concurre
             with lock:
                 records.append(record)
 
-    daemon_before = _daemon_counts(bench.client)
-    sampler = _MemorySampler(bench.pool.pids() + [_daemon_pid(bench.client)])
+    daemon_before = _daemon_counts(bench.client, bench.gpu_tier)
+    sampler = _MemorySampler(bench.pool.pids() + [_daemon_pid(bench.client)], bench.device_memory,
+                             bench.idle_device_bytes)
     started = time.perf_counter()
     clients = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in clients:
@@ -137,7 +151,7 @@ def load_run(bench: Bench, source: str, budget: int, models: list[str], concurre
     if failures:
         raise failures[0]
     _check_where_weights_came_from(source, records)
-    daemon = {key: after - daemon_before[key] for key, after in _daemon_counts(bench.client).items()}
+    daemon = {key: after - daemon_before[key] for key, after in _daemon_counts(bench.client, bench.gpu_tier).items()}
     return _summary(records, elapsed, memory) | {"source": source, "concurrency": concurrency, "models": len(models),
                                                   "stream": stream, "budget": budget, "seed": seed, **daemon}
 
@@ -149,7 +163,7 @@ def pooled(runs: list[dict]) -> dict:
     summary = _summary(records, sum(run["seconds"] for run in runs), runs[0]["memory"])
     return runs[0] | summary | {
         **_peak(max(runs, key=lambda run: run["peak_memory"])["memory"]), "seed": [run["seed"] for run in runs],
-        **{key: sum(run[key] for run in runs) for key in _DAEMON_COUNTS},
+        **{key: sum(run[key] for run in runs) for key in _DAEMON_COUNTS if key in runs[0]},
         "repeats": [{key: run[key] for key in ("seed", "seconds", "throughput", "p99_s", "peak_memory")} for run in runs],
     }
 
@@ -181,10 +195,12 @@ def _summary(records: list[dict], elapsed: float, memory: list[tuple]) -> dict:
 
 
 def _peak(memory: list[tuple]) -> dict[str, int]:
-    """The node's highest sample, and how much of it was the daemon's shared memory."""
+    """The node's highest sample, how much of it was the daemon's shared memory, and the
+    highest device memory above the idle node (0 without a GPU)."""
     top = max(memory, key=lambda sample: sample[1], default=(0.0, 0, 0))
     shared = top[2] if len(top) > 2 else 0  # traces from before the split have no shared column
-    return {"peak_memory": top[1], "peak_private": top[1] - shared, "peak_shared": shared}
+    device = max((sample[3] for sample in memory if len(sample) > 3), default=0)
+    return {"peak_memory": top[1], "peak_private": top[1] - shared, "peak_shared": shared, "peak_device": device}
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -192,14 +208,17 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 class _MemorySampler:
-    """The node's memory every quarter second, as (seconds, total, shared): the private memory
-    of its processes (PSS of anonymous pages: an instance's own copy of a model, its
+    """The node's memory every quarter second, as (seconds, total, shared, device): the private
+    memory of its processes (PSS of anonymous pages: an instance's own copy of a model, its
     activations) plus the shared memory created since the run began (the daemon's memfds,
     counted once whether no instance or ten map them). Page cache is left out in both modes:
-    it can be reclaimed."""
+    it can be reclaimed. ``device``: on a GPU node, its memory in use above the idle node's
+    (models, activations, the allocators' caches); else 0."""
 
-    def __init__(self, pids: list[int], interval: float = 0.25) -> None:
+    def __init__(self, pids: list[int], device_memory=None, idle_device_bytes: int = 0,
+                 interval: float = 0.25) -> None:
         self.pids, self.interval, self.samples = pids, interval, []
+        self._device_memory, self._idle_device_bytes = device_memory, idle_device_bytes
         self._shmem_before = _shmem_bytes()
         self._stop = threading.Event()
         self._started = time.perf_counter()
@@ -215,7 +234,8 @@ class _MemorySampler:
         while not self._stop.is_set():
             shared = max(0, _shmem_bytes() - self._shmem_before)
             node = sum(map(private_bytes, self.pids)) + shared
-            self.samples.append((round(time.perf_counter() - self._started, 2), node, shared))
+            device = 0 if self._device_memory is None else max(0, self._device_memory.used() - self._idle_device_bytes)
+            self.samples.append((round(time.perf_counter() - self._started, 2), node, shared, device))
             self._stop.wait(self.interval)
 
 
@@ -238,15 +258,21 @@ def _shmem_bytes() -> int:
     return 0
 
 
-_DAEMON_COUNTS = ("daemon_host_hits", "daemon_host_misses", "daemon_fetch_s", "daemon_fetch_bytes")
+_DAEMON_COUNTS = ("daemon_host_hits", "daemon_host_misses", "daemon_fetch_s", "daemon_fetch_bytes",
+                  "daemon_gpu_hits", "daemon_gpu_misses", "daemon_gpu_fetch_s")
 
 
-def _daemon_counts(client: Client) -> dict[str, float]:
+def _daemon_counts(client: Client, gpu_tier: str | None) -> dict[str, float]:
     """Opens the daemon served from host memory and those it first had to bring there; the
-    seconds and bytes it spent bringing segments up from disk (copy and verification)."""
+    seconds and bytes it spent bringing segments up from disk (copy and verification). With a
+    GPU tier, its hits and misses (segments) and the seconds of copies from host memory to it."""
     stats = client.stats()
     fetched = stats["fetches"].get("disk->host", {})
-    values = (stats["opens"]["hits"], stats["opens"]["misses"], fetched.get("seconds", 0.0), fetched.get("bytes", 0))
+    values = [stats["opens"]["hits"], stats["opens"]["misses"], fetched.get("seconds", 0.0), fetched.get("bytes", 0)]
+    if gpu_tier is not None:
+        tier = stats["tiers"].get(gpu_tier, {})
+        uploads = stats["fetches"].get(f"host->{gpu_tier}", {})
+        values += [tier.get("hits", 0.0), tier.get("misses", 0.0), uploads.get("seconds", 0.0)]
     return dict(zip(_DAEMON_COUNTS, values))
 
 

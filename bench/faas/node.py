@@ -7,7 +7,8 @@ of the files or from the trims daemon). Models held by instances count against t
 memory budget: each instance's own copy without trims, each distinct model once with trims
 (they all map the daemon's copy, which is capped at the same budget). An acquisition that
 would go over the budget first takes models away from idle instances, least recently used
-first; if busy instances hold the memory, the request waits. An instance idle for longer
+first; if busy instances hold the memory, the request waits. On a GPU node the budget is device
+memory, where the models are run. An instance idle for longer
 than the keep-alive drops its model, as platforms scale idle functions to zero; with a
 keep-alive of 0 it drops it after every request (the paper's baseline: every request a
 cold start).
@@ -49,13 +50,15 @@ class Pool:
     size: int
     socket: Path
     models: list[str]  # whose code every instance imports up front
+    device: str = "cpu"  # where instances run models: "cpu", or a CUDA device ("cuda:0")
     instances: list[Instance] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         env = {**child_env(), "TRIMS_SOCKET": str(self.socket)}
+        command = [sys.executable, str(HERE / "worker.py"), "--device", self.device, *self.models]
         for _ in range(self.size):
-            process = subprocess.Popen([sys.executable, str(HERE / "worker.py"), *self.models], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+                                       bufsize=1)
             self.instances.append(Instance(process))
         self.reset()  # answers once every runtime is ready, before any clock starts
 

@@ -46,16 +46,19 @@ def ratio_text(cell: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"`{results['command']}` on {results['machine']['cpus']} CPUs, "
-             f"{format_size(results['machine']['memory'])} memory, {results['machine']['platform']}", ""]
+    machine = results["machine"]
+    gpu = f", GPU {machine['device']}" if "device" in machine else ""
+    lines = [f"`{results['command']}` on {machine['cpus']} CPUs, {format_size(machine['memory'])} memory{gpu}, "
+             f"{machine['platform']}", ""]
     if "zoo" in results:
         total = sum(m["bytes"] for m in results["zoo"])
         settings = results["settings"]
-        lines += [f"Zoo: {len(results['zoo'])} models, {format_size(total)}; node budget for models "
+        where = " (device memory)" if settings.get("device", "cpu") != "cpu" else ""
+        load = (f"; {settings['repeats']} x {settings['requests']} requests per cell and mode (one request stream "
+                "per repeat, the same in both modes)") if "grid" in results else ""
+        lines += [f"Zoo: {len(results['zoo'])} models, {format_size(total)}; node budget for models{where} "
                   f"{format_size(results['budget'])} ({results['budget'] / total:.0%} of the zoo); "
-                  f"{settings['pool']} function instances, keep-alive {settings['keep_alive']:g} s; "
-                  f"{settings['repeats']} x {settings['requests']} requests per cell and mode "
-                  "(one request stream per repeat, the same in both modes).", ""]
+                  f"{settings['pool']} function instances, keep-alive {settings['keep_alive']:g} s{load}.", ""]
     if "latency" in results:
         lines += _latency_table(results)
     if "grid" in results:
@@ -81,8 +84,8 @@ def _latency_table(results: dict) -> list[str]:
     return ["### End-to-end latency per model (cf. the paper's Fig. 7)", "",
             "One request on an idle instance, median of the runs: `cold` reads the model from disk into the",
             "instance's own memory, `page-cached` the same with the file cached, `trims miss` maps a copy the",
-            "daemon first brings from its disk tier, `trims warm` one already in its host memory, `ideal`",
-            "runs a model already in the process.", "", *_table(header, rows), "",
+            "daemon first brings from its disk tier, `trims warm` one already in its memory (on a GPU node,",
+            "in its GPU tier), `ideal` runs a model already in the process.", "", *_table(header, rows), "",
             f"A warm trims hit is {min(speedups):.1f}x to {max(speedups):.1f}x faster than a cold start; a full "
             f"miss (both from disk) is slower than a cold start for {len(worse)} of {len(latency)} models.",
             ""]
@@ -104,7 +107,14 @@ def _grid_tables(grid: list[dict]) -> list[str]:
             f"p99 latency {shared['p99_s']:.2f} s vs {own['p99_s']:.2f} s; p99 against ideal (the same requests' "
             f"inference alone) {shared['p99_s'] / shared['ideal_p99_s']:.2f}x with trims, "
             f"{own['p99_s'] / own['ideal_p99_s']:.2f}x without; peak node memory {_peak_text(shared)} "
-            f"vs {_peak_text(own)}.", ""]
+            f"vs {_peak_text(own)}{_device_text(shared, own)}.", ""]
+
+
+def _device_text(shared: dict, own: dict) -> str:
+    if not shared.get("peak_device") and not own.get("peak_device"):
+        return ""
+    return (f"; peak device memory above the idle node {format_size(shared['peak_device'])} "
+            f"vs {format_size(own['peak_device'])}")
 
 
 def _peak_text(run: dict) -> str:
@@ -119,8 +129,12 @@ def _acquisition_table(grid: list[dict]) -> list[str]:
     """Where cold starts' time went, at the best and the worst cell: getting the weights
     (reading one's own copy, or the daemon's answer to an open) and building the module."""
     worst = min(grid, key=lambda cell: cell["throughput_ratio"])
+    daemon = [("daemon misses", "daemon_host_misses", "{:.0f}"), ("daemon disk->host s", "daemon_fetch_s", "{:.2f}")]
+    if "daemon_gpu_misses" in grid[0]["trims"]:
+        daemon += [("daemon GPU misses (segments)", "daemon_gpu_misses", "{:.0f}"),
+                   ("daemon host->GPU s", "daemon_gpu_fetch_s", "{:.2f}")]
     header = ["cell", "source", "acquisitions", "weights s (mean)", "build s (mean)", "acquire p99 s",
-              "daemon misses", "daemon disk->host s"]
+              *(title for title, _, _ in daemon)]
     rows = []
     for label, cell in (("best", best_cell(grid)), ("worst", worst)):
         for source in ("own", "trims"):
@@ -130,8 +144,7 @@ def _acquisition_table(grid: list[dict]) -> list[str]:
             rows.append([f"{label}: {cell['fraction']:.0%}, c={cell['concurrency']}",
                          "baseline" if source == "own" else "trims", str(len(cold)), f"{weights:.3f}",
                          f"{sum(acquire) / max(1, len(cold)) - weights:.3f}", f"{percentile(acquire, 99):.2f}",
-                         *((f"{cell[source]['daemon_host_misses']:.0f}", f"{cell[source]['daemon_fetch_s']:.2f}")
-                           if source == "trims" else ("", ""))])
+                         *(form.format(cell[source][key]) if source == "trims" else "" for _, key, form in daemon)])
     return ["### Where cold starts' time went", "",
             "Per acquisition (a request that found no instance holding its model): getting the weights (the",
             "baseline reads its own copy; trims opens the daemon's, which waits while the daemon brings a",
@@ -215,14 +228,18 @@ def _throughput_plot(plt, grid: list[dict], path: Path) -> None:
 
 
 def _memory_plot(plt, cell: dict, path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(8, 4))
-    for source, label in (("own", "baseline"), ("trims", "trims")):
-        samples = cell[source]["memory"]
-        axes.plot([s[0] for s in samples], [s[1] / 2**30 for s in samples], label=label)
-    axes.set_xlabel("seconds into the run")
-    axes.set_ylabel("node memory (PSS of instances + daemon), GiB")
-    axes.set_title(f"{cell['fraction']:.0%} of the zoo, concurrency {cell['concurrency']}")
-    axes.legend()
+    panels = [(1, "node memory (PSS of instances + daemon), GiB")]
+    if cell["trims"].get("peak_device") or cell["own"].get("peak_device"):
+        panels.append((3, "device memory above the idle node, GiB"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 4), squeeze=False)
+    for axis, (column, label) in zip(axes[0], panels):
+        for source, name in (("own", "baseline"), ("trims", "trims")):
+            samples = cell[source]["memory"]
+            axis.plot([s[0] for s in samples], [s[column] / 2**30 for s in samples], label=name)
+        axis.set_xlabel("seconds into the run")
+        axis.set_ylabel(label)
+        axis.set_title(f"{cell['fraction']:.0%} of the zoo, concurrency {cell['concurrency']}")
+        axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

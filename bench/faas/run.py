@@ -5,6 +5,7 @@
     python bench/faas/run.py --quick          # a 3 x 3 grid instead of 6 x 6
     python bench/faas/run.py --keep-alive 0 --warm-node --quick --phases none --out bench/results/faas/paper
     python bench/faas/run.py --zoo tiny --requests 8 --concurrency 1,2 --fractions 0.5,1 --runs 1 --repeats 1 --pool 3
+    python bench/faas/run.py --device cuda --zoo small --quick   # a GPU node (bench/faas/device-check.sh)
 
 One node: a trims daemon whose host memory is the node's model budget (40 % of the zoo, as
 the paper's zoo was twice its capped GPU memory), a pool of pre-warmed function instances
@@ -14,6 +15,11 @@ other: instances that load their own copy (the baseline), and instances that map
 three times (``--repeats``), each repeat with its own request stream, pooled. Then the same
 with the cost-aware policy and a host tier half as large, and with Zipf and uniform streams.
 Writes faas.json, faas.md, latency.png, throughput.png and memory.png to bench/results/faas.
+
+With ``--device cuda``, the paper's own setting: instances run models on the GPU, the budget
+is device memory (the daemon's GPU tier, with the whole zoo allowed in its host memory as the
+paper's hosts held it), a baseline instance copies the model into device memory of its own,
+and a trims instance maps the daemon's one copy there.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import contextlib
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,14 +57,16 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="trims-faas-"))
     results: dict = {"machine": _machine(), "command": " ".join(sys.argv), "settings": vars(args) | {
         "cache": str(args.cache), "out": str(args.out), "phases": sorted(args.phases)}}
+    if args.device != "cpu":
+        results["machine"]["device"] = _device_name(args.device)
     files = {name: zoo.weight_bytes(directories[name]) for name in names}
     budget = max(int(args.budget * sum(files.values())), int(1.05 * max(files.values())))
     tight = max(int(args.budget / 2 * sum(files.values())), int(1.05 * max(files.values())))
     print(f"{len(names)} models, {format_size(sum(files.values()))}; node budget {format_size(budget)}", flush=True)
 
-    pool = Pool(args.pool, workdir / "trims.sock", names)
+    pool = Pool(args.pool, workdir / "trims.sock", names, args.device)
     try:
-        with _daemon(workdir, budget, "lru") as client:
+        with _daemon(workdir, budget, "lru", args.device, files) as client:
             for name in names:
                 client.push(directories[name], f"zoo/{name}")
             sizes = {name: client.info(f"zoo/{name}").nbytes for name in names}
@@ -66,15 +75,16 @@ def main() -> None:
             if "latency" in args.phases:
                 results["latency"] = _latency(bench, names, args.runs)
                 report.write(results, args.out)
-            _grid(bench, budget, names, args, results)
-            report.write(results, args.out)
-            best = report.best_cell(results["grid"])
+            if not args.no_grid:
+                _grid(bench, budget, names, args, results)
+                report.write(results, args.out)
             if "streams" in args.phases:
+                best = report.best_cell(results["grid"])
                 results["streams"] = [_pair(bench, budget, names, best["concurrency"], best["fraction"], args, stream)
                                       for stream in ("zipf", "uniform")]
         if "beyond" in args.phases:
-            results["beyond"] = _beyond(pool, workdir, directories, sizes, names, results["grid"], best, budget,
-                                        tight, args)
+            results["beyond"] = _beyond(pool, workdir, directories, sizes, names, results["grid"],
+                                        report.best_cell(results["grid"]), budget, tight, args, files)
     except BaseException:
         _keep_daemon_log(workdir, args.out)
         raise
@@ -98,16 +108,21 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--pool", type=int, default=10, help="function instances on the node")
     parser.add_argument("--budget", type=float, default=0.4, help="node memory for models, as a fraction of the zoo")
     parser.add_argument("--keep-alive", type=float, default=60.0, help="seconds an idle instance keeps its model")
+    parser.add_argument("--device", default="cpu",
+                        help="where instances run models: cpu, or cuda[:N] (the budget is then that GPU's memory)")
     parser.add_argument("--warm-node", action="store_true",
                         help="start each run with the node's cache warm (steady state) rather than cold")
     parser.add_argument("--phases", type=lambda text: set(text.split(",")), default={"latency", "streams", "beyond"},
                         help="besides the grid, any of latency,streams,beyond, or none (default: all three)")
+    parser.add_argument("--no-grid", action="store_true", help="only the per-model latency table (Fig. 7)")
     parser.add_argument("--cache", type=Path, default=HERE.parent / "results" / "cache", help="where the zoo is built")
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "faas")
     args = parser.parse_args()
     unknown = args.phases - {"latency", "streams", "beyond", "none"}
     if unknown:
         parser.error(f"unknown phases {', '.join(sorted(unknown))}; choose from latency, streams, beyond (or none)")
+    if args.no_grid and args.phases != {"latency"}:
+        parser.error("--no-grid measures the per-model latency alone: give it --phases latency")
     args.concurrency = args.concurrency or ([1, 4, 8] if args.quick else [1, 2, 4, 6, 8, 10])
     args.fractions = args.fractions or ([0.1, 0.4, 1.0] if args.quick else [0.1, 0.2, 0.4, 0.6, 0.8, 1.0])
     return args
@@ -151,7 +166,7 @@ def _pair(bench: measure.Bench, budget: int, names: list[str], concurrency: int,
 
 
 def _beyond(pool: Pool, workdir: Path, directories: dict, sizes: dict, names: list[str], grid: list[dict],
-            best: dict, budget: int, tight: int, args: argparse.Namespace) -> list[dict]:
+            best: dict, budget: int, tight: int, args: argparse.Namespace, files: dict[str, int]) -> list[dict]:
     """At the best point's concurrency, with its fraction of the zoo and with all of it: the
     cost-aware policy beside LRU, with the node's budget and with half of it."""
     measured = {c["fraction"]: c for c in grid if c["concurrency"] == best["concurrency"]}
@@ -163,7 +178,7 @@ def _beyond(pool: Pool, workdir: Path, directories: dict, sizes: dict, names: li
             done = {f: measured[f] for f in fractions if (label, policy) == ("budget", "lru") and f in measured}
             if len(done) < len(fractions):
                 sources = measure.SOURCES if policy == "lru" else ("trims",)  # the baseline has no policy
-                with _daemon(workdir, memory, policy) as client:
+                with _daemon(workdir, memory, policy, args.device, files) as client:
                     bench = measure.Bench(pool, client, workdir / "store", directories, sizes, args.keep_alive)
                     done |= {f: _pair(bench, memory, names, best["concurrency"], f, args, sources=sources)
                              for f in fractions if f not in done}
@@ -172,12 +187,20 @@ def _beyond(pool: Pool, workdir: Path, directories: dict, sizes: dict, names: li
 
 
 @contextlib.contextmanager
-def _daemon(workdir: Path, host_memory: int, policy: str):
+def _daemon(workdir: Path, budget: int, policy: str, device: str, files: dict[str, int]):
+    """A daemon whose memory for models is the node's budget: its host memory on a CPU node; on
+    a GPU node its GPU tier (allocations are rounded up to 2 MiB granules), above a host tier
+    that holds the whole zoo."""
     socket_path = workdir / "trims.sock"
-    # An open that finds host memory held by leases waits for them: an instance's release
-    # reaches the daemon just after it drops a model, and a freshly placed one may be faster.
-    process = start_daemon_process(socket_path, workdir / "store", int(host_memory * 1.01) + (1 << 20),
-                                   workdir / "daemon.log", extra=("--policy", policy, "--busy-timeout", "30"), timeout=120)
+    # An open that finds memory held by leases waits for them: an instance's release reaches
+    # the daemon just after it drops a model, and a freshly placed one may be faster.
+    extra = ["--policy", policy, "--busy-timeout", "30"]
+    host_memory = int(budget * 1.01) + (1 << 20)
+    if device != "cpu":
+        extra += ["--gpu-memory", str(host_memory + len(files) * (2 << 20))]
+        host_memory = int(sum(files.values()) * 1.05) + (64 << 20)
+    process = start_daemon_process(socket_path, workdir / "store", host_memory, workdir / "daemon.log",
+                                   extra=tuple(extra), timeout=120)
     try:
         with connect(socket_path) as client:
             yield client
@@ -197,6 +220,13 @@ def _keep_daemon_log(workdir: Path, out: Path) -> None:
 
 def _numbers(kind):
     return lambda text: [kind(part) for part in text.split(",")]
+
+
+def _device_name(device: str) -> str:
+    """The GPU's name, as nvidia-smi gives it (the controller makes no CUDA context)."""
+    index = device.partition(":")[2] or "0"
+    query = ["nvidia-smi", "-i", index, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+    return subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _machine() -> dict:

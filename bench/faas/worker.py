@@ -1,18 +1,22 @@
-"""One function instance: ``python worker.py MODEL...``, driven by JSON lines on stdin, one reply each.
+"""One function instance: ``python worker.py [--device cuda:N] MODEL...``, driven by JSON lines on
+stdin, one reply each.
 
-A pre-warmed runtime (Python, torch and transformers imported, as a FaaS platform keeps
-"stem cell" containers), specialised to a model by its first request. Requests:
+A pre-warmed runtime (Python, torch and transformers imported, the models' code loaded and, on
+a GPU, its CUDA context made, as a FaaS platform keeps "stem cell" containers), specialised to a
+model by its first request. Requests:
 
   {"op": "serve", "model": M, "dir": D, "source": "own"|"trims"}  acquire M unless held, run it
                                                     ("then_drop": true: and forget it)
   {"op": "drop"}                                                    forget the held model
   {"op": "quit"}
 
-``own``: the instance reads the model into memory of its own, as every framework does without
-trims (the paper's baseline). ``trims``: it maps the node's shared copy from the daemon.
-Replies carry the seconds spent acquiring and running, measured here.
+``own``: the instance reads the model into memory of its own (on a GPU, a copy in device memory
+of its own), as every framework does without trims (the paper's baseline). ``trims``: it maps
+the node's shared copy from the daemon (on a GPU, the daemon's copy in device memory). Replies
+carry the seconds spent acquiring and running, measured here.
 """
 
+import argparse
 import gc
 import json
 import sys
@@ -26,70 +30,122 @@ torch.set_num_threads(1)  # instances share the node's cores, as containers with
 import trims.torch  # noqa: E402
 import zoo  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from trims.client import shared_client  # noqa: E402
 
 
-def acquire(name: str, directory: Path, source: str, reply: dict) -> torch.nn.Module:
+class Held:
+    """The model an instance holds, ready to run, and where its weights lie."""
+
+    def __init__(self, name: str, source: str, model: torch.nn.Module, inputs: dict, spans: list) -> None:
+        self.name, self.source, self.model, self.inputs, self.spans = name, source, model, inputs, spans
+
+
+def acquire(name: str, directory: Path, source: str, device: torch.device, reply: dict) -> Held:
     """The ready module; ``reply["weights_s"]``: the part spent getting the weights (the
     rest builds the module around them)."""
     started = time.perf_counter()
+    spans: list[tuple[int, int]] = []
     if source == "trims":
-        state = trims.torch.load_state_dict(f"zoo/{name}")
-    else:
+        view = shared_client().open(f"zoo/{name}", device=trims.torch.cuda_index(device))
+        state = trims.torch.state_dict_from_view(view)
+        spans = store_spans(view)
+    elif device.type == "cpu":
         state = {}
         for path in zoo.weight_files(directory):
             state.update((key, tensor.clone()) for key, tensor in load_file(path).items())  # off the page cache: our own copy
+    else:
+        state = {}
+        for path in zoo.weight_files(directory):
+            state.update(load_file(path, device=str(device)))  # a copy of our own in device memory
     reply["weights_s"] = time.perf_counter() - started
-    return trims.torch.assemble(zoo.BY_NAME[name].factory(), state, source=name)
+    model = trims.torch.assemble(zoo.BY_NAME[name].factory(), state, source=name)
+    if device.type != "cpu":
+        model.to(device)  # the buffers the model computes; its weights are there already
+    inputs = {key: value.to(device) for key, value in zoo.BY_NAME[name].example_input().items()}
+    return Held(name, source, model, inputs, spans)
 
 
-def from_store(model: torch.nn.Module) -> bool:
-    """Whether every parameter lies in the daemon's shared memory (a memfd mapping): the
-    check that a run measured what it says it measured."""
+def store_spans(view) -> list[tuple[int, int]]:
+    """Address ranges of the daemon's memory mapped here: memfd mappings (host), or the
+    view's mapped device allocations (GPU)."""
+    if view.device is not None:
+        return [(segment.pointer, segment.pointer + segment.size) for segment in view.segments]
     spans = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             if "memfd:trims" in line:
                 low, high = line.split()[0].split("-")
                 spans.append((int(low, 16), int(high, 16)))
-    return all(any(low <= p.data_ptr() < high for low, high in spans) for p in model.parameters())
+    return spans
+
+
+def from_store(held: Held) -> bool:
+    """Whether every parameter lies in the daemon's shared memory: the check that a run
+    measured what it says it measured."""
+    return all(any(low <= p.data_ptr() < high for low, high in held.spans) for p in held.model.parameters())
+
+
+def serve(request: dict, held: Held | None, device: torch.device, reply: dict) -> Held:
+    if held is None:
+        started = time.perf_counter()
+        held = acquire(request["model"], Path(request["dir"]), request["source"], device, reply)
+        reply["acquire_s"] = time.perf_counter() - started
+        reply["from_store"] = from_store(held)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        held.model(**held.inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    reply["infer_s"] = time.perf_counter() - started
+    return held
+
+
+def forget(device: torch.device) -> None:
+    """Give the dropped model's memory back now: large tensors are mappings of their own, and
+    on a GPU the allocator's cache returns to the device (a stopped instance's would)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def warm_up(device: torch.device, models: list[str]) -> None:
+    """What a pre-warmed instance has done before any request: the functions' code imported, as
+    in a built image; on a GPU, its CUDA context made and trims' driver binding loaded."""
+    for name in models:
+        zoo.BY_NAME[name].factory()
+    if device.type == "cuda":
+        torch.zeros(1, device=device)
+        from trims import cuda_driver
+
+        cuda_driver.driver()
 
 
 def main() -> None:
-    for name in sys.argv[1:]:  # the functions' code, imported before any clock starts, as in a built image
-        zoo.BY_NAME[name].factory()
-    held: tuple[str, str, torch.nn.Module, dict] | None = None
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
+    parser.add_argument("models", nargs="*")
+    args = parser.parse_args()
+    device = args.device
+    warm_up(device, args.models)
+    held: Held | None = None
     for line in sys.stdin:
         request = json.loads(line)
         if request["op"] == "quit":
             return
-        if request["op"] == "drop" or (held and held[:2] != (request["model"], request["source"])):
+        if request["op"] == "drop" or (held and (held.name, held.source) != (request["model"], request["source"])):
             held = None
-            gc.collect()  # large tensors are their own mappings: their memory goes back now
+            forget(device)
         reply: dict = {"acquire_s": 0.0, "warm": held is not None}
         try:
             if request["op"] == "serve":
-                held = serve(request, held, reply)
+                held = serve(request, held, device, reply)
         except Exception as exc:  # the controller decides what a failed request means
             held = None
             reply["error"] = f"{type(exc).__name__}: {exc}"
         print(json.dumps(reply), flush=True)
         if request.get("then_drop"):  # no keep-alive: torn down after answering, before the next request
             held = None
-            gc.collect()
-
-
-def serve(request: dict, held: tuple | None, reply: dict) -> tuple:
-    if held is None:
-        started = time.perf_counter()
-        model = acquire(request["model"], Path(request["dir"]), request["source"], reply)
-        held = (request["model"], request["source"], model, zoo.BY_NAME[request["model"]].example_input())
-        reply["acquire_s"] = time.perf_counter() - started
-        reply["from_store"] = from_store(model)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        held[2](**held[3])
-    reply["infer_s"] = time.perf_counter() - started
-    return held
+            forget(device)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -144,21 +145,25 @@ def zoo(scale: str) -> list[ZooModel]:
 
 
 def ensure_built(models: list[ZooModel], cache: Path) -> dict[str, Path]:
-    """Each model's directory, building the missing ones, each in a fresh process (so one
-    model's memory is gone before the next is built) and renamed into place when complete."""
-    directories = {}
-    for model in models:
-        directory = cache / model.name
-        if not weight_files(directory):
-            print(f"building {model.name} ...", flush=True)
-            partial = cache / f".{model.name}.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            subprocess.run([sys.executable, "-c", _BUILD, model.name, str(partial)],
-                           env=child_env(), check=True)
-            shutil.rmtree(directory, ignore_errors=True)
-            partial.rename(directory)
-        directories[model.name] = directory
+    """Each model's directory, building the missing ones, each in a fresh process (its memory
+    gone when it ends) and renamed into place when complete; several at a time on a machine
+    with the cores and memory for it (one per 4 cores and 12 GiB)."""
+    directories = {model.name: cache / model.name for model in models}
+    missing = [model.name for model in models if not weight_files(directories[model.name])]
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    jobs = max(1, min((os.cpu_count() or 1) // 4, memory // (12 << 30)))
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda name: _build(name, cache), missing))  # list(): a failed build raises here
     return directories
+
+
+def _build(name: str, cache: Path) -> None:
+    print(f"building {name} ...", flush=True)
+    partial = cache / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    subprocess.run([sys.executable, "-c", _BUILD, name, str(partial)], env=child_env(), check=True)
+    shutil.rmtree(cache / name, ignore_errors=True)
+    partial.rename(cache / name)
 
 
 _BUILD = "import sys, zoo; from pathlib import Path; zoo.BY_NAME[sys.argv[1]].build(Path(sys.argv[2]))"

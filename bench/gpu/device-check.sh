@@ -4,16 +4,7 @@
 # only or none; BENCH_ARGS passes flags to bench/gpu/run.py. Wheels the machine lacks
 # (blake3) come in .whl/ (see bench/results/gpu/README.md).
 set -u
-OUT=${OUT:-/tmp/trims-device-out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
+. bench/device-env.sh
 run_tests() {
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_store.py \
     "tests/test_tiers.py::TestGpuTierLogic" "$@" 2>&1 | tee -a "$OUT/gpu-tests.log"
