@@ -105,6 +105,9 @@ def test_transformers_initialises_only_modules_with_computed_buffers():
     assert assembled.table.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert initialised == ["Model"]
     assert torch.equal(assembled.linear.weight, original.linear.weight)
+    initialised.clear()
+    Model(Config())  # outside assemble, transformers initialises every module again
+    assert "Linear" in initialised
 
 
 def test_state_dict_is_zero_copy_and_a_write_stays_private(pushed):

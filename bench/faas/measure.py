@@ -6,6 +6,7 @@ import os
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from device_memory import DeviceMemory
@@ -31,10 +32,24 @@ class Bench:
         self.gpu_tier, self.device_memory, self.idle_device_bytes = None, None, 0
         if pool.device.startswith("cuda"):
             index = int(pool.device.partition(":")[2] or 0)
-            self.gpu_tier, self.device_memory = f"gpu:{index}", DeviceMemory(index)
+            self.gpu_tier, self.device_memory = f"gpu:{index}", DeviceMemory.of_cuda_device(index)
             # The daemon makes its CUDA context with its first GPU copy: make it now, so that the
             # idle level every run measures from includes it.
             client.pull(f"zoo/{min(sizes, key=sizes.get)}", self.gpu_tier)
+
+    def warm_instances(self) -> None:
+        """Run every model once on every instance, unmeasured, all instances at once: on a GPU
+        a process's first run of an architecture loads its kernels and makes cuBLAS and cuDNN
+        handles (150-230 ms on an H200), which would land on whichever mode ran first."""
+        def warm(instance) -> None:
+            for model in self.sizes:
+                reply = instance.call({"op": "serve", "model": model, "dir": str(self.directories[model]),
+                                       "source": "trims", "then_drop": True})
+                if "error" in reply:
+                    raise RuntimeError(f"warming {model} on instance {instance.process.pid}: {reply['error']}")
+
+        with ThreadPoolExecutor(len(self.pool.instances)) as pool:
+            list(pool.map(warm, self.pool.instances))
 
     def cold_node(self) -> None:
         """As a node that has served nothing lately: no instance holds a model, the daemon's
@@ -162,7 +177,8 @@ def pooled(runs: list[dict]) -> dict:
     records = [record | {"repeat": k} for k, run in enumerate(runs) for record in run["records"]]
     summary = _summary(records, sum(run["seconds"] for run in runs), runs[0]["memory"])
     return runs[0] | summary | {
-        **_peak(max(runs, key=lambda run: run["peak_memory"])["memory"]), "seed": [run["seed"] for run in runs],
+        **_peak(max(runs, key=lambda run: run["peak_memory"])["memory"]),
+        "peak_device": max(run["peak_device"] for run in runs), "seed": [run["seed"] for run in runs],
         **{key: sum(run[key] for run in runs) for key in _DAEMON_COUNTS if key in runs[0]},
         "repeats": [{key: run[key] for key in ("seed", "seconds", "throughput", "p99_s", "peak_memory")} for run in runs],
     }
@@ -212,13 +228,16 @@ class _MemorySampler:
     memory of its processes (PSS of anonymous pages: an instance's own copy of a model, its
     activations) plus the shared memory created since the run began (the daemon's memfds,
     counted once whether no instance or ten map them). Page cache is left out in both modes:
-    it can be reclaimed. ``device``: on a GPU node, its memory in use above the idle node's
-    (models, activations, the allocators' caches); else 0."""
+    it can be reclaimed. ``device``: on a GPU node, its memory in use above the idle node's (no
+    model anywhere, every CUDA context made): instances' copies, activations and allocator
+    caches, and the daemon's GPU copies, including those a warm node starts with (unlike
+    host shared memory, GPU memory is what the budget caps); else 0."""
 
     def __init__(self, pids: list[int], device_memory=None, idle_device_bytes: int = 0,
                  interval: float = 0.25) -> None:
         self.pids, self.interval, self.samples = pids, interval, []
         self._device_memory, self._idle_device_bytes = device_memory, idle_device_bytes
+        self._error: BaseException | None = None
         self._shmem_before = _shmem_bytes()
         self._stop = threading.Event()
         self._started = time.perf_counter()
@@ -228,9 +247,17 @@ class _MemorySampler:
     def stop(self) -> list[tuple[float, int]]:
         self._stop.set()
         self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"the memory sampler failed: {self._error}") from self._error
         return self.samples
 
     def _run(self) -> None:
+        try:
+            self._sample()
+        except BaseException as exc:  # noqa: BLE001 -- raised by stop(), in the run's thread
+            self._error = exc
+
+    def _sample(self) -> None:
         while not self._stop.is_set():
             shared = max(0, _shmem_bytes() - self._shmem_before)
             node = sum(map(private_bytes, self.pids)) + shared

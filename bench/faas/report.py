@@ -96,7 +96,8 @@ def _grid_tables(grid: list[dict]) -> list[str]:
     concurrencies = sorted({c["concurrency"] for c in grid})
     at = {(c["fraction"], c["concurrency"]): c for c in grid if c["stream"] == "pareto"}
     header = ["models in play", *(f"c={c}" for c in concurrencies)]
-    ratio = [[f"{f:.0%}", *(ratio_text(at[f, c]) for c in concurrencies)] for f in fractions]
+    ratio = [[f"{f:.0%}", *(ratio_text(at[f, c]) if (f, c) in at else "not run" for c in concurrencies)]
+             for f in fractions]  # a run cut short leaves cells out
     best = best_cell(grid)
     own, shared = best["own"], best["trims"]
     return ["### Throughput, trims / baseline, Pareto stream (cf. the paper's Fig. 10)", "",
@@ -129,7 +130,7 @@ def _acquisition_table(grid: list[dict]) -> list[str]:
     """Where cold starts' time went, at the best and the worst cell: getting the weights
     (reading one's own copy, or the daemon's answer to an open) and building the module."""
     worst = min(grid, key=lambda cell: cell["throughput_ratio"])
-    daemon = [("daemon misses", "daemon_host_misses", "{:.0f}"), ("daemon disk->host s", "daemon_fetch_s", "{:.2f}")]
+    daemon = [("daemon open misses", "daemon_host_misses", "{:.0f}"), ("daemon disk->host s", "daemon_fetch_s", "{:.2f}")]
     if "daemon_gpu_misses" in grid[0]["trims"]:
         daemon += [("daemon GPU misses (segments)", "daemon_gpu_misses", "{:.0f}"),
                    ("daemon host->GPU s", "daemon_gpu_fetch_s", "{:.2f}")]
@@ -211,11 +212,13 @@ def _throughput_plot(plt, grid: list[dict], path: Path) -> None:
                lambda c: f"{c['trims']['p99_s'] / c['trims']['ideal_p99_s']:.2f}")]
     figure, axes = plt.subplots(1, 2, figsize=(12, 5))
     for axis, (title, value, label) in zip(axes, panels):
-        image = axis.imshow([[value(at[f, c]) for c in concurrencies] for f in fractions], origin="lower",
+        image = axis.imshow([[value(at[f, c]) if (f, c) in at else float("nan") for c in concurrencies]
+                             for f in fractions], origin="lower",
                             cmap="viridis", aspect="auto")
         for i, f in enumerate(fractions):
             for j, c in enumerate(concurrencies):
-                axis.text(j, i, label(at[f, c]), ha="center", va="center", color="white", fontsize=7)
+                if (f, c) in at:
+                    axis.text(j, i, label(at[f, c]), ha="center", va="center", color="white", fontsize=7)
         axis.set_xticks(range(len(concurrencies)), concurrencies)
         axis.set_yticks(range(len(fractions)), [f"{f:.0%}" for f in fractions])
         axis.set_xlabel("concurrency")

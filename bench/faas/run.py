@@ -51,6 +51,7 @@ from trims.spawn import start_daemon_process  # noqa: E402
 
 def main() -> None:
     args = _arguments()
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # cuda:N is NVML's (nvidia-smi's) N
     models = zoo.zoo(args.zoo)
     directories = zoo.ensure_built(models, args.cache)
     names = sorted((m.name for m in models), key=lambda name: zoo.weight_bytes(directories[name]))  # small to large
@@ -72,8 +73,10 @@ def main() -> None:
             sizes = {name: client.info(f"zoo/{name}").nbytes for name in names}
             results |= {"zoo": [{"name": n, "bytes": sizes[n]} for n in names], "budget": budget, "tight_budget": tight}
             bench = measure.Bench(pool, client, workdir / "store", directories, sizes, args.keep_alive)
+            if args.device != "cpu":
+                bench.warm_instances()
             if "latency" in args.phases:
-                results["latency"] = _latency(bench, names, args.runs)
+                _latency(bench, names, args.runs, results, args.out)
                 report.write(results, args.out)
             if not args.no_grid:
                 _grid(bench, budget, names, args, results)
@@ -87,6 +90,8 @@ def main() -> None:
                                         report.best_cell(results["grid"]), budget, tight, args, files)
     except BaseException:
         _keep_daemon_log(workdir, args.out)
+        if "zoo" in results:
+            report.write(results, args.out)  # what was measured before the failure or the interrupt
         raise
     finally:
         pool.close()
@@ -115,7 +120,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--phases", type=lambda text: set(text.split(",")), default={"latency", "streams", "beyond"},
                         help="besides the grid, any of latency,streams,beyond, or none (default: all three)")
     parser.add_argument("--no-grid", action="store_true", help="only the per-model latency table (Fig. 7)")
-    parser.add_argument("--cache", type=Path, default=HERE.parent / "results" / "cache", help="where the zoo is built")
+    parser.add_argument("--cache", type=Path, default=HERE.parent / "results" / "cache" / "faas",
+                        help="where the zoo is built")
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "faas")
     args = parser.parse_args()
     unknown = args.phases - {"latency", "streams", "beyond", "none"}
@@ -128,12 +134,13 @@ def _arguments() -> argparse.Namespace:
     return args
 
 
-def _latency(bench: measure.Bench, names: list[str], runs: int) -> dict[str, dict[str, float]]:
-    latency = {}
+def _latency(bench: measure.Bench, names: list[str], runs: int, results: dict, out: Path) -> None:
+    """Each model's row into ``results["latency"]``, saved to faas.json as soon as it is measured."""
+    latency = results["latency"] = {}
     for name in names:
         latency[name] = measure.model_latency(bench, name, runs)
         print(f"latency {name}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in latency[name].items()), flush=True)
-    return latency
+        report.save(results, out)
 
 
 def _grid(bench: measure.Bench, budget: int, names: list[str], args: argparse.Namespace, results: dict) -> None:
@@ -224,7 +231,9 @@ def _numbers(kind):
 
 def _device_name(device: str) -> str:
     """The GPU's name, as nvidia-smi gives it (the controller makes no CUDA context)."""
-    index = device.partition(":")[2] or "0"
+    from device_memory import nvml_device
+
+    index = nvml_device(int(device.partition(":")[2] or 0))
     query = ["nvidia-smi", "-i", index, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
     return subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip()
 

@@ -34,21 +34,20 @@ from trims.client import shared_client  # noqa: E402
 
 
 class Held:
-    """The model an instance holds, ready to run, and where its weights lie."""
+    """The model an instance holds, ready to run, and the daemon's view of its weights (trims)."""
 
-    def __init__(self, name: str, source: str, model: torch.nn.Module, inputs: dict, spans: list) -> None:
-        self.name, self.source, self.model, self.inputs, self.spans = name, source, model, inputs, spans
+    def __init__(self, name: str, source: str, model: torch.nn.Module, inputs: dict, view) -> None:
+        self.name, self.source, self.model, self.inputs, self.view = name, source, model, inputs, view
 
 
 def acquire(name: str, directory: Path, source: str, device: torch.device, reply: dict) -> Held:
     """The ready module; ``reply["weights_s"]``: the part spent getting the weights (the
     rest builds the module around them)."""
     started = time.perf_counter()
-    spans: list[tuple[int, int]] = []
+    view = None
     if source == "trims":
         view = shared_client().open(f"zoo/{name}", device=trims.torch.cuda_index(device))
         state = trims.torch.state_dict_from_view(view)
-        spans = store_spans(view)
     elif device.type == "cpu":
         state = {}
         for path in zoo.weight_files(directory):
@@ -62,7 +61,7 @@ def acquire(name: str, directory: Path, source: str, device: torch.device, reply
     if device.type != "cpu":
         model.to(device)  # the buffers the model computes; its weights are there already
     inputs = {key: value.to(device) for key, value in zoo.BY_NAME[name].example_input().items()}
-    return Held(name, source, model, inputs, spans)
+    return Held(name, source, model, inputs, view)
 
 
 def store_spans(view) -> list[tuple[int, int]]:
@@ -81,8 +80,9 @@ def store_spans(view) -> list[tuple[int, int]]:
 
 def from_store(held: Held) -> bool:
     """Whether every parameter lies in the daemon's shared memory: the check that a run
-    measured what it says it measured."""
-    return all(any(low <= p.data_ptr() < high for low, high in held.spans) for p in held.model.parameters())
+    measured what it says it measured (made after the clock stops)."""
+    spans = [] if held.view is None else store_spans(held.view)
+    return all(any(low <= p.data_ptr() < high for low, high in spans) for p in held.model.parameters())
 
 
 def serve(request: dict, held: Held | None, device: torch.device, reply: dict) -> Held:
@@ -110,7 +110,9 @@ def forget(device: torch.device) -> None:
 
 def warm_up(device: torch.device, models: list[str]) -> None:
     """What a pre-warmed instance has done before any request: the functions' code imported, as
-    in a built image; on a GPU, its CUDA context made and trims' driver binding loaded."""
+    in a built image; on a GPU, its CUDA context made and trims' driver binding loaded (the
+    controller then runs every model once on each instance, so that no measured request pays
+    for loading kernels or creating cuBLAS and cuDNN handles)."""
     for name in models:
         zoo.BY_NAME[name].factory()
     if device.type == "cuda":
@@ -141,6 +143,7 @@ def main() -> None:
                 held = serve(request, held, device, reply)
         except Exception as exc:  # the controller decides what a failed request means
             held = None
+            forget(device)
             reply["error"] = f"{type(exc).__name__}: {exc}"
         print(json.dumps(reply), flush=True)
         if request.get("then_drop"):  # no keep-alive: torn down after answering, before the next request

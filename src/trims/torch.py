@@ -192,7 +192,7 @@ def _skip_transformers_init_of_weights() -> None:
         return
 
     def _initialize_weights(self, module: torch.nn.Module, *args, **kwargs):
-        if getattr(_building, "active", False) and not module._non_persistent_buffers_set:
+        if getattr(_building, "active", False) and not getattr(module, "_non_persistent_buffers_set", ()):
             return None
         return original(self, module, *args, **kwargs)
 
