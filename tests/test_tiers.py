@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +12,7 @@ from trims import digest as digests
 from trims.cloud import CloudTier
 from trims.disk import DiskTier
 from trims.errors import IntegrityError
-from trims.host import HostTier
+from trims.host import HostTier, shmem_huge_pages
 from trims.records import SegmentLayout
 from trims.tier import UNBOUNDED, Tier
 
@@ -115,6 +116,63 @@ class TestHostTier(TierChecks):
         fd = tier.get(layout.id).fd
         assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
         assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+
+
+class TestHostTierAskingForHugePages(TestHostTier):
+    """The host tier as it runs where the kernel gives shared memory 2 MiB pages only to
+    mappings that ask (shmem_enabled=advise): each segment's pages are allocated through such
+    a mapping before the fill. On a kernel set otherwise the same steps give 4 KiB pages."""
+
+    @pytest.fixture
+    def tier(self):
+        host = HostTier(capacity=1 << 30, shmem_enabled="advise")
+        assert host.huge_pages
+        yield host
+        host.close()
+
+    def test_a_segment_takes_no_more_memory_than_its_size(self, tier):
+        layout, data = make_segment(7, sizes=(5 << 20, 3 << 20, 12345))  # not a multiple of 2 MiB
+        tier.put(layout, fill_with(data))
+        assert fetched(tier, layout) == data
+        allocated = os.fstat(tier.get(layout.id).fd).st_blocks * 512
+        assert allocated <= -(-layout.size // 4096) * 4096
+
+    @pytest.mark.skipif(shmem_huge_pages() not in ("advise", "within_size", "always"),
+                        reason="the kernel gives shared memory no 2 MiB pages (shmem_enabled)")
+    def test_clients_map_segments_in_huge_pages(self, tier):
+        from trims._mapping import map_private
+
+        layout, data = make_segment(8, sizes=(8 << 20,))
+        tier.put(layout, fill_with(data))
+        mapping = map_private(tier.get(layout.id).fd, layout.size)
+        assert bytes(mapping[:: 4096]) == data[:: 4096]  # a read of every page
+        assert _pmd_mapped_kb(ctypes.addressof(mapping)) >= 4096
+
+
+def _pmd_mapped_kb(address: int) -> int:
+    """ShmemPmdMapped of this process's mapping at ``address``."""
+    lines = open("/proc/self/smaps").read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{address:x}-"))
+    for line in lines[start + 1 :]:
+        if line.startswith("ShmemPmdMapped:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.parametrize("top, per_size, expected", [
+    ("always within_size [advise] never deny force", "always [inherit] within_size advise never", "advise"),
+    ("always within_size advise [never] deny force", "always inherit [within_size] advise never", "within_size"),
+    ("always within_size advise [never] deny force", None, "never"),  # kernels before 6.11
+    (None, None, "unsupported"),
+])
+def test_the_kernels_huge_page_setting_for_shared_memory(tmp_path, top, per_size, expected):
+    if top is not None:
+        (tmp_path / "shmem_enabled").write_text(top + "\n")
+        (tmp_path / "hpage_pmd_size").write_text("2097152\n")
+    if per_size is not None:
+        (tmp_path / "hugepages-2048kB").mkdir()
+        (tmp_path / "hugepages-2048kB" / "shmem_enabled").write_text(per_size + "\n")
+    assert shmem_huge_pages(tmp_path) == expected
 
 
 class TestDiskTier(TierChecks):

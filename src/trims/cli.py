@@ -301,6 +301,9 @@ def _stats(args: argparse.Namespace) -> int:
               f"{tier['hits']:g} hits, {tier['misses']:g} misses; evictions: {evictions}")
         if "sharing" in tier:
             print(f"{'':6} {_gpu_path(tier)}")
+        if "huge_pages" in tier:
+            pages = "2 MiB" if tier["huge_pages"] else "4 KiB"
+            print(f"{'':6} segments in {pages} pages (the kernel's shmem_enabled: {tier['shmem_enabled']})")
     opens = stats["opens"]
     print(f"policy {stats['policy']}; {stats['models']} models ({stats['tags']} names, {stats['pins']} pinned); "
           f"{stats['leases']} leases over {stats['connections']} connections")

@@ -79,6 +79,10 @@ class Daemon:
         log.info("trims daemon %d serving %s (store %s, host memory %s, GPU memory %s, disk %s, policy %s, cloud %s)",
                  os.getpid(), s.socket_path, s.store_dir, format_size(s.host_memory), gpu, disk, s.policy,
                  s.cloud or "none")
+        if not self.store.host.huge_pages:
+            log.info("host memory in 4 KiB pages (the kernel's shmem_enabled is %s): clients fault mapped weights "
+                     "in about 10 times the time that 2 MiB pages take; 'advise' gives them to trims alone "
+                     "(docs/deployment.md, 'Huge pages')", self.store.host.shmem_enabled)
         threading.Thread(target=self.store.warm_pins, name="trims-warm-pins", daemon=True).start()
         try:
             self.server.serve_forever()

@@ -1091,6 +1091,7 @@ class Store:
                 }
                 for name, tier in self._tiers.items()
             }
+            tiers["host"].update(huge_pages=self.host.huge_pages, shmem_enabled=self.host.shmem_enabled)
             for gpu in self._gpus.values():
                 tiers[gpu.name].update(sharing=gpu.capabilities.sharing,
                                        read_only_mapping=gpu.capabilities.read_only_mapping)
