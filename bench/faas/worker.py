@@ -48,14 +48,11 @@ def acquire(name: str, directory: Path, source: str, device: torch.device, reply
     if source == "trims":
         view = shared_client().open(f"zoo/{name}", device=trims.torch.cuda_index(device))
         state = trims.torch.state_dict_from_view(view)
-    elif device.type == "cpu":
+    else:  # a copy of our own: off the page cache (clone), or in device memory
         state = {}
         for path in zoo.weight_files(directory):
-            state.update((key, tensor.clone()) for key, tensor in load_file(path).items())  # off the page cache: our own copy
-    else:
-        state = {}
-        for path in zoo.weight_files(directory):
-            state.update(load_file(path, device=str(device)))  # a copy of our own in device memory
+            tensors = load_file(path, device=str(device)).items()
+            state.update((key, tensor.clone() if device.type == "cpu" else tensor) for key, tensor in tensors)
     reply["weights_s"] = time.perf_counter() - started
     model = trims.torch.assemble(zoo.BY_NAME[name].factory(), state, source=name)
     if device.type != "cpu":
