@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench bench-faas soak
+.PHONY: demo test bench bench-faas bench-hugepages soak
 
 demo: $(VENV)/.installed
 	$(BIN)/trims demo
@@ -14,9 +14,14 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/coldstart.py
 	$(BIN)/python bench/tiers.py
+	$(BIN)/python bench/transparent.py
 
 bench-faas: $(VENV)/.installed
 	$(BIN)/python bench/faas/run.py
+
+# Needs root: switches the kernel's shmem_enabled between never and advise, then puts it back.
+bench-hugepages: $(VENV)/.installed
+	$(BIN)/python bench/hugepages.py
 
 soak: $(VENV)/.installed
 	$(BIN)/python bench/soak.py

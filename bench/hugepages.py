@@ -1,6 +1,6 @@
 """Huge pages for the host tier: a warm trims hit with segments in 2 MiB pages against 4 KiB ones.
 
-    sudo python bench/hugepages.py              # BERT-base, GPT-2 large, Llama 1B (about 10 minutes)
+    sudo python bench/hugepages.py              # BERT-base, GPT-2 large, Llama 1B (about 25 minutes)
     sudo python bench/hugepages.py --small      # ResNet-50, BERT-base, GPT-2
 
 Needs root: it switches the kernel's /sys/kernel/mm/transparent_hugepage/shmem_enabled between
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=None, help="comma-separated names of trims.examples")
     parser.add_argument("--small", action="store_true", help=f"models sized for a small machine: {', '.join(SMALL)}")
-    parser.add_argument("--runs", type=int, default=5, help="fresh processes per model and setting (median reported)")
+    parser.add_argument("--runs", type=int, default=7, help="fresh processes per model and setting (median reported)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if not os.access(SETTING, os.W_OK):
