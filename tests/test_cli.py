@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import trims
 from trims.config import parse_size
 from trims.errors import ConfigError
-from trims.host import shmem_huge_pages
+from trims.hugepages import shmem_setting
 from trims.names import canonical
 
 
@@ -49,8 +49,8 @@ def test_commands_against_a_running_daemon(daemon, tmp_path):
     stats = json.loads(trims_cli("stats", "--json", env=env).stdout)
     assert stats["tags"] == 2 and stats["opens"]["total"] == 1 and stats["tiers"]["host"]["evictions"] == {"requested": 1}
     assert trims_cli("stats", env=env).stdout.startswith("host ")
-    assert stats["tiers"]["host"]["shmem_enabled"] == shmem_huge_pages()  # the kernel's setting, as found
-    assert f"(the kernel's shmem_enabled: {shmem_huge_pages()})" in trims_cli("stats", env=env).stdout
+    assert stats["tiers"]["host"]["shmem_enabled"] == shmem_setting()  # the kernel's setting, as found
+    assert f"(the kernel's shmem_enabled: {shmem_setting()})" in trims_cli("stats", env=env).stdout
 
     assert trims_cli("rm", "demo/m:1", env=env).returncode == 0
     assert trims_cli("rm", "demo/m:2", env=env).returncode == 0

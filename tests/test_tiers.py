@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from trims import digest as digests
+from trims import hugepages
 from trims.cloud import CloudTier
 from trims.disk import DiskTier
 from trims.errors import IntegrityError
-from trims.host import HostTier, shmem_huge_pages
+from trims.host import HostTier
 from trims.records import SegmentLayout
 from trims.tier import UNBOUNDED, Tier
 
@@ -118,15 +119,14 @@ class TestHostTier(TierChecks):
         assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
 
 
-class TestHostTierAskingForHugePages(TestHostTier):
-    """The host tier as it runs where the kernel gives shared memory 2 MiB pages only to
-    mappings that ask (shmem_enabled=advise): each segment's pages are allocated through such
-    a mapping before the fill. On a kernel set otherwise the same steps give 4 KiB pages."""
+class TestHostTierInHugePages(TestHostTier):
+    """The host tier allocating segments in 2 MiB pages, as it does where the kernel allows
+    (shmem_enabled=advise and the like); on a kernel that gives none, the same steps give
+    4 KiB pages and the same bytes."""
 
     @pytest.fixture
     def tier(self):
-        host = HostTier(capacity=1 << 30, shmem_enabled="advise")
-        assert host.huge_pages
+        host = HostTier(capacity=1 << 30, huge_pages=True)
         yield host
         host.close()
 
@@ -137,42 +137,47 @@ class TestHostTierAskingForHugePages(TestHostTier):
         allocated = os.fstat(tier.get(layout.id).fd).st_blocks * 512
         assert allocated <= -(-layout.size // 4096) * 4096
 
-    @pytest.mark.skipif(shmem_huge_pages() not in ("advise", "within_size", "always"),
-                        reason="the kernel gives shared memory no 2 MiB pages (shmem_enabled)")
-    def test_clients_map_segments_in_huge_pages(self, tier):
+    @pytest.mark.skipif(not HostTier(0).huge_pages, reason="this kernel gives shared memory no 2 MiB pages")
+    def test_clients_map_huge_pages_and_a_write_copies_one_small_page(self, tier):
         from trims._mapping import map_private
 
         layout, data = make_segment(8, sizes=(8 << 20,))
         tier.put(layout, fill_with(data))
-        mapping = map_private(tier.get(layout.id).fd, layout.size)
-        assert bytes(mapping[:: 4096]) == data[:: 4096]  # a read of every page
-        assert _pmd_mapped_kb(ctypes.addressof(mapping)) >= 4096
+        fd = tier.get(layout.id).fd
+        writer, reader = map_private(fd, layout.size), map_private(fd, layout.size)
+        assert bytes(writer[::4096]) == data[::4096] == bytes(reader[::4096])  # a read of every page
+        assert _mapping_kb(writer, "ShmemPmdMapped") == 8 << 10
+        writer[12345] ^= 0xFF
+        assert _mapping_kb(writer, "Anonymous") == 4  # the written page alone became private
+        assert _mapping_kb(writer, "ShmemPmdMapped") >= 6 << 10  # the other 2 MiB pages stay shared
+        assert reader[12345] == data[12345] and os.pread(fd, 1, 12345) == data[12345:12346]
 
 
-def _pmd_mapped_kb(address: int) -> int:
-    """ShmemPmdMapped of this process's mapping at ``address``."""
+def _mapping_kb(mapping: ctypes.Array, field: str) -> int:
+    """A field of this process's smaps entry for ``mapping``, in kB."""
     lines = open("/proc/self/smaps").read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"{address:x}-"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{ctypes.addressof(mapping):x}-"))
     for line in lines[start + 1 :]:
-        if line.startswith("ShmemPmdMapped:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    return 0
+    raise AssertionError(f"no {field} in the mapping's smaps entry")
 
 
-@pytest.mark.parametrize("top, per_size, expected", [
-    ("always within_size [advise] never deny force", "always [inherit] within_size advise never", "advise"),
-    ("always within_size advise [never] deny force", "always inherit [within_size] advise never", "within_size"),
-    ("always within_size advise [never] deny force", None, "never"),  # kernels before 6.11
-    (None, None, "unsupported"),
+@pytest.mark.parametrize("text, expected", [
+    ("always within_size [advise] never deny force\n", "advise"),
+    ("always within_size advise [never] deny force\n", "never"),
+    ("", "unsupported"),
+    (None, "unsupported"),  # no transparent huge pages in this kernel, or no /sys
 ])
-def test_the_kernels_huge_page_setting_for_shared_memory(tmp_path, top, per_size, expected):
-    if top is not None:
-        (tmp_path / "shmem_enabled").write_text(top + "\n")
-        (tmp_path / "hpage_pmd_size").write_text("2097152\n")
-    if per_size is not None:
-        (tmp_path / "hugepages-2048kB").mkdir()
-        (tmp_path / "hugepages-2048kB" / "shmem_enabled").write_text(per_size + "\n")
-    assert shmem_huge_pages(tmp_path) == expected
+def test_the_kernels_huge_page_setting_for_shared_memory(tmp_path, text, expected):
+    if text is not None:
+        (tmp_path / "shmem_enabled").write_text(text)
+    assert hugepages.shmem_setting(tmp_path) == expected
+
+
+@pytest.mark.parametrize("setting", ["never", "deny", "unsupported"])
+def test_settings_that_forbid_huge_pages_give_none(setting):
+    assert not hugepages.available(setting)
 
 
 class TestDiskTier(TierChecks):

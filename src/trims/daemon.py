@@ -79,15 +79,25 @@ class Daemon:
         log.info("trims daemon %d serving %s (store %s, host memory %s, GPU memory %s, disk %s, policy %s, cloud %s)",
                  os.getpid(), s.socket_path, s.store_dir, format_size(s.host_memory), gpu, disk, s.policy,
                  s.cloud or "none")
-        if not self.store.host.huge_pages:
-            log.info("host memory in 4 KiB pages (the kernel's shmem_enabled is %s): clients fault mapped weights "
-                     "in about 10 times the time that 2 MiB pages take; 'advise' gives them to trims alone "
-                     "(docs/deployment.md, 'Huge pages')", self.store.host.shmem_enabled)
+        self._say_how_host_memory_is_paged()
         threading.Thread(target=self.store.warm_pins, name="trims-warm-pins", daemon=True).start()
         try:
             self.server.serve_forever()
         finally:
             self.close()
+
+    def _say_how_host_memory_is_paged(self) -> None:
+        host = self.store.host
+        if host.huge_pages:
+            log.info("host memory in 2 MiB pages (the kernel's shmem_enabled is %s)", host.shmem_enabled)
+        elif host.shmem_enabled == "never":
+            log.info("host memory in 4 KiB pages (the kernel's shmem_enabled is never): clients fault mapped "
+                     "weights in 10 times the time 2 MiB pages take; 'advise' gives those to trims alone "
+                     "(docs/deployment.md, 'Huge pages')")
+        elif host.shmem_enabled not in ("deny", "unsupported"):
+            log.warning("host memory in 4 KiB pages: the kernel's shmem_enabled is %s, yet a test segment got none "
+                        "of 2 MiB (hugepages-2048kB/shmem_enabled may forbid them, or the kernel predates "
+                        "MADV_POPULATE_WRITE, Linux 5.14)", host.shmem_enabled)
 
     def shutdown(self) -> None:
         self.server.shutdown()

@@ -6,25 +6,20 @@ descriptor is kept and handed to clients: the kernel, not the client's good mann
 the bytes intact. The daemon never keeps the bytes mapped, so they count in the PSS of the
 processes that use them and nowhere else.
 
-Where the kernel allows shared memory in 2 MiB pages, segments are made of them: a client then
-maps them a page-table entry per 2 MiB instead of per 4 KiB, and its first touch of a model's
-weights is an order of magnitude faster. With ``shmem_enabled`` at ``within_size`` or
-``always`` the kernel does so for every write; with ``advise``, only for memory a mapping asked
-for (``MADV_HUGEPAGE``), so the tier allocates each segment's pages through such a mapping
-before filling it.
+Where the kernel allows shared memory in 2 MiB pages, segments are made of them (see
+:mod:`trims.hugepages`): clients then fault a model's weights in far fewer, larger pages.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import mmap
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 from . import digest as digests
+from . import hugepages
 from .catalog import storage_error
 from .records import SegmentLayout
 from .tier import Fill, Tier
@@ -33,9 +28,6 @@ log = logging.getLogger("trims.host")
 
 SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _COPY_CHUNK = 64 * 1024 * 1024
-_MADV_POPULATE_WRITE = 23  # Linux 5.14; Python 3.11's mmap has no constant for it
-_THP = Path("/sys/kernel/mm/transparent_hugepage")
-_HUGE = frozenset({"always", "within_size", "advise", "force"})  # shmem_enabled values that give 2 MiB pages
 
 
 @dataclass
@@ -55,17 +47,13 @@ class HostSegment:
 class HostTier(Tier):
     name = "host"
 
-    def __init__(self, capacity: int, shmem_enabled: str | None = None) -> None:
-        """``shmem_enabled``: the kernel's huge-page setting for shared memory, read from sysfs
-        unless given."""
+    def __init__(self, capacity: int, huge_pages: bool | None = None) -> None:
+        """``huge_pages``: whether to allocate segments in 2 MiB pages; by default, whether the
+        kernel gives them (``shmem_enabled``, tried once)."""
         super().__init__(capacity)
         self._segments: dict[str, HostSegment] = {}
-        self.shmem_enabled = shmem_huge_pages() if shmem_enabled is None else shmem_enabled
-
-    @property
-    def huge_pages(self) -> bool:
-        """Whether segments are made of 2 MiB pages."""
-        return self.shmem_enabled in _HUGE
+        self.shmem_enabled = hugepages.shmem_setting()
+        self.huge_pages = hugepages.available(self.shmem_enabled) if huge_pages is None else huge_pages
 
     def has(self, segment_id: str) -> bool:
         return segment_id in self._segments
@@ -84,8 +72,8 @@ class HostTier(Tier):
         memfd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(memfd, layout.size)
-            if self.shmem_enabled == "advise":
-                _allocate_huge_pages(memfd, layout.size)
+            if self.huge_pages:
+                self._allocate_huge_pages(memfd, layout.size)
             fill(memfd)
             fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, SEALS)
             self._segments[layout.id] = HostSegment(id=layout.id, size=layout.size, fd=_read_only(memfd))
@@ -112,39 +100,13 @@ class HostTier(Tier):
         for segment_id in list(self._segments):
             self.evict(segment_id)
 
-
-def shmem_huge_pages(root: Path = _THP) -> str:
-    """The kernel's setting for shared memory in PMD-sized (2 MiB) pages: ``always``,
-    ``within_size``, ``advise``, ``never``, ``deny`` or ``force``; ``unsupported`` where the
-    kernel has no transparent huge pages (or does not say)."""
-    try:
-        size_kb = int((root / "hpage_pmd_size").read_text()) // 1024
-        mode = _selected(root / f"hugepages-{size_kb}kB" / "shmem_enabled")  # per page size, Linux 6.11
-    except (OSError, ValueError):
-        mode = "inherit"
-    try:
-        return _selected(root / "shmem_enabled") if mode == "inherit" else mode
-    except (OSError, ValueError):
-        return "unsupported"
-
-
-def _selected(path: Path) -> str:
-    text = path.read_text()  # "always within_size [advise] never deny force"
-    return text[text.index("[") + 1 : text.index("]")]
-
-
-def _allocate_huge_pages(memfd: int, size: int) -> None:
-    """Give the memfd its pages now, 2 MiB ones, through a mapping that asks for them: writes
-    (sendfile) then fill pages already there. Best effort: on failure the segment is made of
-    4 KiB pages, the same bytes. The mapping is gone before the memfd is sealed."""
-    if size == 0:
-        return
-    try:
-        with mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mapping:
-            mapping.madvise(mmap.MADV_HUGEPAGE)
-            mapping.madvise(_MADV_POPULATE_WRITE)
-    except OSError as exc:
-        log.debug("no huge pages for a %d-byte segment: %s", size, exc)
+    def _allocate_huge_pages(self, memfd: int, size: int) -> None:
+        """Best effort. The kernel falls back to 4 KiB pages where it finds no free 2 MiB ones; it
+        refuses outright only when memory runs out, and then the fill fails on its own."""
+        try:
+            hugepages.allocate(memfd, size)
+        except OSError as exc:
+            log.warning("a %d-byte segment gets 4 KiB pages, not 2 MiB ones: %s", size, exc)
 
 
 def _read_only(memfd: int) -> int:
