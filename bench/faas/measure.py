@@ -48,8 +48,8 @@ class Bench:
                 if "error" in reply:
                     raise RuntimeError(f"warming {model} on instance {instance.process.pid}: {reply['error']}")
 
-        with ThreadPoolExecutor(len(self.pool.instances)) as pool:
-            list(pool.map(warm, self.pool.instances))
+        with ThreadPoolExecutor(len(self.pool.instances)) as executor:
+            list(executor.map(warm, self.pool.instances))  # list(): a failed warm-up raises here
 
     def cold_node(self) -> None:
         """As a node that has served nothing lately: no instance holds a model, the daemon's
