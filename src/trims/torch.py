@@ -28,6 +28,7 @@ from typing import Callable, Iterator, TypeVar, Union
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ._torch_assign import assign_state
 from .client import Client, ModelView, shared_client
 from .errors import ModelMismatch
 
@@ -148,7 +149,7 @@ def assemble(factory: Callable[[], M], state: dict[str, torch.Tensor], *, strict
     if key_map is not None:
         state = key_map(model, state)
     groups = _tied_groups(model)
-    missing_keys, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing_keys, unexpected = assign_state(model, state, source)
     retied = _retie(model, groups, state)
     # Stored tensors the module lacks, parameters still on meta, and persistent buffers the
     # state did not provide (built on the CPU, they would silently keep their initial values).
@@ -172,7 +173,9 @@ _register_parameter = torch.nn.Module.register_parameter
 
 def _register_on_meta_while_building(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
     _register_parameter(module, name, param)
-    if param is not None and getattr(_building, "active", False) and not param.is_meta:
+    # A lazy module's uninitialised parameters hold no memory; their loader materialises them.
+    if (param is not None and getattr(_building, "active", False) and not param.is_meta
+            and not torch.nn.parameter.is_lazy(param)):
         module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
 
 
@@ -272,7 +275,13 @@ def _retie(model: torch.nn.Module, groups: list[list[str]], state: dict[str, tor
     return retied
 
 
-def named_tensors(model: torch.nn.Module):
-    """Every parameter and buffer, a tied one under each of its names."""
-    yield from model.named_parameters(remove_duplicate=False)
-    yield from model.named_buffers(remove_duplicate=False)
+def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter, then every buffer, a tied one under each of its names (as
+    ``named_parameters(remove_duplicate=False)`` and ``named_buffers`` give them, in half the
+    time: one walk of the modules)."""
+    modules = list(model.named_modules(remove_duplicate=False))
+    for members in ("_parameters", "_buffers"):
+        for prefix, module in modules:
+            for name, tensor in getattr(module, members).items():
+                if tensor is not None:
+                    yield (f"{prefix}.{name}" if prefix else name), tensor
