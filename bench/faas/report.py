@@ -108,7 +108,24 @@ def _grid_tables(grid: list[dict]) -> list[str]:
             f"p99 latency {shared['p99_s']:.2f} s vs {own['p99_s']:.2f} s; p99 against ideal (the same requests' "
             f"inference alone) {shared['p99_s'] / shared['ideal_p99_s']:.2f}x with trims, "
             f"{own['p99_s'] / own['ideal_p99_s']:.2f}x without; peak node memory {_peak_text(shared)} "
-            f"vs {_peak_text(own)}{_device_text(shared, own)}.", ""]
+            f"vs {_peak_text(own)}{_device_text(shared, own)}.", "", *_bound_text(grid, best), ""]
+
+
+def sharing_bound(run: dict) -> float:
+    """How much less time the baseline's requests would have taken with their weights free (the
+    module still built, the model still run): the most that sharing weights can gain on the same
+    acquisitions (at concurrency 1 exactly, with the cores saturated about). Sharing gains more
+    only where holding each model once keeps more of them warm (a keep-alive pool)."""
+    infer = sum(r["infer_s"] for r in run["records"])
+    return (run["acquire_s"] + infer) / (run["acquire_s"] - run["weights_s"] + infer)
+
+
+def _bound_text(grid: list[dict], best: dict) -> list[str]:
+    highest = max(grid, key=lambda cell: sharing_bound(cell["own"]))
+    return [f"The bound on sharing weights (the baseline's requests with their weights free: module still "
+            f"built, model still run) was {sharing_bound(best['own']):.2f}x at the best point; the highest in the "
+            f"grid, {sharing_bound(highest['own']):.2f}x at {highest['fraction']:.0%} of the zoo, concurrency "
+            f"{highest['concurrency']}, where trims reached {highest['throughput_ratio']:.2f}x."]
 
 
 def _device_text(shared: dict, own: dict) -> str:
