@@ -195,5 +195,114 @@ def test_post_load_hooks_and_metadata_go_to_torch_s_loader(both_ways):
 
 def test_a_tensor_of_the_wrong_shape_is_a_model_mismatch():
     state = fresh_state(lambda: torch.nn.Linear(3, 2))
-    with pytest.raises(trims.ModelMismatch, match=r"size mismatch for weight.*\(2, 3\).*\(2, 2\).*same configuration"):
+    with pytest.raises(trims.ModelMismatch, match=r"weight: size mismatch.*\(2, 3\).*\(2, 2\).*same configuration"):
         assign_state(on_meta(lambda: torch.nn.Linear(2, 2)), state, "the test state")
+
+
+def test_a_tensor_that_cannot_be_a_parameter_is_a_model_mismatch():
+    state = {"weight": torch.zeros(2, 2, dtype=torch.int8), "bias": torch.zeros(2)}
+    with pytest.raises(trims.ModelMismatch, match="weight: cannot be assigned.*int8.*floating point"):
+        trims.torch.assemble(lambda: torch.nn.Linear(2, 2), state)
+
+
+class WithBuffer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.zeros(2))
+
+
+def renames_deeper_keys(module):
+    """A load pre-hook from an older layout, in which this leaf held its weights one level down."""
+    def hook(state_dict, prefix, *args):
+        for key in [k for k in state_dict if k.startswith(prefix + "inner.")]:
+            state_dict[prefix + key[len(prefix + "inner."):]] = state_dict.pop(key)
+
+    module._register_load_state_dict_pre_hook(hook)
+    return module
+
+
+def loads_by_instance(module):
+    """A loader set on the instance, not the class."""
+    plain = module._load_from_state_dict
+
+    def renaming(state_dict, prefix, *args):
+        if prefix + "w" in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(prefix + "w")
+        plain(state_dict, prefix, *args)
+
+    module._load_from_state_dict = renaming
+    return module
+
+
+def counts_batches_privately():
+    norm = torch.nn.BatchNorm1d(2)
+    norm.register_buffer("num_batches_tracked", torch.tensor(0), persistent=False)
+    return norm
+
+
+@pytest.mark.parametrize("factory, state", [
+    (WithBuffer, {"table": torch.nn.Parameter(torch.ones(2))}),
+    (lambda: torch.nn.Sequential(renames_deeper_keys(torch.nn.Linear(2, 2))),
+     {"0.inner.weight": torch.ones(2, 2), "0.inner.bias": torch.ones(2)}),
+    (lambda: torch.nn.Sequential(loads_by_instance(torch.nn.Linear(2, 2))), {"0.w": torch.ones(2, 2), "0.bias": torch.ones(2)}),
+    (lambda: torch.nn.Sequential(counts_batches_privately()),
+     {f"0.{name}": torch.ones(2) for name in ("weight", "bias", "running_mean", "running_var")}),
+    (lambda: torch.nn.Linear(2, 2), {".weight": torch.ones(2, 2), "bias.": torch.ones(2)}),
+], ids=["parameter-for-a-buffer", "pre-hook-over-deeper-keys", "loader-on-the-instance", "private-batch-count",
+        "keys-of-no-module"])
+def test_unusual_states_and_modules_load_as_torch_loads_them(factory, state, both_ways):
+    by_torch, ours = both_ways(factory, state)
+    assert_same_tensors(by_torch, ours)
+    assert sorted(ours._parameters) == sorted(by_torch._parameters)
+
+
+def _transformers_case(config: str, model: str, **settings):
+    def factory():
+        import transformers
+
+        return getattr(transformers, model)(getattr(transformers, config)(**settings))
+
+    return factory
+
+
+def _frozen_batch_norms():
+    from transformers.models.rt_detr.modeling_rt_detr import RTDetrFrozenBatchNorm2d
+
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), RTDetrFrozenBatchNorm2d(4))
+
+
+TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
+                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
+# Each a way transformers models load: weight-norm parametrizations and load hooks (handed on to
+# torch's loader), tied and shared embeddings, computed buffers, batch norms, frozen batch norms
+# with a loader of their own.
+TRANSFORMERS_CASES = {
+    "wav2vec2": (_transformers_case("Wav2Vec2Config", "Wav2Vec2Model", hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=37, conv_dim=(8, 8), conv_stride=(5, 2),
+                                    conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
+                 True),
+    "mamba": (_transformers_case("MambaConfig", "MambaModel", hidden_size=32, num_hidden_layers=1, vocab_size=100,
+                                 state_size=4), True),
+    "t5": (_transformers_case("T5Config", "T5ForConditionalGeneration", d_model=32, d_ff=37, num_layers=1, num_heads=2,
+                              d_kv=16, vocab_size=100), False),
+    "bart": (_transformers_case("BartConfig", "BartForConditionalGeneration", d_model=32, encoder_layers=1,
+                                decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                                encoder_ffn_dim=37, decoder_ffn_dim=37, vocab_size=100), False),
+    "swin": (_transformers_case("SwinConfig", "SwinModel", embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                image_size=32, patch_size=4, window_size=4), False),
+    "clip": (_transformers_case("CLIPConfig", "CLIPModel", text_config=TINY_TEXT, projection_dim=16,
+                                vision_config=dict(TINY_TEXT, image_size=32, patch_size=8)), False),
+    "mobilenet-v2": (_transformers_case("MobileNetV2Config", "MobileNetV2Model", depth_multiplier=0.25, image_size=32),
+                     False),
+    "frozen-batch-norms": (_frozen_batch_norms, False),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TRANSFORMERS_CASES))
+def test_transformers_architectures_are_assigned_as_torch_assigns_them(kind, both_ways):
+    factory, hand_on = TRANSFORMERS_CASES[kind]
+    state = fresh_state(factory)
+    for variant in (state, {k: v for k, v in state.items() if k != next(iter(state))},
+                    {**state, "extra.weight": torch.ones(1)}):
+        by_torch, ours = both_ways(factory, variant, hand_on=hand_on)
+        assert_same_tensors(by_torch, ours)

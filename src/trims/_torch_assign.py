@@ -9,11 +9,13 @@ once, and a module that loads the default way gets its tensors put in place dire
 ``_load_from_state_dict``, load hooks, extra state) without children still loads its own way,
 given its own keys; any model whose loading could reach further than that (a custom loader
 over children, post-load hooks, metadata, global registration hooks, swapped tensors) goes to
-torch's loader whole.
+torch's loader whole. One difference on purpose: a key under a child set to None is unexpected
+here (torch drops that tensor without a word).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 
 import torch
@@ -23,14 +25,14 @@ from torch.nn.modules import module as _module
 
 from .errors import ModelMismatch
 
-# Overriding any of these, a module loads a way of its own even with the default loader.
-_LOADING_ATTRIBUTES = ("set_extra_state", "__setattr__", "register_parameter", "register_buffer")
+# Overriding any of these (in its class or on itself), a module loads a way of its own, whatever
+# its _load_from_state_dict.
+_CHANGE_LOADING = ("set_extra_state", "__setattr__", "register_parameter", "register_buffer")
 # Batch norms' loader differs from the default in one rule (a state without num_batches_tracked
 # gets the module's own), applied here: a hundred of them, each loading its own way, would
 # cost more than all the rest of a ResNet's assignment.
 _NORM_LOADER = _batchnorm._NormBase._load_from_state_dict
 _DEFAULT, _NORM, _OWN = "default", "norm", "own"
-_LOADING_BY_CLASS: dict[type, str] = {}
 
 
 def assign_state(model: Module, state: dict[str, torch.Tensor], source: str) -> tuple[list[str], list[str]]:
@@ -40,58 +42,101 @@ def assign_state(model: Module, state: dict[str, torch.Tensor], source: str) -> 
     modules = list(model.named_modules(remove_duplicate=False))
     if not _one_pass_is_exact(model, state, modules):
         return _torch_loader(model, state, source)
-    by_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, tensor in state.items():
-        prefix, _, leaf = key.rpartition(".")
-        by_module[prefix][leaf] = tensor
-    missing: list[str] = []
-    errors: list[str] = []
-    taken: set[str] = set()
+    assignment = _Assignment(state)
     for prefix, module in modules:
-        given = by_module.get(prefix, {})
-        head = f"{prefix}." if prefix else ""
+        assignment.load(prefix, module)
+    if assignment.errors:
+        raise _mismatch(source, assignment.errors)
+    return assignment.missing, assignment.unexpected()
+
+
+class _Assignment:
+    """One pass: the state's keys grouped by the module they name, and what became of them."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+        self.by_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        for key, tensor in state.items():
+            prefix, dot, leaf = key.rpartition(".")
+            if leaf and not (dot and not prefix):  # ".weight", "fc.": no module's, so unexpected
+                self.by_module[prefix][leaf] = tensor
+        self.prefixes = sorted(self.by_module)
+        self.missing: list[str] = []
+        self.errors: list[str] = []
+        self.taken: set[str] = set()
+        self.made_up: list[str] = []  # unexpected keys a module's own loader added to its state
+
+    def unexpected(self) -> list[str]:
+        return [key for key in self.state if key not in self.taken] + self.made_up
+
+    def load(self, prefix: str, module: Module) -> None:
+        given = self.by_module.get(prefix, {})
         loading = _loading_of(module)
         if loading == _NORM and module.track_running_stats and "num_batches_tracked" not in given:
             given = {**given, "num_batches_tracked": _own_batch_count(module)}
-        if loading != _OWN:
-            _assign_own(module, given, head, missing, errors, taken)
-        else:  # a leaf (see _one_pass_is_exact): its keys are all its loader sees
-            unexpected_here: list[str] = []
-            module._load_from_state_dict({head + leaf: t for leaf, t in given.items()}, head,
-                                         {"assign_to_params_buffers": True}, True, missing, unexpected_here, errors)
-            taken.update(head + leaf for leaf in given if head + leaf not in unexpected_here)
-    if errors:
-        raise _mismatch(source, errors)
-    return missing, [key for key in state if key not in taken]
-
-
-def _assign_own(module: Module, given: dict[str, torch.Tensor], head: str, missing: list[str],
-                errors: list[str], taken: set[str]) -> None:
-    """Module._load_from_state_dict with assign=True, for one module that loads the default way."""
-    for name, current in _own_tensors(module):
-        key = head + name
-        if name not in given:
-            missing.append(key)
-            continue
-        tensor = given[name]
-        if not torch.overrides.is_tensor_like(tensor):
-            errors.append(f"{key} is a {type(tensor).__name__}, not a tensor")
-            continue
-        if current.dim() == 0 and tensor.shape == (1,):  # torch's loader accepts 0.3-era scalars
-            tensor = tensor[0]
-        if tensor.shape != current.shape:
-            errors.append(f"size mismatch for {key}: the state's is {tuple(tensor.shape)}, "
-                          f"the module's {tuple(current.shape)}")
-            continue
-        if name in module._parameters:
-            if isinstance(tensor, Parameter):
-                tensor.requires_grad_(current.requires_grad)
-            else:
-                tensor = Parameter(tensor, requires_grad=current.requires_grad)
-            module._parameters[name] = tensor
+        if loading == _OWN:
+            self._load_its_own_way(prefix, module, given)
         else:
-            module._buffers[name] = tensor
-        taken.add(key)
+            self._assign(f"{prefix}." if prefix else "", module, given)
+
+    def _assign(self, head: str, module: Module, given: dict[str, torch.Tensor]) -> None:
+        """Module._load_from_state_dict with assign=True, for a module that loads the default way."""
+        for name, current in list(_own_tensors(module)):  # a Parameter for a buffer moves it
+            key = head + name
+            if name not in given:
+                self.missing.append(key)
+                continue
+            problem = _put(module, name, given[name], current)
+            if problem:
+                self.errors.append(f"{key}: {problem}")
+            else:
+                self.taken.add(key)
+
+    def _load_its_own_way(self, prefix: str, module: Module, given: dict[str, torch.Tensor]) -> None:
+        """A leaf (see _one_pass_is_exact) given every key under its prefix, as torch gives them."""
+        head = f"{prefix}." if prefix else ""
+        local = {head + leaf: t for leaf, t in given.items()}
+        for deeper in _below(self.prefixes, prefix):
+            local.update((f"{deeper}.{leaf}", t) for leaf, t in self.by_module[deeper].items())
+        keys, unexpected = set(local), []
+        module._load_from_state_dict(local, head, {"assign_to_params_buffers": True}, True, self.missing,
+                                     unexpected, self.errors)
+        self.taken.update(keys.difference(unexpected))
+        self.made_up.extend(key for key in unexpected if key not in self.state)
+
+
+def _below(prefixes: list[str], prefix: str) -> list[str]:
+    """The sorted ``prefixes`` of modules below ``prefix`` (all others, below the root's "")."""
+    head = f"{prefix}." if prefix else ""
+    start = end = bisect.bisect_left(prefixes, head)
+    while end < len(prefixes) and prefixes[end].startswith(head):
+        end += 1
+    return [p for p in prefixes[start:end] if p != prefix]
+
+
+def _put(module: Module, name: str, tensor: torch.Tensor, current: torch.Tensor) -> str | None:
+    """Put ``tensor`` in ``current``'s place, as torch's loader would; what stopped it, if anything."""
+    if not torch.overrides.is_tensor_like(tensor):
+        return f"a {type(tensor).__name__}, not a tensor"
+    if current.dim() == 0 and tensor.shape == (1,):  # torch's loader accepts 0.3-era scalars
+        tensor = tensor[0]
+    if tensor.shape != current.shape:
+        return f"size mismatch: the state's is {tuple(tensor.shape)}, the module's {tuple(current.shape)}"
+    try:
+        if name not in module._parameters:
+            if isinstance(tensor, (Parameter, torch.nn.Buffer)):  # these change what the name is
+                setattr(module, name, tensor)
+            else:
+                module._buffers[name] = tensor
+            return None
+        if isinstance(tensor, Parameter):
+            tensor.requires_grad_(current.requires_grad)
+        else:  # raises for a dtype that cannot take gradients, as torch's loader does
+            tensor = Parameter(tensor, requires_grad=current.requires_grad)
+        module._parameters[name] = tensor
+    except Exception as error:  # as torch's loader: collected, reported together
+        return f"cannot be assigned ({tensor.dtype}, {tuple(tensor.shape)}): {error}"
+    return None
 
 
 def _own_tensors(module: Module):
@@ -105,18 +150,23 @@ def _own_tensors(module: Module):
 
 def _loading_of(module: Module) -> str:
     """How ``module`` loads a state: the default way, batch norms' way, or a way of its own."""
-    if module._load_state_dict_pre_hooks:
+    kind, own = type(module), module.__dict__
+    if module._load_state_dict_pre_hooks or "_load_from_state_dict" in own or any(
+            name in own or getattr(kind, name) is not getattr(Module, name) for name in _CHANGE_LOADING):
         return _OWN
-    kind = type(module)
-    loading = _LOADING_BY_CLASS.get(kind)
-    if loading is None:
-        loader = kind._load_from_state_dict
-        if any(getattr(kind, name) is not getattr(Module, name) for name in _LOADING_ATTRIBUTES):
-            loading = _OWN
-        else:
-            loading = _DEFAULT if loader is Module._load_from_state_dict else _NORM if loader is _NORM_LOADER else _OWN
-        _LOADING_BY_CLASS[kind] = loading
-    return loading
+    loader = kind._load_from_state_dict
+    if loader is Module._load_from_state_dict:
+        return _DEFAULT
+    if loader is _NORM_LOADER and _counts_batches_the_usual_way(module):
+        return _NORM
+    return _OWN
+
+
+def _counts_batches_the_usual_way(module: Module) -> bool:
+    """A persistent num_batches_tracked, or none because it tracks no statistics."""
+    if not module.track_running_stats:
+        return True
+    return module.num_batches_tracked is not None and "num_batches_tracked" not in module._non_persistent_buffers_set
 
 
 def _own_batch_count(module: Module) -> torch.Tensor:
