@@ -15,6 +15,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/coldstart.py
 	$(BIN)/python bench/tiers.py
 	$(BIN)/python bench/transparent.py
+	$(BIN)/python bench/assemble.py
 
 bench-faas: $(VENV)/.installed
 	$(BIN)/python bench/faas/run.py
