@@ -158,8 +158,12 @@ def load_run(bench: Bench, source: str, budget: int, models: list[str], concurre
     clients = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in clients:
         thread.start()
-    for thread in clients:
-        thread.join()
+    try:
+        for thread in clients:
+            thread.join()
+    except BaseException as interrupt:  # an interrupt: the clients stop after their current request
+        failures.append(interrupt)
+        raise
     elapsed = time.perf_counter() - started
     node.close()
     memory = sampler.stop()

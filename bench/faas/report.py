@@ -48,8 +48,10 @@ def ratio_text(cell: dict) -> str:
 def markdown(results: dict) -> str:
     machine = results["machine"]
     gpu = f", GPU {machine['device']}" if "device" in machine else ""
+    pages = (f"; the daemon's host memory in {machine['host_tier_pages']} pages (shmem_enabled: "
+             f"{machine['shmem_enabled']})") if "host_tier_pages" in machine else ""
     lines = [f"`{results['command']}` on {machine['cpus']} CPUs, {format_size(machine['memory'])} memory{gpu}, "
-             f"{machine['platform']}", ""]
+             f"{machine['platform']}{pages}", ""]
     if "zoo" in results:
         total = sum(m["bytes"] for m in results["zoo"])
         settings = results["settings"]
@@ -61,7 +63,7 @@ def markdown(results: dict) -> str:
                   f"{settings['pool']} function instances, keep-alive {settings['keep_alive']:g} s{load}.", ""]
     if "latency" in results:
         lines += _latency_table(results)
-    if "grid" in results:
+    if results.get("grid"):
         lines += _grid_tables(results["grid"]) + _acquisition_table(results["grid"])
     if "streams" in results:
         lines += ["### Request streams at the best point", ""] + _cells_table(results["streams"], ("stream",))
@@ -197,7 +199,7 @@ def _plots(results: dict, out: Path) -> None:
 
     if "latency" in results:
         _latency_plot(plt, results["latency"], out / "latency.png")
-    if "grid" in results:
+    if results.get("grid"):
         _throughput_plot(plt, results["grid"], out / "throughput.png")
         _memory_plot(plt, best_cell(results["grid"]), out / "memory.png")
 

@@ -29,6 +29,7 @@ import contextlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,7 @@ from trims.spawn import start_daemon_process  # noqa: E402
 
 def main() -> None:
     args = _arguments()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop, like ^C: report, stop the daemon
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # cuda:N is NVML's (nvidia-smi's) N
     models = zoo.zoo(args.zoo)
     directories = zoo.ensure_built(models, args.cache)
@@ -72,6 +74,9 @@ def main() -> None:
                 client.push(directories[name], f"zoo/{name}")
             sizes = {name: client.info(f"zoo/{name}").nbytes for name in names}
             results |= {"zoo": [{"name": n, "bytes": sizes[n]} for n in names], "budget": budget, "tight_budget": tight}
+            host = client.stats()["tiers"]["host"]
+            results["machine"] |= {"host_tier_pages": "2 MiB" if host["huge_pages"] else "4 KiB",
+                                   "shmem_enabled": host["shmem_enabled"]}
             bench = measure.Bench(pool, client, workdir / "store", directories, sizes, args.keep_alive)
             if args.device != "cpu":
                 bench.warm_instances()
