@@ -1,7 +1,7 @@
 """What building a module around shared weights costs in a fresh process, and what trims'
 one-pass assignment saves against torch's ``load_state_dict(assign=True)``.
 
-    python bench/assemble.py               # about 8 minutes
+    python bench/assemble.py               # about 20 minutes
     python bench/assemble.py --runs 3 --models resnet152 bert-base
 
 For each model of the FaaS zoo (bench/faas/zoo.py, full sizes), fresh processes, the two ways

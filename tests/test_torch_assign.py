@@ -170,10 +170,7 @@ def test_modules_that_load_their_own_way_still_do(factory, saved, rename, hand_o
     source = (saved or factory)()
     state = {rename.get(key, key): value.clone() for key, value in source.state_dict().items()}
     by_torch, ours = both_ways(factory, state, hand_on=hand_on)
-    assert [(n, t.shape) for n, t in trims.torch.named_tensors(by_torch)] == \
-        [(n, t.shape) for n, t in trims.torch.named_tensors(ours)]
-    for (_, left), (_, right) in zip(trims.torch.named_tensors(by_torch), trims.torch.named_tensors(ours)):
-        assert torch.equal(left, right)
+    assert_same_tensors(by_torch, ours)
     if isinstance(ours[0], Versioned):
         assert ours[0].version == 7
 

@@ -39,12 +39,12 @@ def assign_state(model: Module, state: dict[str, torch.Tensor], source: str) -> 
     """Assign ``state``'s tensors to ``model``'s parameters and persistent buffers; the keys the
     model expected but ``state`` lacks, and the keys ``state`` has but no module takes. Raises
     :class:`ModelMismatch` where a tensor does not fit its place (shape, type)."""
-    modules = list(model.named_modules(remove_duplicate=False))
-    if not _one_pass_is_exact(model, state, modules):
+    modules = [(prefix, module, _loading_of(module)) for prefix, module in model.named_modules(remove_duplicate=False)]
+    if not _one_pass_is_exact(state, modules):
         return _torch_loader(model, state, source)
     assignment = _Assignment(state)
-    for prefix, module in modules:
-        assignment.load(prefix, module)
+    for prefix, module, loading in modules:
+        assignment.load(prefix, module, loading)
     if assignment.errors:
         raise _mismatch(source, assignment.errors)
     return assignment.missing, assignment.unexpected()
@@ -69,9 +69,8 @@ class _Assignment:
     def unexpected(self) -> list[str]:
         return [key for key in self.state if key not in self.taken] + self.made_up
 
-    def load(self, prefix: str, module: Module) -> None:
+    def load(self, prefix: str, module: Module, loading: str) -> None:
         given = self.by_module.get(prefix, {})
-        loading = _loading_of(module)
         if loading == _NORM and module.track_running_stats and "num_batches_tracked" not in given:
             given = {**given, "num_batches_tracked": _own_batch_count(module)}
         if loading == _OWN:
@@ -174,16 +173,16 @@ def _own_batch_count(module: Module) -> torch.Tensor:
     return count if count is not None and not count.is_meta else torch.tensor(0, dtype=torch.long)
 
 
-def _one_pass_is_exact(model: Module, state: dict, modules: list[tuple[str, Module]]) -> bool:
+def _one_pass_is_exact(state: dict, modules: list[tuple[str, Module, str]]) -> bool:
     """Whether assigning module by module gives what torch's loader would."""
     if getattr(state, "_metadata", None) is not None or torch.__future__.get_swap_module_params_on_conversion():
         return False
     if _module._global_parameter_registration_hooks or _module._global_buffer_registration_hooks:
         return False
-    for _, module in modules:
+    for _, module, loading in modules:
         if module._load_state_dict_post_hooks:
             return False
-        if module._modules and _loading_of(module) == _OWN:
+        if module._modules and loading == _OWN:
             return False
     return True
 

@@ -92,7 +92,7 @@ class Daemon:
             log.info("host memory in 2 MiB pages (the kernel's shmem_enabled is %s)", host.shmem_enabled)
         elif host.shmem_enabled == "never":
             log.info("host memory in 4 KiB pages (the kernel's shmem_enabled is never): clients fault mapped "
-                     "weights in 10 times the time 2 MiB pages take; 'advise' gives those to trims alone "
+                     "weights up to 10 times slower than in 2 MiB pages; 'advise' gives those to trims alone "
                      "(docs/deployment.md, 'Huge pages')")
         elif host.shmem_enabled not in ("deny", "unsupported"):
             log.warning("host memory in 4 KiB pages: the kernel's shmem_enabled is %s, yet a test segment got none "
