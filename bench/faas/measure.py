@@ -262,11 +262,16 @@ class _MemorySampler:
             self._error = exc
 
     def _sample(self) -> None:
-        while not self._stop.is_set():
+        """Every interval, and once more at the stop: a run shorter than one interval still
+        shows what it left in memory."""
+        while True:
+            stopping = self._stop.is_set()
             shared = max(0, _shmem_bytes() - self._shmem_before)
             node = sum(map(private_bytes, self.pids)) + shared
             device = 0 if self._device_memory is None else max(0, self._device_memory.used() - self._idle_device_bytes)
             self.samples.append((round(time.perf_counter() - self._started, 2), node, shared, device))
+            if stopping:
+                return
             self._stop.wait(self.interval)
 
 

@@ -126,6 +126,9 @@ def main() -> None:
     args = parser.parse_args()
     device = args.device
     warm_up(device, args.models)
+    # The runtime's own objects stay for good: frozen, forget()'s collection walks only those
+    # made since (a dropped model's) instead of all ~350,000 (220 ms of a core per request).
+    gc.freeze()
     held: Held | None = None
     for line in sys.stdin:
         request = json.loads(line)
