@@ -107,7 +107,7 @@ class Node:
         return {"model": model, "warm": reply["warm"], "acquire_s": reply["acquire_s"],
                 "weights_s": reply.get("weights_s", 0.0), "infer_s": reply["infer_s"], "total_s": total,
                 "queue_s": max(0.0, total - reply["acquire_s"] - reply["infer_s"]),
-                "from_store": reply.get("from_store")}
+                "from_store": reply.get("from_store"), "infer_usage": reply.get("infer_usage")}
 
     def close(self) -> None:
         with self._changed:

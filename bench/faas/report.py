@@ -65,6 +65,7 @@ def markdown(results: dict) -> str:
         lines += _latency_table(results)
     if results.get("grid"):
         lines += _grid_tables(results["grid"]) + _acquisition_table(results["grid"])
+        lines += _first_inference_table(results["grid"])
     if "streams" in results:
         lines += ["### Request streams at the best point", ""] + _cells_table(results["streams"], ("stream",))
     if "beyond" in results:
@@ -148,7 +149,6 @@ def _peak_text(run: dict) -> str:
 def _acquisition_table(grid: list[dict]) -> list[str]:
     """Where cold starts' time went, at the best and the worst cell: getting the weights
     (reading one's own copy, or the daemon's answer to an open) and building the module."""
-    worst = min(grid, key=lambda cell: cell["throughput_ratio"])
     daemon = [("daemon open misses", "daemon_host_misses", "{:.0f}"), ("daemon disk->host s", "daemon_fetch_s", "{:.2f}")]
     if "daemon_gpu_misses" in grid[0]["trims"]:
         daemon += [("daemon GPU misses (segments)", "daemon_gpu_misses", "{:.0f}"),
@@ -156,20 +156,58 @@ def _acquisition_table(grid: list[dict]) -> list[str]:
     header = ["cell", "source", "acquisitions", "weights s (mean)", "build s (mean)", "acquire p99 s",
               *(title for title, _, _ in daemon)]
     rows = []
-    for label, cell in (("best", best_cell(grid)), ("worst", worst)):
-        for source in ("own", "trims"):
-            cold = [r for r in cell[source]["records"] if not r["warm"]]
-            acquire = sorted(r["acquire_s"] for r in cold)
-            weights = sum(r["weights_s"] for r in cold) / max(1, len(cold))
-            rows.append([f"{label}: {cell['fraction']:.0%}, c={cell['concurrency']}",
-                         "baseline" if source == "own" else "trims", str(len(cold)), f"{weights:.3f}",
-                         f"{sum(acquire) / max(1, len(cold)) - weights:.3f}", f"{percentile(acquire, 99):.2f}",
-                         *(form.format(cell[source][key]) if source == "trims" else "" for _, key, form in daemon)])
+    for label, source, run, cold in _cold_starts(grid):
+        acquire = sorted(r["acquire_s"] for r in cold)
+        weights = sum(r["weights_s"] for r in cold) / max(1, len(cold))
+        rows.append([label, _source_name(source), str(len(cold)), f"{weights:.3f}",
+                     f"{sum(acquire) / max(1, len(cold)) - weights:.3f}", f"{percentile(acquire, 99):.2f}",
+                     *(form.format(run[key]) if source == "trims" else "" for _, key, form in daemon)])
     return ["### Where cold starts' time went", "",
             "Per acquisition (a request that found no instance holding its model): getting the weights (the",
             "baseline reads its own copy; trims opens the daemon's, which waits while the daemon brings a",
             "missed model up from its disk and verifies it) and building the module around them.", "",
             *_table(header, rows), ""]
+
+
+def _first_inference_table(grid: list[dict]) -> list[str]:
+    """Where a cold start's first inference spent its time, as the instance's thread counted it:
+    on a core (in the kernel: mostly page faults, a freshly mapped model's first touch) or off
+    one (waiting for a core, or on a GPU node for the device)."""
+    rows = []
+    for label, source, _, cold in _cold_starts(grid):
+        used = [r for r in cold if r.get("infer_usage")]  # older runs did not count
+        if not used:
+            return []
+
+        def mean(value) -> float:
+            return sum(map(value, used)) / len(used)
+
+        rows.append([label, _source_name(source), str(len(used)), f"{mean(lambda r: r['infer_s']) * 1000:.0f}",
+                     f"{mean(lambda r: r['infer_usage']['cpu_s']) * 1000:.0f}",
+                     f"{mean(lambda r: r['infer_usage']['system_s']) * 1000:.0f}",
+                     f"{mean(lambda r: max(0.0, r['infer_s'] - r['infer_usage']['cpu_s'])) * 1000:.0f}",
+                     f"{mean(lambda r: r['infer_usage']['minor_faults']):.0f}"])
+    header = ["cell", "source", "first inferences", "ms (mean)", "on a core ms", "of it in the kernel ms",
+              "off a core ms", "page faults"]
+    return ["### Where cold starts' first inference went", "",
+            "The first inference after an acquisition, as the instance's one torch thread counted it: time on",
+            "a core, of it in the kernel (page faults, chiefly a freshly mapped model's first touch, which",
+            "the baseline paid while copying its weights), and time off a core (waiting for one; on a GPU",
+            "node, also for the device).", "",
+            *_table(header, rows), ""]
+
+
+def _cold_starts(grid: list[dict]):
+    """(cell label, source, run, the run's acquisitions) at the best cell and at the worst."""
+    best, worst = best_cell(grid), min(grid, key=lambda cell: cell["throughput_ratio"])
+    for name, cell in (("best", best), ("worst", worst))[: 1 if worst is best else 2]:
+        for source in ("own", "trims"):
+            cold = [r for r in cell[source]["records"] if not r["warm"]]
+            yield f"{name}: {cell['fraction']:.0%}, c={cell['concurrency']}", source, cell[source], cold
+
+
+def _source_name(source: str) -> str:
+    return "baseline" if source == "own" else "trims"
 
 
 def _cells_table(cells: list[dict], keys: tuple[str, ...]) -> list[str]:
@@ -180,7 +218,7 @@ def _cells_table(cells: list[dict], keys: tuple[str, ...]) -> list[str]:
             if source in cell:
                 run = cell[source]
                 label = [f"{cell[k]:.0%}" if k == "fraction" else str(cell[k]) for k in keys]
-                rows.append([*label, str(cell["concurrency"]), "baseline" if source == "own" else "trims",
+                rows.append([*label, str(cell["concurrency"]), _source_name(source),
                              f"{run['throughput']:.2f}", f"{run['p50_s']:.2f}", f"{run['p99_s']:.2f}",
                              f"{run['p99_s'] / run['ideal_p99_s']:.2f}x", f"{run['warm_fraction']:.0%}",
                              f"{run['daemon_fetch_s']:.2f}" if source == "trims" else "", format_size(run["peak_memory"])])

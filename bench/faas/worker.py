@@ -19,6 +19,7 @@ carry the seconds spent acquiring and running, measured here.
 import argparse
 import gc
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -88,13 +89,25 @@ def serve(request: dict, held: Held | None, device: torch.device, reply: dict) -
         held = acquire(request["model"], Path(request["dir"]), request["source"], device, reply)
         reply["acquire_s"] = time.perf_counter() - started
         reply["from_store"] = from_store(held)
-    started = time.perf_counter()
+    before, started = resource.getrusage(resource.RUSAGE_THREAD), time.perf_counter()
     with torch.inference_mode():
         held.model(**held.inputs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     reply["infer_s"] = time.perf_counter() - started
+    reply["infer_usage"] = usage_since(before)
     return held
+
+
+def usage_since(before) -> dict:
+    """Where this thread's time went since ``before`` (torch runs on it, one thread): seconds on
+    a core, page faults (minor: a page mapped or zeroed; major: read from disk) and how often
+    the kernel took the core away (the rest of the wall time was spent waiting for one)."""
+    now = resource.getrusage(resource.RUSAGE_THREAD)
+    return {"cpu_s": round(now.ru_utime + now.ru_stime - before.ru_utime - before.ru_stime, 6),
+            "system_s": round(now.ru_stime - before.ru_stime, 6),
+            "minor_faults": now.ru_minflt - before.ru_minflt, "major_faults": now.ru_majflt - before.ru_majflt,
+            "preempted": now.ru_nivcsw - before.ru_nivcsw}
 
 
 def forget(device: torch.device) -> None:
