@@ -51,6 +51,11 @@ def test_the_miniature_runs_every_experiment_and_measures_what_it_says(tmp_path)
         assert run["peak_private"] + run["peak_shared"] == run["peak_memory"] and run["peak_private"] > 0
         # trims' instances map the daemon's copy; the baseline's hold their own
         assert run["from_store"] == (run["acquisitions"] if run["source"] == "trims" else 0)
+        # where each inference went, as its instance's thread counted it (the kernel's
+        # per-thread times may not move over one tiny inference, but over a run they do)
+        usage = [record["infer_usage"] for record in run["records"]]
+        assert all(value >= 0 for counts in usage for value in counts.values())
+        assert sum(counts["cpu_s"] for counts in usage) > 0
     assert {cell.get("policy") for cell in results["beyond"]} == {"lru", "cost"}
     for cell in results["grid"]:
         assert len(cell["repeat_ratios"]) == 2
@@ -64,6 +69,7 @@ def test_the_miniature_runs_every_experiment_and_measures_what_it_says(tmp_path)
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "faas.md").read_text()
     assert "### End-to-end latency per model" in table and "Best point:" in table
+    assert "### Where cold starts' first inference went" in table
 
 
 def instances(node, *models):
