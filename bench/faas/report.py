@@ -119,7 +119,7 @@ def free_weights_gain(run: dict) -> float:
     module still built, the model still run, as the baseline did): what sharing weights gains
     on the same acquisitions (at concurrency 1 exactly, with the cores saturated about). trims
     gains more where holding each model once keeps more of them warm (a keep-alive pool), or
-    where it builds or runs a model faster than the baseline (weights in 2 MiB pages)."""
+    where it happens to build or run the models faster than the baseline did."""
     infer = sum(r["infer_s"] for r in run["records"])
     return (run["acquire_s"] + infer) / (run["acquire_s"] - run["weights_s"] + infer)
 
@@ -172,30 +172,28 @@ def _acquisition_table(grid: list[dict]) -> list[str]:
 
 
 def _first_inference_table(grid: list[dict]) -> list[str]:
-    """Where a cold start's first inference spent its time, as the instance's thread counted it:
-    on a core (in the kernel: mostly page faults, a freshly mapped model's first touch) or off
-    one (waiting for a core, or on a GPU node for the device)."""
+    """Where cold starts' first inference spent its time, as the instance's thread counted it
+    (runs from before replies counted it have no such table)."""
     rows = []
     for label, source, _, cold in _cold_starts(grid):
-        used = [r for r in cold if r.get("infer_usage")]  # older runs did not count
-        if not used:
-            return []
-
-        def mean(value) -> float:
-            return sum(map(value, used)) / len(used)
-
-        rows.append([label, _source_name(source), str(len(used)), f"{mean(lambda r: r['infer_s']) * 1000:.0f}",
-                     f"{mean(lambda r: r['infer_usage']['cpu_s']) * 1000:.0f}",
-                     f"{mean(lambda r: r['infer_usage']['system_s']) * 1000:.0f}",
-                     f"{mean(lambda r: max(0.0, r['infer_s'] - r['infer_usage']['cpu_s'])) * 1000:.0f}",
-                     f"{mean(lambda r: r['infer_usage']['minor_faults']):.0f}"])
+        used = [r for r in cold if r.get("infer_usage")]
+        if used:
+            usage = {key: sum(r["infer_usage"][key] for r in used) / len(used)
+                     for key in ("cpu_s", "system_s", "minor_faults")}
+            wall = sum(r["infer_s"] for r in used) / len(used)
+            off = sum(max(0.0, r["infer_s"] - r["infer_usage"]["cpu_s"]) for r in used) / len(used)
+            rows.append([label, _source_name(source), str(len(used)), f"{wall * 1000:.0f}",
+                         f"{usage['cpu_s'] * 1000:.0f}", f"{usage['system_s'] * 1000:.0f}", f"{off * 1000:.0f}",
+                         f"{usage['minor_faults']:.0f}"])
+    if not rows:
+        return []
     header = ["cell", "source", "first inferences", "ms (mean)", "on a core ms", "of it in the kernel ms",
               "off a core ms", "page faults"]
     return ["### Where cold starts' first inference went", "",
             "The first inference after an acquisition, as the instance's one torch thread counted it: time on",
             "a core, of it in the kernel (page faults, chiefly a freshly mapped model's first touch, which",
-            "the baseline paid while copying its weights), and time off a core (waiting for one; on a GPU",
-            "node, also for the device).", "",
+            "the baseline paid while copying its weights), and time off a core (waiting for one, or for",
+            "I/O; a GPU's synchronize mostly spins on a core).", "",
             *_table(header, rows), ""]
 
 
