@@ -189,6 +189,29 @@ def test_a_corrupted_byte_in_the_bucket_is_detected_and_never_served(tmp_path, s
         daemon.kill()
 
 
+def test_a_corrupt_disk_copy_is_set_aside_and_fetched_again_from_the_bucket(tmp_path, s3, bucket):
+    weights = make_models(tmp_path, [0])
+    daemon = DaemonProcess(tmp_path / "d").start()
+    try:
+        client = daemon.client()
+        client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims")
+        client.evict("m0")
+        (segment,) = (daemon.store / "disk").glob("*.bin")
+        data = bytearray(segment.read_bytes())
+        data[100] ^= 0x01
+        segment.write_bytes(bytes(data))
+        views = open_concurrently([daemon.client() for _ in range(4)], "m0")  # one fetch, which heals
+        assert len(views) == 4 and all(np.array_equal(v["w"], weights[0]) for v in views)
+        stats = client.stats()
+        assert stats["corrupt_copies"] == {"disk": 1}
+        assert stats["fetches"]["cloud->disk"]["count"] == 1
+        assert (daemon.store / "corrupt" / segment.name).read_bytes() == data
+        assert segment.read_bytes() != data  # the disk holds a good copy again
+        assert tiers_of(client, "m0") == ("host", "disk", "cloud")
+    finally:
+        daemon.kill()
+
+
 @pytest.mark.parametrize("policy, survivor", [("lru", "m1"), ("lfu", "m0"), ("fifo", "m1")])
 def test_each_policy_evicts_the_model_it_should(tmp_path, policy, survivor):
     make_models(tmp_path, range(3))

@@ -245,8 +245,9 @@ def test_restart_keeps_the_catalogue_and_verifies_what_it_loads(tmp_path):
         second.kill()
 
 
-def test_a_corrupted_byte_on_disk_is_detected_and_never_served(tmp_path):
-    save_file({"w": torch.randn(4096)}, tmp_path / "m.safetensors")
+def test_a_corrupted_byte_on_disk_is_set_aside_never_served_and_restored_by_a_push(tmp_path):
+    weights = torch.randn(4096)
+    save_file({"w": weights}, tmp_path / "m.safetensors")
     daemon = DaemonProcess(tmp_path / "d").start()
     client = daemon.client()
     client.push(tmp_path / "m.safetensors", "m")
@@ -258,9 +259,18 @@ def test_a_corrupted_byte_on_disk_is_detected_and_never_served(tmp_path):
     daemon = DaemonProcess(tmp_path / "d").start()
     try:
         client = daemon.client()
-        with pytest.raises(trims.IntegrityError, match="corrupt"):
+        with pytest.raises(trims.IntegrityError, match="corrupt.*No other tier holds it: push the model again"):
             client.open("m")
-        assert client.stats()["tiers"]["host"]["used_bytes"] == 0
+        assert not segment.exists()
+        assert (daemon.store / "corrupt" / segment.name).read_bytes() == data  # kept for a look, out of the tier
+        stats = client.stats()
+        assert stats["tiers"]["host"]["used_bytes"] == 0 and stats["tiers"]["disk"]["used_bytes"] == 0
+        assert stats["corrupt_copies"] == {"disk": 1}
+        with pytest.raises(trims.IntegrityError, match="bytes are lost; push the model again"):
+            client.open("m")
+        assert client.push(tmp_path / "m.safetensors", "m").new_bytes == len(data)  # written again, not reused
+        with client.open("m") as view:
+            assert view["w"].tobytes() == weights.numpy().tobytes()
         _daemon_still_serves(client, tmp_path)
     finally:
         daemon.kill()

@@ -184,7 +184,7 @@ class TestDiskTier(TierChecks):
     @pytest.fixture
     def tier(self, tmp_path, pool):
         (tmp_path / "tmp").mkdir()
-        return DiskTier(tmp_path / "disk", tmp_path / "tmp", pool)
+        return DiskTier(tmp_path / "disk", tmp_path / "tmp", tmp_path / "corrupt", pool)
 
     def corrupt(self, tier, layout):
         path = tier.path(layout.id)
@@ -196,13 +196,20 @@ class TestDiskTier(TierChecks):
         layout, data = make_segment(7)
         tier.put(layout, fill_with(data))
         (tier.directory / ("0" * 64 + ".bin")).write_bytes(b"stray")
-        again = DiskTier(tmp_path / "disk", tmp_path / "tmp", pool)
+        again = DiskTier(tmp_path / "disk", tmp_path / "tmp", tmp_path / "corrupt", pool)
         again.index({layout.id: layout})
         assert list(again.segment_ids()) == [layout.id] and fetched(again, layout) == data
         assert sorted(p.name for p in tier.directory.iterdir()) == [f"{digests.hex_of(layout.id)}.bin"]
 
     def test_unbounded_by_default(self, tier):
         assert tier.capacity == UNBOUNDED
+
+    def test_a_copy_set_aside_leaves_the_tier_and_is_kept(self, tier, tmp_path):
+        layout, data = make_segment(8)
+        tier.put(layout, fill_with(data))
+        kept = tier.set_aside(layout.id)
+        assert kept == tmp_path / "corrupt" / tier.path(layout.id).name and kept.read_bytes() == data
+        assert not tier.has(layout.id) and tier.bytes_used() == 0 and not tier.path(layout.id).exists()
 
 
 class TestCloudTier(TierChecks):

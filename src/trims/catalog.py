@@ -61,6 +61,10 @@ class Catalog:
     def temp_dir(self) -> Path:
         return self.root / "tmp"
 
+    def corrupt_dir(self) -> Path:
+        """Where segment files that failed their digests are kept (made when one does)."""
+        return self.root / "corrupt"
+
     def add_segment(self, layout: SegmentLayout) -> None:
         """Record a segment whose bytes a tier already holds."""
         if layout.id not in self.segments:

@@ -2,7 +2,8 @@
 
 A segment file appears only complete: it is written to the store's ``tmp/``, fsynced, then
 renamed into place. Every read back out is verified against the segment's digests, since
-disks rot and files can be edited underneath the daemon.
+disks rot and files can be edited underneath the daemon; a file that fails is set aside in
+the store's ``corrupt/`` (kept for whoever looks into it, never served again).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ _COPY_CHUNK = 64 * 1024 * 1024
 class DiskTier(Tier):
     name = "disk"
 
-    def __init__(self, directory: Path, temp_dir: Path, pool: ThreadPoolExecutor, capacity: int = UNBOUNDED) -> None:
+    def __init__(self, directory: Path, temp_dir: Path, corrupt_dir: Path, pool: ThreadPoolExecutor,
+                 capacity: int = UNBOUNDED) -> None:
         super().__init__(capacity)
         self.directory = directory
         self._temp_dir = temp_dir
+        self._corrupt_dir = corrupt_dir
         self._pool = pool
         self._sizes: dict[str, int] = {}
         directory.mkdir(mode=0o700, exist_ok=True)
@@ -96,6 +99,21 @@ class DiskTier(Tier):
     def evict(self, segment_id: str) -> int:
         self.path(segment_id).unlink(missing_ok=True)
         return self._sizes.pop(segment_id)
+
+    def set_aside(self, segment_id: str) -> Path:
+        """Take a segment whose file failed its digests out of the tier, keeping the file in
+        ``corrupt/``; returns where it went. Readers that have it open read on undisturbed."""
+        self._corrupt_dir.mkdir(mode=0o700, exist_ok=True)
+        kept = self._corrupt_dir / self.path(segment_id).name
+        try:
+            os.replace(self.path(segment_id), kept)
+        except FileNotFoundError:
+            pass  # gone already (edited away underneath the daemon): nothing to keep
+        except OSError as exc:
+            log.warning("could not move corrupt segment file %s aside (%s); deleting it", kept.name, exc)
+            self.path(segment_id).unlink(missing_ok=True)
+        self._sizes.pop(segment_id, None)
+        return kept
 
 
 def new_temp_file(temp_dir: Path, size: int) -> tuple[int, str]:

@@ -139,7 +139,8 @@ class Store:
         self._workers = workers or os.cpu_count() or 2
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="trims-verify")
         self.host = HostTier(host_capacity)
-        self.disk = DiskTier(root / "disk", self.catalog.temp_dir(), self._pool, disk_capacity)
+        self.disk = DiskTier(root / "disk", self.catalog.temp_dir(), self.catalog.corrupt_dir(), self._pool,
+                             disk_capacity)
         self.cloud = CloudTier(root / "cloud", self.catalog.temp_dir(), self._pool, default_url=cloud_url)
         self._tiers: dict[str, Tier] = {"host": self.host, "disk": self.disk, "cloud": self.cloud}
         self.policy_name = policy
@@ -266,7 +267,7 @@ class Store:
         """Make a push visible; the new bytes stored, or None if a tensor it relies on is gone."""
         catalog, segment = self.catalog, ingested.segment
         new_bytes = 0
-        if segment is not None and segment.id not in catalog.segments:
+        if segment is not None and not self._stored_locked(segment.id):  # new, or lost and now restored
             self.disk.adopt(segment, ingested.segment_path)
             catalog.add_segment(segment)
             if remote_urls:  # pushed from a bucket: the objects stay the cloud copy
@@ -297,18 +298,27 @@ class Store:
 
     def _covered(self, manifest: Manifest, name: str | None, tenant: Tenant) -> set[str]:
         """Which of a new model's tensors are stored where it may be read from."""
+        name = name or adopted_name(tenant.name, manifest.digest)
         with self._lock:
-            usable = self._sharing.usable_for(manifest, name or adopted_name(tenant.name, manifest.digest))
-            return self.catalog.covered(manifest, usable)
+            return self.catalog.covered(manifest, self._usable_locked(manifest, name))
 
     def _segments_for_locked(self, manifest: Manifest, name: str) -> tuple[str, ...] | None:
         """The segments a model pushed as ``name`` is read from: those it had, if all may
         still be shared with the new name's readers, or else a fresh choice."""
-        usable = self._sharing.usable_for(manifest, name)
+        usable = self._usable_locked(manifest, name)
         current = self.catalog.uses.get(manifest.digest)
         if current and self.catalog.placement(manifest) is not None and all(usable(s) for s in current):
             return current
         return self.catalog.choose_segments(manifest, usable)
+
+    def _usable_locked(self, manifest: Manifest, name: str) -> Callable[[str], bool]:
+        """Segments a push may rely on: shareable with its readers (sharing.py), and still
+        stored. A segment whose last copy was lost is written again, which restores it."""
+        shareable = self._sharing.usable_for(manifest, name)
+        return lambda segment_id: self._stored_locked(segment_id) and shareable(segment_id)
+
+    def _stored_locked(self, segment_id: str) -> bool:
+        return self.disk.has(segment_id) or self.cloud.has(segment_id)
 
     def _may_map_locked(self, tenant: Tenant, manifest: Manifest, placement: _Placement) -> bool:
         if not placement.extras:
@@ -621,10 +631,15 @@ class Store:
         source: Tier | None = None
         try:
             source = self._source_for_host(layout, tracker)
-            if source is self.cloud:
-                self.host.put(layout, lambda fd: self.cloud.fetch(layout, fd, progress=_add(tracker)))
-            else:
-                self.host.put(layout, lambda fd: source.fetch(layout, fd))
+            try:
+                self._fill_host(layout, source, tracker)
+            except IntegrityError as exc:
+                if source is not self.disk:
+                    raise
+                source = None  # the disk copy is read no more
+                self._set_aside_corrupt(layout, exc)  # raises unless the cloud has a copy
+                source = self._source_for_host(layout, tracker)
+                self._fill_host(layout, source, tracker)
         except BaseException as exc:
             with self._changed:
                 self._finish_host_load_locked(layout, source)
@@ -639,6 +654,30 @@ class Store:
         segment = self.host.get(segment_id)
         pending.set_result(segment)
         return segment
+
+    def _fill_host(self, layout: SegmentLayout, source: Tier, tracker: _Tracker | None) -> None:
+        if source is self.cloud:
+            self.host.put(layout, lambda fd: self.cloud.fetch(layout, fd, progress=_add(tracker)))
+        else:
+            self.host.put(layout, lambda fd: source.fetch(layout, fd))
+
+    def _set_aside_corrupt(self, layout: SegmentLayout, failure: IntegrityError) -> None:
+        """A disk copy failed its digests: take it out of the tier (its file kept in the
+        store's ``corrupt/``), so no open reads it again. Returns if the cloud holds the
+        segment, to be fetched anew; else raises: the bytes are lost until pushed again."""
+        with self._changed:
+            self._reading[layout.id] -= 1
+            kept = self.disk.set_aside(layout.id)
+            self._policies["disk"].forget(layout.id)
+            self.metrics.inc("trims_corrupt_copies_total", tier="disk")
+            in_cloud = self.cloud.has(layout.id)
+            self._changed.notify_all()
+        if in_cloud:
+            log.error("%s; moved it to %s and fetching the segment from the cloud again", failure, kept)
+            return
+        log.error("%s; moved it to %s; no other tier holds the segment", failure, kept)
+        raise IntegrityError(f"{failure}. No other tier holds it: push the model again to restore its bytes "
+                             f"(the corrupt file is kept in {kept})") from None
 
     def _finish_host_load_locked(self, layout: SegmentLayout, source: Tier | None) -> None:
         self._reserved["host"] -= layout.size
@@ -1059,6 +1098,7 @@ class Store:
         m.describe("trims_fetch_seconds_total", "counter", "Seconds spent copying between tiers.")
         m.describe("trims_fetch_failures_total", "counter", "Segment copies that failed, by source tier.")
         m.describe("trims_evictions_total", "counter", "Segments evicted, by tier and reason.")
+        m.describe("trims_corrupt_copies_total", "counter", "Stored copies that failed their digests and were set aside.")
         m.describe("trims_pushes_total", "counter", "Models pushed.")
         m.describe("trims_push_new_bytes_total", "counter", "Bytes pushes added to the store.")
         m.describe("trims_tier_bytes", "gauge", "Bytes a tier holds.")
@@ -1116,5 +1156,6 @@ class Store:
                       "mean_seconds": m.histogram("trims_open_seconds")["mean"]},
             "fetches": fetches,
             "fetch_failures": m.by_label("trims_fetch_failures_total", "source"),
+            "corrupt_copies": m.by_label("trims_corrupt_copies_total", "tier"),
             "pushes": {"total": m.value("trims_pushes_total"), "new_bytes": m.value("trims_push_new_bytes_total")},
         }
