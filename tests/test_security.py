@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 import trims
+from trims.acl import AccessPolicy
 
 from .conftest import ROOT, DaemonProcess
 
@@ -273,6 +274,62 @@ def test_push_rights_are_their_own_namespaces(tmp_path):
     for bad in ({"admin": "no"}, {"push": "yes"}, {"max_leased_bytes": -1}, {"uids": "0"}):
         with pytest.raises(ConfigError):
             parse_tenants({"a": {"namespaces": ["*"], **bad}}, parse_size)
+
+
+def test_bucket_patterns_name_their_bucket_and_bound_what_the_daemon_reaches():
+    from trims.acl import parse_tenants
+    from trims.config import parse_size
+    from trims.errors import ConfigError
+
+    spec = {"uids": [1], "namespaces": ["a/*"], "push": True, "buckets": ["s3://models-a/team/*", "gs://shared/x.safetensors"]}
+    (tenant,) = parse_tenants({"a": spec}, parse_size).tenants
+    assert tenant.may_reach("s3://models-a/team/m/model.safetensors") and tenant.may_reach("gs://shared/x.safetensors")
+    for url in ("s3://models-a/other/m", "s3://models-ab/team/m", "s3://models-a/team/../../models-b/m",
+                "s3://models-a/team/./m", "gs://shared/y.safetensors"):
+        assert not tenant.may_reach(url), url
+    (pushless,) = parse_tenants({"b": {"uids": [2], "namespaces": ["b/*"], "push": True}}, parse_size).tenants
+    assert not pushless.may_reach("s3://models-a/team/m")  # no buckets configured: none
+    assert AccessPolicy.single_user().tenants[0].may_reach("s3://anything/at/all")
+    for bad in ("models-a/*", "s3://models-*/x", "s3://", "s3:///x", ["s3://ok/*", 3]):
+        with pytest.raises(ConfigError):
+            parse_tenants({"a": {**spec, "buckets": bad if isinstance(bad, list) else [bad]}}, parse_size)
+
+
+def test_a_tenant_has_the_daemon_reach_only_the_buckets_its_config_allows(s3):
+    allowed, other = s3.new_bucket(), s3.new_bucket()
+    data = save({"w": torch.arange(1024.0)})
+    for bucket in (allowed, other):
+        s3.client().put_object(Bucket=bucket, Key="models/m.safetensors", Body=data)
+    workdir = Path(tempfile.mkdtemp(prefix="trims-sec-", dir="/tmp"))
+    os.chmod(workdir, 0o755)
+    (workdir / "trims.toml").write_text(f"""
+socket_mode = "0666"
+[tenants.operators]
+uids = [0]
+namespaces = ["*"]
+admin = true
+[tenants.team-a]
+uids = [{TEAM_A}]
+namespaces = ["team-a/*"]
+push = true
+buckets = ["s3://{allowed}/models/*"]
+""")
+    daemon = DaemonProcess(workdir, extra=("--config", str(workdir / "trims.toml"))).start()
+    try:
+        results = probe(daemon, TEAM_A, f"""
+attempt("allowed", lambda: client.push("s3://{allowed}/models/m.safetensors", "team-a/m").nbytes)
+attempt("another bucket", lambda: client.push("s3://{other}/models/m.safetensors", "team-a/o").nbytes)
+attempt("a way out", lambda: client.push("s3://{allowed}/models/../models/m.safetensors", "team-a/d").nbytes)
+attempt("upload elsewhere", lambda: client.push("s3://{allowed}/models/m.safetensors", "team-a/m", to="s3://{other}/up").nbytes)
+""")
+        assert results["allowed"] == ["ok", 4096]
+        for label in ("another bucket", "a way out", "upload elsewhere"):
+            assert results[label][0] == "PermissionDenied" and "[tenants.team-a] buckets" in results[label][1], label
+        assert "Contents" not in s3.client().list_objects_v2(Bucket=other, Prefix="up/")
+        assert daemon.client().push(f"s3://{other}/models/m.safetensors", "team-a/o").nbytes == 4096  # an admin: anywhere
+    finally:
+        daemon.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_the_socket_directory_keeps_its_special_bits(tmp_path):

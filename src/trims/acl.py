@@ -5,7 +5,10 @@ A connection's tenant comes from ``SO_PEERCRED`` (uid, gid) and ``SO_PEERGROUPS`
 only models whose names match one of its namespace patterns (``team-a/*``, ``public/*``,
 ``*``); to it, every other model does not exist. Writing (push, rm) is allowed where the
 tenant's ``push`` patterns (or, for an admin, its namespaces) match; moving models between
-tiers (evict, pull, pin, unpin) needs ``admin``.
+tiers (evict, pull, pin, unpin) needs ``admin``. The daemon reads and writes object storage
+on a tenant's behalf (``push s3://...``, ``push --to``) with its own credentials, so only
+where the tenant's ``buckets`` patterns match (an admin: anywhere); else a tenant could have
+the daemon read a bucket it has no access to itself.
 
 With no tenants configured the daemon is single-user: its own uid (and root) may do
 everything, and nobody else may connect.
@@ -25,6 +28,7 @@ from .errors import ConfigError, PermissionDenied
 
 READ, WRITE, ADMIN = "read", "write", "admin"
 ANY_ID = -1  # `uids = ["*"]`: every uid
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # it names the tenant's auto/<tenant>/ namespace
 
 
@@ -35,6 +39,7 @@ class Tenant:
     gids: frozenset[int] = frozenset()
     namespaces: tuple[str, ...] = ("*",)
     push: tuple[str, ...] = ()  # where it may push and remove
+    buckets: tuple[str, ...] = ()  # object storage URLs the daemon may read or write for it
     admin: bool = False
     max_leased_bytes: int | None = None
     max_pushed_bytes: int | None = None
@@ -54,6 +59,17 @@ class Tenant:
         patterns = self.namespaces if self.admin else self.push
         return self.can_see(name) and (bare.startswith(f"auto/{self.name}/") or
                                        any(fnmatch.fnmatchcase(bare, p) for p in patterns))
+
+    def may_reach(self, url: str) -> bool:
+        """Whether the daemon may read or write ``url`` in object storage for this tenant. A
+        URL with ``.`` or ``..`` segments matches no pattern: some object stores' clients
+        resolve them, and a pattern must mean what it says."""
+        if self.admin:
+            return True
+        segments = url.split("://", 1)[-1].split("/")
+        if any(s in (".", "..") for s in segments) or "\\" in url:
+            return False
+        return any(fnmatch.fnmatchcase(url, p) for p in self.buckets)
 
     def require(self, right: str, what: str) -> None:
         allowed = {READ: True, WRITE: bool(self.push) or self.admin, ADMIN: self.admin}[right]
@@ -94,7 +110,8 @@ def parse_tenants(table: dict[str, Any], parse_size) -> AccessPolicy:
             raise ConfigError(f"tenants.{name} must be a table")
         if not _TENANT_NAME.fullmatch(name):
             raise ConfigError(f"tenant name {name!r}: use letters, digits, '.', '_' and '-'")
-        unknown = set(spec) - {"uids", "gids", "namespaces", "push", "admin", "max_leased_bytes", "max_pushed_bytes"}
+        unknown = set(spec) - {"uids", "gids", "namespaces", "push", "buckets", "admin", "max_leased_bytes",
+                               "max_pushed_bytes"}
         if unknown:
             raise ConfigError(f"tenants.{name}: unknown setting {sorted(unknown)[0]!r}")
         namespaces = tuple(_strings(spec.get("namespaces", []), f"tenants.{name}.namespaces"))
@@ -107,6 +124,7 @@ def parse_tenants(table: dict[str, Any], parse_size) -> AccessPolicy:
             gids=frozenset(_ids(spec.get("gids", []), _gid, f"tenants.{name}.gids")),
             namespaces=namespaces,
             push=tuple(_strings(push, f"tenants.{name}.push")),
+            buckets=tuple(_url_patterns(spec.get("buckets", []), f"tenants.{name}.buckets")),
             admin=_boolean(spec.get("admin", False), f"tenants.{name}.admin"),
             max_leased_bytes=_size(spec, "max_leased_bytes", name, parse_size),
             max_pushed_bytes=_size(spec, "max_pushed_bytes", name, parse_size),
@@ -152,6 +170,19 @@ def _size(spec: dict[str, Any], key: str, tenant: str, parse_size) -> int | None
     if size < 0:
         raise ConfigError(f"tenants.{tenant}.{key} cannot be negative")
     return size
+
+
+def _url_patterns(values: Any, where: str) -> list[str]:
+    """Patterns like ``s3://team-a-models/*``: a scheme, and the bucket spelled out (a bucket
+    named by a wildcard would let ``team-a*`` match ``team-attacker``)."""
+    patterns = _strings(values, where)
+    for pattern in patterns:
+        scheme, sep, rest = pattern.partition("://")
+        bucket = rest.split("/", 1)[0]
+        if not sep or not _SCHEME.fullmatch(scheme) or not bucket or any(c in bucket for c in "*?["):
+            raise ConfigError(f"{where}: {pattern!r} is not like \"s3://bucket/prefix/*\" (a scheme, a bucket "
+                              "named in full, then a key pattern)")
+    return patterns
 
 
 def _strings(values: Any, where: str) -> list[str]:

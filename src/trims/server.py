@@ -258,11 +258,8 @@ class Server:
     def _on_push(self, request: protocol.Push, ctx: _Context) -> protocol.Message:
         ctx.tenant.require(WRITE, "push models")
         for url in (request.url, request.to):
-            if url is not None and url.split("://", 1)[0] not in CLIENT_URL_SCHEMES:
-                raise PermissionDenied(
-                    f"{url.split('://', 1)[0]}:// is not for clients: the daemon reads and writes only object storage "
-                    f"({', '.join(s + '://' for s in CLIENT_URL_SCHEMES)}) on a client's behalf; push local files by path"
-                )
+            if url is not None:
+                _check_client_url(url, ctx.tenant)
         if request.url is not None and request.files:
             raise InvalidModel("push takes a URL or files, not both")
         if request.url is not None:
@@ -327,3 +324,19 @@ class Server:
         stats["daemon"] = self._describe()
         stats["tenant"] = self.store.usage(ctx.tenant)
         return protocol.StatsReply(id=request.id, stats=stats)
+
+
+def _check_client_url(url: str, tenant: Tenant) -> None:
+    """Refuse object storage a client may not have the daemon reach with its own credentials."""
+    scheme = url.split("://", 1)[0]
+    if scheme not in CLIENT_URL_SCHEMES:
+        raise PermissionDenied(
+            f"{scheme}:// is not for clients: the daemon reads and writes only object storage "
+            f"({', '.join(s + '://' for s in CLIENT_URL_SCHEMES)}) on a client's behalf; push local files by path"
+        )
+    if not tenant.may_reach(url):
+        allowed = ", ".join(tenant.buckets) or "none"
+        raise PermissionDenied(
+            f"tenant {tenant.name} may not have the daemon read or write {url}: its config's buckets allow {allowed}; "
+            f"ask the daemon's operator to add the bucket to [tenants.{tenant.name}] buckets, or push local files"
+        )
