@@ -164,8 +164,8 @@ def test_concurrent_opens_of_a_cold_cloud_model_cause_one_get_series(tmp_path, s
         daemon.kill()
 
 
-def test_a_corrupted_byte_in_the_bucket_is_detected_and_never_served(tmp_path, s3, bucket):
-    make_models(tmp_path, [0, 1])
+def test_a_corrupted_byte_in_the_bucket_is_never_served_and_a_push_restores_the_copy(tmp_path, s3, bucket):
+    weights = make_models(tmp_path, [0, 1])
     daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "300K")).start()
     try:
         client = daemon.client()
@@ -177,14 +177,41 @@ def test_a_corrupted_byte_in_the_bucket_is_detected_and_never_served(tmp_path, s
         data = bytearray(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
         data[100] ^= 0x01
         s3.client().put_object(Bucket=bucket, Key=key, Body=bytes(data))
-        for _ in range(2):  # every try fails the same way; nothing bad is kept
-            with pytest.raises(trims.IntegrityError, match="cloud"):
-                client.open("m0")
-        assert tiers_of(client, "m0") == ("cloud",)
+        with pytest.raises(trims.IntegrityError, match="cloud.*No other tier holds it: push the model again"):
+            client.open("m0")
+        assert tiers_of(client, "m0") == ()  # that copy is no copy: forgotten, its object left as it is
+        assert client.stats()["corrupt_copies"] == {"cloud": 1}
+        with pytest.raises(trims.IntegrityError, match="bytes are lost; push the model again"):
+            client.open("m0")
         assert client.stats()["tiers"]["host"]["used_bytes"] == 0
         assert not list((daemon.store / "tmp").iterdir())
         with client.open("m1"):
             pass
+        client.evict("m1")
+        assert client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims").new_bytes == MODEL_BYTES
+        with client.open("m0") as view:
+            assert np.array_equal(view["w"], weights[0])
+        assert s3.client().get_object(Bucket=bucket, Key=key)["Body"].read() != bytes(data)  # uploaded again
+    finally:
+        daemon.kill()
+
+
+def test_a_damaged_disk_copy_is_never_uploaded(tmp_path, s3, bucket):
+    make_models(tmp_path, [0])
+    daemon = DaemonProcess(tmp_path / "d").start()
+    try:
+        client = daemon.client()
+        client.push(tmp_path / "m0.safetensors", "m0")
+        (segment,) = (daemon.store / "disk").glob("*.bin")
+        data = bytearray(segment.read_bytes())
+        data[100] ^= 0x01
+        segment.write_bytes(bytes(data))
+        # The same bytes again: the push relies on the stored segment, whose upload finds it damaged.
+        with pytest.raises(trims.IntegrityError, match="disk tier.*No other tier holds it: push the model again"):
+            client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims")
+        assert "Contents" not in s3.client().list_objects_v2(Bucket=bucket)
+        assert client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims").new_bytes == MODEL_BYTES
+        assert tiers_of(client, "m0") == ("disk", "cloud")
     finally:
         daemon.kill()
 
@@ -205,9 +232,14 @@ def test_a_corrupt_disk_copy_is_set_aside_and_fetched_again_from_the_bucket(tmp_
         stats = client.stats()
         assert stats["corrupt_copies"] == {"disk": 1}
         assert stats["fetches"]["cloud->disk"]["count"] == 1
-        assert (daemon.store / "corrupt" / segment.name).read_bytes() == data
+        (kept,) = (daemon.store / "corrupt").glob(f"{segment.stem}-*.bin")
+        assert kept.read_bytes() == data
         assert segment.read_bytes() != data  # the disk holds a good copy again
         assert tiers_of(client, "m0") == ("host", "disk", "cloud")
+        for view in views:
+            view.close()
+        assert client.stats()["tiers"]["disk"]["reserved_bytes"] == 0
+        client.evict("m0")  # nothing still counts as reading or loading it
     finally:
         daemon.kill()
 

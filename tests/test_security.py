@@ -285,12 +285,14 @@ def test_bucket_patterns_name_their_bucket_and_bound_what_the_daemon_reaches():
     (tenant,) = parse_tenants({"a": spec}, parse_size).tenants
     assert tenant.may_reach("s3://models-a/team/m/model.safetensors") and tenant.may_reach("gs://shared/x.safetensors")
     for url in ("s3://models-a/other/m", "s3://models-ab/team/m", "s3://models-a/team/../../models-b/m",
-                "s3://models-a/team/./m", "gs://shared/y.safetensors"):
+                "s3://models-a/team/./m", "gs://shared/y.safetensors", "s3://models-a/team/.\t./../models-b/m",
+                "s3://models-a/team/%2e%2e/%2e%2e/models-b/m", "s3://models-a/team/m?versionId=1", "s3://models-a/team/m#x",
+                "s3://models-a/team/m::s3://models-b/m", "s3://models-a/team/m\\..\\..", "s3://models-a/team/m\n"):
         assert not tenant.may_reach(url), url
     (pushless,) = parse_tenants({"b": {"uids": [2], "namespaces": ["b/*"], "push": True}}, parse_size).tenants
     assert not pushless.may_reach("s3://models-a/team/m")  # no buckets configured: none
     assert AccessPolicy.single_user().tenants[0].may_reach("s3://anything/at/all")
-    for bad in ("models-a/*", "s3://models-*/x", "s3://", "s3:///x", ["s3://ok/*", 3]):
+    for bad in ("models-a/*", "s3://models-*/x", "s3://", "s3:///x", "file://x/*", "https://x/*", ["s3://ok/*", 3]):
         with pytest.raises(ConfigError):
             parse_tenants({"a": {**spec, "buckets": bad if isinstance(bad, list) else [bad]}}, parse_size)
 
@@ -320,11 +322,14 @@ buckets = ["s3://{allowed}/models/*"]
 attempt("allowed", lambda: client.push("s3://{allowed}/models/m.safetensors", "team-a/m").nbytes)
 attempt("another bucket", lambda: client.push("s3://{other}/models/m.safetensors", "team-a/o").nbytes)
 attempt("a way out", lambda: client.push("s3://{allowed}/models/../models/m.safetensors", "team-a/d").nbytes)
+attempt("escaped", lambda: client.push("s3://{allowed}/models/%2e%2e/models/m.safetensors", "team-a/d").nbytes)
 attempt("upload elsewhere", lambda: client.push("s3://{allowed}/models/m.safetensors", "team-a/m", to="s3://{other}/up").nbytes)
 """)
         assert results["allowed"] == ["ok", 4096]
-        for label in ("another bucket", "a way out", "upload elsewhere"):
+        for label in ("another bucket", "upload elsewhere"):
             assert results[label][0] == "PermissionDenied" and "[tenants.team-a] buckets" in results[label][1], label
+        for label in ("a way out", "escaped"):
+            assert results[label][0] == "PermissionDenied" and "not a plain scheme://bucket/key" in results[label][1]
         assert "Contents" not in s3.client().list_objects_v2(Bucket=other, Prefix="up/")
         assert daemon.client().push(f"s3://{other}/models/m.safetensors", "team-a/o").nbytes == 4096  # an admin: anywhere
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +13,7 @@ from trims import digest as digests
 from trims import hugepages
 from trims.cloud import CloudTier
 from trims.disk import DiskTier
-from trims.errors import IntegrityError
+from trims.errors import DamagedCopy, IntegrityError, StorageError
 from trims.host import HostTier
 from trims.records import SegmentLayout
 from trims.tier import UNBOUNDED, Tier
@@ -208,8 +209,30 @@ class TestDiskTier(TierChecks):
         layout, data = make_segment(8)
         tier.put(layout, fill_with(data))
         kept = tier.set_aside(layout.id)
-        assert kept == tmp_path / "corrupt" / tier.path(layout.id).name and kept.read_bytes() == data
+        assert kept.parent == tmp_path / "corrupt" and kept.read_bytes() == data
         assert not tier.has(layout.id) and tier.bytes_used() == 0 and not tier.path(layout.id).exists()
+        tier.put(layout, fill_with(data))  # the same segment may come back, fetched anew
+        assert fetched(tier, layout) == data and tier.set_aside(layout.id) != kept
+
+    def test_a_damaged_copy_is_told_apart_from_an_error_that_may_pass(self, tier, monkeypatch):
+        layout, data = make_segment(9)
+        tier.put(layout, fill_with(data))
+        tier.verify(layout)
+        self.corrupt(tier, layout)
+        with pytest.raises(DamagedCopy):
+            tier.verify(layout)
+        tier.path(layout.id).write_bytes(data[:100])  # truncated: checked without reading past the end
+        with pytest.raises(DamagedCopy, match="shorter"):
+            tier.verify(layout)
+        tier.path(layout.id).unlink()
+        with pytest.raises(DamagedCopy, match="missing"):
+            fetched(tier, layout)
+
+        def too_many_open_files(*args, **kwargs):
+            raise OSError(errno.EMFILE, "Too many open files")
+        monkeypatch.setattr(os, "open", too_many_open_files)
+        with pytest.raises(StorageError, match="Too many open files"):
+            tier.verify(layout)
 
 
 class TestCloudTier(TierChecks):

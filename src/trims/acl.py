@@ -28,7 +28,13 @@ from .errors import ConfigError, PermissionDenied
 
 READ, WRITE, ADMIN = "read", "write", "admin"
 ANY_ID = -1  # `uids = ["*"]`: every uid
-_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+# URL schemes a client may ask the daemon to read or write. Never file:// (the daemon would
+# open a path with its own rights: a confused deputy) nor http(s):// (requests to internal hosts).
+CLIENT_URL_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+# What a URL a tenant names may look like: scheme://bucket/key in plain characters. Anything
+# else (%-escapes, ?, #, \, whitespace, control characters, ::) is refused, not interpreted:
+# each object store's client parses URLs its own way (some drop tabs, some resolve "..").
+_PLAIN_URL = re.compile(r"[a-z][a-z0-9+.-]*://[A-Za-z0-9._~@-]+(/[A-Za-z0-9._~@=+,!()*'-]*)*")
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # it names the tenant's auto/<tenant>/ namespace
 
 
@@ -61,21 +67,20 @@ class Tenant:
                                        any(fnmatch.fnmatchcase(bare, p) for p in patterns))
 
     def may_reach(self, url: str) -> bool:
-        """Whether the daemon may read or write ``url`` in object storage for this tenant. A
-        URL with ``.`` or ``..`` segments matches no pattern: some object stores' clients
-        resolve them, and a pattern must mean what it says."""
-        if self.admin:
-            return True
-        segments = url.split("://", 1)[-1].split("/")
-        if any(s in (".", "..") for s in segments) or "\\" in url:
-            return False
-        return any(fnmatch.fnmatchcase(url, p) for p in self.buckets)
+        """Whether the daemon may read or write ``url`` in object storage for this tenant:
+        a plain URL (:func:`plain_url`) that one of its ``buckets`` patterns matches."""
+        return self.admin or (plain_url(url) and any(fnmatch.fnmatchcase(url, p) for p in self.buckets))
 
     def require(self, right: str, what: str) -> None:
         allowed = {READ: True, WRITE: bool(self.push) or self.admin, ADMIN: self.admin}[right]
         if not allowed:
             role = "push or admin" if right == WRITE else "admin"
             raise PermissionDenied(f"tenant {self.name} may not {what}: that needs the {role} role in the daemon's config")
+
+
+def plain_url(url: str) -> bool:
+    """``scheme://bucket/key`` in plain characters, without ``.`` or ``..`` segments."""
+    return bool(_PLAIN_URL.fullmatch(url)) and not {".", ".."} & set(url.split("://", 1)[1].split("/"))
 
 
 # The daemon's own view, for calls that come from inside it (pinned re-warms) and for
@@ -179,9 +184,9 @@ def _url_patterns(values: Any, where: str) -> list[str]:
     for pattern in patterns:
         scheme, sep, rest = pattern.partition("://")
         bucket = rest.split("/", 1)[0]
-        if not sep or not _SCHEME.fullmatch(scheme) or not bucket or any(c in bucket for c in "*?["):
-            raise ConfigError(f"{where}: {pattern!r} is not like \"s3://bucket/prefix/*\" (a scheme, a bucket "
-                              "named in full, then a key pattern)")
+        if not sep or scheme not in CLIENT_URL_SCHEMES or not bucket or any(c in bucket for c in "*?["):
+            raise ConfigError(f"{where}: {pattern!r} is not like \"s3://bucket/prefix/*\" (a scheme of "
+                              f"{', '.join(CLIENT_URL_SCHEMES)}, a bucket named in full, then a key pattern)")
     return patterns
 
 

@@ -166,11 +166,18 @@ class CloudTier(Tier):
     def evict(self, segment_id: str) -> int:
         """Forget the segment; the objects this daemon uploaded for it are deleted in the
         background (the store calls this under its lock, and a delete may wait on the network)."""
-        copy = self._copies.pop(segment_id)
-        (self._index_dir / f"{digests.hex_of(segment_id)}.json").unlink(missing_ok=True)
+        copy = self.forget(segment_id)
         if copy.owned:
             self._pool.submit(self._delete, copy.owned)
         return copy.size
+
+    def forget(self, segment_id: str) -> RemoteCopy:
+        """Drop the record of a copy, leaving its objects as they are: one that failed its
+        digests (overwritten in the bucket, say) is no copy, and a push of the model uploads
+        or registers a good one."""
+        copy = self._copies.pop(segment_id)
+        (self._index_dir / f"{digests.hex_of(segment_id)}.json").unlink(missing_ok=True)
+        return copy
 
     def _delete(self, urls: list[str]) -> None:
         for url in urls:

@@ -2,22 +2,24 @@
 
 A segment file appears only complete: it is written to the store's ``tmp/``, fsynced, then
 renamed into place. Every read back out is verified against the segment's digests, since
-disks rot and files can be edited underneath the daemon; a file that fails is set aside in
-the store's ``corrupt/`` (kept for whoever looks into it, never served again).
+disks rot and files can be edited underneath the daemon; the store sets aside a file that
+fails (:meth:`DiskTier.set_aside`) in ``corrupt/``, kept for whoever looks into it.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
 from . import digest as digests
 from .catalog import rename_durably, storage_error
-from .errors import IntegrityError
+from .errors import DamagedCopy
 from .records import SegmentLayout
 from .tier import UNBOUNDED, Fill, Tier
 from .verify import Verifier
@@ -81,10 +83,7 @@ class DiskTier(Tier):
         self._sizes[layout.id] = layout.size
 
     def fetch(self, layout: SegmentLayout, destination: int) -> None:
-        try:
-            source = os.open(self.path(layout.id), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise IntegrityError(f"segment {layout.id[:19]} is missing from the disk tier: {exc.strerror}") from None
+        source = self._open(layout)
         try:
             with Verifier(destination, layout, self._pool, source="the disk tier") as verifier:
                 copied = 0
@@ -96,24 +95,48 @@ class DiskTier(Tier):
         finally:
             os.close(source)
 
+    def verify(self, layout: SegmentLayout) -> None:
+        """Check a segment's file against its digests where it lies (before it is copied
+        elsewhere without a check of its own, as an upload is); raises DamagedCopy."""
+        source = self._open(layout)
+        try:
+            if os.fstat(source).st_size < layout.size:  # reading a mapping past the end would be SIGBUS
+                raise DamagedCopy(f"segment {layout.id[:19]}'s file on the disk tier is shorter than the segment")
+            with Verifier(source, layout, self._pool, source="the disk tier") as verifier:
+                for entry in layout.entries:
+                    verifier.landed(entry)
+                verifier.finish()
+        finally:
+            os.close(source)
+
     def evict(self, segment_id: str) -> int:
         self.path(segment_id).unlink(missing_ok=True)
         return self._sizes.pop(segment_id)
 
-    def set_aside(self, segment_id: str) -> Path:
-        """Take a segment whose file failed its digests out of the tier, keeping the file in
-        ``corrupt/``; returns where it went. Readers that have it open read on undisturbed."""
-        self._corrupt_dir.mkdir(mode=0o700, exist_ok=True)
-        kept = self._corrupt_dir / self.path(segment_id).name
-        try:
-            os.replace(self.path(segment_id), kept)
-        except FileNotFoundError:
-            pass  # gone already (edited away underneath the daemon): nothing to keep
-        except OSError as exc:
-            log.warning("could not move corrupt segment file %s aside (%s); deleting it", kept.name, exc)
-            self.path(segment_id).unlink(missing_ok=True)
+    def set_aside(self, segment_id: str) -> Path | None:
+        """Take a damaged copy out of the tier, its file kept in ``corrupt/`` for a look;
+        returns where, or None if there was no file to keep (or it could not be moved, and
+        then a restart finds it again, and checks it again)."""
         self._sizes.pop(segment_id, None)
-        return kept
+        try:
+            self._corrupt_dir.mkdir(mode=0o700, exist_ok=True)
+            stem = f"{self.path(segment_id).stem}-{time.strftime('%Y%m%dT%H%M%S')}"
+            kept = next(p for n in itertools.count() if not (p := self._corrupt_dir / f"{stem}-{n}.bin").exists())
+            os.replace(self.path(segment_id), kept)
+            return kept
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.error("could not move the damaged segment file %s aside: %s", self.path(segment_id).name, exc)
+            return None
+
+    def _open(self, layout: SegmentLayout) -> int:
+        try:
+            return os.open(self.path(layout.id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise DamagedCopy(f"segment {layout.id[:19]}'s file is missing from the disk tier") from None
+        except OSError as exc:
+            raise storage_error(exc, f"opening segment {layout.id[:19]} on the disk tier") from None
 
 
 def new_temp_file(temp_dir: Path, size: int) -> tuple[int, str]:
@@ -135,6 +158,6 @@ def _copy_until(source: int, destination: int, copied: int, end: int, size: int)
         except OSError as exc:
             raise storage_error(exc, "copying a segment from the disk tier") from None
         if n == 0:
-            raise IntegrityError(f"a segment file on the disk tier ended at byte {copied} of {size}")
+            raise DamagedCopy(f"a segment file on the disk tier ended at byte {copied} of {size}")
         copied += n
     return copied

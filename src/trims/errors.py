@@ -19,12 +19,14 @@
         ├── CapacityError            the model does not fit in the memory trims was given
         ├── QuotaExceeded            your tenant's share of leased or pushed bytes is used up
         ├── IntegrityError           stored bytes no longer match their digest
+        │   └── DamagedCopy          (in the daemon) one tier's copy is corrupt or gone: it is dropped
         ├── StorageError             the store could not be read or written (disk full, I/O)
         ├── GpuError                 no usable GPU, or the CUDA driver refused a call
         └── InternalError            a bug in the daemon; it kept serving
 
 A :class:`RequestError` travels over the wire as ``(code, message)``; each subclass owns
-one code, so the client raises the same class the daemon raised.
+one code, so the client raises the same class the daemon raised (``DamagedCopy`` never
+leaves the daemon as such: a client sees its parent).
 """
 
 from __future__ import annotations
@@ -124,6 +126,12 @@ class QuotaExceeded(RequestError):
 
 class IntegrityError(RequestError):
     code = "integrity"
+
+
+class DamagedCopy(IntegrityError):
+    """One tier's copy of a segment failed its digests, or its file is gone: that copy must
+    not be read again (an I/O error that may pass, such as too many open files, is a
+    StorageError instead)."""
 
 
 class StorageError(RequestError):

@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import __version__, protocol
 from .cloud import remote_model_files
-from .acl import ADMIN, WRITE, AccessPolicy, Tenant
+from .acl import ADMIN, CLIENT_URL_SCHEMES, WRITE, AccessPolicy, Tenant, plain_url
 from .errors import (ConnectionLost, InvalidModel, LocalProtocolError, PermissionDenied, ProtocolError, RequestError,
                      StorageError)
 from .sources import FileSource
@@ -30,11 +30,6 @@ log = logging.getLogger("trims.server")
 
 # Replies whose descriptors were opened just to be sent (segment descriptors are the store's).
 _OPENED_FOR_THE_REPLY = (protocol.Files,)
-
-# URL schemes a client may ask the daemon to read or write. Never file:// (the daemon would
-# open a path with its own rights: a confused deputy) nor http(s):// (requests to internal hosts).
-CLIENT_URL_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
-
 
 class _Context:
     """What a handler knows of its request: the connection, and the tenant the kernel vouched for."""
@@ -333,6 +328,11 @@ def _check_client_url(url: str, tenant: Tenant) -> None:
         raise PermissionDenied(
             f"{scheme}:// is not for clients: the daemon reads and writes only object storage "
             f"({', '.join(s + '://' for s in CLIENT_URL_SCHEMES)}) on a client's behalf; push local files by path"
+        )
+    if not tenant.may_reach(url) and not plain_url(url):
+        raise PermissionDenied(
+            f"{url!r} is not a plain scheme://bucket/key URL: a tenant's URLs may not have %-escapes, '?', '#', "
+            "'\\', whitespace, ':' after the scheme, or '.' and '..' segments; name the objects as they are"
         )
     if not tenant.may_reach(url):
         allowed = ", ".join(tenant.buckets) or "none"

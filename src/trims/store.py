@@ -33,7 +33,7 @@ from .cloud import CloudTier, RemoteFile
 from .disk import DiskTier
 from .gpu import GpuSegment, GpuTier
 from .acl import EVERYONE, AccessPolicy, Tenant
-from .errors import (CapacityError, GpuError, IntegrityError, InvalidName, ModelBusy, ModelNotFound,
+from .errors import (CapacityError, DamagedCopy, GpuError, IntegrityError, InvalidName, ModelBusy, ModelNotFound,
                      PermissionDenied, QuotaExceeded, StorageError, TrimsError)
 from .host import HostSegment, HostTier
 from .metrics import OPEN_SECONDS_BUCKETS, Metrics
@@ -58,6 +58,7 @@ TIERS = ("host", "disk", "cloud")
 # Starting guesses of how fast each tier refills the one above it; refined by measurement.
 _INITIAL_RATES = {"host": 2.0e10, "disk": 1.5e9, "cloud": 1.0e8}
 _CLOUD_LATENCY = 0.05
+_LOADS_OF_A_DAMAGED_SEGMENT = 3  # a disk that damages every copy would otherwise fetch for ever
 
 
 @dataclass(frozen=True)
@@ -400,6 +401,11 @@ class Store:
             for segment_id in segments:
                 layout = self.catalog.segments[segment_id]
                 started = self._clock()
+                try:
+                    self.disk.verify(layout)  # an upload copies the file unchecked: check it here
+                except DamagedCopy as damage:
+                    self._drop_damaged(self.disk, layout, damage)  # raises: it is not in the cloud yet
+                    raise
                 self.cloud.upload(layout, self.disk.path(segment_id), base_url)
                 self._count_fetch("disk", "cloud", layout.size, self._clock() - started)
         finally:
@@ -629,21 +635,24 @@ class Store:
     def _load_into_host(self, layout: SegmentLayout, pending: Future, tracker: _Tracker | None) -> HostSegment:
         segment_id, started = layout.id, self._clock()
         source: Tier | None = None
+        damaged: Tier | None = None
         try:
-            source = self._source_for_host(layout, tracker)
-            try:
-                self._fill_host(layout, source, tracker)
-            except IntegrityError as exc:
-                if source is not self.disk:
-                    raise
-                source = None  # the disk copy is read no more
-                self._set_aside_corrupt(layout, exc)  # raises unless the cloud has a copy
+            for attempt in itertools.count(1):
                 source = self._source_for_host(layout, tracker)
-                self._fill_host(layout, source, tracker)
+                try:
+                    self._fill_host(layout, source, tracker)
+                    break
+                except DamagedCopy as damage:
+                    damaged, source = source, None  # that copy is read no more
+                    self._drop_damaged(damaged, layout, damage, was_reading=damaged is self.disk)
+                    if attempt == _LOADS_OF_A_DAMAGED_SEGMENT:  # each from a copy fetched anew and checked
+                        raise StorageError(f"segment {segment_id[:19]} came out of the disk tier damaged {attempt} "
+                                           "times, each copy fetched anew from the cloud: check the store's disk") from None
         except BaseException as exc:
             with self._changed:
                 self._finish_host_load_locked(layout, source)
-                self.metrics.inc("trims_fetch_failures_total", source=source.name if source else "none")
+                failed = source or damaged
+                self.metrics.inc("trims_fetch_failures_total", source=failed.name if failed else "none")
             pending.set_exception(exc)
             raise
         with self._changed:
@@ -661,23 +670,28 @@ class Store:
         else:
             self.host.put(layout, lambda fd: source.fetch(layout, fd))
 
-    def _set_aside_corrupt(self, layout: SegmentLayout, failure: IntegrityError) -> None:
-        """A disk copy failed its digests: take it out of the tier (its file kept in the
-        store's ``corrupt/``), so no open reads it again. Returns if the cloud holds the
-        segment, to be fetched anew; else raises: the bytes are lost until pushed again."""
+    def _drop_damaged(self, tier: Tier, layout: SegmentLayout, damage: DamagedCopy, was_reading: bool = False) -> None:
+        """A copy failed its digests, or is gone: take it out of its tier so that nothing reads
+        it again (a disk file is kept in the store's corrupt/, a bucket's objects stay as they
+        are). Returns if another tier holds the segment, to be read instead; else raises
+        IntegrityError: its bytes are lost until a push of the model writes them anew."""
         with self._changed:
-            self._reading[layout.id] -= 1
-            kept = self.disk.set_aside(layout.id)
-            self._policies["disk"].forget(layout.id)
-            self.metrics.inc("trims_corrupt_copies_total", tier="disk")
-            in_cloud = self.cloud.has(layout.id)
+            if was_reading:
+                self._reading[layout.id] -= 1
+            kept = self.disk.set_aside(layout.id) if tier is self.disk else None
+            if tier is self.cloud and self.cloud.has(layout.id):
+                self.cloud.forget(layout.id)
+            if tier.name in self._policies:
+                self._policies[tier.name].forget(layout.id)
+            self.metrics.inc("trims_corrupt_copies_total", tier=tier.name)
+            elsewhere = self._stored_locked(layout.id)
             self._changed.notify_all()
-        if in_cloud:
-            log.error("%s; moved it to %s and fetching the segment from the cloud again", failure, kept)
+        where = f"; the file is kept in {kept}" if kept else ""
+        if elsewhere:
+            log.error("%s%s; reading the segment from another tier instead", damage, where)
             return
-        log.error("%s; moved it to %s; no other tier holds the segment", failure, kept)
-        raise IntegrityError(f"{failure}. No other tier holds it: push the model again to restore its bytes "
-                             f"(the corrupt file is kept in {kept})") from None
+        log.error("%s%s; no other tier holds the segment", damage, where)
+        raise IntegrityError(f"{damage}. No other tier holds it: push the model again to restore its bytes{where}") from None
 
     def _finish_host_load_locked(self, layout: SegmentLayout, source: Tier | None) -> None:
         self._reserved["host"] -= layout.size
@@ -728,7 +742,11 @@ class Store:
             pending.result()
         started = self._clock()
         try:
-            self.disk.put(layout, lambda fd: self.cloud.fetch(layout, fd, progress=_add(tracker)))
+            try:
+                self.disk.put(layout, lambda fd: self.cloud.fetch(layout, fd, progress=_add(tracker)))
+            except DamagedCopy as damage:
+                self._drop_damaged(self.cloud, layout, damage)  # raises: the disk has no copy either
+                raise
         except BaseException as exc:
             with self._changed:
                 self._reserved["disk"] -= layout.size

@@ -3,8 +3,9 @@
 A tier that reads stored bytes (disk, cloud) writes them into a destination descriptor and
 tells a :class:`Verifier` each time one tensor's bytes are complete; the verifier hashes it
 on a thread pool, overlapping the copy. :meth:`Verifier.finish` then checks that the
-padding is zero and raises :class:`IntegrityError` if anything differs. The destination is
-read through a read-only shared mapping, which does not stop a memfd from being sealed.
+padding is zero and raises :class:`~trims.errors.DamagedCopy` if anything differs. The
+destination is read through a read-only shared mapping, which does not stop a memfd from
+being sealed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import mmap
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from . import digest as digests
-from .errors import IntegrityError
+from .errors import DamagedCopy
 from .records import SegmentEntry, SegmentLayout
 
 
@@ -31,7 +32,7 @@ class Verifier:
         self._checks.append(self._pool.submit(self._check_entry, entry))
 
     def finish(self) -> None:
-        """Wait for every hash and check the padding; raises IntegrityError."""
+        """Wait for every hash and check the padding; raises DamagedCopy."""
         self._checks.append(self._pool.submit(self._check_padding))
         for check in self._checks:
             check.result()
@@ -53,7 +54,7 @@ class Verifier:
     def _check_entry(self, entry: SegmentEntry) -> None:
         actual = digests.of_bytes(self._view[entry.offset : entry.offset + entry.nbytes])
         if actual != entry.digest:
-            raise IntegrityError(
+            raise DamagedCopy(
                 f"bytes at offset {entry.offset} of segment {self._layout.id[:19]} from {self._source} hash to "
                 f"{actual[:19]}…, expected {entry.digest[:19]}…: that copy is corrupt and was not served"
             )
@@ -67,6 +68,6 @@ class Verifier:
 
     def _check_zero(self, start: int, end: int) -> None:
         if end > start and bytes(self._view[start:end]).count(0) != end - start:
-            raise IntegrityError(
+            raise DamagedCopy(
                 f"padding bytes {start}..{end} of segment {self._layout.id[:19]} from {self._source} are not zero"
             )
