@@ -1116,7 +1116,7 @@ class Store:
         m.describe("trims_fetch_seconds_total", "counter", "Seconds spent copying between tiers.")
         m.describe("trims_fetch_failures_total", "counter", "Segment copies that failed, by source tier.")
         m.describe("trims_evictions_total", "counter", "Segments evicted, by tier and reason.")
-        m.describe("trims_corrupt_copies_total", "counter", "Stored copies that failed their digests and were set aside.")
+        m.describe("trims_corrupt_copies_total", "counter", "Copies that failed their digests, or whose file was gone, dropped from their tier.")
         m.describe("trims_pushes_total", "counter", "Models pushed.")
         m.describe("trims_push_new_bytes_total", "counter", "Bytes pushes added to the store.")
         m.describe("trims_tier_bytes", "gauge", "Bytes a tier holds.")
