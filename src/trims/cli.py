@@ -313,7 +313,8 @@ def _stats(args: argparse.Namespace) -> int:
         rate = fetch["bytes"] / fetch["seconds"] if fetch["seconds"] else 0
         print(f"fetch  {route}: {fetch['count']:g} segments, {format_size(fetch['bytes'])} at {format_size(rate)}/s")
     for tier, count in stats["corrupt_copies"].items():
-        print(f"corrupt copies on {tier}: {count:g}, set aside in the store's corrupt/ (the daemon's log names them)")
+        kept = "; their files are kept in the store's corrupt/" if tier == "disk" else ""
+        print(f"damaged copies dropped from {tier}: {count:g} (the daemon's log names them{kept})")
     return 0
 
 
