@@ -267,6 +267,9 @@ def test_a_corrupted_byte_on_disk_is_set_aside_never_served_and_restored_by_a_pu
         stats = client.stats()
         assert stats["tiers"]["host"]["used_bytes"] == 0 and stats["tiers"]["disk"]["used_bytes"] == 0
         assert stats["corrupt_copies"] == {"disk": 1}
+        shown = subprocess.run([sys.executable, "-m", "trims", "stats"], env=daemon.env, capture_output=True, text=True,
+                               timeout=120).stdout
+        assert "damaged copies dropped from disk: 1 (the daemon's log names them; their files are kept" in shown
         with pytest.raises(trims.IntegrityError, match="bytes are lost; push the model again"):
             client.open("m")
         assert client.push(tmp_path / "m.safetensors", "m").new_bytes == len(data)  # written again, not reused
