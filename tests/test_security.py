@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"),
 
 TEAM_A, TEAM_B_MEMBER, TEAM_B_GROUP, STRANGER = 23001, 23002, 23102, 23003
 
-CONFIG = f"""
+OPERATORS = """
 socket_mode = "0666"
 frame_timeout = 2
 
@@ -33,7 +35,9 @@ frame_timeout = 2
 uids = [0]
 namespaces = ["*"]
 admin = true
+"""
 
+CONFIG = OPERATORS + f"""
 [tenants.team-a]
 uids = [{TEAM_A}]
 namespaces = ["team-a/*", "public/*"]
@@ -63,15 +67,29 @@ except trims.TrimsError as exc:
 """
 
 
-@pytest.fixture(scope="module")
-def secured():
-    # Other uids must reach the socket: a world-searchable directory outside pytest's 0700 tmp.
+@contextlib.contextmanager
+def daemon_for_other_uids(config: str, **options) -> Iterator[tuple[DaemonProcess, Path]]:
+    """A daemon with ``config``, its socket in a world-searchable directory outside pytest's
+    0700 tmp, so that other uids can reach it; and that directory."""
     workdir = Path(tempfile.mkdtemp(prefix="trims-sec-", dir="/tmp"))
     os.chmod(workdir, 0o755)
-    config = workdir / "trims.toml"
-    config.write_text(CONFIG)
-    daemon = DaemonProcess(workdir, host_memory="4M", extra=("--config", str(config))).start()
-    models = workdir / "models"
+    (workdir / "trims.toml").write_text(config)
+    daemon = DaemonProcess(workdir, extra=("--config", str(workdir / "trims.toml")), **options).start()
+    try:
+        yield daemon, workdir
+    finally:
+        daemon.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def secured():
+    with daemon_for_other_uids(CONFIG, host_memory="4M") as (daemon, workdir):
+        yield daemon, _other_readable_models(daemon, workdir / "models")
+
+
+def _other_readable_models(daemon: DaemonProcess, models: Path) -> Path:
+    """Models pushed under four namespaces, and files any uid may read for its own pushes."""
     models.mkdir()
     client = daemon.client()
     for name, seed in (("team-a/m", 0), ("team-b/m", 1), ("public/m", 2), ("private/m", 3)):
@@ -82,9 +100,7 @@ def secured():
     os.chmod(models, 0o755)
     for path in models.iterdir():
         os.chmod(path, 0o644)
-    yield daemon, models
-    daemon.kill()
-    shutil.rmtree(workdir, ignore_errors=True)
+    return models
 
 
 def probe(daemon: DaemonProcess, uid: int, body: str, groups: tuple[int, ...] = ()) -> dict:
@@ -302,22 +318,14 @@ def test_a_tenant_has_the_daemon_reach_only_the_buckets_its_config_allows(s3):
     data = save({"w": torch.arange(1024.0)})
     for bucket in (allowed, other):
         s3.client().put_object(Bucket=bucket, Key="models/m.safetensors", Body=data)
-    workdir = Path(tempfile.mkdtemp(prefix="trims-sec-", dir="/tmp"))
-    os.chmod(workdir, 0o755)
-    (workdir / "trims.toml").write_text(f"""
-socket_mode = "0666"
-[tenants.operators]
-uids = [0]
-namespaces = ["*"]
-admin = true
+    config = OPERATORS + f"""
 [tenants.team-a]
 uids = [{TEAM_A}]
 namespaces = ["team-a/*"]
 push = true
 buckets = ["s3://{allowed}/models/*"]
-""")
-    daemon = DaemonProcess(workdir, extra=("--config", str(workdir / "trims.toml"))).start()
-    try:
+"""
+    with daemon_for_other_uids(config) as (daemon, _):
         results = probe(daemon, TEAM_A, f"""
 attempt("allowed", lambda: client.push("s3://{allowed}/models/m.safetensors", "team-a/m").nbytes)
 attempt("another bucket", lambda: client.push("s3://{other}/models/m.safetensors", "team-a/o").nbytes)
@@ -332,9 +340,6 @@ attempt("upload elsewhere", lambda: client.push("s3://{allowed}/models/m.safeten
             assert results[label][0] == "PermissionDenied" and "not a plain scheme://bucket/key" in results[label][1]
         assert "Contents" not in s3.client().list_objects_v2(Bucket=other, Prefix="up/")
         assert daemon.client().push(f"s3://{other}/models/m.safetensors", "team-a/o").nbytes == 4096  # an admin: anywhere
-    finally:
-        daemon.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_the_socket_directory_keeps_its_special_bits(tmp_path):

@@ -329,14 +329,15 @@ def _check_client_url(url: str, tenant: Tenant) -> None:
             f"{scheme}:// is not for clients: the daemon reads and writes only object storage "
             f"({', '.join(s + '://' for s in CLIENT_URL_SCHEMES)}) on a client's behalf; push local files by path"
         )
-    if not tenant.may_reach(url) and not plain_url(url):
+    if tenant.may_reach(url):
+        return
+    if not plain_url(url):
         raise PermissionDenied(
             f"{url!r} is not a plain scheme://bucket/key URL: a tenant's URLs may not have %-escapes, '?', '#', "
             "'\\', whitespace, ':' after the scheme, or '.' and '..' segments; name the objects as they are"
         )
-    if not tenant.may_reach(url):
-        allowed = ", ".join(tenant.buckets) or "none"
-        raise PermissionDenied(
-            f"tenant {tenant.name} may not have the daemon read or write {url}: its config's buckets allow {allowed}; "
-            f"ask the daemon's operator to add the bucket to [tenants.{tenant.name}] buckets, or push local files"
-        )
+    allowed = ", ".join(tenant.buckets) or "none"
+    raise PermissionDenied(
+        f"tenant {tenant.name} may not have the daemon read or write {url}: its config's buckets allow {allowed}; "
+        f"ask the daemon's operator to add the bucket to [tenants.{tenant.name}] buckets, or push local files"
+    )
