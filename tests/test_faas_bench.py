@@ -56,7 +56,10 @@ def test_the_miniature_runs_every_experiment_and_measures_what_it_says(tmp_path)
         usage = [record["infer_usage"] for record in run["records"]]
         assert all(value >= 0 for counts in usage for value in counts.values())
         assert sum(counts["cpu_s"] for counts in usage) > 0
-    assert {cell.get("policy") for cell in results["beyond"]} == {"lru", "cost"}
+    assert [cell["policy"] for cell in results["beyond"]] == ["lru", "cost"] * 2
+    for cell in results["beyond"]:  # the policies ran side by side, each repeat's stream three ways
+        ratios = cell["repeat_policy_ratios"] if cell["policy"] == "cost" else cell["repeat_ratios"]
+        assert len(ratios) == 2 and all(ratio > 0 for ratio in ratios)
     for cell in results["grid"]:
         assert len(cell["repeat_ratios"]) == 2
         trims_run = cell["trims"]

@@ -66,11 +66,11 @@ def markdown(results: dict) -> str:
     if results.get("grid"):
         lines += _grid_tables(results["grid"]) + _acquisition_table(results["grid"])
         lines += _first_inference_table(results["grid"])
-    if "streams" in results:
-        lines += ["### Request streams at the best point", ""] + _cells_table(results["streams"], ("stream",))
-    if "beyond" in results:
-        lines += ["### Eviction policy and host memory at the best point's concurrency", ""]
-        lines += _cells_table(results["beyond"], ("memory", "policy", "fraction"))
+    if results.get("streams"):
+        lines += [f"### Request streams at {_point_text(results['streams'][0])}", ""]
+        lines += _cells_table(results["streams"], ("stream",))
+    if results.get("beyond"):
+        lines += _beyond_text(results["beyond"])
     return "\n".join(lines) + "\n"
 
 
@@ -210,8 +210,25 @@ def _source_name(source: str) -> str:
     return "baseline" if source == "own" else "trims"
 
 
+def _point_text(cell: dict) -> str:
+    return f"{cell['fraction']:.0%} of the zoo, concurrency {cell['concurrency']}"
+
+
+def _beyond_text(cells: list[dict]) -> list[str]:
+    """The policies and budgets table, and the cost-aware policy against LRU, which ran beside it."""
+    against = [f"{c['memory']}, {c['fraction']:.0%} of the zoo: {c['policy_ratio']:.2f}x"
+               + (f" ({min(r):.2f}–{max(r):.2f})" if len(r := c["repeat_policy_ratios"]) > 1 else "")
+               for c in cells if "policy_ratio" in c]
+    return [f"### Eviction policy and host memory at concurrency {cells[0]['concurrency']}", "",
+            "Each repeat's stream served by the baseline, trims with LRU and trims with the cost-aware policy,",
+            "back to back, each trims run on a fresh daemon of its policy.", "",
+            *_cells_table(cells, ("memory", "policy", "fraction")),
+            "Throughput of the cost-aware policy / LRU's (in brackets, single repeats): " + "; ".join(against) + ".", ""]
+
+
 def _cells_table(cells: list[dict], keys: tuple[str, ...]) -> list[str]:
-    header = [*keys, "c", "source", "req/s", "p50 s", "p99 s", "p99 / ideal", "warm", "daemon fetch s", "peak memory"]
+    header = [*keys, "c", "source", "req/s", "p50 s", "p99 s", "p99 / ideal", "warm", "daemon fetch s",
+              "daemon fetch GB", "peak memory"]
     rows = []
     for cell in cells:
         for source in ("own", "trims"):
@@ -221,7 +238,8 @@ def _cells_table(cells: list[dict], keys: tuple[str, ...]) -> list[str]:
                 rows.append([*label, str(cell["concurrency"]), _source_name(source),
                              f"{run['throughput']:.2f}", f"{run['p50_s']:.2f}", f"{run['p99_s']:.2f}",
                              f"{run['p99_s'] / run['ideal_p99_s']:.2f}x", f"{run['warm_fraction']:.0%}",
-                             f"{run['daemon_fetch_s']:.2f}" if source == "trims" else "", format_size(run["peak_memory"])])
+                             *([f"{run['daemon_fetch_s']:.2f}", f"{run['daemon_fetch_bytes'] / 1e9:.1f}"]
+                               if source == "trims" else ["", ""]), format_size(run["peak_memory"])])
     return [*_table(header, rows), ""]
 
 

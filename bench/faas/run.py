@@ -4,6 +4,7 @@
     python bench/faas/run.py --zoo small      # no model over 600 MB: for machines under 16 GB
     python bench/faas/run.py --quick          # a 3 x 3 grid instead of 6 x 6
     python bench/faas/run.py --keep-alive 0 --warm-node --quick --phases none --out bench/results/faas/paper
+    python bench/faas/run.py --no-grid --phases beyond --at 0.8,1 --out bench/results/faas/beyond
     python bench/faas/run.py --zoo tiny --requests 8 --concurrency 1,2 --fractions 0.5,1 --runs 1 --repeats 1 --pool 3
     python bench/faas/run.py --device cuda --zoo small --quick   # a GPU node (bench/faas/device-check.sh)
 
@@ -12,8 +13,9 @@ the paper's zoo was twice its capped GPU memory), a pool of pre-warmed function 
 (separate processes) with keep-alive, and closed-loop clients sending requests drawn from
 the paper's Pareto stream. Every cell of the grid runs both ways, one run right after the
 other: instances that load their own copy (the baseline), and instances that map the daemon's;
-three times (``--repeats``), each repeat with its own request stream, pooled. Then the same
-with the cost-aware policy and a host tier half as large, and with Zipf and uniform streams.
+three times (``--repeats``), each repeat with its own request stream, pooled. Then, at the
+grid's best point (or ``--at``), Zipf and uniform streams, and the cost-aware policy beside
+LRU and the baseline, with the node's budget and with half of it.
 Writes faas.json, faas.md, latency.png, throughput.png and memory.png to bench/results/faas.
 
 With ``--device cuda``, the paper's own setting: instances run models on the GPU, the budget
@@ -87,12 +89,12 @@ def main() -> None:
                 _grid(bench, budget, names, args, results)
                 report.write(results, args.out)
             if "streams" in args.phases:
-                best = report.best_cell(results["grid"])
-                results["streams"] = [_pair(bench, budget, names, best["concurrency"], best["fraction"], args, stream)
+                point = _point(args, results)
+                results["streams"] = [_pair(bench, budget, names, point["concurrency"], point["fraction"], args, stream)
                                       for stream in ("zipf", "uniform")]
         if "beyond" in args.phases:
-            results["beyond"] = _beyond(pool, workdir, directories, sizes, names, results["grid"],
-                                        report.best_cell(results["grid"]), budget, tight, args, files)
+            results["beyond"] = _beyond(pool, workdir, directories, sizes, names, _point(args, results), budget,
+                                        tight, args, files)
     except BaseException:
         _keep_daemon_log(workdir, args.out)
         if "zoo" in results:
@@ -124,7 +126,9 @@ def _arguments() -> argparse.Namespace:
                         help="start each run with the node's cache warm (steady state) rather than cold")
     parser.add_argument("--phases", type=lambda text: set(text.split(",")), default={"latency", "streams", "beyond"},
                         help="besides the grid, any of latency,streams,beyond, or none (default: all three)")
-    parser.add_argument("--no-grid", action="store_true", help="only the per-model latency table (Fig. 7)")
+    parser.add_argument("--no-grid", action="store_true", help="skip the grid (with --phases latency: Fig. 7 alone)")
+    parser.add_argument("--at", type=_point_argument, default=None, metavar="FRACTION,CONCURRENCY",
+                        help="where the streams and beyond phases run, e.g. 0.8,1 (default: the grid's best point)")
     parser.add_argument("--cache", type=Path, default=HERE.parent / "results" / "cache" / "faas",
                         help="where the zoo is built")
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "faas")
@@ -132,8 +136,8 @@ def _arguments() -> argparse.Namespace:
     unknown = args.phases - {"latency", "streams", "beyond", "none"}
     if unknown:
         parser.error(f"unknown phases {', '.join(sorted(unknown))}; choose from latency, streams, beyond (or none)")
-    if args.no_grid and args.phases != {"latency"}:
-        parser.error("--no-grid measures the per-model latency alone: give it --phases latency")
+    if args.no_grid and args.phases & {"streams", "beyond"} and args.at is None:
+        parser.error("without the grid there is no best point for the streams and beyond phases: give --at")
     args.concurrency = args.concurrency or ([1, 4, 8] if args.quick else [1, 2, 4, 6, 8, 10])
     args.fractions = args.fractions or ([0.1, 0.4, 1.0] if args.quick else [0.1, 0.2, 0.4, 0.6, 0.8, 1.0])
     return args
@@ -177,25 +181,44 @@ def _pair(bench: measure.Bench, budget: int, names: list[str], concurrency: int,
     return cell
 
 
-def _beyond(pool: Pool, workdir: Path, directories: dict, sizes: dict, names: list[str], grid: list[dict],
-            best: dict, budget: int, tight: int, args: argparse.Namespace, files: dict[str, int]) -> list[dict]:
-    """At the best point's concurrency, with its fraction of the zoo and with all of it: the
-    cost-aware policy beside LRU, with the node's budget and with half of it."""
-    measured = {c["fraction"]: c for c in grid if c["concurrency"] == best["concurrency"]}
-    fractions = sorted({best["fraction"], 1.0})
+def _beyond(pool: Pool, workdir: Path, directories: dict, sizes: dict, names: list[str], point: dict,
+            budget: int, tight: int, args: argparse.Namespace, files: dict[str, int]) -> list[dict]:
+    """At the point's concurrency, with its fraction of the zoo and with all of it, with the
+    node's budget and with half of it: the cost-aware policy beside LRU, and both beside the
+    baseline. Each repeat's stream is served three ways back to back, trims on a fresh daemon of
+    each policy, so the policies meet the same disk and page cache (a cell of the grid ran up
+    to an hour earlier, and these VMs' disks are not that steady)."""
     cells = []
     for label, memory in (("budget", budget), ("half budget", tight)):
-        for policy in ("lru", "cost"):
-            # With the budget and LRU, the grid has run these cells already.
-            done = {f: measured[f] for f in fractions if (label, policy) == ("budget", "lru") and f in measured}
-            if len(done) < len(fractions):
-                sources = measure.SOURCES if policy == "lru" else ("trims",)  # the baseline has no policy
-                with _daemon(workdir, memory, policy, args.device, files) as client:
-                    bench = measure.Bench(pool, client, workdir / "store", directories, sizes, args.keep_alive)
-                    done |= {f: _pair(bench, memory, names, best["concurrency"], f, args, sources=sources)
-                             for f in fractions if f not in done}
-            cells += [done[f] | {"memory": label, "policy": policy} for f in fractions]
+        for fraction in sorted({point["fraction"], 1.0}):
+            playing = streams.in_play(names, fraction)
+            runs: dict[str, list[dict]] = {"own": [], "lru": [], "cost": []}
+            for seed in range(args.repeats):
+                for policy in ("lru", "cost"):
+                    with _daemon(workdir, memory, policy, args.device, files) as client:
+                        bench = measure.Bench(pool, client, workdir / "store", directories, sizes, args.keep_alive)
+                        for source in measure.SOURCES if policy == "lru" else ("trims",):  # the baseline has no policy
+                            runs[policy if source == "trims" else source].append(measure.load_run(
+                                bench, source, memory, playing, point["concurrency"], args.requests, "pareto",
+                                args.warm_node, seed))
+            cells += _policy_cells(runs, label, fraction, point["concurrency"])
     return cells
+
+
+def _policy_cells(runs: dict[str, list[dict]], label: str, fraction: float, concurrency: int) -> list[dict]:
+    """LRU's cell (the baseline and trims, with their ratio) and the cost-aware policy's (trims,
+    with its ratio to LRU's, pooled and per repeat)."""
+    common = {"concurrency": concurrency, "fraction": fraction, "stream": "pareto", "memory": label}
+    pooled = {name: measure.pooled(name_runs) for name, name_runs in runs.items()}
+    lru = common | {"policy": "lru", "own": pooled["own"], "trims": pooled["lru"],
+                    "throughput_ratio": pooled["lru"]["throughput"] / pooled["own"]["throughput"],
+                    "repeat_ratios": [t["throughput"] / o["throughput"] for o, t in zip(runs["own"], runs["lru"])]}
+    cost = common | {"policy": "cost", "trims": pooled["cost"],
+                     "policy_ratio": pooled["cost"]["throughput"] / pooled["lru"]["throughput"],
+                     "repeat_policy_ratios": [c["throughput"] / t["throughput"] for t, c in zip(runs["lru"], runs["cost"])]}
+    for cell in (lru, cost):
+        print(report.cell_line(cell), flush=True)
+    return [lru, cost]
 
 
 @contextlib.contextmanager
@@ -228,6 +251,16 @@ def _keep_daemon_log(workdir: Path, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(workdir / "daemon.log", out / "daemon.log")
         print(f"the daemon's log is kept in {out / 'daemon.log'}", file=sys.stderr)
+
+
+def _point(args: argparse.Namespace, results: dict) -> dict:
+    """Where the streams and beyond phases run: ``--at``, else the grid's best point."""
+    return args.at or report.best_cell(results["grid"])
+
+
+def _point_argument(text: str) -> dict:
+    fraction, concurrency = text.split(",")
+    return {"fraction": float(fraction), "concurrency": int(concurrency)}
 
 
 def _numbers(kind):
