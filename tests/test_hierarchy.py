@@ -64,6 +64,31 @@ def test_the_disk_gives_up_only_what_the_cloud_holds(tmp_path, s3, bucket):
         daemon.kill()
 
 
+def test_a_push_of_bytes_the_store_holds_needs_no_room_for_them(tmp_path):
+    """A deploy pipeline pushing again, or a fine-tune sharing most tensors, onto a full disk:
+    the push is hashed first, and only the tensors the store lacks need room."""
+    weights = make_models(tmp_path, range(3))
+    head = torch.randn(256, generator=torch.Generator().manual_seed(7))
+    save_file({"w": torch.from_numpy(weights[0]), "head": head}, tmp_path / "tuned.safetensors")
+    daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "600K")).start()  # two models' room
+    try:
+        client = daemon.client()
+        for seed in (0, 1):  # no cloud: last copies, so the disk is full for a third model
+            client.push(tmp_path / f"m{seed}.safetensors", f"m{seed}")
+        again = client.push(tmp_path / "m0.safetensors", "m0-again")
+        assert again.new_bytes == 0 and again.digest == client.info("m0").digest
+        tuned = client.push(tmp_path / "tuned.safetensors", "tuned")
+        assert tuned.new_bytes == head.numel() * 4
+        with client.open("tuned") as view:
+            assert np.array_equal(view["w"], weights[0]) and np.array_equal(view["head"], head.numpy())
+        with pytest.raises(trims.CapacityError, match="disk tier is full"):
+            client.push(tmp_path / "m2.safetensors", "m2")  # new bytes still need room
+        assert client.stats()["tiers"]["disk"]["used_bytes"] <= 600 * KIB
+        assert not list((daemon.store / "tmp").iterdir())
+    finally:
+        daemon.kill()
+
+
 def test_with_a_cloud_location_every_push_is_uploaded(tmp_path, s3, bucket):
     make_models(tmp_path, [0])
     daemon = DaemonProcess(tmp_path / "d", extra=("--cloud", f"s3://{bucket}/trims")).start()

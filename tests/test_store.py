@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 import trims
-from trims import protocol, transport
+from trims import ingest, protocol, transport
+from trims.sources import FileSource
 
 from .conftest import DaemonProcess, open_concurrently
 from .models import build, raw_safetensors
@@ -184,6 +185,28 @@ def test_truncated_file_is_refused(daemon, tmp_path):
     with pytest.raises(trims.InvalidModel, match="truncated|outside"):
         client.push(tmp_path / "cut.safetensors", "cut")
     _daemon_still_serves(client, tmp_path)
+
+
+def test_a_file_rewritten_between_the_passes_of_a_push_is_refused(tmp_path):
+    """A push the disk has no room for whole reads its tensors twice (to hash, then to write
+    the new ones): bytes that changed in between fail it, and leave nothing behind."""
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1000)}, path)
+    temp_dir = tmp_path / "tmp"
+    temp_dir.mkdir()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        planned = ingest.plan([FileSource("model.safetensors", fd)])
+        manifest = ingest.digest(planned, workers=2)
+        with open(path, "r+b") as rewrite:  # in place: the pushed descriptor reads it
+            rewrite.seek(-4, os.SEEK_END)
+            rewrite.write(b"\x01\x02\x03\x04")
+        new = ingest.only_new(planned, manifest, stored=set())
+        with pytest.raises(trims.InvalidModel, match="changed while they were pushed"):
+            ingest.write_new(planned, new, manifest, temp_dir, workers=2)
+    finally:
+        os.close(fd)
+    assert not list(temp_dir.iterdir())
 
 
 def test_non_regular_descriptors_are_refused(daemon, tmp_path):

@@ -8,6 +8,11 @@ store's ``tmp/``. What is hashed is exactly what is written, so a client that re
 file during the push cannot make the store hold bytes that do not match their digest.
 Tensors the store already holds (by digest) are dropped from the new segment afterwards; a
 push of bytes the store already has writes no segment at all.
+
+When the disk has no room for the whole model, the store hashes first (:func:`digest`) and
+then writes only the tensors it lacks (:func:`only_new`, :func:`write_new`): two reads of
+those, but a re-push, or a fine-tune that shares most of its tensors, needs room for its new
+bytes alone.
 """
 
 from __future__ import annotations
@@ -94,20 +99,66 @@ def write(planned: Plan, temp_dir: Path, covered: Callable[[Manifest], set[str]]
             os.fsync(fd)
         finally:
             os.close(fd)
-        records = tuple(
-            TensorRecord(spec.name, spec.dtype, spec.shape, d, spec.nbytes)
-            for (_, spec), d in zip(planned.specs, tensor_digests)
-        )
-        manifest = Manifest(
-            tensors=records,
-            metadata=planned.metadata,
-            files={label: digests.of_bytes(data) for label, data in planned.side_files.items()},
-        )
+        manifest = _manifest(planned, tensor_digests)
         segment, path = _keep_new_tensors(planned.candidate, tensor_digests, path, covered(manifest))
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    sources = {d: (source.label, spec.start) for (source, spec), d in zip(planned.specs, tensor_digests)}
+    return _ingested(planned, manifest, segment, path)
+
+
+def digest(planned: Plan, workers: int, progress: Progress | None = None) -> Manifest:
+    """The model's manifest, from reading and hashing every tensor; writes nothing (the first
+    pass of a push the disk has no room for whole: see :func:`only_new`)."""
+    return _manifest(planned, _copy_and_hash(planned, None, workers, progress))
+
+
+def only_new(planned: Plan, manifest: Manifest, stored: set[str]) -> Plan:
+    """What a second pass must write: each tensor not ``stored``, once, in the segment the
+    one-pass :func:`write` would have kept (its candidate's entries carry their digests)."""
+    first: dict[str, int] = {}
+    for i, record in enumerate(manifest.tensors):
+        if record.digest not in stored:
+            first.setdefault(record.digest, i)
+    candidate = SegmentLayout.pack([(d, planned.specs[i][1].nbytes) for d, i in first.items()])
+    return Plan([planned.specs[i] for i in first.values()], planned.metadata, planned.side_files, candidate)
+
+
+def write_new(planned: Plan, new: Plan, manifest: Manifest, temp_dir: Path, workers: int,
+              progress: Progress | None = None) -> Ingested:
+    """The second pass: copy ``new``'s tensors (:func:`only_new`) into a segment, each hashed
+    again as it is written, so the store never holds bytes other than those it hashed; a file
+    rewritten between the passes fails the push."""
+    if not new.specs:
+        return _ingested(planned, manifest, None, None)
+    fd, name = new_temp_file(temp_dir, new.size)
+    path = Path(name)
+    try:
+        try:
+            written = _copy_and_hash(new, fd, workers, progress)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if written != [entry.digest for entry in new.candidate.entries]:
+            raise InvalidModel("the model's files changed while they were pushed (its tensors hashed differently on "
+                               "a second read); push it again once they are complete")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return _ingested(planned, manifest, new.candidate, path)
+
+
+def _manifest(planned: Plan, tensor_digests: list[str]) -> Manifest:
+    records = tuple(
+        TensorRecord(spec.name, spec.dtype, spec.shape, d, spec.nbytes)
+        for (_, spec), d in zip(planned.specs, tensor_digests)
+    )
+    files = {label: digests.of_bytes(data) for label, data in planned.side_files.items()}
+    return Manifest(tensors=records, metadata=planned.metadata, files=files)
+
+
+def _ingested(planned: Plan, manifest: Manifest, segment: SegmentLayout | None, path: Path | None) -> Ingested:
+    sources = {r.digest: (source.label, spec.start) for (source, spec), r in zip(planned.specs, manifest.tensors)}
     by_digest = {digests.of_bytes(data): data for data in planned.side_files.values()}
     return Ingested(manifest=manifest, segment=segment, segment_path=path, side_files=by_digest, sources=sources)
 
@@ -132,7 +183,9 @@ def _read_side_file(source: Source) -> bytes:
     return source.read(0, size)
 
 
-def _copy_and_hash(planned: Plan, out: int, workers: int, progress: Progress | None) -> list[str]:
+def _copy_and_hash(planned: Plan, out: int | None, workers: int, progress: Progress | None) -> list[str]:
+    """Each tensor's digest, in ``planned``'s order; with ``out``, each also written at its
+    offset in the candidate segment."""
     buffers = threading.local()
     done = [0]
     lock = threading.Lock()
@@ -156,7 +209,7 @@ def _copy_and_hash(planned: Plan, out: int, workers: int, progress: Progress | N
     return [results[i] for i in range(len(planned.specs))]
 
 
-def _copy_range(source: Source, spec: TensorSpec, out: int, offset: int, view: memoryview,
+def _copy_range(source: Source, spec: TensorSpec, out: int | None, offset: int, view: memoryview,
                 advance: Callable[[int], None]) -> str:
     h = digests.hasher()
     done = 0
@@ -165,7 +218,8 @@ def _copy_range(source: Source, spec: TensorSpec, out: int, offset: int, view: m
         if got == 0:
             raise InvalidModel(f"{source.label}: file ended inside tensor {spec.name!r} (truncated while pushing)")
         h.update(view[:got])
-        _pwrite_all(out, view[:got], offset + done)
+        if out is not None:
+            _pwrite_all(out, view[:got], offset + done)
         done += got
         advance(got)
     return digests.finish(h)

@@ -15,6 +15,7 @@ if the cloud holds it: demotion never destroys the last copy.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -24,7 +25,7 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import digest as digests
 from . import ingest, names
@@ -217,21 +218,11 @@ class Store:
         model_bytes = sum(spec.nbytes for _, spec in planned.specs)
         with self._changed:
             self._check_push_quota_locked(tenant, name or "", model_bytes)
-            try:
-                self._make_room_locked(self.disk, planned.size)
-            except _NoRoom:
-                self._release_push_quota_locked(tenant, model_bytes)
-                raise CapacityError(self._full_message(self.disk, planned.size)) from None
-            except BaseException:
-                self._release_push_quota_locked(tenant, model_bytes)
-                raise
-            self._reserved["disk"] += planned.size
         try:
             ingested, new_bytes = self._write_and_commit(name, planned, files, progress, tenant)
             self._repack_orphans()  # if the name pointed at another model, it may have left some
         finally:
             with self._changed:
-                self._reserved["disk"] -= planned.size
                 self._release_push_quota_locked(tenant, model_bytes)
                 self._changed.notify_all()
         manifest = ingested.manifest
@@ -252,16 +243,58 @@ class Store:
         for _ in range(3):
             # Hashing runs outside the lock; what it took as already stored may be deleted
             # meanwhile by a concurrent `remove`. Then the commit refuses and we go again.
-            ingested = ingest.write(planned, catalog.temp_dir(), lambda m: self._covered(m, name, tenant),
-                                    self._workers, progress)
-            try:
-                with self._changed:
-                    new_bytes = self._commit_locked(name, ingested, remote_urls, tenant)
-            finally:
-                ingested.discard()  # a no-op once the segment was moved into place
+            with self._ingested_in_room(name, planned, progress, tenant) as ingested:
+                try:
+                    with self._changed:
+                        new_bytes = self._commit_locked(name, ingested, remote_urls, tenant)
+                finally:
+                    ingested.discard()  # a no-op once the segment was moved into place
             if new_bytes is not None:
                 return ingested, new_bytes
         raise StorageError(f"pushing {name} kept racing with removals; try again")
+
+    @contextlib.contextmanager
+    def _ingested_in_room(self, name: str | None, planned: ingest.Plan, progress: ingest.Progress | None,
+                          tenant: Tenant) -> Iterator[ingest.Ingested]:
+        """The push ingested, with room on disk reserved for its new segment until the caller
+        has committed it. In one pass if the disk has room for the whole model; if not, hashed
+        first, so that room is needed for its new tensors alone (none on a re-push)."""
+        covered, temp_dir = (lambda m: self._covered(m, name, tenant)), self.catalog.temp_dir()
+        try:
+            self._reserve_disk(planned.size)
+            room = planned.size
+        except CapacityError:
+            room = None
+        if room is not None:
+            try:
+                yield ingest.write(planned, temp_dir, covered, self._workers, progress)
+            finally:
+                self._release_disk(room)
+            return
+        manifest = ingest.digest(planned, self._workers, progress)
+        new = ingest.only_new(planned, manifest, covered(manifest))
+        room = new.size if new.specs else 0
+        self._reserve_disk(room)
+        try:
+            yield ingest.write_new(planned, new, manifest, temp_dir, self._workers, progress)
+        finally:
+            self._release_disk(room)
+
+    def _reserve_disk(self, nbytes: int) -> None:
+        """Room on disk for ``nbytes`` more, made if it can be; raises CapacityError."""
+        if nbytes == 0:
+            return
+        with self._changed:
+            try:
+                self._make_room_locked(self.disk, nbytes)
+            except _NoRoom:
+                raise CapacityError(self._full_message(self.disk, nbytes)) from None
+            self._reserved["disk"] += nbytes
+
+    def _release_disk(self, nbytes: int) -> None:
+        with self._changed:
+            self._reserved["disk"] -= nbytes
+            self._changed.notify_all()
 
     def _commit_locked(self, name: str | None, ingested: ingest.Ingested, remote_urls: dict[str, str],
                        tenant: Tenant) -> int | None:
@@ -361,17 +394,11 @@ class Store:
         self._stage_on_disk(layout, required=True)  # counts as reading it until the finally below
         moved: list[Manifest] = []
         try:
-            with self._changed:
-                try:
-                    self._make_room_locked(self.disk, packed.size)
-                except _NoRoom:
-                    raise CapacityError(self._full_message(self.disk, packed.size)) from None
-                self._reserved["disk"] += packed.size
+            self._reserve_disk(packed.size)
             try:
                 path = ingest.repack(self.disk.path(segment_id), keep, packed, self.catalog.temp_dir())
             finally:
-                with self._changed:
-                    self._reserved["disk"] -= packed.size
+                self._release_disk(packed.size)
             with self._changed:
                 if any(self.catalog.models_with(d) for d in orphans) or packed.id in self.catalog.segments:
                     path.unlink()  # pushed again meanwhile: they are nobody's orphans any more
