@@ -239,7 +239,6 @@ class Store:
     def _write_and_commit(self, name: str | None, planned: ingest.Plan, files: list[Source],
                           progress: ingest.Progress | None, tenant: Tenant) -> tuple[ingest.Ingested, int]:
         remote_urls = {f.label: f.url for f in files if isinstance(f, RemoteFile)}
-        catalog = self.catalog
         for _ in range(3):
             # Hashing runs outside the lock; what it took as already stored may be deleted
             # meanwhile by a concurrent `remove`. Then the commit refuses and we go again.
@@ -262,14 +261,13 @@ class Store:
         covered, temp_dir = (lambda m: self._covered(m, name, tenant)), self.catalog.temp_dir()
         try:
             self._reserve_disk(planned.size)
-            room = planned.size
         except CapacityError:
-            room = None
-        if room is not None:
+            pass  # below: hash first, then make room for what is new
+        else:
             try:
                 yield ingest.write(planned, temp_dir, covered, self._workers, progress)
             finally:
-                self._release_disk(room)
+                self._release_disk(planned.size)
             return
         manifest = ingest.digest(planned, self._workers, progress)
         new = ingest.only_new(planned, manifest, covered(manifest))
