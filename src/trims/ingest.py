@@ -91,14 +91,8 @@ def write(planned: Plan, temp_dir: Path, covered: Callable[[Manifest], set[str]]
           progress: Progress | None = None) -> Ingested:
     """Copy and hash every tensor; keep those not already in segments the model may be read
     from (``covered`` says which, given its manifest). Leaves no temp file on error."""
-    fd, name = new_temp_file(temp_dir, planned.size)
-    path = Path(name)
+    path, tensor_digests = _write_file(planned, temp_dir, workers, progress)
     try:
-        try:
-            tensor_digests = _copy_and_hash(planned, fd, workers, progress)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         manifest = _manifest(planned, tensor_digests)
         segment, path = _keep_new_tensors(planned.candidate, tensor_digests, path, covered(manifest))
     except BaseException:
@@ -116,10 +110,7 @@ def digest(planned: Plan, workers: int, progress: Progress | None = None) -> Man
 def only_new(planned: Plan, manifest: Manifest, stored: set[str]) -> Plan:
     """What a second pass must write: each tensor not ``stored``, once, in the segment the
     one-pass :func:`write` would have kept (its candidate's entries carry their digests)."""
-    first: dict[str, int] = {}
-    for i, record in enumerate(manifest.tensors):
-        if record.digest not in stored:
-            first.setdefault(record.digest, i)
+    first = _first_of_each_new([record.digest for record in manifest.tensors], stored)
     candidate = SegmentLayout.pack([(d, planned.specs[i][1].nbytes) for d, i in first.items()])
     return Plan([planned.specs[i] for i in first.values()], planned.metadata, planned.side_files, candidate)
 
@@ -131,21 +122,28 @@ def write_new(planned: Plan, new: Plan, manifest: Manifest, temp_dir: Path, work
     rewritten between the passes fails the push."""
     if not new.specs:
         return _ingested(planned, manifest, None, None)
-    fd, name = new_temp_file(temp_dir, new.size)
-    path = Path(name)
+    path, written = _write_file(new, temp_dir, workers, progress)
+    if written != [entry.digest for entry in new.candidate.entries]:
+        path.unlink()
+        raise InvalidModel("the model's files changed while they were pushed (its tensors hashed differently on "
+                           "a second read); push it again once they are complete")
+    return _ingested(planned, manifest, new.candidate, path)
+
+
+def _write_file(planned: Plan, temp_dir: Path, workers: int, progress: Progress | None) -> tuple[Path, list[str]]:
+    """``planned``'s candidate segment as a new, fsynced file in ``temp_dir``, and each tensor's
+    digest; leaves no file on error."""
+    fd, name = new_temp_file(temp_dir, planned.size)
     try:
         try:
-            written = _copy_and_hash(new, fd, workers, progress)
+            tensor_digests = _copy_and_hash(planned, fd, workers, progress)
             os.fsync(fd)
         finally:
             os.close(fd)
-        if written != [entry.digest for entry in new.candidate.entries]:
-            raise InvalidModel("the model's files changed while they were pushed (its tensors hashed differently on "
-                               "a second read); push it again once they are complete")
     except BaseException:
-        path.unlink(missing_ok=True)
+        os.unlink(name)
         raise
-    return _ingested(planned, manifest, new.candidate, path)
+    return Path(name), tensor_digests
 
 
 def _manifest(planned: Plan, tensor_digests: list[str]) -> Manifest:
@@ -238,10 +236,7 @@ def _keep_new_tensors(
     candidate: SegmentLayout, tensor_digests: list[str], path: Path, stored: set[str]
 ) -> tuple[SegmentLayout | None, Path | None]:
     """The segment this push adds: only tensors not ``stored`` already, each once."""
-    first: dict[str, int] = {}
-    for i, d in enumerate(tensor_digests):
-        if d not in stored:
-            first.setdefault(d, i)
+    first = _first_of_each_new(tensor_digests, stored)
     if not first:
         path.unlink()
         return None, None
@@ -254,6 +249,15 @@ def _keep_new_tensors(
         return layout, repack(path, keep, layout, path.parent)
     finally:
         path.unlink()
+
+
+def _first_of_each_new(tensor_digests: list[str], stored: set[str]) -> dict[str, int]:
+    """Digest -> index of its first tensor, for the digests not ``stored``, in tensor order."""
+    first: dict[str, int] = {}
+    for i, d in enumerate(tensor_digests):
+        if d not in stored:
+            first.setdefault(d, i)
+    return first
 
 
 def repack(source: Path, keep: list[SegmentEntry], layout: SegmentLayout, temp_dir: Path) -> Path:
