@@ -400,3 +400,45 @@ def test_a_config_file_sets_what_flags_do_not(tmp_path):
     config.write_text('host_memory = "3M"\nhost_mem = 1\n')
     with pytest.raises(RuntimeError, match="unknown setting 'host_mem'"):
         DaemonProcess(tmp_path / "e", extra=("--config", str(config))).start()
+
+
+@pytest.mark.parametrize("from_bucket", [False, True], ids=["uploaded", "pushed-from-the-bucket"])
+def test_a_repack_checks_what_it_copies_and_takes_a_damaged_copy_from_the_bucket(tmp_path, s3, bucket, from_bucket):
+    """Removing a base repacks its fine-tune's tensors into a new segment, which no bucket
+    holds yet: copying damaged bytes into it would lose the model though the bucket has them.
+    The new segment's cloud copy is an upload where the old one's was, or the bucket's objects."""
+    common, head, tuned_head = torch.arange(4096.0), torch.randn(1024), torch.randn(1024)
+    for name, tensors in (("base", {"common": common, "head": head}), ("tuned", {"common": common, "head": tuned_head})):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors")
+        s3.client().upload_file(str(tmp_path / name / "model.safetensors"), bucket, f"models/{name}/model.safetensors")
+    daemon = DaemonProcess(tmp_path / "d").start()
+    try:
+        client = daemon.client()
+        for name in ("base", "tuned"):
+            if from_bucket:
+                client.push(f"s3://{bucket}/models/{name}", name)
+            else:
+                client.push(tmp_path / name, name, to=f"s3://{bucket}/trims")
+        shared = max((daemon.store / "disk").glob("*.bin"), key=lambda p: p.stat().st_size)
+        data = bytearray(shared.read_bytes())
+        data[100] ^= 0x01
+        shared.write_bytes(bytes(data))
+        client.remove("base")
+        assert client.stats()["corrupt_copies"] == {"disk": 1}
+        (kept,) = (daemon.store / "corrupt").glob(f"{shared.stem}-*.bin")
+        assert kept.read_bytes() == data
+        client.evict("tuned")
+        with client.open("tuned") as view:
+            assert view["common"].tobytes() == common.numpy().tobytes()
+            assert view["head"].tobytes() == tuned_head.numpy().tobytes()
+            assert sorted(len(s) for s in view.segments) == [4096, 16384]  # repacked from the bucket's copy
+        assert tiers_of(client, "tuned") == ("host", "disk", "cloud")
+
+        def uploaded_sizes() -> list[int]:
+            return sorted(o["Size"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix="trims/").get("Contents", []))
+
+        # The old segment's upload is deleted (in the background), the new one's in its place.
+        wait_for(lambda: uploaded_sizes() == ([] if from_bucket else [4096, 16384]), message="the old upload deleted, the new one made")
+    finally:
+        daemon.kill()

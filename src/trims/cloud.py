@@ -41,6 +41,7 @@ from .verify import Verifier
 log = logging.getLogger("trims.cloud")
 
 RANGE_BYTES = 16 * 1024 * 1024
+_UPLOADS = "/segments/"  # what this daemon uploads lies under <location>/segments/
 
 
 @dataclass
@@ -133,9 +134,22 @@ class CloudTier(Tier):
 
     def upload(self, layout: SegmentLayout, path: Path, base_url: str) -> None:
         """Upload a complete local copy of a segment to ``<base_url>/segments/<id>.bin``."""
-        url = f"{base_url.rstrip('/')}/segments/{digests.hex_of(layout.id)}.bin"
+        url = f"{base_url.rstrip('/')}{_UPLOADS}{digests.hex_of(layout.id)}.bin"
         self.objects.upload(path, url)
         self.register(layout, {e.digest: (url, e.offset) for e in layout.entries}, owned=[url])
+
+    def carry_over(self, segment_id: str, part: SegmentLayout) -> str | None:
+        """A segment's tensors are being repacked into ``part``: if they were read from a
+        bucket's own objects (a model pushed from it), ``part`` is read from the same ones and
+        None is returned; if this daemon uploaded the segment, the location ``part`` should be
+        uploaded to (its copy goes with the segment); with no copy, the daemon's ``--cloud``."""
+        copy = self._copies.get(segment_id)
+        if copy is None:
+            return self.default_url
+        if copy.owned:
+            return copy.owned[0].rsplit(_UPLOADS, 1)[0]
+        self.register(part, copy.places)
+        return None
 
     def fetch(self, layout: SegmentLayout, destination: int, progress: Callable[[int], None] | None = None) -> None:
         copy = self._copies.get(layout.id)

@@ -95,10 +95,11 @@ class DiskTier(Tier):
         finally:
             os.close(source)
 
-    def verify(self, layout: SegmentLayout) -> None:
-        """Check a segment's file against its digests where it lies (before it is copied
-        elsewhere without a check of its own, as an upload is); raises DamagedCopy."""
-        source = self._open(layout)
+    def verify(self, layout: SegmentLayout, path: Path | None = None) -> None:
+        """Check a segment's file (or a new one at ``path``, not yet in the tier) against its
+        digests where it lies, before it is copied elsewhere without a check of its own, as an
+        upload is; raises DamagedCopy."""
+        source = self._open(layout, path)
         try:
             if os.fstat(source).st_size < layout.size:  # reading a mapping past the end would be SIGBUS
                 raise DamagedCopy(f"segment {layout.id[:19]}'s file on the disk tier is shorter than the segment")
@@ -130,9 +131,9 @@ class DiskTier(Tier):
             log.error("could not move the damaged segment file %s aside: %s", self.path(segment_id).name, exc)
             return None
 
-    def _open(self, layout: SegmentLayout) -> int:
+    def _open(self, layout: SegmentLayout, path: Path | None = None) -> int:
         try:
-            return os.open(self.path(layout.id), os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(path or self.path(layout.id), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise DamagedCopy(f"segment {layout.id[:19]}'s file is missing from the disk tier") from None
         except OSError as exc:

@@ -40,7 +40,7 @@ from .host import HostSegment, HostTier
 from .metrics import OPEN_SECONDS_BUCKETS, Metrics
 from .policy import POLICIES
 from .protocol import ModelSummary, PushResult, TensorEntry, TensorTable
-from .records import Manifest, SegmentLayout
+from .records import Manifest, SegmentEntry, SegmentLayout
 from .sharing import SharingRule
 from .sources import FileSource, Source
 from .tier import PIN_TIERS, UNBOUNDED, Tier, gpu_device
@@ -389,33 +389,50 @@ class Store:
         layout = self.catalog.segments[segment_id]
         keep = [e for e in layout.entries if e.digest not in orphans]
         packed = SegmentLayout.pack([(e.digest, e.nbytes) for e in keep])
-        self._stage_on_disk(layout, required=True)  # counts as reading it until the finally below
+        path = self._packed_copy(layout, keep, packed)
         moved: list[Manifest] = []
-        try:
-            self._reserve_disk(packed.size)
-            try:
-                path = ingest.repack(self.disk.path(segment_id), keep, packed, self.catalog.temp_dir())
-            finally:
-                self._release_disk(packed.size)
-            with self._changed:
-                if any(self.catalog.models_with(d) for d in orphans) or packed.id in self.catalog.segments:
-                    path.unlink()  # pushed again meanwhile: they are nobody's orphans any more
-                    return
-                self.disk.adopt(packed, path)
-                for model_digest in self.catalog.replace_segment(segment_id, packed):
-                    self._placements.pop(model_digest, None)
-                    moved.append(self.catalog.manifests[model_digest])
-                self._policies["disk"].admit(packed.id, packed.size, self._reload_cost(packed.id, "disk"))
-                self._may_map.clear()
-                self._collect_garbage_locked()  # the old segment goes once its leases end
-        finally:
-            with self._changed:
-                self._reading[segment_id] -= 1
-                self._settle_locked([segment_id])
+        with self._changed:
+            if any(self.catalog.models_with(d) for d in orphans) or packed.id in self.catalog.segments:
+                path.unlink()  # pushed again meanwhile: they are nobody's orphans any more
+                return
+            self.disk.adopt(packed, path)
+            for model_digest in self.catalog.replace_segment(segment_id, packed):
+                self._placements.pop(model_digest, None)
+                moved.append(self.catalog.manifests[model_digest])
+            self._policies["disk"].admit(packed.id, packed.size, self._reload_cost(packed.id, "disk"))
+            upload_to = self.cloud.carry_over(segment_id, packed)
+            self._may_map.clear()
+            self._collect_garbage_locked()  # the old segment goes once its leases end
         log.info("repacked segment %s without %d tensors of removed models", segment_id[:19], len(orphans))
-        if self.cloud.default_url is not None:
+        if upload_to is not None:
             for manifest in moved:
-                self._upload(manifest, self.cloud.default_url)
+                self._upload(manifest, upload_to)
+
+    def _packed_copy(self, layout: SegmentLayout, keep: list[SegmentEntry], packed: SegmentLayout) -> Path:
+        """A new file laid out as ``packed`` with ``keep``'s tensors, copied from the segment's
+        disk copy (staged from the cloud if need be) and checked, as no other tier holds it yet.
+        A damaged disk copy is set aside and the segment fetched again, if another tier has it."""
+        for _ in range(_LOADS_OF_A_DAMAGED_SEGMENT):  # each from a copy fetched anew and checked
+            self._stage_on_disk(layout, required=True)  # counts as reading it until the finally below
+            try:
+                self._reserve_disk(packed.size)
+                try:
+                    path = ingest.repack(self.disk.path(layout.id), keep, packed, self.catalog.temp_dir())
+                finally:
+                    self._release_disk(packed.size)
+                try:
+                    self.disk.verify(packed, path)
+                    return path
+                except DamagedCopy as damage:
+                    path.unlink()
+                    damaged = DamagedCopy(f"repacking segment {layout.id[:19]} from the disk tier: {damage}")
+            finally:
+                with self._changed:
+                    self._reading[layout.id] -= 1
+                    self._settle_locked([layout.id])
+            self._drop_damaged(self.disk, layout, damaged)  # raises if no other tier holds the segment
+        raise StorageError(f"segment {layout.id[:19]} came out of the disk tier damaged {_LOADS_OF_A_DAMAGED_SEGMENT} "
+                           "times while being repacked, each copy fetched anew from the cloud: check the store's disk")
 
     def _upload(self, manifest: Manifest, base_url: str) -> None:
         with self._lock:
