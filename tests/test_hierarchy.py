@@ -73,12 +73,20 @@ def test_a_push_of_bytes_the_store_holds_needs_no_room_for_them(tmp_path):
     daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "600K")).start()  # two models' room
     try:
         client = daemon.client()
+        def push(path, name):
+            """The push's result, and the last progress report of each stage, in order."""
+            stages: dict[str, tuple[int, int]] = {}
+            result = client.push(path, name, progress=lambda stage, done, total: stages.update({stage: (done, total)}))
+            return result, list(stages.items())
+
         for seed in (0, 1):  # no cloud: last copies, so the disk is full for a third model
-            client.push(tmp_path / f"m{seed}.safetensors", f"m{seed}")
-        again = client.push(tmp_path / "m0.safetensors", "m0-again")
+            assert push(tmp_path / f"m{seed}.safetensors", f"m{seed}")[1] == [("push", (MODEL_BYTES, MODEL_BYTES))]
+        again, stages = push(tmp_path / "m0.safetensors", "m0-again")
         assert again.new_bytes == 0 and again.digest == client.info("m0").digest
-        tuned = client.push(tmp_path / "tuned.safetensors", "tuned")
+        assert stages == [("hash", (MODEL_BYTES, MODEL_BYTES))]  # nothing to write
+        tuned, stages = push(tmp_path / "tuned.safetensors", "tuned")
         assert tuned.new_bytes == head.numel() * 4
+        assert stages == [("hash", (MODEL_BYTES + 1024, MODEL_BYTES + 1024)), ("write", (1024, 1024))]
         with client.open("tuned") as view:
             assert np.array_equal(view["w"], weights[0]) and np.array_equal(view["head"], head.numpy())
         with pytest.raises(trims.CapacityError, match="disk tier is full"):

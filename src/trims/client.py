@@ -31,7 +31,7 @@ from ._mapping import map_private
 from .config import default_socket_path
 from .errors import (ConnectionLost, DaemonUnavailable, GpuError, InvalidModel, ProtocolError, RemoteProtocolError,
                      error_for_code)
-from .protocol import ModelSummary, PushResult, TensorEntry
+from .protocol import ModelSummary, ProgressCallback, PushResult, TensorEntry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["Client", "ModelView", "connect", "shared_client", "model_files"]
 
 _Reply = TypeVar("_Reply", bound=protocol.Message)
-ProgressCallback = Callable[[str, int, int], None]  # (stage, bytes done, bytes in all)
 _INDEX_FILES = ("model.safetensors.index.json",)
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".onnx")  # kept beside the weights
 

@@ -327,6 +327,9 @@ class Pulled(Message):
     moved_bytes: int
 
 
+ProgressCallback = Callable[[str, int, int], None]  # (stage, bytes done, bytes in all), from a Progress frame
+
+
 @_message("progress")
 class Progress(Message):
     """Sent before the reply to a long request: ``done`` of ``total`` bytes of ``stage``."""

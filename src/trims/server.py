@@ -42,16 +42,17 @@ class _Context:
         self._channel = channel
         self._request_id = request_id
 
-    def progress(self, stage: str) -> Callable[[int, int], None]:
-        """A callback, safe from any thread, that sends throttled progress frames."""
-        lock, last = threading.Lock(), [0.0]
+    def progress(self) -> protocol.ProgressCallback:
+        """A callback, safe from any thread, that sends throttled progress frames (each stage's
+        first and last always)."""
+        lock, last = threading.Lock(), ["", 0.0]
 
-        def report(done: int, total: int) -> None:
+        def report(stage: str, done: int, total: int) -> None:
             with lock:
                 now = time.monotonic()
-                if now - last[0] < self._INTERVAL and done < total:
+                if stage == last[0] and now - last[1] < self._INTERVAL and done < total:
                     return
-                last[0] = now
+                last[:] = [stage, now]
                 try:
                     self._channel.send(protocol.Progress(id=self._request_id, stage=stage, done=done, total=total))
                 except (ConnectionLost, OSError):
@@ -261,7 +262,7 @@ class Server:
             files = remote_model_files(request.url, self.store.cloud.objects)
         else:
             files = [FileSource(label, fd) for label, fd in zip(request.files, request.fds)]
-        result = self.store.push(request.name, files, to=request.to, progress=ctx.progress("push"), tenant=ctx.tenant)
+        result = self.store.push(request.name, files, to=request.to, progress=ctx.progress(), tenant=ctx.tenant)
         return protocol.Pushed(id=request.id, result=result)
 
     def _on_adopt(self, request: protocol.Adopt, ctx: _Context) -> protocol.Message:
@@ -298,12 +299,12 @@ class Server:
 
     def _on_pull(self, request: protocol.Pull, ctx: _Context) -> protocol.Message:
         ctx.tenant.require(ADMIN, "pull models")
-        moved = self.store.pull(request.name, request.tier, progress=ctx.progress("pull"), tenant=ctx.tenant)
+        moved = self.store.pull(request.name, request.tier, progress=ctx.progress(), tenant=ctx.tenant)
         return protocol.Pulled(id=request.id, name=request.name, tier=request.tier, moved_bytes=moved)
 
     def _on_pin(self, request: protocol.Pin, ctx: _Context) -> protocol.Message:
         ctx.tenant.require(ADMIN, "pin models")
-        moved = self.store.pin(request.name, request.tier, progress=ctx.progress("pull"), tenant=ctx.tenant)
+        moved = self.store.pin(request.name, request.tier, progress=ctx.progress(), tenant=ctx.tenant)
         return protocol.Pulled(id=request.id, name=request.name, tier=request.tier, moved_bytes=moved)
 
     def _on_unpin(self, request: protocol.Unpin, ctx: _Context) -> protocol.Message:

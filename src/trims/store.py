@@ -16,6 +16,7 @@ if the cloud holds it: demotion never destroys the last copy.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -39,7 +40,7 @@ from .errors import (CapacityError, DamagedCopy, GpuError, IntegrityError, Inval
 from .host import HostSegment, HostTier
 from .metrics import OPEN_SECONDS_BUCKETS, Metrics
 from .policy import POLICIES
-from .protocol import ModelSummary, PushResult, TensorEntry, TensorTable
+from .protocol import ModelSummary, ProgressCallback, PushResult, TensorEntry, TensorTable
 from .records import Manifest, SegmentEntry, SegmentLayout
 from .sharing import SharingRule
 from .sources import FileSource, Source
@@ -96,9 +97,9 @@ class _NoRoom(Exception):
 
 
 class _Tracker:
-    """Bytes moved so far for one request, reported as (done, total); thread-safe."""
+    """Bytes a pull has moved so far, reported as ("pull", done, total); thread-safe."""
 
-    def __init__(self, total: int, report: ingest.Progress | None) -> None:
+    def __init__(self, total: int, report: ProgressCallback | None) -> None:
         self._total, self._report = total, report
         self._done = 0
         self._lock = threading.Lock()
@@ -107,7 +108,13 @@ class _Tracker:
         if self._report is not None:
             with self._lock:
                 self._done += nbytes
-                self._report(self._done, self._total)
+                self._report("pull", self._done, self._total)
+
+
+def _stage(progress: ProgressCallback | None, stage: str) -> ingest.Progress | None:
+    """A push's progress in one stage: "push" (hashed and written in one pass), or "hash"
+    and then "write" (the two passes of a push the disk has no room for whole)."""
+    return None if progress is None else functools.partial(progress, stage)
 
 
 def _capacity_flag(tier: Tier) -> str:
@@ -201,7 +208,7 @@ class Store:
     # --- registration -----------------------------------------------------------------------
 
     def push(self, reference: str | None, files: list[Source], *, to: str | None = None,
-             progress: ingest.Progress | None = None, tenant: Tenant = EVERYONE) -> PushResult:
+             progress: ProgressCallback | None = None, tenant: Tenant = EVERYONE) -> PushResult:
         """Register a model from ``files``; with ``to`` (default: the daemon's ``--cloud``), also
         upload its segments there. With no ``reference``, the model is named by its digest,
         ``auto/<digest>``.
@@ -237,7 +244,7 @@ class Store:
                           new_bytes=new_bytes)
 
     def _write_and_commit(self, name: str | None, planned: ingest.Plan, files: list[Source],
-                          progress: ingest.Progress | None, tenant: Tenant) -> tuple[ingest.Ingested, int]:
+                          progress: ProgressCallback | None, tenant: Tenant) -> tuple[ingest.Ingested, int]:
         remote_urls = {f.label: f.url for f in files if isinstance(f, RemoteFile)}
         for _ in range(3):
             # Hashing runs outside the lock; what it took as already stored may be deleted
@@ -253,7 +260,7 @@ class Store:
         raise StorageError(f"pushing {name} kept racing with removals; try again")
 
     @contextlib.contextmanager
-    def _ingested_in_room(self, name: str | None, planned: ingest.Plan, progress: ingest.Progress | None,
+    def _ingested_in_room(self, name: str | None, planned: ingest.Plan, progress: ProgressCallback | None,
                           tenant: Tenant) -> Iterator[ingest.Ingested]:
         """The push ingested, with room on disk reserved for its new segment until the caller
         has committed it. In one pass if the disk has room for the whole model; if not, hashed
@@ -265,16 +272,16 @@ class Store:
             pass  # below: hash first, then make room for what is new
         else:
             try:
-                yield ingest.write(planned, temp_dir, covered, self._workers, progress)
+                yield ingest.write(planned, temp_dir, covered, self._workers, _stage(progress, "push"))
             finally:
                 self._release_disk(planned.size)
             return
-        manifest = ingest.digest(planned, self._workers, progress)
+        manifest = ingest.digest(planned, self._workers, _stage(progress, "hash"))
         new = ingest.only_new(planned, manifest, covered(manifest))
         room = new.size if new.specs else 0
         self._reserve_disk(room)
         try:
-            yield ingest.write_new(planned, new, manifest, temp_dir, self._workers, progress)
+            yield ingest.write_new(planned, new, manifest, temp_dir, self._workers, _stage(progress, "write"))
         finally:
             self._release_disk(room)
 
@@ -555,7 +562,7 @@ class Store:
         self.metrics.observe("trims_open_seconds", self._clock() - started)
         return OpenResult(lease, name, manifest, tuple(segments), placement.tensors, device)
 
-    def pull(self, reference: str, tier: str = "host", progress: ingest.Progress | None = None,
+    def pull(self, reference: str, tier: str = "host", progress: ProgressCallback | None = None,
              tenant: Tenant = EVERYONE) -> int:
         """Bring a model into ``tier`` without leasing it; returns the bytes that moved."""
         device = gpu_device(tier)
@@ -584,7 +591,7 @@ class Store:
                 self._settle_locked([layout.id])
         return moved
 
-    def pin(self, reference: str, tier: str = "host", progress: ingest.Progress | None = None,
+    def pin(self, reference: str, tier: str = "host", progress: ProgressCallback | None = None,
             tenant: Tenant = EVERYONE) -> int:
         """Keep a model in ``tier`` across pressure and restarts; brings it there now."""
         device = gpu_device(tier)
