@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import torch
 
 from .conftest import ROOT
 from .models import build
@@ -67,13 +69,37 @@ SCRIPTS = {
                   "shared": in_store(model.transformer.h[0].mlp.c_fc.weight.data_ptr()),
                   "tied": model.lm_head.weight is model.transformer.wte.weight}
     """,
+    "torch.load of a checkpoint": """
+        checkpoint = torch.load(directory + "/bin/pytorch_model.bin", map_location="cpu", mmap=True)
+        state, step = checkpoint["model"], checkpoint["step"]
+        state["transformer.wte.weight"][0, 0] = 42.0  # in place, as a training script might: a private copy
+        result = {"output": [float(state[k].double().sum()) for k in sorted(state)] + [step],
+                  "shared": in_store(state["transformer.h.0.mlp.c_fc.weight"].data_ptr()),
+                  "tied": state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()}
+    """,
+    "transformers from_pretrained of pytorch_model.bin": """
+        from transformers import AutoModelForCausalLM
+        from tests.models import output_of
+        model = AutoModelForCausalLM.from_pretrained(directory + "/bin-hf")
+        result = {"output": output_of(model, "gpt2").flatten().tolist(),
+                  "shared": in_store(model.transformer.h[0].mlp.c_fc.weight.data_ptr()),
+                  "tied": model.lm_head.weight is model.transformer.wte.weight}
+    """,
 }
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    """The model as safetensors, and as torch.save checkpoints: a training one (bin/) and a
+    Hugging Face directory of the days before safetensors (bin-hf/)."""
     directory = tmp_path_factory.mktemp("gpt2")
-    build("gpt2", directory)
+    model, _ = build("gpt2", directory)
+    state = model.state_dict()  # lm_head and wte share one storage, as torch.save keeps them
+    (directory / "bin").mkdir()
+    torch.save({"model": state, "step": 1000}, directory / "bin" / "pytorch_model.bin")
+    (directory / "bin-hf").mkdir()
+    shutil.copy(directory / "config.json", directory / "bin-hf" / "config.json")
+    torch.save(state, directory / "bin-hf" / "pytorch_model.bin")
     return directory
 
 
@@ -113,7 +139,7 @@ def test_a_registered_file_is_read_once_and_found_by_its_content(model_dir, shar
     assert client.adopt(copy / "model.safetensors").digest == again.digest
 
 
-@pytest.mark.parametrize("script", ["safetensors.torch.load_file", "transformers from_pretrained"])
+@pytest.mark.parametrize("script", ["safetensors.torch.load_file", "transformers from_pretrained", "torch.load of a checkpoint"])
 def test_without_a_daemon_scripts_run_as_plain_with_one_warning(script, model_dir, tmp_path):
     env = {**os.environ, "TRIMS_SOCKET": str(tmp_path / "nobody.sock")}
     plain, _ = run_script(SCRIPTS[script], model_dir, env, transparent=False)

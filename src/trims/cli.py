@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
 
-    push = commands.add_parser("push", help="register a .safetensors file or a model directory, local or in a bucket")
+    push = commands.add_parser("push", help="register a .safetensors file, a model directory or a PyTorch "
+                                            "checkpoint, local or in a bucket")
     push.add_argument("path", help="a file, a directory, or a URL such as s3://bucket/model-dir")
     push.add_argument("--name", required=True, help="NAME[:TAG] to tag it with (tag defaults to 'latest')")
     push.add_argument("--to", default=None, help="also upload it to object storage, e.g. s3://bucket/trims")

@@ -32,6 +32,7 @@ from .config import default_socket_path
 from .errors import (ConnectionLost, DaemonUnavailable, GpuError, InvalidModel, ProtocolError, RemoteProtocolError,
                      error_for_code)
 from .protocol import ModelSummary, ProgressCallback, PushResult, TensorEntry
+from .torch_format import SUFFIXES as CHECKPOINT_SUFFIXES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -528,13 +529,14 @@ def model_files(path: Path) -> list[tuple[str, Path]]:
 
     ``path`` is a ``.safetensors`` file, or a directory holding one or several (a Hugging
     Face model directory, sharded with a ``model.safetensors.index.json`` or not) along
-    with its config and tokenizer files.
+    with its config and tokenizer files, or a PyTorch checkpoint (``torch.save``'s file).
     """
     try:
-        if path.is_file() and path.suffix == ".safetensors":
+        if path.is_file() and path.name.endswith((".safetensors", *CHECKPOINT_SUFFIXES)):
             return [(path.name, path)]
         if not path.is_dir():
-            raise InvalidModel(f"{path} is not a .safetensors file or a directory holding them")
+            raise InvalidModel(f"{path} is not a .safetensors file, a directory holding them, or a PyTorch "
+                               f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
         return _directory_files(path)
     except OSError as exc:
         raise InvalidModel(f"cannot read {exc.filename or path}: {exc.strerror}") from None

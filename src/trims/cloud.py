@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import digest as digests
+from . import torch_format
 from .catalog import rename_durably
 from .disk import new_temp_file
 from .errors import IntegrityError, InvalidModel, StorageError
@@ -258,11 +259,11 @@ class RemoteFile(Source):
 
 
 def remote_model_files(url: str, objects: Objects) -> list[RemoteFile]:
-    """The files of a model in a bucket: one ``.safetensors`` object, or a "directory" of them
-    with the side files a push keeps (config, tokenizer)."""
+    """The files of a model in a bucket: one ``.safetensors`` object or PyTorch checkpoint, or
+    a "directory" of safetensors objects with the side files a push keeps (config, tokenizer)."""
     from .client import SIDE_SUFFIXES
 
-    if url.endswith(".safetensors"):
+    if url.endswith((".safetensors", *torch_format.SUFFIXES)):
         return [RemoteFile(url.rsplit("/", 1)[-1], url, objects)]
     try:
         names = objects.list(url)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import digest as digests
+from . import torch_format
 from .catalog import storage_error
 from .disk import new_temp_file
 from .errors import IntegrityError, InvalidModel
@@ -71,6 +72,8 @@ class Ingested:
 def plan(files: list[Source]) -> Plan:
     """Check every header and read the side files. Raises InvalidModel."""
     weights, side = _split(files)
+    if weights[0].label.endswith(torch_format.SUFFIXES):
+        return _plan_checkpoint(weights[0], side)
     headers = [(f, read_header(f)) for f in weights]
     specs: list[tuple[Source, TensorSpec]] = []
     owner: dict[str, str] = {}
@@ -85,6 +88,24 @@ def plan(files: list[Source]) -> Plan:
             metadata.setdefault(key, value)
     candidate = SegmentLayout.pack([(str(i), spec.nbytes) for i, (_, spec) in enumerate(specs)])
     return Plan(specs, metadata, {f.label: _read_side_file(f) for f in side}, candidate)
+
+
+def _plan_checkpoint(source: Source, side: list[Source]) -> Plan:
+    """A PyTorch checkpoint: its storages as tensors of bytes, its other records (the pickle
+    among them) as side files beside any others (see torch_format.py)."""
+    if not torch_format.is_checkpoint(source):
+        raise InvalidModel(f"{source.label}: not a zip archive: a checkpoint of torch.save's legacy format (before "
+                           "PyTorch 1.6) or not a checkpoint; save it again with torch.save, or as safetensors")
+    checkpoint = torch_format.read_checkpoint(source)
+    side_files = {f.label: _read_side_file(f) for f in side}
+    for name, (start, length) in checkpoint.records.items():
+        _check_label(name)
+        if name in side_files:
+            raise InvalidModel(f"{source.label}: its record {name!r} has the name of a file pushed beside it")
+        side_files[name] = source.read(start, length)
+    specs = [(source, spec) for spec in sorted(checkpoint.storages, key=lambda s: s.start)]
+    candidate = SegmentLayout.pack([(str(i), spec.nbytes) for i, (_, spec) in enumerate(specs)])
+    return Plan(specs, {torch_format.FORMAT_KEY: torch_format.FORMAT}, side_files, candidate)
 
 
 def write(planned: Plan, temp_dir: Path, covered: Callable[[Manifest], set[str]], workers: int,
@@ -162,16 +183,27 @@ def _ingested(planned: Plan, manifest: Manifest, segment: SegmentLayout | None, 
 
 
 def _split(files: list[Source]) -> tuple[list[Source], list[Source]]:
+    """The weights (safetensors files, or one PyTorch checkpoint) and the side files."""
     labels = [f.label for f in files]
     for label in labels:
-        if not LABEL.fullmatch(label) or ".." in label.split("/") or len(label) > 255:
-            raise InvalidModel(f"file name {label[:80]!r} is not a plain relative path")
+        _check_label(label)
     if len(set(labels)) != len(labels):
         raise InvalidModel("the same file name was sent twice")
     weights = [f for f in files if f.label.endswith(WEIGHTS_SUFFIX)]
+    checkpoints = [f for f in files if f.label.endswith(torch_format.SUFFIXES)]
+    if checkpoints and (weights or len(checkpoints) > 1):
+        raise InvalidModel(f"a model's weights are {WEIGHTS_SUFFIX} files or one PyTorch checkpoint, not "
+                           f"{', '.join(f.label for f in [*weights, *checkpoints][:3])}: push them as separate models")
+    weights = weights or checkpoints
     if not weights:
-        raise InvalidModel(f"no {WEIGHTS_SUFFIX} file among {labels[:5]}")
-    return weights, [f for f in files if not f.label.endswith(WEIGHTS_SUFFIX)]
+        raise InvalidModel(f"no {WEIGHTS_SUFFIX} file or PyTorch checkpoint ({', '.join(torch_format.SUFFIXES)}) "
+                           f"among {labels[:5]}")
+    return weights, [f for f in files if f not in weights]
+
+
+def _check_label(label: str) -> None:
+    if not LABEL.fullmatch(label) or ".." in label.split("/") or len(label) > 255:
+        raise InvalidModel(f"file name {label[:80]!r} is not a plain relative path")
 
 
 def _read_side_file(source: Source) -> bytes:

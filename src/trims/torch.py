@@ -23,16 +23,18 @@ import contextlib
 import sys
 import threading
 from collections import defaultdict
-from typing import Callable, Iterator, TypeVar, Union
+from typing import Any, Callable, Iterator, TypeVar, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from ._torch_assign import assign_state
+from ._torch_checkpoint import load_over
 from .client import Client, ModelView, shared_client
 from .errors import ModelMismatch
 
-__all__ = ["load_state_dict", "load_model", "assemble", "state_dict_from_view", "default_dtype", "cuda_index"]
+__all__ = ["load_state_dict", "load_model", "load_checkpoint", "assemble", "state_dict_from_view", "default_dtype",
+           "cuda_index"]
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -58,6 +60,16 @@ def load_state_dict(name: str, *, client: Client | None = None,
     The lease lasts while they do."""
     view = (client or shared_client()).open(name, device=cuda_index(device))
     return state_dict_from_view(view)
+
+
+def load_checkpoint(name: str, map_location: Any = None, *, client: Client | None = None, **load_args: Any) -> Any:
+    """What ``torch.load`` returns for the PyTorch checkpoint pushed as ``name`` (``trims push
+    model.pt NAME``): PyTorch unpickles it as ever (``weights_only``, ``map_location`` and
+    ``load_args`` as ``torch.load`` takes them), its tensors over the node's shared copy,
+    copy-on-write, for as long as they live."""
+    client = client or shared_client()
+    view = client.open(name)
+    return load_over(view, client.files(view.digest), None, map_location, **load_args)
 
 
 def cuda_index(device: Device | int) -> int | None:

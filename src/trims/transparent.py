@@ -5,6 +5,10 @@ calls are served from the daemon when it can, for files on local disk and the CP
 
 - ``safetensors.safe_open(path, framework="pt" | "numpy")``
 - ``safetensors.torch.load_file(path)``, ``safetensors.numpy.load_file(path)``
+- ``torch.load(path)`` of a checkpoint in ``torch.save``'s zip format (the default since
+  PyTorch 1.6) named ``*.bin``, ``*.pt``, ``*.pth`` or ``*.ckpt``, to any ``map_location``
+  but ``"meta"``; PyTorch unpickles it as ever (``weights_only`` and all), its storages the
+  shared copy's
 - and through them, transformers' ``from_pretrained`` of a local directory.
 
 The file is passed to the daemon as a descriptor and registered by its content (the model
@@ -34,11 +38,16 @@ _originals: dict[str, Any] = {}  # "safetensors.safe_open" -> the real object
 _digests: dict[tuple, str] = {}  # identity of a file this process adopted -> model digest
 _warned = False
 _bypass = threading.local()  # .active while a real loader runs, in that thread
-_LAZY_MODULES = ("safetensors.torch", "safetensors.numpy")  # they import torch/numpy: not eagerly
+_LAZY_MODULES = ("safetensors.torch", "safetensors.numpy", "torch.serialization")  # heavy: not eagerly
 
 
 def installed() -> bool:
     return "safetensors.safe_open" in _originals
+
+
+def original(name: str) -> Any:
+    """The real loader transparent mode replaced (``"torch.serialization.load"``, say), or None."""
+    return _originals.get(name)
 
 
 def install() -> None:
@@ -161,6 +170,45 @@ def shared_numpy_load_file(filename: Any) -> dict[str, Any]:
     return _tensors(view, "numpy")
 
 
+def shared_torch_load(f: Any, map_location: Any = None, pickle_module: Any = None, **kwargs: Any) -> Any:
+    """Stands in for ``torch.load``: a checkpoint file on local disk comes from the daemon."""
+    if _is_checkpoint_path(f) and not _is_meta(map_location) and not _bypassed():
+        served = _shared_checkpoint(f, map_location, pickle_module, kwargs)
+        if served is not _NOT_SERVED:
+            return served
+    # Not as _original(): torch.load of a .safetensors path calls safetensors' load_file, served too.
+    return _originals["torch.serialization.load"](f, map_location, pickle_module, **kwargs)
+
+
+_NOT_SERVED = object()
+
+
+def _shared_checkpoint(f: Any, map_location: Any, pickle_module: Any, kwargs: dict[str, Any]) -> Any:
+    view = _shared_view(f)
+    if view is None:
+        return _NOT_SERVED
+    from . import _torch_checkpoint
+
+    try:
+        records = shared_client().files(view.digest)
+    except TrimsError as exc:
+        _warn_once(f"trims: loading {f} without the shared store: {exc}")
+        return _NOT_SERVED
+    if _torch_checkpoint.is_torchscript(records):
+        return _NOT_SERVED  # torch.load hands those to torch.jit.load, which reads the file itself
+    return _torch_checkpoint.load_over(view, records, f, map_location, pickle_module, **kwargs)
+
+
+def _is_checkpoint_path(f: Any) -> bool:
+    from .torch_format import SUFFIXES
+
+    return isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(SUFFIXES)
+
+
+def _is_meta(map_location: Any) -> bool:
+    return str(map_location) == "meta"
+
+
 def _bypassed() -> bool:
     return getattr(_bypass, "active", False)
 
@@ -214,19 +262,18 @@ def _warn_once(message: str) -> None:
 
 
 def _patch(module: Any) -> None:
-    """Replace ``load_file`` in safetensors.torch or safetensors.numpy, and its ``safe_open``."""
-    replacement = shared_torch_load_file if module.__name__ == "safetensors.torch" else shared_numpy_load_file
-    _originals.setdefault(f"{module.__name__}.load_file", module.load_file)
-    module.load_file = replacement
+    """Replace ``load_file`` in safetensors.torch or safetensors.numpy (and its ``safe_open``),
+    or ``load`` in torch.serialization (which ``torch`` then imports as ``torch.load``)."""
+    attribute = "load" if module.__name__ == "torch.serialization" else "load_file"
+    _originals.setdefault(f"{module.__name__}.{attribute}", getattr(module, attribute))
+    setattr(module, attribute, _REPLACEMENTS[f"{module.__name__}.{attribute}"])
     if hasattr(module, "safe_open"):
         module.safe_open = SharedSafeOpen
 
 
 def _rebind(module: Any) -> None:
     """Point names a module imported from safetensors at the replacements."""
-    swaps = {id(_originals[k]): v for k, v in (("safetensors.safe_open", SharedSafeOpen),
-                                                ("safetensors.torch.load_file", shared_torch_load_file),
-                                                ("safetensors.numpy.load_file", shared_numpy_load_file))
+    swaps = {id(_originals[k]): v for k, v in (("safetensors.safe_open", SharedSafeOpen), *_REPLACEMENTS.items())
              if k in _originals}
     try:
         items = list(vars(module).items())
@@ -235,6 +282,11 @@ def _rebind(module: Any) -> None:
     for attr, value in items:
         if id(value) in swaps:
             setattr(module, attr, swaps[id(value)])
+
+
+_REPLACEMENTS = {"safetensors.torch.load_file": shared_torch_load_file,
+                 "safetensors.numpy.load_file": shared_numpy_load_file,
+                 "torch.serialization.load": shared_torch_load}
 
 
 class _LazyModuleFinder(importlib.abc.MetaPathFinder):

@@ -1,0 +1,113 @@
+"""``torch.load`` over a PyTorch checkpoint the daemon holds (see torch_format.py).
+
+PyTorch's own ``torch.load`` does the work (``weights_only``, ``map_location``, byte order,
+its error messages): while it runs in this thread, the archive reader it opens is replaced
+by one that answers from the shared copy, the pickle and small records from the model's side
+files and each storage a copy-on-write view of the mapped segment. Nothing is read from the
+checkpoint's file but its first four bytes. The reader is the duck type of
+``torch._C.PyTorchFileReader`` that ``torch.serialization._load`` uses; a PyTorch that reads
+its archives otherwise fails loudly here, in the tests, not silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+from typing import Any
+
+import torch
+import torch.serialization
+
+from .client import ModelView
+from .errors import InvalidModel
+from .torch_format import FORMAT, FORMAT_KEY, MAGIC, PICKLE
+
+_serving = threading.local()  # .records: what the next archive opened in this thread reads
+_hook_lock = threading.Lock()
+_TORCHSCRIPT_RECORD = "constants.pkl"
+
+
+def is_checkpoint(view: ModelView) -> bool:
+    return view.metadata.get(FORMAT_KEY) == FORMAT
+
+
+def is_torchscript(records: dict[str, bytes]) -> bool:
+    return _TORCHSCRIPT_RECORD in records
+
+
+def load_over(view: ModelView, records: dict[str, bytes], f: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """``torch.load(f, *args, **kwargs)`` with every record read from ``view`` and ``records``
+    (the model's side files); ``f`` only has to start as a zip does (default: nothing else)."""
+    if not is_checkpoint(view) or PICKLE not in records:
+        raise InvalidModel(f"{view.name} is not a PyTorch checkpoint: load it with trims.torch.load_state_dict")
+    if is_torchscript(records):
+        raise InvalidModel(f"{view.name} is a TorchScript archive: load its file with torch.jit.load")
+    _install_reader_hook()
+    kwargs["mmap"] = False  # the storages are mapped already, from shared memory
+    _serving.records = _SharedRecords(view, records)
+    try:
+        return _real_load()(io.BytesIO(MAGIC) if f is None else f, *args, **kwargs)
+    finally:
+        _serving.records = None
+
+
+def _real_load() -> Any:
+    """torch.load as PyTorch defines it (transparent mode may have replaced the name)."""
+    from . import transparent
+
+    return transparent.original("torch.serialization.load") or torch.serialization.load
+
+
+class _SharedRecords:
+    """What ``torch.serialization._load`` asks of an open archive, answered from the daemon's copy."""
+
+    def __init__(self, view: ModelView, records: dict[str, bytes]) -> None:
+        self._view = view
+        self._records = records
+
+    def has_record(self, name: str) -> bool:
+        return name in self._records or name in self._view.index
+
+    def get_record(self, name: str) -> bytes:
+        try:
+            return self._records[name]
+        except KeyError:
+            raise InvalidModel(f"{self._view.name} has no record {name!r}") from None
+
+    def get_all_records(self) -> list[str]:
+        return sorted([*self._records, *self._view.index])
+
+    def serialization_id(self) -> str:
+        return self._records.get(".data/serialization_id", b"").decode(errors="replace")
+
+    def get_storage_from_record(self, name: str, nbytes: int, _storage_type: Any) -> torch.Tensor:
+        entry = self._view.index.get(name)
+        if entry is None or entry.nbytes != nbytes:
+            raise InvalidModel(f"{self._view.name}'s pickle asks for storage {name!r} of {nbytes} bytes, "
+                               f"which the checkpoint does not hold")
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        segment = memoryview(self._view.segments[entry.segment]).cast("B")
+        return torch.frombuffer(segment[entry.offset : entry.offset + nbytes], dtype=torch.uint8)
+
+    def get_record_offset(self, name: str) -> int:  # only for loads onto "meta", which never come here
+        raise InvalidModel(f"a checkpoint shared by trims has no file offsets (asked for {name!r})")
+
+
+def _install_reader_hook() -> None:
+    """Make torch.load's archive reader ours in a thread that has set ``_serving.records``."""
+    with _hook_lock:
+        original = torch.serialization._open_zipfile_reader
+        if getattr(original, "trims_original", None) is not None:
+            return
+
+        def open_archive(name_or_buffer: Any) -> Any:
+            records = getattr(_serving, "records", None)
+            if records is None:
+                return original(name_or_buffer)
+            _serving.records = None  # one archive per load: anything it opens itself is read as usual
+            return contextlib.nullcontext(records)
+
+        open_archive.trims_original = original
+        torch.serialization._open_zipfile_reader = open_archive

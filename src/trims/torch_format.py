@@ -1,0 +1,149 @@
+"""Reading and checking a PyTorch checkpoint (``torch.save``'s zip format), every byte hostile.
+
+The format: a zip archive whose records, all stored uncompressed, lie under one top-level
+directory: ``data.pkl`` (the pickled object; its tensors name their storages by key),
+``data/<key>`` (each storage's bytes) and a few small records (``byteorder``, ``version``,
+``.format_version``, ...). The daemon never unpickles anything: it stores each storage as a
+tensor of bytes named ``data/<key>`` and every other record as a side file of that name, and
+the client's ``torch.load`` (see ``transparent.py``) unpickles ``data.pkl`` over them.
+
+Only the standard library is used, and the zip's central directory is read through a reader
+that refuses large reads: a hostile archive cannot make the daemon hold much memory.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zipfile
+from dataclasses import dataclass
+
+from .errors import InvalidModel
+from .safetensors_format import TensorSpec
+from .sources import Source
+
+SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # what torch.save's files are usually called
+MAGIC = b"PK\x03\x04"  # as torch.load tells a zip checkpoint from a legacy pickle
+PICKLE = "data.pkl"
+FORMAT_KEY, FORMAT = "trims.format", "torch-checkpoint"  # in the manifest's metadata
+MAX_DIRECTORY_BYTES = 16 * 1024 * 1024  # a checkpoint of 100,000 tensors has ~8 MB of it
+MAX_RECORD_BYTES = 64 * 1024 * 1024  # data.pkl and the small records, read into memory
+_STORAGE = re.compile(r"data/[A-Za-z0-9_]+")
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra field lengths
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    storages: tuple[TensorSpec, ...]  # each ``data/<key>`` as bytes ("U8", one dimension)
+    records: dict[str, tuple[int, int]]  # every other record: name -> (start, length) in the file
+
+
+def is_checkpoint(source: Source) -> bool:
+    return source.label.endswith(SUFFIXES) and source.size() >= len(MAGIC) and source.read(0, len(MAGIC)) == MAGIC
+
+
+def read_checkpoint(source: Source) -> Checkpoint:
+    """Locate every record of a checkpoint, checked against the file. Raises InvalidModel."""
+    label, size = source.label, source.size()
+    try:
+        with zipfile.ZipFile(_BoundedReader(source)) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, struct.error,
+            NotImplementedError, UnicodeDecodeError) as exc:
+        raise InvalidModel(f"{label}: not a PyTorch checkpoint (its zip directory is unreadable: {exc})") from None
+    prefix = _common_prefix(label, infos)
+    storages: list[TensorSpec] = []
+    records: dict[str, tuple[int, int]] = {}
+    spans: list[tuple[int, int, str]] = []
+    for info in infos:
+        name = info.filename[len(prefix):]
+        if info.is_dir():
+            continue
+        start = _data_start(source, info, label)
+        if start + info.file_size > size:
+            raise InvalidModel(f"{label}: record {name!r} runs past the end of the file (truncated?)")
+        spans.append((start, info.file_size, name))
+        if _STORAGE.fullmatch(name):
+            storages.append(TensorSpec(name, "U8", (info.file_size,), start, info.file_size))
+        elif name.startswith("data/"):
+            raise InvalidModel(f"{label}: storage record {name!r} has a name torch.save does not write")
+        elif info.file_size > MAX_RECORD_BYTES:
+            raise InvalidModel(f"{label}: record {name!r} of {info.file_size} bytes is larger than {MAX_RECORD_BYTES}")
+        else:
+            records[name] = (start, info.file_size)
+    if PICKLE not in records:
+        raise InvalidModel(f"{label}: a zip archive without {PICKLE}: not a torch.save checkpoint")
+    _check_apart(spans, label)
+    return Checkpoint(tuple(storages), records)
+
+
+def _common_prefix(label: str, infos: list[zipfile.ZipInfo]) -> str:
+    """The one top-level directory every record lies under, with its slash."""
+    if not infos:
+        raise InvalidModel(f"{label}: an empty zip archive, not a PyTorch checkpoint")
+    prefix = infos[0].filename.split("/", 1)[0] + "/"
+    if any(not info.filename.startswith(prefix) for info in infos):
+        raise InvalidModel(f"{label}: records under more than one top-level directory: not a torch.save checkpoint")
+    names = [info.filename for info in infos]
+    if len(set(names)) != len(names):
+        raise InvalidModel(f"{label}: a record name appears twice")
+    return prefix
+
+
+def _data_start(source: Source, info: zipfile.ZipInfo, label: str) -> int:
+    """Where a record's bytes begin: after its local header, which the directory does not size."""
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        raise InvalidModel(f"{label}: record {info.filename!r} is compressed; torch.save stores every record as is")
+    if info.flag_bits & 0x1:
+        raise InvalidModel(f"{label}: record {info.filename!r} is encrypted")
+    if info.header_offset + _LOCAL_HEADER.size > source.size():
+        raise InvalidModel(f"{label}: record {info.filename!r}'s header lies past the end of the file")
+    signature, name_length, extra_length = _LOCAL_HEADER.unpack(source.read(info.header_offset, _LOCAL_HEADER.size))
+    if signature != MAGIC:
+        raise InvalidModel(f"{label}: record {info.filename!r} has no local header where the directory says")
+    return info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+
+
+def _check_apart(spans: list[tuple[int, int, str]], label: str) -> None:
+    """No two records share bytes: otherwise a small file could claim many times its size."""
+    spans.sort()
+    for (start, length, name), (next_start, _, next_name) in zip(spans, spans[1:]):
+        if start + length > next_start:
+            raise InvalidModel(f"{label}: records {name!r} and {next_name!r} overlap")
+
+
+class _BoundedReader(io.RawIOBase):
+    """A seekable file over a Source for ``zipfile``, which reads only the directory: a read
+    larger than the largest directory allowed is refused, so a hostile one costs little memory."""
+
+    def __init__(self, source: Source) -> None:
+        self._source, self._size, self._position = source, source.size(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def read(self, count: int = -1) -> bytes:
+        remaining = max(0, self._size - self._position)
+        count = remaining if count is None or count < 0 else min(count, remaining)
+        if count > MAX_DIRECTORY_BYTES:
+            raise ValueError(f"a zip directory larger than {MAX_DIRECTORY_BYTES} bytes")
+        data = self._source.read(self._position, count)
+        self._position += count
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)

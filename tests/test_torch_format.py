@@ -1,0 +1,157 @@
+"""PyTorch checkpoints: read as torch.save writes them, hostile ones refused, served to torch.load."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from fractions import Fraction
+
+import pytest
+import torch
+
+import trims
+import trims.torch
+from trims import ingest, torch_format
+from trims.errors import InvalidModel
+from trims.sources import FileSource
+
+
+def plan_of(*paths):
+    fds = [os.open(path, os.O_RDONLY) for path in paths]
+    try:
+        return ingest.plan([FileSource(path.name, fd) for path, fd in zip(paths, fds)])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def checkpoint(tmp_path, name="model.pt"):
+    a = torch.randn(3, 4)
+    objects = {"a": a, "row": a[1], "b": torch.ones(2, dtype=torch.bfloat16), "empty": torch.zeros(0), "step": 3}
+    torch.save(objects, tmp_path / name)
+    return tmp_path / name, objects
+
+
+def test_reads_what_torch_save_writes(tmp_path):
+    path, objects = checkpoint(tmp_path)
+    planned = plan_of(path)
+    data = path.read_bytes()
+    storages = {spec.name: data[spec.start : spec.start + spec.nbytes] for _, spec in planned.specs}
+    # One storage per torch storage: the row shares a's; each holds the storage's bytes.
+    assert sorted(storages) == ["data/0", "data/1", "data/2"]
+    assert sorted(storages.values(), key=len) == sorted(
+        [bytes(t.untyped_storage()) for t in (objects["a"], objects["b"], objects["empty"])], key=len)
+    assert {"data.pkl", "byteorder", "version"} <= set(planned.side_files)
+    assert planned.metadata == {torch_format.FORMAT_KEY: torch_format.FORMAT}
+
+
+def _zip(path, records: dict[str, bytes], compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for name, data in records.items():
+            archive.writestr(name, data)
+    return path
+
+
+def _second_entry_points_at_the_first(path):
+    """The central directory's second entry claims the first one's local header."""
+    data = bytearray(path.read_bytes())
+    second = data.index(b"PK\x01\x02", data.index(b"PK\x01\x02") + 1)
+    data[second + 42 : second + 46] = struct.pack("<I", 0)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: _zip(p, {"m/data.pkl": b"x", "m/data/0": b"y" * 100}, zipfile.ZIP_DEFLATED), "compressed"),
+    (lambda p: _zip(p, {"m/data.pkl": b"x", "n/data/0": b"y"}), "more than one top-level directory"),
+    (lambda p: _zip(p, {"m/data/0": b"y"}), "without data.pkl"),
+    (lambda p: _zip(p, {"m/data.pkl": b"x", "m/data/a b": b"y"}), "torch.save does not write"),
+    (lambda p: _zip(p, {"m/data.pkl": b"x", "m/bad name": b"y"}), "not a plain relative path"),
+    (lambda p: _zip(p, {}), "not a zip archive"),  # an empty one starts with its directory's end
+    (lambda p: p.write_bytes(b"PK\x03\x04" + bytes(26) + b"PK\x05\x06" + bytes(18)) and p, "empty zip"),
+    (lambda p: _second_entry_points_at_the_first(_zip(p, {"m/data.pkl": b"x" * 64, "m/data/0": b"y" * 64})), "overlap"),
+    (lambda p: p.write_bytes(p.with_name("good.pt").read_bytes()[:-30]) and p, "unreadable"),
+    (lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 100) and p, "unreadable"),
+    (lambda p: torch.save({"a": torch.ones(2)}, p, _use_new_zipfile_serialization=False), "legacy format"),
+])
+def test_hostile_checkpoints_are_refused_with_a_clear_error(tmp_path, make, fragment):
+    torch.save({"a": torch.ones(1000)}, tmp_path / "good.pt")
+    path = tmp_path / "bad.pt"
+    make(path)
+    with pytest.raises(InvalidModel, match=fragment) as info:
+        plan_of(path)
+    assert "bad.pt" in str(info.value) or "bad name" in str(info.value)
+
+
+def test_a_huge_central_directory_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    path, _ = checkpoint(tmp_path)
+    monkeypatch.setattr(torch_format, "MAX_DIRECTORY_BYTES", 64)
+    with pytest.raises(InvalidModel, match="larger than 64 bytes"):
+        plan_of(path)
+
+
+def test_a_checkpoint_is_a_model_by_itself(tmp_path):
+    path, _ = checkpoint(tmp_path)
+    torch.save({"b": torch.ones(1)}, tmp_path / "other.bin")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+    for pair in ((path, tmp_path / "other.bin"), (path, tmp_path / "model.safetensors")):
+        with pytest.raises(InvalidModel, match="one PyTorch checkpoint, not"):
+            plan_of(*pair)
+
+
+def test_a_pushed_checkpoint_loads_as_torch_load_would(daemon, tmp_path):
+    path, objects = checkpoint(tmp_path)
+    client = daemon.client()
+    pushed = client.push(path, "ckpt")
+    assert client.info("ckpt").metadata == {torch_format.FORMAT_KEY: torch_format.FORMAT}
+    loaded = trims.torch.load_checkpoint("ckpt", client=client)
+    expected = torch.load(path)
+    assert loaded.keys() == expected.keys() and loaded["step"] == 3
+    for key in ("a", "row", "b", "empty"):
+        assert torch.equal(loaded[key], expected[key]) and loaded[key].dtype == expected[key].dtype
+    assert loaded["row"].untyped_storage().data_ptr() == loaded["a"].untyped_storage().data_ptr()  # still one storage
+    loaded["a"].add_(1)  # a private copy of the pages written
+    assert torch.equal(trims.torch.load_checkpoint("ckpt", client=client)["a"], objects["a"])
+    with pytest.raises(trims.InvalidModel, match="not a PyTorch checkpoint"):
+        trims.torch.load_checkpoint(client.push(_safetensors(tmp_path), "plain").name, client=client)
+    assert client.push(path, "again").new_bytes == 0 and client.info("again").digest == pushed.digest
+
+
+def test_weights_only_holds_for_a_shared_checkpoint(daemon, tmp_path):
+    """The daemon never unpickles; the client's torch.load refuses what it would refuse anyway."""
+    torch.save({"a": torch.ones(2), "other": Fraction(1, 3)}, tmp_path / "unsafe.pt")  # not weights: a class to import
+    client = daemon.client()
+    client.push(tmp_path / "unsafe.pt", "unsafe")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        trims.torch.load_checkpoint("unsafe", client=client)
+    assert trims.torch.load_checkpoint("unsafe", client=client, weights_only=False)["other"] == Fraction(1, 3)
+
+
+def test_a_legacy_checkpoint_is_a_typed_error_and_the_daemon_carries_on(daemon, tmp_path):
+    torch.save({"a": torch.ones(2)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    client = daemon.client()
+    with pytest.raises(trims.InvalidModel, match="legacy format"):
+        client.push(tmp_path / "old.pt", "old")
+    assert client.ping()
+
+
+def _safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, tmp_path / "plain.safetensors")
+    return tmp_path / "plain.safetensors"
+
+
+def test_a_checkpoint_in_a_bucket_is_read_where_it_lies(daemon, tmp_path, s3):
+    """Its zip directory is read with ranged GETs; the object stays the model's cloud copy."""
+    path, _ = checkpoint(tmp_path)
+    bucket = s3.new_bucket()
+    s3.client().upload_file(str(path), bucket, "runs/7/model.pt")
+    client = daemon.client()
+    client.push(f"s3://{bucket}/runs/7/model.pt", "from-bucket")
+    assert client.info("from-bucket").tiers == ("disk", "cloud")
+    loaded, expected = trims.torch.load_checkpoint("from-bucket", client=client), torch.load(path)
+    assert all(torch.equal(loaded[k], expected[k]) for k in ("a", "row", "b", "empty"))
