@@ -5,9 +5,13 @@
 
 - Hugging Face: GPT-2 (124M) from a local directory. plain: ``from_pretrained(dir)``;
   transparent: the same code under ``trims run``; explicit: ``trims.transformers.from_pretrained(tag)``.
+- PyTorch checkpoint: the same GPT-2's state dict as ``torch.save`` writes it
+  (``pytorch_model.bin``). plain: ``torch.load(path)``; mmap: ``torch.load(path, mmap=True)``
+  (the page cache shared, unchecked); transparent: plain under ``trims run``; explicit:
+  ``trims.torch.load_checkpoint(tag)``. Also the PSS of 4 processes holding it.
 - ONNX: an MLP of about 100 MB of fp32 weights. plain: ``onnxruntime.InferenceSession(path)``;
   explicit: ``trims.onnxruntime.InferenceSession(tag)`` (transparent mode covers safetensors
-  loaders only). Also the PSS of 4 sessions held at once.
+  loaders and torch.load only). Also the PSS of 4 sessions held at once.
 
 Median of --runs fresh processes per cell, modes interleaved; the weights are read into page
 cache before each plain run. Writes transparent.json and transparent.md.
@@ -40,22 +44,38 @@ started = time.perf_counter()
 mode, target = sys.argv[1], sys.argv[2]
 if mode.startswith("onnx"):
     import numpy as np, onnxruntime as ort
+    if mode == "onnx-explicit":
+        import trims.onnxruntime
     imports = time.perf_counter() - started
     begin = time.perf_counter()
     if mode == "onnx-plain":
         session = ort.InferenceSession(target, providers=["CPUExecutionProvider"])
     else:
-        import trims.onnxruntime
         session = trims.onnxruntime.InferenceSession(target)
     ready = time.perf_counter() - begin
     session.run(None, {"x": np.ones((1, 2048), dtype=np.float32)})
+elif mode.startswith("pt"):
+    import torch
+    if mode == "pt-explicit":
+        import trims.torch
+    imports = time.perf_counter() - started
+    begin = time.perf_counter()
+    if mode == "pt-explicit":
+        state = trims.torch.load_checkpoint(target)
+    elif mode == "pt-none":  # the floor of the PSS rows: Python and torch, no weights
+        state = {}
+    else:
+        state = torch.load(target, map_location="cpu", mmap=mode == "pt-mmap")
+    ready = time.perf_counter() - begin
+    float(sum(t.float().sum() for t in state.values()))  # every weight read once
 else:
     import torch, transformers
     import transformers.models.gpt2.modeling_gpt2  # transformers imports model code lazily: not on the clock
+    if mode == "hf-explicit":
+        import trims.transformers  # imported before the clock, as `trims run` imports trims before the script
     imports = time.perf_counter() - started
     begin = time.perf_counter()
     if mode == "hf-explicit":
-        import trims.transformers
         model = trims.transformers.from_pretrained(target)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(target)
@@ -72,6 +92,10 @@ MODES = [  # label, worker mode, target is the tag (else the path), run under `t
     ("HF plain", "hf-plain", False, False),
     ("HF transparent", "hf-plain", False, True),
     ("HF explicit", "hf-explicit", True, False),
+    ("torch.load plain", "pt-plain", False, False),
+    ("torch.load mmap", "pt-mmap", False, False),
+    ("torch.load transparent", "pt-plain", False, True),
+    ("torch.load explicit", "pt-explicit", True, False),
     ("ONNX plain", "onnx-plain", False, False),
     ("ONNX explicit", "onnx-explicit", True, False),
 ]
@@ -84,49 +108,60 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="trims-transparent-"))
-    hf_dir, onnx_path = _models(args.out / "cache")
+    hf_dir, checkpoint, onnx_path = _models(args.out / "cache")
     socket_path = work / "trims.sock"
     daemon = start_daemon_process(socket_path, work / "store", "4G", work / "daemon.log")
     env = {**os.environ, "TRIMS_SOCKET": str(socket_path)}
     try:
         client = trims.connect(socket_path)
         client.push(hf_dir, "bench/gpt2")
+        client.push(checkpoint, "bench/gpt2-checkpoint")
         client.push(onnx_path, "bench/mlp")
-        _function("hf-plain", hf_dir, env, transparent=True)  # the transparent mode's first sight of the files
-        targets = {False: {"hf": hf_dir, "onnx": onnx_path}, True: {"hf": "bench/gpt2", "onnx": "bench/mlp"}}
+        for mode, target in (("hf-plain", hf_dir), ("pt-plain", checkpoint)):
+            _function(mode, target, env, transparent=True)  # the transparent mode's first sight of the files
+        targets = {False: {"hf": hf_dir, "pt": checkpoint, "onnx": onnx_path},
+                   True: {"hf": "bench/gpt2", "pt": "bench/gpt2-checkpoint", "onnx": "bench/mlp"}}
         samples: dict[str, list[dict]] = {label: [] for label, *_ in MODES}
         for _ in range(args.runs):
             for label, mode, by_tag, transparent in MODES:
-                target = targets[by_tag]["onnx" if mode.startswith("onnx") else "hf"]
+                target = targets[by_tag][mode.split("-")[0]]
                 if not by_tag:
                     _read(Path(target))
                 samples[label].append(_function(mode, target, env, transparent))
                 print(label, samples[label][-1], flush=True)
-        memory = {label: _pss_of_holders(mode, targets[by_tag]["onnx"], env)
-                  for label, mode, by_tag, _ in MODES if mode.startswith("onnx")}
+        memory = {label: _pss_of_holders(mode, targets[by_tag][mode.split("-")[0]], env, transparent)
+                  for label, mode, by_tag, transparent in MODES if mode.startswith(("onnx", "pt"))}
+        memory["torch, no weights"] = _pss_of_holders("pt-none", checkpoint, env, transparent=False)
     finally:
         daemon.terminate()
         daemon.wait()
     summary = {label: {k: statistics.median(s[k] for s in runs) for k in ("imports_s", "ready_s", "first_s")}
                for label, runs in samples.items()}
-    results = {"runs": args.runs, "summary": summary, "samples": samples, "onnx_pss_4_holders": memory,
-               "onnx_weights_bytes": onnx_path.stat().st_size}
+    results = {"runs": args.runs, "summary": summary, "samples": samples, "pss_4_holders": memory,
+               "onnx_weights_bytes": onnx_path.stat().st_size, "checkpoint_bytes": checkpoint.stat().st_size}
     (args.out / "transparent.json").write_text(json.dumps(results, indent=2))
     (args.out / "transparent.md").write_text(_table(results))
     print((args.out / "transparent.md").read_text())
 
 
-def _models(cache: Path) -> tuple[Path, Path]:
+def _models(cache: Path) -> tuple[Path, Path, Path]:
     from trims.examples import EXAMPLES
 
     hf_dir = cache / "gpt2"
     if not (hf_dir / "config.json").exists():
         EXAMPLES["gpt2"].build(hf_dir)
+    checkpoint = cache / "gpt2-checkpoint" / "pytorch_model.bin"
+    if not checkpoint.exists():
+        import torch
+        from safetensors.torch import load_file
+
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(load_file(hf_dir / "model.safetensors"), checkpoint)
     onnx_path = cache / "mlp" / "mlp.onnx"
     if not onnx_path.exists():
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
         _write_mlp(onnx_path)
-    return hf_dir, onnx_path
+    return hf_dir, checkpoint, onnx_path
 
 
 def _write_mlp(path: Path, width: int = 2048, layers: int = 6) -> None:
@@ -162,11 +197,11 @@ def _read(path: Path) -> None:
         file.read_bytes()
 
 
-def _pss_of_holders(mode: str, target, env: dict, holders: int = 4) -> int:
+def _pss_of_holders(mode: str, target, env: dict, transparent: bool, holders: int = 4) -> int:
     processes = []
     try:
         for _ in range(holders):
-            processes.append(_function(mode, target, env, transparent=False, hold=True))
+            processes.append(_function(mode, target, env, transparent=transparent, hold=True))
             processes[-1].stdout.readline()
         total = 0
         for process in processes:
@@ -195,10 +230,18 @@ def _table(results: dict) -> str:
 
     lines.append(f"| GPT-2 124M, HF directory | {cell('HF plain')} | {cell('HF transparent')} | {cell('HF explicit')} "
                  f"| {s['HF plain']['ready_s'] / s['HF explicit']['ready_s']:.1f}x |")
-    lines.append(f"| MLP {format_size(results['onnx_weights_bytes'])}, ONNX | {cell('ONNX plain')} | n/a (safetensors only) "
+    lines.append(f"| GPT-2 124M, `torch.load` of {format_size(results['checkpoint_bytes'])} (mmap: {cell('torch.load mmap')}) "
+                 f"| {cell('torch.load plain')} | {cell('torch.load transparent')} | {cell('torch.load explicit')} "
+                 f"| {s['torch.load plain']['ready_s'] / s['torch.load explicit']['ready_s']:.1f}x |")
+    lines.append(f"| MLP {format_size(results['onnx_weights_bytes'])}, ONNX | {cell('ONNX plain')} | n/a (no ONNX loader) "
                  f"| {cell('ONNX explicit')} | {s['ONNX plain']['ready_s'] / s['ONNX explicit']['ready_s']:.1f}x |")
-    pss = results["onnx_pss_4_holders"]
-    lines += ["", f"PSS of 4 ONNX sessions held at once: plain {format_size(pss['ONNX plain'])}, "
+    pss = results["pss_4_holders"]
+    lines += ["", f"PSS of 4 processes holding the checkpoint's tensors (every weight read once), "
+                  f"{format_size(results['checkpoint_bytes'])}: plain {format_size(pss['torch.load plain'])}, "
+                  f"mmap {format_size(pss['torch.load mmap'])}, transparent {format_size(pss['torch.load transparent'])}, "
+                  f"explicit {format_size(pss['torch.load explicit'])}; 4 processes with torch and no weights: "
+                  f"{format_size(pss['torch, no weights'])}.",
+              "", f"PSS of 4 ONNX sessions held at once: plain {format_size(pss['ONNX plain'])}, "
                   f"trims {format_size(pss['ONNX explicit'])} (weights {format_size(results['onnx_weights_bytes'])})."]
     return "\n".join(lines) + "\n"
 
