@@ -40,13 +40,18 @@ class Bench:
     def warm_instances(self) -> None:
         """Run every model once on every instance, unmeasured, all instances at once: on a GPU
         a process's first run of an architecture loads its kernels and makes cuBLAS and cuDNN
-        handles (150-230 ms on an H200), which would land on whichever mode ran first."""
+        handles (150-230 ms on an H200), which would land on whichever mode ran first. The
+        smallest model then goes the baseline's way too, so that the first read of a file into
+        device memory of the process's own is not measured either."""
+        smallest = min(self.sizes, key=self.sizes.get)
+
         def warm(instance) -> None:
-            for model in self.sizes:
+            for model, source in [(model, "trims") for model in self.sizes] + [(smallest, "own")]:
                 reply = instance.call({"op": "serve", "model": model, "dir": str(self.directories[model]),
-                                       "source": "trims", "then_drop": True})
+                                       "source": source, "then_drop": True})
                 if "error" in reply:
-                    raise RuntimeError(f"warming {model} on instance {instance.process.pid}: {reply['error']}")
+                    raise RuntimeError(f"warming {model} ({source}) on instance {instance.process.pid}: "
+                                       f"{reply['error']}")
 
         with ThreadPoolExecutor(len(self.pool.instances)) as executor:
             list(executor.map(warm, self.pool.instances))  # list(): a failed warm-up raises here
@@ -235,31 +240,61 @@ class _MemorySampler:
     it can be reclaimed. ``device``: on a GPU node, its memory in use above the idle node's (no
     model anywhere, every CUDA context made): instances' copies, activations and allocator
     caches, and the daemon's GPU copies, including those a warm node starts with (unlike
-    host shared memory, GPU memory is what the budget caps); else 0."""
+    host shared memory, GPU memory is what the budget caps); else 0. Device memory is read
+    every 10 ms and each sample carries the highest reading since the last: with no
+    keep-alive a baseline instance's own copy on a GPU lives for tens of milliseconds, which
+    quarter-second samples would mostly miss (the daemon's copy, always there, they would not)."""
+
+    DEVICE_INTERVAL = 0.01
 
     def __init__(self, pids: list[int], device_memory=None, idle_device_bytes: int = 0,
                  interval: float = 0.25) -> None:
         self.pids, self.interval, self.samples = pids, interval, []
         self._device_memory, self._idle_device_bytes = device_memory, idle_device_bytes
+        self._device_peak, self._device_lock = 0, threading.Lock()
         self._error: BaseException | None = None
         self._shmem_before = _shmem_bytes()
         self._stop = threading.Event()
         self._started = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(self._sample,), daemon=True)]
+        if device_memory is not None:
+            self._threads.append(threading.Thread(target=self._run, args=(self._poll_device,), daemon=True))
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> list[tuple[float, int]]:
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
         if self._error is not None:
             raise RuntimeError(f"the memory sampler failed: {self._error}") from self._error
         return self.samples
 
-    def _run(self) -> None:
+    def _run(self, loop) -> None:
         try:
-            self._sample()
+            loop()
         except BaseException as exc:  # noqa: BLE001 -- raised by stop(), in the run's thread
             self._error = exc
+            self._stop.set()
+
+    def _poll_device(self) -> None:
+        while not self._stop.is_set():
+            self._device_reading()
+            self._stop.wait(self.DEVICE_INTERVAL)
+
+    def _device_reading(self) -> None:
+        used = max(0, self._device_memory.used() - self._idle_device_bytes)
+        with self._device_lock:
+            self._device_peak = max(self._device_peak, used)
+
+    def _device_peak_since_last(self) -> int:
+        """The highest device reading since the last sample, this moment's included."""
+        if self._device_memory is None:
+            return 0
+        self._device_reading()
+        with self._device_lock:
+            peak, self._device_peak = self._device_peak, 0
+        return peak
 
     def _sample(self) -> None:
         """Every interval, and once more at the stop: a run shorter than one interval still
@@ -268,8 +303,8 @@ class _MemorySampler:
             stopping = self._stop.is_set()
             shared = max(0, _shmem_bytes() - self._shmem_before)
             node = sum(map(private_bytes, self.pids)) + shared
-            device = 0 if self._device_memory is None else max(0, self._device_memory.used() - self._idle_device_bytes)
-            self.samples.append((round(time.perf_counter() - self._started, 2), node, shared, device))
+            self.samples.append((round(time.perf_counter() - self._started, 2), node, shared,
+                                 self._device_peak_since_last()))
             if stopping:
                 return
             self._stop.wait(self.interval)

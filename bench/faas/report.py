@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from measure import LATENCY_COLUMNS, percentile
@@ -248,7 +249,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _plots(results: dict, out: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine: the tables and faas.json still come
+        print("matplotlib is not installed; skipping the plots (pip install 'trims[bench]')", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

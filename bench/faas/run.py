@@ -54,7 +54,11 @@ from trims.spawn import start_daemon_process  # noqa: E402
 
 def main() -> None:
     args = _arguments()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop, like ^C: report, stop the daemon
+    # A stop (^C, SIGTERM, a time limit) interrupts once: the report of what was measured and
+    # the daemon's shutdown then run to the end. `timeout` signals the child and then its whole
+    # process group, so the same stop arrives twice.
+    signal.signal(signal.SIGINT, _interrupt_once)
+    signal.signal(signal.SIGTERM, _interrupt_once)
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # cuda:N is NVML's (nvidia-smi's) N
     models = zoo.zoo(args.zoo)
     directories = zoo.ensure_built(models, args.cache)
@@ -121,7 +125,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=0.4, help="node memory for models, as a fraction of the zoo")
     parser.add_argument("--keep-alive", type=float, default=60.0, help="seconds an idle instance keeps its model")
     parser.add_argument("--device", default="cpu",
-                        help="where instances run models: cpu, or cuda[:N] (the budget is then that GPU's memory)")
+                        help="where instances run models: cpu, or cuda[:N] (the budget then caps that GPU's "
+                             "memory for models, and the host tier holds the whole zoo)")
     parser.add_argument("--warm-node", action="store_true",
                         help="start each run with the node's cache warm (steady state) rather than cold")
     parser.add_argument("--phases", type=lambda text: set(text.split(",")), default={"latency", "streams", "beyond"},
@@ -241,8 +246,18 @@ def _daemon(workdir: Path, budget: int, policy: str, device: str, files: dict[st
             yield client
     finally:
         process.terminate()
-        process.wait(timeout=60)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # under a time limit, the partial results matter more
+            process.kill()
+            process.wait()
         time.sleep(0.2)
+
+
+def _interrupt_once(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _keep_daemon_log(workdir: Path, out: Path) -> None:

@@ -77,10 +77,11 @@ def store_spans(view) -> list[tuple[int, int]]:
 
 
 def from_store(held: Held) -> bool:
-    """Whether every parameter lies in the daemon's shared memory: the check that a run
-    measured what it says it measured (made after the clock stops)."""
+    """Whether every stored tensor (parameters, persistent buffers) lies in the daemon's shared
+    memory: the check that a run measured what it says it measured (made after the clock stops)."""
     spans = [] if held.view is None else store_spans(held.view)
-    return all(any(low <= p.data_ptr() < high for low, high in spans) for p in held.model.parameters())
+    stored = [t for t in held.model.state_dict().values() if t.numel()]  # parameters and persistent buffers
+    return all(any(low <= t.data_ptr() < high for low, high in spans) for t in stored)
 
 
 def serve(request: dict, held: Held | None, device: torch.device, reply: dict) -> Held:
@@ -160,8 +161,11 @@ def main() -> None:
                 held = serve(request, held, device, reply)
         except Exception as exc:  # the controller decides what a failed request means
             held = None
-            forget(device)
             reply["error"] = f"{type(exc).__name__}: {exc}"
+            print(json.dumps(reply), flush=True)
+            # after the reply: a CUDA error is sticky, and forget() would raise it again
+            forget(device)
+            continue
         print(json.dumps(reply), flush=True)
         if request.get("then_drop"):  # no keep-alive: torn down after answering, before the next request
             held = None

@@ -104,7 +104,7 @@ class Driver:
         self._check(self._lib.cuInit(0), "cuInit")
         self._contexts: dict[int, ctypes.c_void_p] = {}
         self._granularity: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a mapping's finalizer may run inside a locked section (GC)
 
     # --- devices ------------------------------------------------------------------------
 
