@@ -62,6 +62,19 @@ def _second_entry_points_at_the_first(path):
     return path
 
 
+def _directory_claims_to_start(offset: int):
+    """torch.save's zip64 end record says the central directory starts at ``offset``: every
+    record's header offset then moves by the difference, before the file or far past it."""
+    def make(path):
+        torch.save({"a": torch.ones(2)}, path)
+        data = bytearray(path.read_bytes())
+        end64 = data.rindex(b"PK\x06\x06")
+        data[end64 + 48 : end64 + 56] = struct.pack("<Q", offset)
+        path.write_bytes(bytes(data))
+        return path
+    return make
+
+
 @pytest.mark.parametrize("make, fragment", [
     (lambda p: _zip(p, {"m/data.pkl": b"x", "m/data/0": b"y" * 100}, zipfile.ZIP_DEFLATED), "compressed"),
     (lambda p: _zip(p, {"m/data.pkl": b"x", "n/data/0": b"y"}), "more than one top-level directory"),
@@ -74,6 +87,8 @@ def _second_entry_points_at_the_first(path):
     (lambda p: p.write_bytes(p.with_name("good.pt").read_bytes()[:-30]) and p, "unreadable"),
     (lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 100) and p, "unreadable"),
     (lambda p: torch.save({"a": torch.ones(2)}, p, _use_new_zipfile_serialization=False), "legacy format"),
+    (_directory_claims_to_start(1 << 20), "outside the file"),
+    (_directory_claims_to_start((1 << 64) - 1), "outside the file"),  # found by fuzzing: an OverflowError
 ])
 def test_hostile_checkpoints_are_refused_with_a_clear_error(tmp_path, make, fragment):
     torch.save({"a": torch.ones(1000)}, tmp_path / "good.pt")

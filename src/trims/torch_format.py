@@ -97,8 +97,10 @@ def _data_start(source: Source, info: zipfile.ZipInfo, label: str) -> int:
         raise InvalidModel(f"{label}: record {info.filename!r} is compressed; torch.save stores every record as is")
     if info.flag_bits & 0x1:
         raise InvalidModel(f"{label}: record {info.filename!r} is encrypted")
-    if info.header_offset + _LOCAL_HEADER.size > source.size():
-        raise InvalidModel(f"{label}: record {info.filename!r}'s header lies past the end of the file")
+    # The directory's offsets are relative to where it says it starts: a false one puts a
+    # header before the file's start, or 2**64 bytes away.
+    if not 0 <= info.header_offset <= source.size() - _LOCAL_HEADER.size:
+        raise InvalidModel(f"{label}: record {info.filename!r}'s header lies outside the file")
     signature, name_length, extra_length = _LOCAL_HEADER.unpack(source.read(info.header_offset, _LOCAL_HEADER.size))
     if signature != MAGIC:
         raise InvalidModel(f"{label}: record {info.filename!r} has no local header where the directory says")
