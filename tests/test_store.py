@@ -570,6 +570,36 @@ def test_removing_a_base_repacks_what_its_fine_tunes_still_use(daemon, tmp_path)
     assert client.info("tuned").segments == 2
 
 
+def test_a_repacked_segment_holds_its_room_on_disk_until_the_tier_counts_it(tmp_path):
+    """Checking a repacked copy reads all of it: a push meanwhile must not take the room its
+    file already fills, so the room stays reserved until the disk tier has adopted the file."""
+    from trims.acl import EVERYONE
+    from trims.store import Store
+
+    common, head, tuned_head = torch.arange(4096.0), torch.randn(1024), torch.randn(1024)
+    save_file({"common": common, "head": head}, tmp_path / "base.safetensors")
+    save_file({"common": common, "head": tuned_head}, tmp_path / "tuned.safetensors")
+    store = Store(tmp_path / "store", host_capacity=1 << 30)
+    try:
+        _push(store, "base", tmp_path / "base.safetensors", EVERYONE)
+        _push(store, "tuned", tmp_path / "tuned.safetensors", EVERYONE)
+        disk_stats = lambda: store.stats()["tiers"]["disk"]  # noqa: E731
+        used_before, checked_new_file, verify = disk_stats()["used_bytes"], [], store.disk.verify
+
+        def verify_and_look(layout, path=None):
+            verify(layout, path)
+            if path is not None:
+                checked_new_file.append((disk_stats()["reserved_bytes"], disk_stats()["used_bytes"]))
+
+        store.disk.verify = verify_and_look
+        store.remove("base")
+        assert checked_new_file == [(4 * 4096, used_before)]  # the new file's room, before it is adopted
+        assert disk_stats()["reserved_bytes"] == 0
+        assert disk_stats()["used_bytes"] == used_before - 4096
+    finally:
+        store.close()
+
+
 def _push(store, name: str, path, tenant):
     from trims.sources import FileSource
 

@@ -398,18 +398,21 @@ class Store:
         packed = SegmentLayout.pack([(e.digest, e.nbytes) for e in keep])
         path = self._packed_copy(layout, keep, packed)
         moved: list[Manifest] = []
-        with self._changed:
-            if any(self.catalog.models_with(d) for d in orphans) or packed.id in self.catalog.segments:
-                path.unlink()  # pushed again meanwhile: they are nobody's orphans any more
-                return
-            self.disk.adopt(packed, path)
-            for model_digest in self.catalog.replace_segment(segment_id, packed):
-                self._placements.pop(model_digest, None)
-                moved.append(self.catalog.manifests[model_digest])
-            self._policies["disk"].admit(packed.id, packed.size, self._reload_cost(packed.id, "disk"))
-            upload_to = self.cloud.carry_over(segment_id, packed)
-            self._may_map.clear()
-            self._collect_garbage_locked()  # the old segment goes once its leases end
+        try:
+            with self._changed:
+                if any(self.catalog.models_with(d) for d in orphans) or packed.id in self.catalog.segments:
+                    path.unlink()  # pushed again meanwhile: they are nobody's orphans any more
+                    return
+                self.disk.adopt(packed, path)
+                for model_digest in self.catalog.replace_segment(segment_id, packed):
+                    self._placements.pop(model_digest, None)
+                    moved.append(self.catalog.manifests[model_digest])
+                self._policies["disk"].admit(packed.id, packed.size, self._reload_cost(packed.id, "disk"))
+                upload_to = self.cloud.carry_over(segment_id, packed)
+                self._may_map.clear()
+                self._collect_garbage_locked()  # the old segment goes once its leases end
+        finally:
+            self._release_disk(packed.size)  # the disk tier counts the file now, or it is gone
         log.info("repacked segment %s without %d tensors of removed models", segment_id[:19], len(orphans))
         if upload_to is not None:
             for manifest in moved:
@@ -418,21 +421,24 @@ class Store:
     def _packed_copy(self, layout: SegmentLayout, keep: list[SegmentEntry], packed: SegmentLayout) -> Path:
         """A new file laid out as ``packed`` with ``keep``'s tensors, copied from the segment's
         disk copy (staged from the cloud if need be) and checked, as no other tier holds it yet.
+        Its room on disk stays reserved: the caller releases it once the file is adopted or gone.
         A damaged disk copy is set aside and the segment fetched again, if another tier has it."""
         for _ in range(_LOADS_OF_A_DAMAGED_SEGMENT):  # each from a copy fetched anew and checked
             self._stage_on_disk(layout, required=True)  # counts as reading it until the finally below
             try:
                 self._reserve_disk(packed.size)
+                path: Path | None = None
                 try:
                     path = ingest.repack(self.disk.path(layout.id), keep, packed, self.catalog.temp_dir())
-                finally:
-                    self._release_disk(packed.size)
-                try:
                     self.disk.verify(packed, path)
                     return path
-                except DamagedCopy as damage:
-                    path.unlink()
-                    damaged = DamagedCopy(f"repacking segment {layout.id[:19]} from the disk tier: {damage}")
+                except BaseException as exc:
+                    self._release_disk(packed.size)
+                    if path is not None:
+                        path.unlink()
+                    if not isinstance(exc, DamagedCopy):
+                        raise
+                    damaged = DamagedCopy(f"repacking segment {layout.id[:19]} from the disk tier: {exc}")
             finally:
                 with self._changed:
                     self._reading[layout.id] -= 1
