@@ -69,6 +69,10 @@ def test_pull_pin_and_unpin(daemon, tmp_path):
     assert json.loads(trims_cli("info", "m", "--json", env=env).stdout)["pinned"] == "host"
     assert trims_cli("unpin", "m", env=env).returncode == 0
     assert json.loads(trims_cli("info", "m", "--json", env=env).stdout)["pinned"] == ""
+    evicted = trims_cli("evict", "m", "--tier", "host", env=env)
+    assert evicted.returncode == 0 and evicted.stdout.strip() == "m: freed 3.9 KiB of host memory"
+    on_disk = trims_cli("evict", "m", "--tier", "disk", env=env)
+    assert on_disk.returncode == 1 and "trims rm" in on_disk.stderr
     bad = trims_cli("pull", "m", "--tier", "gpu", env=env)
     assert bad.returncode == 1 and "not one of host, disk or gpu:N" in bad.stderr
     no_gpu = trims_cli("pull", "m", "--tier", "gpu:0", env=env)  # a daemon started without --gpu-memory

@@ -107,6 +107,30 @@ def test_evict_and_remove_drop_gpu_copies_once_unused(store):
     assert gpu_bytes(store) == 0
 
 
+def test_evict_takes_one_tier_leaving_the_other_copy_serving(store, driver):
+    """Freeing device memory need not cost the host copy (the next open on the device is an
+    upload, not a disk read), and a host copy can go while a GPU lease holds the device's."""
+    from trims.errors import InvalidName
+
+    store.open("m0", owner=1, device=0)
+    (segment_id,) = _segments(store, "m0")
+    with pytest.raises(ModelBusy, match="in use in the gpu:0 tier"):
+        store.evict("m0", tier="gpu:0")
+    assert store.evict("m0", tier="host") == MODEL_BYTES  # the GPU lease holds no host copy
+    assert not store.host.has(segment_id) and gpu_bytes(store) > 0
+    store.release_owner(1)
+    store.pull("m0")
+    on_device = gpu_bytes(store)
+    assert store.evict("m0", tier="gpu:0") == on_device > 0
+    assert gpu_bytes(store) == 0 and store.host.has(segment_id)
+    assert store.evict("m0", tier="gpu:1") == 0  # a device never used holds nothing
+    with pytest.raises(InvalidName, match="trims rm"):
+        store.evict("m0", tier="disk")
+    uploads, host_hits = driver.uploads, store.stats()["tiers"]["host"]["hits"]
+    store.open("m0", owner=2, device=0)
+    assert driver.uploads == uploads + 1 and store.stats()["tiers"]["host"]["hits"] == host_hits + 1
+
+
 def test_a_failed_upload_leaves_nothing_reserved_and_the_next_open_retries(store, driver, monkeypatch):
     def broken(*args):
         raise GpuError("the CUDA driver refused cuMemcpyHtoDAsync: out of memory")

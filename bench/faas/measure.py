@@ -80,7 +80,7 @@ class Bench:
                 _read(weight_files(self.directories[name]))
 
     def evict(self, *models: str) -> None:
-        """Take models out of the daemon's host memory, once instances that dropped them have
+        """Take models out of the daemon's memory (host and GPU), once instances that dropped them have
         released them (a release arrives just after the drop)."""
         deadline = time.monotonic() + 30
         while self.client.stats()["leases"] and time.monotonic() < deadline:

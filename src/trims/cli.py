@@ -104,8 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_info)
 
-    evict = commands.add_parser("evict", help="drop a model from host memory (it stays on disk)")
+    evict = commands.add_parser("evict", help="drop a model from host and GPU memory (it stays on disk)")
     evict.add_argument("name")
+    evict.add_argument("--tier", default=None, help="host or gpu:N, to drop it from that tier alone (default: all)")
     evict.set_defaults(run=_evict)
 
     rm = commands.add_parser("rm", help="delete a model name, and its bytes once nothing uses them")
@@ -277,8 +278,8 @@ def _gpu_path(tier: dict) -> str:
 
 def _evict(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        freed = client.evict(args.name)
-    print(f"{args.name}: freed {format_size(freed)} of host and GPU memory")
+        freed = client.evict(args.name, args.tier)
+    print(f"{args.name}: freed {format_size(freed)} of {args.tier or 'host and GPU'} memory")
     return 0
 
 

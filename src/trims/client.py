@@ -184,9 +184,10 @@ class Client:
     def info(self, name: str) -> ModelSummary:
         return self._request(protocol.Info(name=name), protocol.ModelDetails)[0].model
 
-    def evict(self, name: str) -> int:
-        """Drop a model from the daemon's host memory (it stays on disk); bytes freed."""
-        return self._request(protocol.Evict(name=name), protocol.Evicted)[0].freed_bytes
+    def evict(self, name: str, tier: str | None = None) -> int:
+        """Drop a model from the daemon's memory, ``tier`` (``host`` or ``gpu:N``) or else host
+        and every GPU; it stays on disk. Bytes freed."""
+        return self._request(protocol.Evict(name=name, tier=tier), protocol.Evicted)[0].freed_bytes
 
     def remove(self, name: str) -> int:
         """Delete a name; the bytes go once no name and no lease needs them. Bytes deleted."""

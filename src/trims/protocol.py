@@ -213,7 +213,10 @@ class Info(Message):
 
 @_message("evict")
 class Evict(Message):
+    """Drop a model from ``tier`` (``host`` or ``gpu:N``), or from host and every GPU."""
+
     name: str
+    tier: str | None = None
 
 
 @_message("remove")

@@ -291,7 +291,7 @@ class Server:
 
     def _on_evict(self, request: protocol.Evict, ctx: _Context) -> protocol.Message:
         ctx.tenant.require(ADMIN, "evict models")
-        return protocol.Evicted(id=request.id, name=request.name, freed_bytes=self.store.evict(request.name, ctx.tenant))
+        return protocol.Evicted(id=request.id, name=request.name, freed_bytes=self.store.evict(request.name, ctx.tenant, request.tier))
 
     def _on_remove(self, request: protocol.Remove, ctx: _Context) -> protocol.Message:
         ctx.tenant.require(WRITE, "remove models")

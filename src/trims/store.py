@@ -936,23 +936,45 @@ class Store:
                 del self._refs[segment_id]
         self._settle_locked(segment_ids)
 
-    def evict(self, reference: str, tenant: Tenant = EVERYONE) -> int:
-        """Drop a model from host and GPU memory; it stays on disk or in the cloud. Returns bytes freed."""
+    def evict(self, reference: str, tenant: Tenant = EVERYONE, tier: str | None = None) -> int:
+        """Drop a model from memory: ``tier`` "host" or "gpu:N", or None for host and every
+        GPU; it stays on disk or in the cloud. A GPU's copy does not need the host's once made,
+        so either can go alone. Returns bytes freed."""
         with self._lock:
             name, manifest = self._resolve(reference, tenant)
-            segments = self._placement(manifest).segments
-            leases = sum(1 for held in self._leases.values() if set(held.segments) & set(segments))
-            # the refs also count opens and pulls still under way, which hold no lease yet
-            gpu_busy = any(self._gpu_refs.get((g.name, s)) or (g.name, s) in self._gpu_loading
-                           for g in self._gpus.values() for s in segments)
-            if leases or gpu_busy or any(self._refs.get(s) or s in self._loading for s in segments):
-                raise ModelBusy(f"{name} is in use ({leases} leases); it can leave host memory once they close")
-            pinned_in = [t for t in ("host", *(g.name for g in self._gpus.values()))
-                         if set(segments) & self._pinned_locked(t)]
-            if pinned_in:
-                raise ModelBusy(f"{name} is pinned in {pinned_in[0]}; `trims unpin` it first")
-            copies = [(tier, s) for tier in (self.host, *self._gpus.values()) for s in segments if tier.has(s)]
-            return sum(self._evict_locked(tier, s, "requested") for tier, s in copies)
+            segments = set(self._placement(manifest).segments)
+            tiers = self._memory_tiers_locked(tier)
+            for held in tiers:
+                self._check_evictable_locked(name, held, segments)
+            copies = [(held, s) for held in tiers for s in sorted(segments) if held.has(s)]
+            return sum(self._evict_locked(held, s, "requested") for held, s in copies)
+
+    def _memory_tiers_locked(self, tier: str | None) -> list[Tier]:
+        if tier is None:
+            return [self.host, *self._gpus.values()]
+        device = gpu_device(tier)
+        if device is None and tier != "host":
+            raise InvalidName(f"models leave the {tier} tier with `trims rm`; evict takes host or gpu:N")
+        if device is None:
+            return [self.host]
+        return [self._gpus[device]] if device in self._gpus else []  # never used: nothing to drop
+
+    def _check_evictable_locked(self, name: str, tier: Tier, segments: set[str]) -> None:
+        """Raises ModelBusy if a lease, an open or a load under way holds the model's segments
+        in ``tier``, or the model is pinned there."""
+        on_gpu = tier is not self.host
+        leases = sum(1 for held in self._leases.values()
+                     if held.gpu == (tier.name if on_gpu else None) and segments.intersection(held.segments))
+        # the refs also count opens and pulls still under way, which hold no lease yet
+        if on_gpu:
+            busy = any(self._gpu_refs.get((tier.name, s)) or (tier.name, s) in self._gpu_loading for s in segments)
+        else:
+            busy = any(self._refs.get(s) or s in self._loading for s in segments)
+        if leases or busy:
+            raise ModelBusy(f"{name} is in use in the {tier.name} tier ({leases} leases); "
+                            "it can leave once they close")
+        if segments & self._pinned_locked(tier.name):
+            raise ModelBusy(f"{name} is pinned in {tier.name}; `trims unpin` it first")
 
     # --- accounting: the one place bytes are made room for -------------------------------------
 
