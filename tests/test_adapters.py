@@ -118,6 +118,100 @@ def test_onnxruntime_session_runs_on_shared_initializers(shared_daemon, tmp_path
         trims.onnxruntime.InferenceSession("adapters/mlp", client=client, sess_options=options)
 
 
+def test_an_onnx_session_serves_bf16_and_fp8_initializers_as_they_are(shared_daemon, tmp_path):
+    """NumPy lacks bf16 and fp8: they are stored as themselves (not widened to float32) and
+    given to ONNX Runtime as their bits in place, with the ONNX type named. (Embedding tables
+    here: a weight cast straight to float32 is folded at push, as ONNX Runtime would.)"""
+    import ml_dtypes
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    import trims.onnxruntime
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((64, 64)).astype(ml_dtypes.bfloat16)
+    w2 = rng.standard_normal((64, 64)).astype(ml_dtypes.float8_e4m3fn)
+    nodes = [helper.make_node("Gather", ["w1", "ids"], ["e1"]), helper.make_node("Cast", ["e1"], ["f1"], to=TensorProto.FLOAT),
+             helper.make_node("DequantizeLinear", ["w2", "scale"], ["f2"]), helper.make_node("Gather", ["f2", "ids"], ["e2"]),
+             helper.make_node("Add", ["f1", "e2"], ["y"])]
+    graph = helper.make_graph(nodes, "low-precision", [helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
+                              initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                                           numpy_helper.from_array(np.array(0.5, dtype=np.float32), "scale")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(tmp_path / "low.onnx"))
+    client = shared_daemon.client()
+    client.push(tmp_path / "low.onnx", "adapters/low")
+    assert client.info("adapters/low").dtypes == {"BF16": 1, "F8_E4M3": 1}
+
+    ids = np.array([0, 5, 63, 5], dtype=np.int64)
+    session = trims.onnxruntime.InferenceSession("adapters/low", client=client)
+    plain = ort.InferenceSession(str(tmp_path / "low.onnx"), providers=["CPUExecutionProvider"])
+    assert np.array_equal(session.run(None, {"ids": ids})[0], plain.run(None, {"ids": ids})[0])
+    view, values = session._trims_weights
+    assert view["w1"].dtype == ml_dtypes.bfloat16 and values["w1"].data_type() == "tensor(bfloat16)"
+    assert values["w2"].data_type() == "tensor(float8e4m3fn)"
+    assert values["w1"].data_ptr() == view["w1"].ctypes.data  # the mapped segment, not a copy
+
+    packed = np.ones((64, 64), dtype=ml_dtypes.int4)  # ONNX's INT4: packed two to a byte
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "int4", [],
+                              [helper.make_tensor_value_info("y", TensorProto.INT4, [64, 64])],
+                              initializer=[numpy_helper.from_array(packed, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(tmp_path / "int4.onnx"))
+    with pytest.raises(trims.InvalidModel, match="initializer 'w' is INT4, which trims cannot store yet"):
+        client.push(tmp_path / "int4.onnx", "adapters/int4")
+
+
+def test_an_onnx_graph_onnx_runtime_cannot_load_here_is_stored_as_it_is(shared_daemon, tmp_path, caplog):
+    """An operator this machine's ONNX Runtime lacks (another execution provider's, say)
+    leaves nothing to fold at push: the graph is stored unoptimized, and the push says so."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("Blend", ["x", "w"], ["y"], domain="com.example")], "custom",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1024])],
+                              initializer=[numpy_helper.from_array(np.ones(1024, dtype=np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    onnx.save(model, str(tmp_path / "custom.onnx"))
+    with caplog.at_level("WARNING", logger="trims.onnx_format"):
+        assert shared_daemon.client().push(tmp_path / "custom.onnx", "adapters/custom").tensors == 1
+    assert "could not load" in caplog.text and "storing the graph as it is" in caplog.text
+
+
+def test_weights_onnx_runtime_would_rewrite_are_rewritten_once_at_push(shared_daemon, tmp_path):
+    """Conv+BatchNorm fusion and constant folding read and rewrite weights: in every session
+    that would be a private copy of each (and read data the stored graph does not carry), so
+    the push runs them once and stores what they produce; sessions go no further than that."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    import trims.onnxruntime
+
+    rng, channels = np.random.default_rng(0), 256
+    weights = {"conv": rng.standard_normal((channels, channels, 1, 1)), "linear": rng.standard_normal((channels, channels)),
+               **{n: np.abs(rng.standard_normal(channels)) + 0.5 for n in ("scale", "bias", "mean", "var")}}
+    nodes = [helper.make_node("Conv", ["x", "conv"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["n"]),
+             helper.make_node("Relu", ["n"], ["r"]), helper.make_node("Flatten", ["r"], ["flat"]),
+             helper.make_node("Transpose", ["linear"], ["linear_t"]), helper.make_node("MatMul", ["flat", "linear_t"], ["y"])]
+    graph = helper.make_graph(nodes, "conv-bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels])],
+                              initializer=[numpy_helper.from_array(w.astype(np.float32), n) for n, w in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "cnn.onnx"))
+    client = shared_daemon.client()
+    pushed = client.push(tmp_path / "cnn.onnx", "adapters/cnn")
+    assert pushed.tensors == 3  # the fused convolution's weight and bias, the transposed matrix
+
+    x = rng.standard_normal((1, channels, 1, 1), dtype=np.float32)
+    expected = ort.InferenceSession(str(tmp_path / "cnn.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    options = ort.SessionOptions()  # ORT_ENABLE_ALL, ONNX Runtime's default
+    session = trims.onnxruntime.InferenceSession("adapters/cnn", client=client, sess_options=options)
+    assert np.allclose(session.run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-3)
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
 SESSION_MEMORY = """
 import numpy as np, onnxruntime, trims.onnxruntime
 def anon():

@@ -11,7 +11,10 @@ Each initializer is an ``OrtValue`` over the mapped segment, given to ONNX Runti
 data "files in memory"; ``add_initializer`` does not, but wants the graph loaded from a path,
 beside a file for its external-data placeholders.) Weight prepacking is off, since it would
 copy each packed weight into every process; ``prepack=True`` trades sharing for ONNX
-Runtime's packed matrix layouts. Needs the ``onnx`` extra.
+Runtime's packed matrix layouts. Graph optimization stops at the basic level, which the push
+already ran (constant folding and fusions, their weights stored): higher levels rewrite
+weights too (NCHWc reorders every convolution's), which would be a private copy in each
+process and reads weight data the graph's placeholders do not have. Needs the ``onnx`` extra.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import onnxruntime as ort
 
 from .client import Client, shared_client
 from .errors import ModelMismatch
-from .onnx_format import GRAPH_FILE, PLACEHOLDER
+from .onnx_format import GRAPH_FILE, ML_DTYPE_ELEMENT_TYPES, PLACEHOLDER
 
 __all__ = ["InferenceSession"]
 
@@ -40,7 +44,9 @@ def InferenceSession(name: str, *, client: Client | None = None, sess_options: o
     options = sess_options or ort.SessionOptions()
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
-    values = {n: ort.OrtValue.ortvalue_from_numpy(view[n]) for n in view}  # no copy: the arrays' memory
+    if int(options.graph_optimization_level) > int(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    values = {n: _ortvalue(view[n]) for n in view}  # no copy: the arrays' memory
     try:
         for tensor_name, value in values.items():
             options.add_initializer(tensor_name, value)
@@ -55,3 +61,12 @@ def InferenceSession(name: str, *, client: Client | None = None, sess_options: o
                                        providers=list(providers or ["CPUExecutionProvider"]))
     session._trims_weights = (view, values)  # the session reads this memory for as long as it lives
     return session
+
+
+def _ortvalue(array: np.ndarray) -> ort.OrtValue:
+    """An OrtValue over ``array``'s memory. ONNX Runtime takes no ml_dtypes arrays (bf16, fp8):
+    those go as their bits, an unsigned view of the same memory, with the ONNX type named."""
+    element_type = ML_DTYPE_ELEMENT_TYPES.get(array.dtype.name)
+    if element_type is None:
+        return ort.OrtValue.ortvalue_from_numpy(array)
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(f"u{array.itemsize}"), element_type)
