@@ -14,6 +14,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+# PyTorch on several threads gives a few percent of fresh processes last-bit different outputs
+# (seen without trims: ~1 run in 10 of a tiny GPT-2 on 2 cores), and the tests compare outputs
+# across processes bit for bit. One thread gives the same order of sums everywhere; the children
+# inherit it. Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 import trims

@@ -92,13 +92,8 @@ def test_replicas_share_one_copy_of_each_multiplexed_model(daemon, ray_serve):
 
     for model_id, served in results.items():
         here = trims.transformers.from_pretrained(model_id, client=client).eval()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as in Ray's workers (OMP_NUM_THREADS=1): the same order of sums
-        try:
-            with torch.no_grad():
-                expected = here(torch.tensor(PROMPT)).logits.tolist()
-        finally:
-            torch.set_num_threads(threads)
+        with torch.no_grad():  # one thread, as in Ray's workers (conftest): the same order of sums
+            expected = here(torch.tensor(PROMPT)).logits.tolist()
         mapped_here = memfd_inode(here.transformer.h[0].attn.c_attn.weight)
         assert mapped_here[0].startswith("/memfd:trims")
         assert {r["weights"] for r in served} == {mapped_here}  # one copy: the daemon's, in every process
