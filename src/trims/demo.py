@@ -80,7 +80,9 @@ def run_demo(model: str = "gpt2", processes: int = 4, workdir: Path | None = Non
     workdir = Path(workdir or tempfile.mkdtemp(prefix="trims-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     socket_path = workdir / "run" / "trims.sock"
-    env = {**os.environ, "TRIMS_SOCKET": str(socket_path), "TOKENIZERS_PARALLELISM": "false"}
+    # One thread per function, as a container with one CPU: and on several threads PyTorch gives
+    # some fresh processes last-bit different logits, which the "outputs" line would report.
+    env = {**os.environ, "TRIMS_SOCKET": str(socket_path), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     daemon = None
     try:
         model_dir = workdir / model
