@@ -122,6 +122,23 @@ def test_state_dict_is_zero_copy_and_a_write_stays_private(pushed):
     assert torch.equal(weight, before + 1.0)
 
 
+def test_equal_tensors_stored_once_are_still_written_apart(shared_daemon, tmp_path):
+    """The daemon keeps equal tensors once; a write to one must not show in the other."""
+    import trims.numpy
+    from safetensors.torch import save_file
+
+    save_file({"a.bias": torch.zeros(64), "b.bias": torch.zeros(64), "c.weight": torch.ones(64)},
+              tmp_path / "model.safetensors")
+    client = shared_daemon.client()
+    client.push(tmp_path / "model.safetensors", "torch-tests/equal")
+    state = trims.torch.load_state_dict("torch-tests/equal", client=client)
+    state["a.bias"].add_(1)
+    assert state["b.bias"].sum() == 0 and state["a.bias"].sum() == 64
+    arrays = trims.numpy.state_dict_from_view(client.open("torch-tests/equal"), writable=True)
+    arrays["b.bias"] += 2
+    assert arrays["a.bias"].sum() == 0 and arrays["b.bias"].sum() == 128
+
+
 def test_assembling_in_threads_leaves_torch_as_it_was(pushed):
     import threading
 

@@ -135,6 +135,28 @@ def test_a_pushed_checkpoint_loads_as_torch_load_would(daemon, tmp_path):
     assert client.push(path, "again").new_bytes == 0 and client.info("again").digest == pushed.digest
 
 
+def test_equal_storages_stored_once_are_still_written_apart(daemon, tmp_path):
+    """An optimizer's state holds equal storages (every parameter's ``step``, zero moments):
+    the daemon keeps them once, but ``step += 1`` on one must leave the others as torch.load does."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "run.pt")
+    client = daemon.client()
+    client.push(tmp_path / "run.pt", "run")
+    loaded, expected = trims.torch.load_checkpoint("run", client=client), torch.load(tmp_path / "run.pt")
+    for state in (loaded, expected):
+        steps = [s["step"] for s in state["optimizer"]["state"].values()]
+        steps[0] += 1
+        assert [float(s) for s in steps] == [2.0, 1.0, 1.0, 1.0]
+    restored = torch.optim.Adam(model.parameters())
+    restored.load_state_dict(loaded["optimizer"])
+    optimizer.step(), restored.step()  # both from the same state: the same moments afterwards
+    for ours, theirs in zip(restored.state.values(), optimizer.state.values()):
+        assert torch.equal(ours["exp_avg"], theirs["exp_avg"])
+
+
 def test_weights_only_holds_for_a_shared_checkpoint(daemon, tmp_path):
     """The daemon never unpickles; the client's torch.load refuses what it would refuse anyway."""
     torch.save({"a": torch.ones(2), "other": Fraction(1, 3)}, tmp_path / "unsafe.pt")  # not weights: a class to import

@@ -89,7 +89,9 @@ class _SharedRecords:
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         segment = memoryview(self._view.segments[entry.segment]).cast("B")
-        return torch.frombuffer(segment[entry.offset : entry.offset + nbytes], dtype=torch.uint8)
+        storage = torch.frombuffer(segment[entry.offset : entry.offset + nbytes], dtype=torch.uint8)
+        # Equal storages are stored once; each key must still be its own, as in the file.
+        return storage.clone() if name in self._view.repeats else storage
 
     def get_record_offset(self, name: str) -> int:  # only for loads onto "meta", which never come here
         raise InvalidModel(f"a checkpoint shared by trims has no file offsets (asked for {name!r})")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -410,6 +411,20 @@ class ModelView(Mapping[str, "np.ndarray"]):
 
     def __contains__(self, key: object) -> bool:
         return key in self.index
+
+    @functools.cached_property
+    def repeats(self) -> frozenset[str]:
+        """Names whose bytes lie where an earlier name's do: the daemon stores equal tensors
+        once (all-zero buffers, optimizer steps). Adapters that hand out writable tensors copy
+        these, so an in-place write to one never shows in another, as with a file's copy."""
+        seen: set[tuple[int, int]] = set()
+        repeats = set()
+        for name, entry in self.index.items():
+            place = (entry.segment, entry.offset)
+            if entry.nbytes and place in seen:
+                repeats.add(name)
+            seen.add(place)
+        return frozenset(repeats)
 
     def close(self) -> None:
         """End the lease now. Arrays already taken stay valid: the mapping is private.

@@ -22,9 +22,13 @@ def load_state_dict(name: str, *, client: Client | None = None) -> dict[str, np.
 
 def state_dict_from_view(view: ModelView, *, writable: bool = False) -> dict[str, np.ndarray]:
     """Every tensor of an open view. ``writable`` arrays may be written in place: the mapping
-    is private, so a write copies the page it touches into this process and nowhere else."""
+    is private, so a write copies the page it touches into this process and nowhere else; an
+    array whose bytes an earlier one shares (``view.repeats``) is a copy of its own."""
     arrays = {name: view[name] for name in view}
     if writable:
-        for array in arrays.values():
-            array.flags.writeable = True
+        for name, array in arrays.items():
+            if name in view.repeats:
+                arrays[name] = array.copy()
+            else:
+                array.flags.writeable = True
     return arrays

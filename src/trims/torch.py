@@ -87,7 +87,9 @@ def cuda_index(device: Device | int) -> int | None:
 
 def state_dict_from_view(view: ModelView) -> dict[str, torch.Tensor]:
     """Tensors over an open view's mapped segments: strided views of one typed base tensor per
-    segment and dtype, so no byte is copied and each tensor costs one ``as_strided``."""
+    segment and dtype, so no byte is copied and each tensor costs one ``as_strided``. In host
+    memory a tensor whose bytes an earlier one shares (``view.repeats``) is a copy instead:
+    the mapping is writable and private, and ``add_`` on one must not change the other."""
     bases: dict[tuple[int, torch.dtype], torch.Tensor] = {}
     state = {}
     for name, entry in view.index.items():
@@ -96,6 +98,9 @@ def state_dict_from_view(view: ModelView) -> dict[str, torch.Tensor]:
         if base is None:  # segments are 64-byte multiples: every element type divides them
             base = bases[entry.segment, dtype] = _bytes_of(view, entry.segment).view(dtype)
         state[name] = base.as_strided(shape, _contiguous_strides(shape), entry.offset // dtype.itemsize)
+    if view.device is None:
+        for name in view.repeats:
+            state[name] = state[name].clone()
     return state
 
 
