@@ -246,6 +246,13 @@ def test_unknown_names_and_paths(daemon, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(trims.InvalidModel, match="holds no .safetensors"):
         client.push(tmp_path / "empty", "x")
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    save_file({"w": torch.zeros(2)}, crowded / "m.safetensors")
+    for i in range(trims.protocol.MAX_FDS_PER_FRAME):
+        (crowded / f"{i}.json").write_text("{}")
+    with pytest.raises(trims.InvalidModel, match="1 weight and 250 side files, more than one push can send"):
+        client.push(crowded, "x")
 
 
 def test_restart_keeps_the_catalogue_and_verifies_what_it_loads(tmp_path):

@@ -106,6 +106,23 @@ def test_a_huge_central_directory_is_refused_before_it_is_read(tmp_path, monkeyp
         plan_of(path)
 
 
+def test_side_records_past_what_a_reply_can_carry_are_refused_at_push(daemon, tmp_path):
+    """Each small record reaches a client as a descriptor, all in one reply: a checkpoint of
+    more would push, then fail every load. It is refused at push, and the daemon carries on."""
+    records = {"m/data.pkl": b"x", "m/data/0": b"y" * 64, **{f"m/note{i}": b"z" for i in range(ingest.MAX_SIDE_FILES)}}
+    client = daemon.client()
+    with pytest.raises(trims.InvalidModel, match="side files .* more than a model may have"):
+        client.push(_zip(tmp_path / "many.pt", records), "many")
+    assert client.ping() and "many" not in [m.name for m in client.list()]
+
+
+def test_side_files_are_sized_together_before_any_is_read(tmp_path, monkeypatch):
+    path, _ = checkpoint(tmp_path)
+    monkeypatch.setattr(ingest, "MAX_SIDE_BYTES", 64)
+    with pytest.raises(InvalidModel, match="the side files come to .* bytes, more than a model's may"):
+        plan_of(path)
+
+
 def test_a_checkpoint_is_a_model_by_itself(tmp_path):
     path, _ = checkpoint(tmp_path)
     torch.save({"b": torch.ones(1)}, tmp_path / "other.bin")

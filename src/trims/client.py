@@ -564,6 +564,9 @@ def _directory_files(path: Path) -> list[tuple[str, Path]]:
         p.name for p in path.iterdir()
         if p.is_file() and p.suffix in SIDE_SUFFIXES and not p.name.endswith(".index.json")
     )
+    if len(weights) + len(side) > protocol.MAX_FDS_PER_FRAME:  # each goes as a descriptor, all in one frame
+        raise InvalidModel(f"{path} holds {len(weights)} weight and {len(side)} side files, more than one push "
+                           f"can send ({protocol.MAX_FDS_PER_FRAME}): move what the model does not need elsewhere")
     return [(name, path / name) for name in weights + side]
 
 

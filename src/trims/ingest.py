@@ -32,10 +32,13 @@ from .disk import new_temp_file
 from .errors import IntegrityError, InvalidModel
 from .records import Manifest, SegmentEntry, SegmentLayout, TensorRecord
 from .safetensors_format import TensorSpec, read_header
-from .sources import Source
+from .protocol import MAX_FDS_PER_FRAME
+from .sources import Slice, Source
 
 WEIGHTS_SUFFIX = ".safetensors"
 MAX_SIDE_FILE_BYTES = 64 * 1024 * 1024
+MAX_SIDE_FILES = MAX_FDS_PER_FRAME  # a client gets every side file as a descriptor, all in one reply
+MAX_SIDE_BYTES = 256 * 1024 * 1024  # all of them together: the daemon holds them in memory while it pushes
 _CHUNK = 8 * 1024 * 1024
 LABEL = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")  # a side file's name: a plain relative path
 
@@ -87,7 +90,7 @@ def plan(files: list[Source]) -> Plan:
         for key, value in header.metadata.items():
             metadata.setdefault(key, value)
     candidate = SegmentLayout.pack([(str(i), spec.nbytes) for i, (_, spec) in enumerate(specs)])
-    return Plan(specs, metadata, {f.label: _read_side_file(f) for f in side}, candidate)
+    return Plan(specs, metadata, _read_side_files(side), candidate)
 
 
 def _plan_checkpoint(source: Source, side: list[Source]) -> Plan:
@@ -97,12 +100,13 @@ def _plan_checkpoint(source: Source, side: list[Source]) -> Plan:
         raise InvalidModel(f"{source.label}: not a zip archive: a checkpoint of torch.save's legacy format (before "
                            "PyTorch 1.6) or not a checkpoint; save it again with torch.save, or as safetensors")
     checkpoint = torch_format.read_checkpoint(source)
-    side_files = {f.label: _read_side_file(f) for f in side}
-    for name, (start, length) in checkpoint.records.items():
+    labels = {f.label for f in side}
+    for name in checkpoint.records:
         _check_label(name)
-        if name in side_files:
+        if name in labels:
             raise InvalidModel(f"{source.label}: its record {name!r} has the name of a file pushed beside it")
-        side_files[name] = source.read(start, length)
+    records = [Slice(name, source, start, length) for name, (start, length) in checkpoint.records.items()]
+    side_files = _read_side_files([*side, *records])
     specs = [(source, spec) for spec in sorted(checkpoint.storages, key=lambda s: s.start)]
     candidate = SegmentLayout.pack([(str(i), spec.nbytes) for i, (_, spec) in enumerate(specs)])
     return Plan(specs, {torch_format.FORMAT_KEY: torch_format.FORMAT}, side_files, candidate)
@@ -206,11 +210,19 @@ def _check_label(label: str) -> None:
         raise InvalidModel(f"file name {label[:80]!r} is not a plain relative path")
 
 
-def _read_side_file(source: Source) -> bytes:
-    size = source.size()
-    if size > MAX_SIDE_FILE_BYTES:
-        raise InvalidModel(f"{source.label}: {size} bytes is more than a side file may have ({MAX_SIDE_FILE_BYTES})")
-    return source.read(0, size)
+def _read_side_files(side: list[Source]) -> dict[str, bytes]:
+    """Label -> bytes of every side file, each size checked before anything is read."""
+    if len(side) > MAX_SIDE_FILES:
+        raise InvalidModel(f"{len(side)} side files (config, tokenizer, a checkpoint's small records) are more than "
+                           f"a model may have ({MAX_SIDE_FILES}): push only the files the model needs")
+    sizes = [source.size() for source in side]
+    for source, size in zip(side, sizes):
+        if size > MAX_SIDE_FILE_BYTES:
+            raise InvalidModel(f"{source.label}: {size} bytes is more than a side file may have ({MAX_SIDE_FILE_BYTES})")
+    if sum(sizes) > MAX_SIDE_BYTES:
+        raise InvalidModel(f"the side files come to {sum(sizes)} bytes, more than a model's may ({MAX_SIDE_BYTES}): "
+                           "store large data as tensors, in a safetensors file")
+    return {source.label: source.read(0, size) for source, size in zip(side, sizes)}
 
 
 def _copy_and_hash(planned: Plan, out: int | None, workers: int, progress: Progress | None) -> list[str]:

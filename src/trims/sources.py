@@ -35,6 +35,20 @@ class Source(ABC):
         return bytes(buffer)
 
 
+class Slice(Source):
+    """A stretch of another source, as a file of its own (a record inside a checkpoint)."""
+
+    def __init__(self, label: str, whole: Source, start: int, length: int) -> None:
+        self.label, self._whole, self._start, self._length = label, whole, start, length
+
+    def size(self) -> int:
+        return self._length
+
+    def read_into(self, offset: int, view: memoryview) -> int:
+        count = max(0, min(len(view), self._length - offset))
+        return self._whole.read_into(self._start + offset, view[:count]) if count else 0
+
+
 class FileSource(Source):
     """A file the client opened and passed as a descriptor: the daemon never opens its path."""
 

@@ -28,7 +28,6 @@ MAGIC = b"PK\x03\x04"  # as torch.load tells a zip checkpoint from a legacy pick
 PICKLE = "data.pkl"
 FORMAT_KEY, FORMAT = "trims.format", "torch-checkpoint"  # in the manifest's metadata
 MAX_DIRECTORY_BYTES = 16 * 1024 * 1024  # a checkpoint of 100,000 tensors has ~8 MB of it
-MAX_RECORD_BYTES = 64 * 1024 * 1024  # data.pkl and the small records, read into memory
 _STORAGE = re.compile(r"data/[A-Za-z0-9_]+")
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra field lengths
 
@@ -68,9 +67,7 @@ def read_checkpoint(source: Source) -> Checkpoint:
             storages.append(TensorSpec(name, "U8", (info.file_size,), start, info.file_size))
         elif name.startswith("data/"):
             raise InvalidModel(f"{label}: storage record {name!r} has a name torch.save does not write")
-        elif info.file_size > MAX_RECORD_BYTES:
-            raise InvalidModel(f"{label}: record {name!r} of {info.file_size} bytes is larger than {MAX_RECORD_BYTES}")
-        else:
+        else:  # the small records: ingest reads them, with the side files' limits
             records[name] = (start, info.file_size)
     if PICKLE not in records:
         raise InvalidModel(f"{label}: a zip archive without {PICKLE}: not a torch.save checkpoint")
