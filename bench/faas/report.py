@@ -62,7 +62,7 @@ def markdown(results: dict) -> str:
         lines += [f"Zoo: {len(results['zoo'])} models, {format_size(total)}; node budget for models{where} "
                   f"{format_size(results['budget'])} ({results['budget'] / total:.0%} of the zoo); "
                   f"{settings['pool']} function instances, keep-alive {settings['keep_alive']:g} s{load}.", ""]
-    if "latency" in results:
+    if results.get("latency"):  # empty when the run failed on its first model
         lines += _latency_table(results)
     if results.get("grid"):
         lines += _grid_tables(results["grid"]) + _acquisition_table(results["grid"])
