@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 import zipfile
 from fractions import Fraction
 
@@ -75,10 +76,17 @@ def _directory_claims_to_start(offset: int):
     return make
 
 
+def _torchscript(path):
+    with warnings.catch_warnings():  # deprecated in PyTorch 2.13, still written
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+
+
 @pytest.mark.parametrize("make, fragment", [
     (lambda p: _zip(p, {"m/data.pkl": b"x", "m/data/0": b"y" * 100}, zipfile.ZIP_DEFLATED), "compressed"),
     (lambda p: _zip(p, {"m/data.pkl": b"x", "n/data/0": b"y"}), "more than one top-level directory"),
     (lambda p: _zip(p, {"m/data/0": b"y"}), "without data.pkl"),
+    (lambda p: _zip(p, {"m/data.pkl": b"x", "m/DATA.pkl": b"x"}), "differ only in case"),
     (lambda p: _zip(p, {"m/data.pkl": b"x", "m/data/a b": b"y"}), "torch.save does not write"),
     (lambda p: _zip(p, {"m/data.pkl": b"x", "m/bad name": b"y"}), "not a plain relative path"),
     (lambda p: _zip(p, {}), "not a zip archive"),  # an empty one starts with its directory's end
@@ -87,6 +95,7 @@ def _directory_claims_to_start(offset: int):
     (lambda p: p.write_bytes(p.with_name("good.pt").read_bytes()[:-30]) and p, "unreadable"),
     (lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 100) and p, "unreadable"),
     (lambda p: torch.save({"a": torch.ones(2)}, p, _use_new_zipfile_serialization=False), "legacy format"),
+    (lambda p: _torchscript(p), "TorchScript archive"),
     (_directory_claims_to_start(1 << 20), "outside the file"),
     (_directory_claims_to_start((1 << 64) - 1), "outside the file"),  # found by fuzzing: an OverflowError
 ])
@@ -172,6 +181,20 @@ def test_equal_storages_stored_once_are_still_written_apart(daemon, tmp_path):
     optimizer.step(), restored.step()  # both from the same state: the same moments afterwards
     for ours, theirs in zip(restored.state.values(), optimizer.state.values()):
         assert torch.equal(ours["exp_avg"], theirs["exp_avg"])
+
+
+def test_a_load_that_asks_for_file_offsets_is_told_to_read_the_file(daemon, tmp_path):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    path, _ = checkpoint(tmp_path)
+    client = daemon.client()
+    client.push(path, "ckpt")
+    for location in ("meta", torch.device("meta", 0)):
+        with pytest.raises(trims.InvalidModel, match="torch.load the checkpoint's file"):
+            trims.torch.load_checkpoint("ckpt", location, client=client)
+    with FakeTensorMode(), pytest.raises(trims.InvalidModel, match="under a FakeTensorMode"):
+        trims.torch.load_checkpoint("ckpt", client=client)
+    assert client.stats()["leases"] == 0  # refused before anything was opened
 
 
 def test_weights_only_holds_for_a_shared_checkpoint(daemon, tmp_path):

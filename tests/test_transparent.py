@@ -45,7 +45,7 @@ SCRIPTS = {
             state = {k: f.get_slice(k)[...] for k in f.keys()}
             metadata = f.metadata()
         result = {"output": [float(state[k].double().sum()) for k in sorted(state)],
-                  "shared": all(in_store(t.data_ptr()) for t in state.values()), "metadata": metadata}
+                  "shared": all(in_store(t.data_ptr()) for t in state.values() if t.dim() > 1), "metadata": metadata}
     """,
     "safe_open, numpy": """
         from safetensors import safe_open
@@ -123,6 +123,31 @@ def test_unchanged_scripts_share_the_store_and_give_the_same_outputs(script, mod
     assert shared["output"] == plain["output"] == again["output"]
     assert shared.get("tied", True) and shared.get("metadata") == plain.get("metadata")
     assert "trims" not in stderr
+
+
+FILE_OFFSET_LOADS = """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    path = directory + "/bin/pytorch_model.bin"
+    meta = torch.load(path, map_location=torch.device("meta", 0))["model"]
+    with FakeTensorMode():
+        fake = torch.load(path)["model"]
+    state = torch.load(path)["model"]
+    result = {"output": [[k, list(meta[k].shape), meta[k].device.type, list(fake[k].shape)] for k in sorted(meta)],
+              "shared": in_store(state["transformer.h.0.mlp.c_fc.weight"].data_ptr())}
+"""
+
+
+def test_loads_that_ask_for_file_offsets_read_the_file_as_torch_would(model_dir, shared_daemon):
+    """Onto meta, under a FakeTensorMode or with TORCH_SERIALIZATION_DEBUG=1, torch.load asks
+    where each storage lies in the file: those loads read the file; ordinary ones stay shared."""
+    plain, _ = run_script(FILE_OFFSET_LOADS, model_dir, shared_daemon.env, transparent=False)
+    shared, stderr = run_script(FILE_OFFSET_LOADS, model_dir, shared_daemon.env, transparent=True)
+    assert shared["output"] == plain["output"] and {row[2] for row in plain["output"]} == {"meta"}
+    assert shared["shared"] and not plain["shared"] and "trims" not in stderr
+    debug = {**shared_daemon.env, "TORCH_SERIALIZATION_DEBUG": "1"}
+    plain, _ = run_script(SCRIPTS["torch.load of a checkpoint"], model_dir, debug, transparent=False)
+    unshared, stderr = run_script(SCRIPTS["torch.load of a checkpoint"], model_dir, debug, transparent=True)
+    assert unshared["output"] == plain["output"] and not unshared["shared"] and "trims" not in stderr
 
 
 def test_a_registered_file_is_read_once_and_found_by_its_content(model_dir, shared_daemon, tmp_path):

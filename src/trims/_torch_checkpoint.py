@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import threading
 from typing import Any
 
@@ -25,24 +26,23 @@ from .torch_format import FORMAT, FORMAT_KEY, MAGIC, PICKLE
 
 _serving = threading.local()  # .records: what the next archive opened in this thread reads
 _hook_lock = threading.Lock()
-_TORCHSCRIPT_RECORD = "constants.pkl"
 
 
-def is_checkpoint(view: ModelView) -> bool:
-    return view.metadata.get(FORMAT_KEY) == FORMAT
-
-
-def is_torchscript(records: dict[str, bytes]) -> bool:
-    return _TORCHSCRIPT_RECORD in records
+def needs_file_offsets(map_location: Any) -> bool:
+    """Whether this ``torch.load`` would ask where each storage lies in the file, which a
+    shared copy cannot say: onto ``meta``, under a FakeTensorMode, with TORCH_SERIALIZATION_DEBUG=1."""
+    if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type == "meta":
+        return True
+    guards = getattr(torch, "_guards", None)
+    fake = guards is not None and guards.detect_fake_mode(None) is not None
+    return fake or os.environ.get("TORCH_SERIALIZATION_DEBUG", "0") == "1"
 
 
 def load_over(view: ModelView, records: dict[str, bytes], f: Any = None, *args: Any, **kwargs: Any) -> Any:
     """``torch.load(f, *args, **kwargs)`` with every record read from ``view`` and ``records``
     (the model's side files); ``f`` only has to start as a zip does (default: nothing else)."""
-    if not is_checkpoint(view) or PICKLE not in records:
+    if view.metadata.get(FORMAT_KEY) != FORMAT or PICKLE not in records:
         raise InvalidModel(f"{view.name} is not a PyTorch checkpoint: load it with trims.torch.load_state_dict")
-    if is_torchscript(records):
-        raise InvalidModel(f"{view.name} is a TorchScript archive: load its file with torch.jit.load")
     _install_reader_hook()
     kwargs["mmap"] = False  # the storages are mapped already, from shared memory
     _serving.records = _SharedRecords(view, records)
@@ -93,8 +93,11 @@ class _SharedRecords:
         # Equal storages are stored once; each key must still be its own, as in the file.
         return storage.clone() if name in self._view.repeats else storage
 
-    def get_record_offset(self, name: str) -> int:  # only for loads onto "meta", which never come here
-        raise InvalidModel(f"a checkpoint shared by trims has no file offsets (asked for {name!r})")
+    def get_record_offset(self, name: str, *_: Any) -> int:  # callers check needs_file_offsets first
+        raise InvalidModel(f"{self._view.name} is shared by trims and has no file offsets (asked for {name!r}): "
+                           "a load that needs them (onto meta, under a FakeTensorMode) must torch.load the file itself")
+
+    get_record_offset_no_read = get_record_header_offset = get_record_offset
 
 
 def _install_reader_hook() -> None:

@@ -89,14 +89,13 @@ def plan(files: list[Source]) -> Plan:
             specs.append((source, spec))
         for key, value in header.metadata.items():
             metadata.setdefault(key, value)
-    candidate = SegmentLayout.pack([(str(i), spec.nbytes) for i, (_, spec) in enumerate(specs)])
-    return Plan(specs, metadata, _read_side_files(side), candidate)
+    return Plan(specs, metadata, _read_side_files(side), _candidate(specs))
 
 
 def _plan_checkpoint(source: Source, side: list[Source]) -> Plan:
     """A PyTorch checkpoint: its storages as tensors of bytes, its other records (the pickle
     among them) as side files beside any others (see torch_format.py)."""
-    if not torch_format.is_checkpoint(source):
+    if not torch_format.is_zip(source):
         raise InvalidModel(f"{source.label}: not a zip archive: a checkpoint of torch.save's legacy format (before "
                            "PyTorch 1.6) or not a checkpoint; save it again with torch.save, or as safetensors")
     checkpoint = torch_format.read_checkpoint(source)
@@ -108,8 +107,12 @@ def _plan_checkpoint(source: Source, side: list[Source]) -> Plan:
     records = [Slice(name, source, start, length) for name, (start, length) in checkpoint.records.items()]
     side_files = _read_side_files([*side, *records])
     specs = [(source, spec) for spec in sorted(checkpoint.storages, key=lambda s: s.start)]
-    candidate = SegmentLayout.pack([(str(i), spec.nbytes) for i, (_, spec) in enumerate(specs)])
-    return Plan(specs, {torch_format.FORMAT_KEY: torch_format.FORMAT}, side_files, candidate)
+    return Plan(specs, {torch_format.FORMAT_KEY: torch_format.FORMAT}, side_files, _candidate(specs))
+
+
+def _candidate(specs: list[tuple[Source, TensorSpec]]) -> SegmentLayout:
+    """Every tensor's place in the segment a push writes, before equal ones are dropped."""
+    return SegmentLayout.pack([(str(i), spec.nbytes) for i, (_, spec) in enumerate(specs)])
 
 
 def write(planned: Plan, temp_dir: Path, covered: Callable[[Manifest], set[str]], workers: int,

@@ -29,9 +29,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ._torch_assign import assign_state
-from ._torch_checkpoint import load_over
+from ._torch_checkpoint import load_over, needs_file_offsets
 from .client import Client, ModelView, shared_client
-from .errors import ModelMismatch
+from .errors import InvalidModel, ModelMismatch
 
 __all__ = ["load_state_dict", "load_model", "load_checkpoint", "assemble", "state_dict_from_view", "default_dtype",
            "cuda_index"]
@@ -67,6 +67,10 @@ def load_checkpoint(name: str, map_location: Any = None, *, client: Client | Non
     model.pt NAME``): PyTorch unpickles it as ever (``weights_only``, ``map_location`` and
     ``load_args`` as ``torch.load`` takes them), its tensors over the node's shared copy,
     copy-on-write, for as long as they live."""
+    if needs_file_offsets(map_location):
+        raise InvalidModel(f"this torch.load needs the offsets of {name}'s storages in a file (it loads onto meta, "
+                           "under a FakeTensorMode or with TORCH_SERIALIZATION_DEBUG=1), which a shared checkpoint "
+                           "does not have: torch.load the checkpoint's file for it")
     client = client or shared_client()
     view = client.open(name)
     return load_over(view, client.files(view.digest), None, map_location, **load_args)

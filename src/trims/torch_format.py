@@ -24,8 +24,9 @@ from .safetensors_format import TensorSpec
 from .sources import Source
 
 SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # what torch.save's files are usually called
-MAGIC = b"PK\x03\x04"  # as torch.load tells a zip checkpoint from a legacy pickle
+MAGIC = b"PK\x03\x04"
 PICKLE = "data.pkl"
+TORCHSCRIPT_RECORD = "constants.pkl"
 FORMAT_KEY, FORMAT = "trims.format", "torch-checkpoint"  # in the manifest's metadata
 MAX_DIRECTORY_BYTES = 16 * 1024 * 1024  # a checkpoint of 100,000 tensors has ~8 MB of it
 _STORAGE = re.compile(r"data/[A-Za-z0-9_]+")
@@ -38,8 +39,9 @@ class Checkpoint:
     records: dict[str, tuple[int, int]]  # every other record: name -> (start, length) in the file
 
 
-def is_checkpoint(source: Source) -> bool:
-    return source.label.endswith(SUFFIXES) and source.size() >= len(MAGIC) and source.read(0, len(MAGIC)) == MAGIC
+def is_zip(source: Source) -> bool:
+    """As torch.load tells a zip checkpoint from a legacy pickle."""
+    return source.size() >= len(MAGIC) and source.read(0, len(MAGIC)) == MAGIC
 
 
 def read_checkpoint(source: Source) -> Checkpoint:
@@ -52,6 +54,9 @@ def read_checkpoint(source: Source) -> Checkpoint:
             NotImplementedError, UnicodeDecodeError) as exc:
         raise InvalidModel(f"{label}: not a PyTorch checkpoint (its zip directory is unreadable: {exc})") from None
     prefix = _common_prefix(label, infos)
+    if any(info.filename == prefix + TORCHSCRIPT_RECORD for info in infos):  # code, what torch.jit.load runs
+        raise InvalidModel(f"{label}: a TorchScript archive (torch.jit.save), which trims does not share: load it "
+                           "with torch.jit.load, or push its weights (torch.save of its state_dict, or safetensors)")
     storages: list[TensorSpec] = []
     records: dict[str, tuple[int, int]] = {}
     spans: list[tuple[int, int, str]] = []
@@ -85,6 +90,8 @@ def _common_prefix(label: str, infos: list[zipfile.ZipInfo]) -> str:
     names = [info.filename for info in infos]
     if len(set(names)) != len(names):
         raise InvalidModel(f"{label}: a record name appears twice")
+    if len({name.lower() for name in names}) != len(names):  # PyTorch's zip reader may find either
+        raise InvalidModel(f"{label}: two record names differ only in case")
     return prefix
 
 

@@ -172,7 +172,7 @@ def shared_numpy_load_file(filename: Any) -> dict[str, Any]:
 
 def shared_torch_load(f: Any, map_location: Any = None, pickle_module: Any = None, **kwargs: Any) -> Any:
     """Stands in for ``torch.load``: a checkpoint file on local disk comes from the daemon."""
-    if _is_checkpoint_path(f) and not _is_meta(map_location) and not _bypassed():
+    if _is_checkpoint_path(f) and not _bypassed():
         served = _shared_checkpoint(f, map_location, pickle_module, kwargs)
         if served is not _NOT_SERVED:
             return served
@@ -184,18 +184,19 @@ _NOT_SERVED = object()
 
 
 def _shared_checkpoint(f: Any, map_location: Any, pickle_module: Any, kwargs: dict[str, Any]) -> Any:
+    from . import _torch_checkpoint
+
+    if _torch_checkpoint.needs_file_offsets(map_location):
+        return _NOT_SERVED  # torch.load reads those from the file, as it would without trims
     view = _shared_view(f)
     if view is None:
         return _NOT_SERVED
-    from . import _torch_checkpoint
-
     try:
         records = shared_client().files(view.digest)
     except TrimsError as exc:
         _warn_once(f"trims: loading {f} without the shared store: {exc}")
+        view.close()
         return _NOT_SERVED
-    if _torch_checkpoint.is_torchscript(records):
-        return _NOT_SERVED  # torch.load hands those to torch.jit.load, which reads the file itself
     return _torch_checkpoint.load_over(view, records, f, map_location, pickle_module, **kwargs)
 
 
@@ -203,10 +204,6 @@ def _is_checkpoint_path(f: Any) -> bool:
     from .torch_format import SUFFIXES
 
     return isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(SUFFIXES)
-
-
-def _is_meta(map_location: Any) -> bool:
-    return str(map_location) == "meta"
 
 
 def _bypassed() -> bool:
