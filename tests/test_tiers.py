@@ -13,7 +13,7 @@ from trims import digest as digests
 from trims import hugepages
 from trims.cloud import CloudTier
 from trims.disk import DiskTier
-from trims.errors import DamagedCopy, IntegrityError, StorageError
+from trims.errors import DamagedCopy, IntegrityError, InvalidModel, StorageError
 from trims.host import HostTier
 from trims.records import SegmentLayout
 from trims.tier import UNBOUNDED, Tier
@@ -281,6 +281,25 @@ class TestCloudTier(TierChecks):
         assert fetched(tier, layout) == data
         tier.evict(layout.id)  # forgets it, but never deletes an object it did not upload
         assert s3.client().head_object(Bucket=bucket, Key="model.safetensors")["ContentLength"] == len(blob)
+
+
+def test_a_pushed_objects_scattered_small_reads_share_requests(s3):
+    """Spans a few bytes apart take one ranged GET; spans far apart take one each, all at once."""
+    from trims.cloud import COALESCE_GAP, RemoteFile
+    from trims.objects import Objects
+
+    blob = os.urandom(3 * COALESCE_GAP)
+    bucket = s3.new_bucket()
+    s3.client().put_object(Bucket=bucket, Key="scattered.pt", Body=blob)
+    source = RemoteFile("scattered.pt", f"s3://{bucket}/scattered.pt", Objects())
+    near = [(100, 30), (10, 30), (500, 0), (100, 30), (20, 40)]  # out of order, repeated, overlapping, empty
+    far = [(len(blob) - 30, 30)]
+    source.size()
+    before = s3.gets("scattered.pt")
+    assert source.read_many(near + far) == [blob[o : o + n] for o, n in near + far]
+    assert s3.gets("scattered.pt") - before == 2
+    with pytest.raises(InvalidModel, match="truncated"):
+        source.read_many([(len(blob) - 10, 30)])
 
 
 class TestCloudTierOverFsspec(TierChecks):

@@ -232,3 +232,21 @@ def test_a_checkpoint_in_a_bucket_is_read_where_it_lies(daemon, tmp_path, s3):
     assert client.info("from-bucket").tiers == ("disk", "cloud")
     loaded, expected = trims.torch.load_checkpoint("from-bucket", client=client), torch.load(path)
     assert all(torch.equal(loaded[k], expected[k]) for k in ("a", "row", "b", "empty"))
+
+
+def test_a_bucket_checkpoints_local_headers_take_few_requests(tmp_path, s3):
+    """One header per record, read together: a push from a bucket waits a few round trips
+    for them, not one per tensor (GPT-2 has 150)."""
+    from trims.cloud import RemoteFile
+    from trims.objects import Objects
+
+    path = tmp_path / "many.pt"
+    torch.save({f"bias{i}": torch.full((64,), float(i)) for i in range(120)}, path)
+    bucket = s3.new_bucket()
+    s3.client().upload_file(str(path), bucket, "many.pt")
+    before = s3.gets("many.pt")
+    read = torch_format.read_checkpoint(RemoteFile("many.pt", f"s3://{bucket}/many.pt", Objects()))
+    assert len(read.storages) == 120
+    assert s3.gets("many.pt") - before <= 6  # the zip directory's few reads, and the headers' one
+    local = plan_of(path)
+    assert [spec.start for spec in read.storages] == [spec.start for _, spec in local.specs]

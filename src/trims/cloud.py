@@ -42,6 +42,8 @@ from .verify import Verifier
 log = logging.getLogger("trims.cloud")
 
 RANGE_BYTES = 16 * 1024 * 1024
+COALESCE_GAP = 64 * 1024  # reading this many bytes more costs less than a round trip
+COALESCE_LIMIT = 1024 * 1024  # one read of grouped spans reaches no further than this
 _UPLOADS = "/segments/"  # what this daemon uploads lies under <location>/segments/
 
 
@@ -256,6 +258,39 @@ class RemoteFile(Source):
         if count:
             self._objects.read_into(self.url, offset, view[:count])
         return count
+
+    def read_many(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        """Each span's bytes, with requests in flight together: a request costs a round trip,
+        so spans less than COALESCE_GAP apart share one (a checkpoint's local headers, one per
+        record, lie between small tensors as often as between large ones)."""
+        for offset, count in spans:
+            if offset < 0 or count < 0 or offset + count > self.size():
+                raise InvalidModel(f"{self.label}: truncated while reading")
+        groups = _coalesced(sorted(set(spans)))
+
+        def read_group(group: list[tuple[int, int]]) -> list[bytes]:
+            start = group[0][0]
+            block = self.read(start, max(offset + count for offset, count in group) - start)
+            return [block[offset - start : offset - start + count] for offset, count in group]
+
+        found: dict[tuple[int, int], bytes] = {}
+        with ThreadPoolExecutor(min(self._objects.connections, max(1, len(groups))), thread_name_prefix="trims-push") as io:
+            for group, pieces in zip(groups, io.map(read_group, groups)):
+                found.update(zip(group, pieces))
+        return [found[span] for span in spans]
+
+
+def _coalesced(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Sorted spans grouped into one read each wherever the bytes between them are few."""
+    groups: list[list[tuple[int, int]]] = []
+    end = 0
+    for offset, count in spans:
+        if groups and offset - end <= COALESCE_GAP and offset + count - groups[-1][0][0] <= COALESCE_LIMIT:
+            groups[-1].append((offset, count))
+        else:
+            groups.append([(offset, count)])
+        end = max(end, offset + count) if len(groups[-1]) > 1 else offset + count
+    return groups
 
 
 def remote_model_files(url: str, objects: Objects) -> list[RemoteFile]:

@@ -22,7 +22,7 @@ RETRIES = 3
 
 class Objects:
     def __init__(self, connections: int = 16) -> None:
-        self._connections = connections
+        self.connections = connections  # how many requests may be in flight at once
         self._s3 = None
         self._lock = threading.Lock()
 
@@ -61,7 +61,7 @@ class Objects:
             from boto3.s3.transfer import TransferConfig
 
             bucket, key = _split(url)
-            config = TransferConfig(max_concurrency=self._connections, multipart_chunksize=16 * 1024 * 1024)
+            config = TransferConfig(max_concurrency=self.connections, multipart_chunksize=16 * 1024 * 1024)
             retry(lambda: self._s3_client().upload_file(str(path), bucket, key, Config=config), f"uploading to {url}")
             return
         fs, remote = _filesystem(url)
@@ -101,7 +101,7 @@ class Objects:
                     from botocore.config import Config
                 except ImportError:
                     raise StorageError("s3:// needs boto3: pip install 'trims[s3]'") from None
-                config = Config(max_pool_connections=self._connections, retries={"max_attempts": RETRIES, "mode": "standard"})
+                config = Config(max_pool_connections=self.connections, retries={"max_attempts": RETRIES, "mode": "standard"})
                 self._s3 = boto3.session.Session().client("s3", config=config)
             return self._s3
 

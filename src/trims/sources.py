@@ -34,6 +34,10 @@ class Source(ABC):
             done += got
         return bytes(buffer)
 
+    def read_many(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        """``read(offset, count)`` for each span, in order; a remote source overlaps them."""
+        return [self.read(offset, count) for offset, count in spans]
+
 
 class Slice(Source):
     """A stretch of another source, as a file of its own (a record inside a checkpoint)."""
