@@ -77,6 +77,17 @@ SCRIPTS = {
                   "shared": in_store(state["transformer.h.0.mlp.c_fc.weight"].data_ptr()),
                   "tied": state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()}
     """,
+    "torch.load of an open file, as Lightning loads": """
+        import fsspec
+        with fsspec.filesystem("file").open(directory + "/bin/pytorch_model.bin", "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)["model"]
+        with open(directory + "/bin/pytorch_model.bin", "rb") as f:
+            f.read(1)
+            f.seek(0)
+            again = torch.load(f)["model"]
+        result = {"output": [float(state[k].double().sum()) for k in sorted(state)],
+                  "shared": all(in_store(s["transformer.h.0.mlp.c_fc.weight"].data_ptr()) for s in (state, again))}
+    """,
     "transformers from_pretrained of pytorch_model.bin": """
         from transformers import AutoModelForCausalLM
         from tests.models import output_of
@@ -147,6 +158,28 @@ def test_loads_that_ask_for_file_offsets_read_the_file_as_torch_would(model_dir,
     debug = {**shared_daemon.env, "TORCH_SERIALIZATION_DEBUG": "1"}
     plain, _ = run_script(SCRIPTS["torch.load of a checkpoint"], model_dir, debug, transparent=False)
     unshared, stderr = run_script(SCRIPTS["torch.load of a checkpoint"], model_dir, debug, transparent=True)
+    assert unshared["output"] == plain["output"] and not unshared["shared"] and "trims" not in stderr
+
+
+UNSHAREABLE_FILE_OBJECTS = """
+    import io, os, shutil, tempfile
+    path = directory + "/bin/pytorch_model.bin"
+    with open(path, "rb") as f:
+        memory = torch.load(io.BytesIO(f.read()))["model"]
+    scratch = tempfile.mkdtemp()
+    shutil.copy(path, scratch + "/model.pt")
+    with open(scratch + "/model.pt", "rb") as f:
+        os.rename(scratch + "/model.pt", scratch + "/old.pt")  # the name now leads to another file
+        shutil.copy(path, scratch + "/model.pt")
+        renamed = torch.load(f)["model"]
+    result = {"output": [float(s[k].double().sum()) for s in (memory, renamed) for k in sorted(s)],
+              "shared": any(in_store(s["transformer.h.0.mlp.c_fc.weight"].data_ptr()) for s in (memory, renamed))}
+"""
+
+
+def test_file_objects_that_are_not_a_checkpoint_on_disk_are_read_as_torch_would(model_dir, shared_daemon):
+    plain, _ = run_script(UNSHAREABLE_FILE_OBJECTS, model_dir, shared_daemon.env, transparent=False)
+    unshared, stderr = run_script(UNSHAREABLE_FILE_OBJECTS, model_dir, shared_daemon.env, transparent=True)
     assert unshared["output"] == plain["output"] and not unshared["shared"] and "trims" not in stderr
 
 

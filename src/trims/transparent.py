@@ -6,9 +6,9 @@ calls are served from the daemon when it can, for files on local disk and the CP
 - ``safetensors.safe_open(path, framework="pt" | "numpy")``
 - ``safetensors.torch.load_file(path)``, ``safetensors.numpy.load_file(path)``
 - ``torch.load(path)`` of a checkpoint in ``torch.save``'s zip format (the default since
-  PyTorch 1.6) named ``*.bin``, ``*.pt``, ``*.pth`` or ``*.ckpt``, to any ``map_location``
-  but ``"meta"``; PyTorch unpickles it as ever (``weights_only`` and all), its storages the
-  shared copy's
+  PyTorch 1.6) named ``*.bin``, ``*.pt``, ``*.pth`` or ``*.ckpt``, or of a file object open
+  on one (as Lightning loads), to any ``map_location`` but ``"meta"``; PyTorch unpickles it
+  as ever (``weights_only`` and all), its storages the shared copy's
 - and through them, transformers' ``from_pretrained`` of a local directory.
 
 The file is passed to the daemon as a descriptor and registered by its content (the model
@@ -172,8 +172,9 @@ def shared_numpy_load_file(filename: Any) -> dict[str, Any]:
 
 def shared_torch_load(f: Any, map_location: Any = None, pickle_module: Any = None, **kwargs: Any) -> Any:
     """Stands in for ``torch.load``: a checkpoint file on local disk comes from the daemon."""
-    if _is_checkpoint_path(f) and not _bypassed():
-        served = _shared_checkpoint(f, map_location, pickle_module, kwargs)
+    path = _checkpoint_path(f) if not _bypassed() else None
+    if path is not None:
+        served = _shared_checkpoint(f, path, map_location, pickle_module, kwargs)
         if served is not _NOT_SERVED:
             return served
     # Not as _original(): torch.load of a .safetensors path calls safetensors' load_file, served too.
@@ -183,27 +184,40 @@ def shared_torch_load(f: Any, map_location: Any = None, pickle_module: Any = Non
 _NOT_SERVED = object()
 
 
-def _shared_checkpoint(f: Any, map_location: Any, pickle_module: Any, kwargs: dict[str, Any]) -> Any:
+def _shared_checkpoint(f: Any, path: str, map_location: Any, pickle_module: Any, kwargs: dict[str, Any]) -> Any:
     from . import _torch_checkpoint
 
     if _torch_checkpoint.needs_file_offsets(map_location):
         return _NOT_SERVED  # torch.load reads those from the file, as it would without trims
-    view = _shared_view(f)
+    view = _shared_view(path)
     if view is None:
         return _NOT_SERVED
     try:
         records = shared_client().files(view.digest)
     except TrimsError as exc:
-        _warn_once(f"trims: loading {f} without the shared store: {exc}")
+        _warn_once(f"trims: loading {path} without the shared store: {exc}")
         view.close()
         return _NOT_SERVED
     return _torch_checkpoint.load_over(view, records, f, map_location, pickle_module, **kwargs)
 
 
-def _is_checkpoint_path(f: Any) -> bool:
+def _checkpoint_path(f: Any) -> str | None:
+    """The checkpoint ``torch.load`` was given, if a file on disk: a path with a checkpoint's
+    suffix, or a file object open on one at its start (Lightning's ``load_from_checkpoint``
+    passes what fsspec opened)."""
     from .torch_format import SUFFIXES
 
-    return isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(SUFFIXES)
+    if isinstance(f, (str, os.PathLike)):
+        path = os.fspath(f)
+    else:
+        try:
+            path, position, opened = f.name, f.tell(), os.fstat(f.fileno())
+            named = os.stat(path)
+        except (AttributeError, OSError, TypeError, ValueError):  # a BytesIO, a closed file, a socket
+            return None
+        if position != 0 or (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+            return None  # read from elsewhere, or a file the name no longer leads to
+    return path if isinstance(path, str) and path.endswith(SUFFIXES) else None
 
 
 def _bypassed() -> bool:
