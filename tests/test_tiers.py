@@ -302,6 +302,45 @@ def test_a_pushed_objects_scattered_small_reads_share_requests(s3):
         source.read_many([(len(blob) - 10, 30)])
 
 
+def test_a_push_from_a_bucket_has_many_reads_in_flight_whatever_the_cpus(s3, tmp_path, monkeypatch):
+    """Each ranged GET waits a round trip: a node with 2 cores still reads 16 tensors at once."""
+    import threading
+    import time
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from trims import ingest
+    from trims.cloud import RemoteFile
+    from trims.objects import Objects
+
+    tensors = {f"w{i}": np.full((1024,), i, dtype=np.float32) for i in range(16)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    bucket = s3.new_bucket()
+    s3.client().upload_file(str(tmp_path / "model.safetensors"), bucket, "model.safetensors")
+    objects, in_flight, peak, lock = Objects(connections=8), [0], [0], threading.Lock()
+    real_read = objects.read_into
+
+    def counted_read(url, start, view):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.05)  # a round trip's worth, so reads that may overlap do
+        try:
+            real_read(url, start, view)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(objects, "read_into", counted_read)
+    planned = ingest.plan([RemoteFile("model.safetensors", f"s3://{bucket}/model.safetensors", objects)])
+    peak[0] = 0  # the header's reads came one after another, as they must
+    manifest = ingest.digest(planned, workers=1)
+    assert peak[0] == 8
+    expected = {name: digests.of_bytes(array.tobytes()) for name, array in tensors.items()}
+    assert {t.name: t.digest for t in manifest.tensors} == expected
+
+
 class TestCloudTierOverFsspec(TierChecks):
     """The same tier through fsspec (here its local ``file://`` backend), as GCS or Azure would go."""
 

@@ -247,6 +247,7 @@ class RemoteFile(Source):
         self.url = url
         self._objects = objects
         self._size: int | None = None
+        self.parallel_reads = objects.connections  # each request waits a round trip, not a CPU
 
     def size(self) -> int:
         if self._size is None:

@@ -249,6 +249,7 @@ def _copy_and_hash(planned: Plan, out: int | None, workers: int, progress: Progr
 
     # Large tensors first, so the pool does not end on one long straggler.
     order = sorted(range(len(planned.specs)), key=lambda i: -planned.specs[i][1].nbytes)
+    workers = max([workers, *(source.parallel_reads for source in {source for source, _ in planned.specs})])
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trims-ingest") as pool:
         results = dict(zip(order, pool.map(one, order)))
     return [results[i] for i in range(len(planned.specs))]

@@ -14,6 +14,7 @@ class Source(ABC):
     """A read-only file of a model being pushed; ``label`` is its name relative to the model."""
 
     label: str
+    parallel_reads = 1  # reads worth having in flight at once whatever the CPUs (a bucket's: many)
 
     @abstractmethod
     def size(self) -> int:
