@@ -134,11 +134,16 @@ def test_equal_tensors_stored_once_are_still_written_apart(shared_daemon, tmp_pa
     import trims.numpy
     from safetensors.torch import save_file
 
-    save_file({"a.bias": torch.zeros(64), "b.bias": torch.zeros(64), "c.weight": torch.ones(64)},
-              tmp_path / "model.safetensors")
+    save_file({"a.bias": torch.zeros(64), "b.bias": torch.zeros(64), "c.empty": torch.zeros(0),
+               "c.weight": torch.randn(4096)}, tmp_path / "model.safetensors")
     client = shared_daemon.client()
     client.push(tmp_path / "model.safetensors", "torch-tests/equal")
+    view = client.open("torch-tests/equal")
+    weight, empty = view.index["c.weight"], view.index["c.empty"]
+    assert (empty.segment, empty.offset) == (weight.segment, weight.offset)  # where an empty tensor lies
+    assert view.repeats == {"b.bias"}  # an empty tensor before a weight does not make it a copy
     state = trims.torch.load_state_dict("torch-tests/equal", client=client)
+    assert lives_in_store(state["c.weight"]) and lives_in_store(state["a.bias"])
     state["a.bias"].add_(1)
     assert state["b.bias"].sum() == 0 and state["a.bias"].sum() == 64
     arrays = trims.numpy.state_dict_from_view(client.open("torch-tests/equal"), writable=True)

@@ -421,7 +421,9 @@ class ModelView(Mapping[str, "np.ndarray"]):
         repeats = set()
         for name, entry in self.index.items():
             place = (entry.segment, entry.offset)
-            if entry.nbytes and place in seen:
+            if not entry.nbytes:
+                continue  # an empty tensor sits where the next one begins, holding none of it
+            if place in seen:
                 repeats.add(name)
             seen.add(place)
         return frozenset(repeats)
