@@ -140,7 +140,7 @@ def test_public_api_is_small_and_explicit():
         "__version__", "connect", "Client", "ModelView", "ModelSummary", "PushResult", "TensorEntry",
         "TrimsError", "ConfigError", "ModelMismatch", "ProtocolError", "LocalProtocolError",
         "RemoteProtocolError", "DaemonUnavailable", "ConnectionLost", "RequestError", "PermissionDenied",
-        "InvalidName", "ModelNotFound", "InvalidModel", "ModelBusy", "CapacityError", "QuotaExceeded",
+        "InvalidName", "ModelNotFound", "InvalidModel", "UnsupportedFormat", "ModelBusy", "CapacityError", "QuotaExceeded",
         "IntegrityError", "StorageError", "GpuError", "InternalError",
     ])
     assert all(hasattr(trims, name) for name in trims.__all__)

@@ -303,7 +303,8 @@ def test_a_pushed_objects_scattered_small_reads_share_requests(s3):
 
 
 def test_a_push_from_a_bucket_has_many_reads_in_flight_whatever_the_cpus(s3, tmp_path, monkeypatch):
-    """Each ranged GET waits a round trip: a node with 2 cores still reads 16 tensors at once."""
+    """Each ranged GET waits a round trip: a node of few cores still reads many tensors, and
+    side files, at once."""
     import threading
     import time
 
@@ -318,6 +319,9 @@ def test_a_push_from_a_bucket_has_many_reads_in_flight_whatever_the_cpus(s3, tmp
     save_file(tensors, tmp_path / "model.safetensors")
     bucket = s3.new_bucket()
     s3.client().upload_file(str(tmp_path / "model.safetensors"), bucket, "model.safetensors")
+    side = [f"vocab{i}.json" for i in range(8)]  # a tokenizer's files, say
+    for name in side:
+        s3.client().put_object(Bucket=bucket, Key=name, Body=b"{}")
     objects, in_flight, peak, lock = Objects(connections=8), [0], [0], threading.Lock()
     real_read = objects.read_into
 
@@ -333,8 +337,10 @@ def test_a_push_from_a_bucket_has_many_reads_in_flight_whatever_the_cpus(s3, tmp
                 in_flight[0] -= 1
 
     monkeypatch.setattr(objects, "read_into", counted_read)
-    planned = ingest.plan([RemoteFile("model.safetensors", f"s3://{bucket}/model.safetensors", objects)])
-    peak[0] = 0  # the header's reads came one after another, as they must
+    files = [RemoteFile(name, f"s3://{bucket}/{name}", objects) for name in ["model.safetensors", *side]]
+    planned = ingest.plan(files)
+    assert peak[0] == 8 and planned.side_files == dict.fromkeys(side, b"{}")
+    peak[0] = 0
     manifest = ingest.digest(planned, workers=1)
     assert peak[0] == 8
     expected = {name: digests.of_bytes(array.tobytes()) for name, array in tensors.items()}

@@ -14,7 +14,7 @@ import torch
 import trims
 import trims.torch
 from trims import ingest, torch_format
-from trims.errors import InvalidModel
+from trims.errors import InvalidModel, UnsupportedFormat
 from trims.sources import FileSource
 
 
@@ -89,7 +89,8 @@ def _torchscript(path):
     (lambda p: _zip(p, {"m/data.pkl": b"x", "m/DATA.pkl": b"x"}), "differ only in case"),
     (lambda p: _zip(p, {"m/data.pkl": b"x", "m/data/a b": b"y"}), "torch.save does not write"),
     (lambda p: _zip(p, {"m/data.pkl": b"x", "m/bad name": b"y"}), "not a plain relative path"),
-    (lambda p: _zip(p, {}), "not a zip archive"),  # an empty one starts with its directory's end
+    (lambda p: _zip(p, {}), "torch.save writes a zip archive"),  # an empty one starts with its directory's end
+    (lambda p: p.write_bytes(b"\x80\x02" + bytes(60)) and p, "torch.save writes a zip archive"),  # a pickle, not torch's
     (lambda p: p.write_bytes(b"PK\x03\x04" + bytes(26) + b"PK\x05\x06" + bytes(18)) and p, "empty zip"),
     (lambda p: _second_entry_points_at_the_first(_zip(p, {"m/data.pkl": b"x" * 64, "m/data/0": b"y" * 64})), "overlap"),
     (lambda p: p.write_bytes(p.with_name("good.pt").read_bytes()[:-30]) and p, "unreadable"),
@@ -106,6 +107,8 @@ def test_hostile_checkpoints_are_refused_with_a_clear_error(tmp_path, make, frag
     with pytest.raises(InvalidModel, match=fragment) as info:
         plan_of(path)
     assert "bad.pt" in str(info.value) or "bad name" in str(info.value)
+    # Sound files of a kind trims does not share are told apart: transparent mode loads those quietly.
+    assert (info.type is UnsupportedFormat) == (fragment in ("legacy format", "TorchScript archive"))
 
 
 def test_a_huge_central_directory_is_refused_before_it_is_read(tmp_path, monkeypatch):

@@ -21,8 +21,8 @@ import torch
 import torch.serialization
 
 from .client import ModelView
-from .errors import InvalidModel
-from .torch_format import FORMAT, FORMAT_KEY, MAGIC, PICKLE
+from .errors import InvalidModel, UnsupportedFormat
+from .torch_format import FORMAT, FORMAT_KEY, MAGIC, PICKLE, TORCHSCRIPT_RECORD
 
 _serving = threading.local()  # .records: what the next archive opened in this thread reads
 _hook_lock = threading.Lock()
@@ -43,6 +43,9 @@ def load_over(view: ModelView, records: dict[str, bytes], f: Any = None, *args: 
     (the model's side files); ``f`` only has to start as a zip does (default: nothing else)."""
     if view.metadata.get(FORMAT_KEY) != FORMAT or PICKLE not in records:
         raise InvalidModel(f"{view.name} is not a PyTorch checkpoint: load it with trims.torch.load_state_dict")
+    if TORCHSCRIPT_RECORD in records:  # pushed by a daemon from before TorchScript was refused
+        raise UnsupportedFormat(f"{view.name} is a TorchScript archive, which trims does not share: "
+                                "load its file with torch.jit.load")
     _install_reader_hook()
     kwargs["mmap"] = False  # the storages are mapped already, from shared memory
     _serving.records = _SharedRecords(view, records)

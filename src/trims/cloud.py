@@ -264,9 +264,6 @@ class RemoteFile(Source):
         """Each span's bytes, with requests in flight together: a request costs a round trip,
         so spans less than COALESCE_GAP apart share one (a checkpoint's local headers, one per
         record, lie between small tensors as often as between large ones)."""
-        for offset, count in spans:
-            if offset < 0 or count < 0 or offset + count > self.size():
-                raise InvalidModel(f"{self.label}: truncated while reading")
         groups = _coalesced(sorted(set(spans)))
 
         def read_group(group: list[tuple[int, int]]) -> list[bytes]:
@@ -275,7 +272,7 @@ class RemoteFile(Source):
             return [block[offset - start : offset - start + count] for offset, count in group]
 
         found: dict[tuple[int, int], bytes] = {}
-        with ThreadPoolExecutor(min(self._objects.connections, max(1, len(groups))), thread_name_prefix="trims-push") as io:
+        with ThreadPoolExecutor(min(self.parallel_reads, max(1, len(groups))), thread_name_prefix="trims-push") as io:
             for group, pieces in zip(groups, io.map(read_group, groups)):
                 found.update(zip(group, pieces))
         return [found[span] for span in spans]

@@ -14,7 +14,8 @@
         ├── PermissionDenied         your uid is not a tenant, or your tenant lacks the role
         ├── InvalidName              a model name that is not NAME[:TAG]
         ├── ModelNotFound            no model by that name (or not visible to you)
-        ├── InvalidModel             a file that is not a valid safetensors model
+        ├── InvalidModel             a file that is not a sound model (safetensors, checkpoint, ONNX)
+        │   └── UnsupportedFormat    a sound file of a kind not shared (legacy pickle, TorchScript)
         ├── ModelBusy                the model is leased and cannot be evicted now
         ├── CapacityError            the model does not fit in the memory trims was given
         ├── QuotaExceeded            your tenant's share of leased or pushed bytes is used up
@@ -45,6 +46,7 @@ __all__ = [
     "InvalidName",
     "ModelNotFound",
     "InvalidModel",
+    "UnsupportedFormat",
     "ModelBusy",
     "CapacityError",
     "QuotaExceeded",
@@ -112,6 +114,13 @@ class InvalidModel(RequestError):
     code = "invalid_model"
 
 
+class UnsupportedFormat(InvalidModel):
+    """A sound file of a kind trims does not share (a legacy torch.save pickle, a TorchScript
+    archive): load it as before, or save its weights as safetensors."""
+
+    code = "unsupported_format"
+
+
 class ModelBusy(RequestError):
     code = "model_busy"
 
@@ -156,6 +165,7 @@ _BY_CODE = {
         InvalidName,
         ModelNotFound,
         InvalidModel,
+        UnsupportedFormat,
         ModelBusy,
         CapacityError,
         QuotaExceeded,

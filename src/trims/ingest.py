@@ -29,7 +29,7 @@ from . import digest as digests
 from . import torch_format
 from .catalog import storage_error
 from .disk import new_temp_file
-from .errors import IntegrityError, InvalidModel
+from .errors import IntegrityError, InvalidModel, UnsupportedFormat
 from .records import Manifest, SegmentEntry, SegmentLayout, TensorRecord
 from .safetensors_format import TensorSpec, read_header
 from .protocol import MAX_FDS_PER_FRAME
@@ -95,9 +95,11 @@ def plan(files: list[Source]) -> Plan:
 def _plan_checkpoint(source: Source, side: list[Source]) -> Plan:
     """A PyTorch checkpoint: its storages as tensors of bytes, its other records (the pickle
     among them) as side files beside any others (see torch_format.py)."""
+    if torch_format.is_legacy(source):
+        raise UnsupportedFormat(f"{source.label}: a checkpoint of torch.save's legacy format (before PyTorch 1.6), "
+                                "which trims does not share: save it again with torch.save, or as safetensors")
     if not torch_format.is_zip(source):
-        raise InvalidModel(f"{source.label}: not a zip archive: a checkpoint of torch.save's legacy format (before "
-                           "PyTorch 1.6) or not a checkpoint; save it again with torch.save, or as safetensors")
+        raise InvalidModel(f"{source.label}: not a PyTorch checkpoint (torch.save writes a zip archive)")
     checkpoint = torch_format.read_checkpoint(source)
     labels = {f.label for f in side}
     for name in checkpoint.records:
@@ -225,7 +227,10 @@ def _read_side_files(side: list[Source]) -> dict[str, bytes]:
     if sum(sizes) > MAX_SIDE_BYTES:
         raise InvalidModel(f"the side files come to {sum(sizes)} bytes, more than a model's may ({MAX_SIDE_BYTES}): "
                            "store large data as tensors, in a safetensors file")
-    return {source.label: source.read(0, size) for source, size in zip(side, sizes)}
+    parallel = max([1, *(source.parallel_reads for source in side)])  # from a bucket: each a round trip
+    with ThreadPoolExecutor(min(parallel, max(1, len(side))), thread_name_prefix="trims-push") as io:
+        contents = list(io.map(lambda source, size: source.read(0, size), side, sizes))
+    return {source.label: data for source, data in zip(side, contents)}
 
 
 def _copy_and_hash(planned: Plan, out: int | None, workers: int, progress: Progress | None) -> list[str]:

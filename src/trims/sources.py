@@ -45,6 +45,7 @@ class Slice(Source):
 
     def __init__(self, label: str, whole: Source, start: int, length: int) -> None:
         self.label, self._whole, self._start, self._length = label, whole, start, length
+        self.parallel_reads = whole.parallel_reads
 
     def size(self) -> int:
         return self._length

@@ -19,7 +19,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 
-from .errors import InvalidModel
+from .errors import InvalidModel, UnsupportedFormat
 from .safetensors_format import TensorSpec
 from .sources import Source
 
@@ -31,6 +31,7 @@ FORMAT_KEY, FORMAT = "trims.format", "torch-checkpoint"  # in the manifest's met
 MAX_DIRECTORY_BYTES = 16 * 1024 * 1024  # a checkpoint of 100,000 tensors has ~8 MB of it
 _STORAGE = re.compile(r"data/[A-Za-z0-9_]+")
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra field lengths
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch.serialization.MAGIC_NUMBER
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,13 @@ def is_zip(source: Source) -> bool:
     return source.size() >= len(MAGIC) and source.read(0, len(MAGIC)) == MAGIC
 
 
+def is_legacy(source: Source) -> bool:
+    """A checkpoint of torch.save's format before PyTorch 1.6: a pickle whose first object
+    is torch's magic number (any pickle protocol puts its bytes within the first 32)."""
+    start = source.read(0, min(32, source.size()))
+    return start.startswith(b"\x80") and _LEGACY_MAGIC in start
+
+
 def read_checkpoint(source: Source) -> Checkpoint:
     """Locate every record of a checkpoint, checked against the file. Raises InvalidModel."""
     label, size = source.label, source.size()
@@ -55,8 +63,8 @@ def read_checkpoint(source: Source) -> Checkpoint:
         raise InvalidModel(f"{label}: not a PyTorch checkpoint (its zip directory is unreadable: {exc})") from None
     prefix = _common_prefix(label, infos)
     if any(info.filename == prefix + TORCHSCRIPT_RECORD for info in infos):  # code, what torch.jit.load runs
-        raise InvalidModel(f"{label}: a TorchScript archive (torch.jit.save), which trims does not share: load it "
-                           "with torch.jit.load, or push its weights (torch.save of its state_dict, or safetensors)")
+        raise UnsupportedFormat(f"{label}: a TorchScript archive (torch.jit.save), which trims does not share: "
+                                "load it with torch.jit.load, or push its weights (torch.save of its state_dict, or safetensors)")
     files = [info for info in infos if not info.is_dir()]
     storages: list[TensorSpec] = []
     records: dict[str, tuple[int, int]] = {}

@@ -16,7 +16,8 @@ The file is passed to the daemon as a descriptor and registered by its content (
 not read again). The tensors come back as copy-on-write views of the shared memory, so code
 that writes to them still works, on private copies. When the daemon cannot help (not
 running, not allowed, a device other than the CPU), the original function runs, after one
-warning line on stderr per process.
+warning line on stderr per process; files of a kind trims does not share (``torch.save``'s
+legacy pickles, TorchScript archives) load as ever, quietly.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from .client import ModelView, shared_client
-from .errors import TrimsError
+from .errors import TrimsError, UnsupportedFormat
 
 __all__ = ["install", "installed"]
 
 _lock = threading.Lock()
 _originals: dict[str, Any] = {}  # "safetensors.safe_open" -> the real object
 _digests: dict[tuple, str] = {}  # identity of a file this process adopted -> model digest
+_unshared: set[tuple] = set()  # identities of files of a kind trims does not share
 _warned = False
 _bypass = threading.local()  # .active while a real loader runs, in that thread
 _LAZY_MODULES = ("safetensors.torch", "safetensors.numpy", "torch.serialization")  # heavy: not eagerly
@@ -198,7 +200,11 @@ def _shared_checkpoint(f: Any, path: str, map_location: Any, pickle_module: Any,
         _warn_once(f"trims: loading {path} without the shared store: {exc}")
         view.close()
         return _NOT_SERVED
-    return _torch_checkpoint.load_over(view, records, f, map_location, pickle_module, **kwargs)
+    try:
+        return _torch_checkpoint.load_over(view, records, f, map_location, pickle_module, **kwargs)
+    except UnsupportedFormat:  # refused before anything was read: the file serves, as without trims
+        view.close()
+        return _NOT_SERVED
 
 
 def _checkpoint_path(f: Any) -> str | None:
@@ -237,15 +243,22 @@ def _original(name: str, *args: Any, **kwargs: Any) -> Any:
 
 
 def _shared_view(filename: Any) -> ModelView | None:
-    """The daemon's copy of a local safetensors file, or None (with one warning) if it cannot help."""
+    """The daemon's copy of a local model file, or None if it cannot help: with one warning,
+    unless the file is of a kind trims does not share (a TorchScript archive, say)."""
     try:
         path = Path(os.fspath(filename))
         info = path.stat()
         identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        if identity in _unshared:
+            return None
         client = shared_client()
         model_digest = _digests.get(identity)
         if model_digest is None:
-            model_digest = _digests[identity] = client.adopt(path).digest
+            try:
+                model_digest = _digests[identity] = client.adopt(path).digest
+            except UnsupportedFormat:
+                _unshared.add(identity)  # not asked again: loaded as it would be without trims
+                return None
         return client.open(model_digest)
     except (TrimsError, OSError, TypeError) as exc:
         _warn_once(f"trims: loading {filename} without the shared store: {exc}")
