@@ -281,13 +281,14 @@ class RemoteFile(Source):
 def _coalesced(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
     """Sorted spans grouped into one read each wherever the bytes between them are few."""
     groups: list[list[tuple[int, int]]] = []
-    end = 0
+    end = 0  # where the last group's bytes end
     for offset, count in spans:
         if groups and offset - end <= COALESCE_GAP and offset + count - groups[-1][0][0] <= COALESCE_LIMIT:
             groups[-1].append((offset, count))
+            end = max(end, offset + count)
         else:
             groups.append([(offset, count)])
-        end = max(end, offset + count) if len(groups[-1]) > 1 else offset + count
+            end = offset + count
     return groups
 
 

@@ -29,7 +29,7 @@ from . import digest as digests
 from . import torch_format
 from .catalog import storage_error
 from .disk import new_temp_file
-from .errors import IntegrityError, InvalidModel, UnsupportedFormat
+from .errors import IntegrityError, InvalidModel
 from .records import Manifest, SegmentEntry, SegmentLayout, TensorRecord
 from .safetensors_format import TensorSpec, read_header
 from .protocol import MAX_FDS_PER_FRAME
@@ -95,11 +95,6 @@ def plan(files: list[Source]) -> Plan:
 def _plan_checkpoint(source: Source, side: list[Source]) -> Plan:
     """A PyTorch checkpoint: its storages as tensors of bytes, its other records (the pickle
     among them) as side files beside any others (see torch_format.py)."""
-    if torch_format.is_legacy(source):
-        raise UnsupportedFormat(f"{source.label}: a checkpoint of torch.save's legacy format (before PyTorch 1.6), "
-                                "which trims does not share: save it again with torch.save, or as safetensors")
-    if not torch_format.is_zip(source):
-        raise InvalidModel(f"{source.label}: not a PyTorch checkpoint (torch.save writes a zip archive)")
     checkpoint = torch_format.read_checkpoint(source)
     labels = {f.label for f in side}
     for name in checkpoint.records:

@@ -40,21 +40,22 @@ class Checkpoint:
     records: dict[str, tuple[int, int]]  # every other record: name -> (start, length) in the file
 
 
-def is_zip(source: Source) -> bool:
-    """As torch.load tells a zip checkpoint from a legacy pickle."""
-    return source.size() >= len(MAGIC) and source.read(0, len(MAGIC)) == MAGIC
-
-
-def is_legacy(source: Source) -> bool:
-    """A checkpoint of torch.save's format before PyTorch 1.6: a pickle whose first object
-    is torch's magic number (any pickle protocol puts its bytes within the first 32)."""
-    start = source.read(0, min(32, source.size()))
-    return start.startswith(b"\x80") and _LEGACY_MAGIC in start
+def _check_kind(source: Source) -> None:
+    """Refuse, from its first bytes, a file torch.load would not read as a zip checkpoint: a
+    legacy one (before PyTorch 1.6) is a pickle whose first object is torch's magic number,
+    which any pickle protocol puts within the first 32 bytes."""
+    head = source.read(0, min(32, source.size()))
+    if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
+        raise UnsupportedFormat(f"{source.label}: a checkpoint of torch.save's legacy format (before PyTorch 1.6), "
+                                "which trims does not share: save it again with torch.save, or as safetensors")
+    if not head.startswith(MAGIC):
+        raise InvalidModel(f"{source.label}: not a PyTorch checkpoint (torch.save writes a zip archive)")
 
 
 def read_checkpoint(source: Source) -> Checkpoint:
     """Locate every record of a checkpoint, checked against the file. Raises InvalidModel."""
     label, size = source.label, source.size()
+    _check_kind(source)
     try:
         with zipfile.ZipFile(_BoundedReader(source)) as archive:
             infos = archive.infolist()
