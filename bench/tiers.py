@@ -8,7 +8,12 @@
    file in page cache and with it evicted (posix_fadvise DONTNEED).
 2. S3 -> host: the daemon fetching a segment from an S3 endpoint (moto's server on loopback,
    started here) against boto3's multi-threaded download_fileobj of the same object.
-3. policies: a zoo of models larger than host memory, requested in the paper's Pareto stream
+3. bucket -> push: a first push straight from a bucket (read, hash, write to disk) of a
+   model that is one large tensor, as a language model's embedding nearly is, against
+   boto3's download of the same object; the bucket is bench/wan_store.py, which answers
+   with a first-byte latency and a rate per connection as a real one across a network does
+   (moto reads the whole object for every ranged GET, which no real store does).
+4. policies: a zoo of models larger than host memory, requested in the paper's Pareto stream
    (x_m = 1, alpha = 1); hit rate and mean open latency for LRU, LFU, FIFO and cost-aware.
 
 Each comparison runs side by side in one run; results go to tiers.json and tiers.md.
@@ -51,6 +56,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer requests")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--wan-first-byte-ms", type=float, default=50.0,
+                        help="the emulated bucket's first-byte latency per request (default 50)")
+    parser.add_argument("--wan-mbps", type=float, default=80.0,
+                        help="the emulated bucket's rate per connection, MB/s (default 80)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     size = 256 * MiB if args.quick else GiB
@@ -58,6 +67,8 @@ def main() -> None:
     results = {"disk_to_host": disk_to_host(work / "disk", size, runs=3 if args.quick else 5)}
     with S3Server(work / "moto.log") as s3:
         results["s3_to_host"] = s3_to_host(work / "s3", s3, size // 2, runs=2 if args.quick else 3)
+    results["s3_push"] = s3_push(work / "s3-push", size // 2, runs=2 if args.quick else 3,
+                                 first_byte_s=args.wan_first_byte_ms / 1e3, bytes_per_s=args.wan_mbps * 1e6)
     results["policies"] = policies(work / "policies", requests=300 if args.quick else 1500)
     (args.out / "tiers.json").write_text(json.dumps(results, indent=2))
     (args.out / "tiers.md").write_text(table(results))
@@ -139,6 +150,12 @@ def timed(call) -> float:
     return time.perf_counter() - started
 
 
+def use_endpoint(url: str) -> None:
+    """Point boto3, here and in daemons started from now on, at the S3 endpoint ``url``."""
+    os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+
+
 class S3Server:
     def __init__(self, log: Path) -> None:
         with socket.socket() as probe:
@@ -148,8 +165,7 @@ class S3Server:
         self._log = open(log, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                      stdout=self._log, stderr=subprocess.STDOUT)
-        os.environ.update({"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                           "AWS_DEFAULT_REGION": "us-east-1"})
+        use_endpoint(self.url)
         for _ in range(300):
             try:
                 urllib.request.urlopen(self.url, timeout=1).close()
@@ -192,6 +208,45 @@ def s3_to_host(work: Path, s3: S3Server, nbytes: int, runs: int) -> dict:
             d.client.pull("m")
             rows["trims"].append(size / (d.fetch_seconds("cloud->host") - before))
     return {k: statistics.median(v) for k, v in rows.items()} | {"bytes": size}
+
+
+def s3_push(work: Path, nbytes: int, runs: int, first_byte_s: float, bytes_per_s: float) -> dict:
+    """A first push of a model straight from a bucket across a network (bench/wan_store.py)."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    (work / "objects" / "models").mkdir(parents=True)
+    write_model(work / "objects" / "models" / "m.safetensors", nbytes, tensors=1)
+    size = (work / "objects" / "models" / "m.safetensors").stat().st_size
+    config = TransferConfig(max_concurrency=16, multipart_chunksize=16 * MiB)
+    rows = {"trims": [], "boto3": []}
+    with WanServer(work / "objects", first_byte_s, bytes_per_s) as url:
+        use_endpoint(url)
+        boto = boto3.client("s3")
+        with Daemon(work) as d:
+            for _ in range(runs):
+                rows["boto3"].append(size / timed(lambda: boto.download_fileobj("models", "m.safetensors",
+                                                                                io.BytesIO(), Config=config)))
+                rows["trims"].append(size / timed(lambda: d.client.push("s3://models/m.safetensors", "m")))
+                d.client.remove("m")
+    return {k: statistics.median(v) for k, v in rows.items()} | {
+        "bytes": size, "first_byte_ms": 1e3 * first_byte_s, "connection_bytes_per_s": bytes_per_s}
+
+
+class WanServer:
+    """bench/wan_store.py in a process of its own; ``with WanServer(...) as url``."""
+
+    def __init__(self, root: Path, first_byte_s: float, bytes_per_s: float) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "wan_store.py"), str(root), str(first_byte_s),
+                                      str(bytes_per_s)], stdout=subprocess.PIPE, text=True)
+
+    def __enter__(self) -> str:
+        return self.proc.stdout.readline().strip()
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
 
 
 # Image classifiers of the paper (MB of fp32 weights), scaled down 10x so the zoo fits here.
@@ -241,6 +296,11 @@ def table(results: dict) -> str:
                      f"into fresh memory | {r['trims'] / r['raw_fresh']:.2f}x |")
     lines.append(f"| S3 (moto, loopback) -> host ({format_size(s3['bytes'])}) | {s3['trims'] / 1e6:.0f} MB/s "
                  f"| {s3['boto3'] / 1e6:.0f} MB/s boto3, 16 threads | {s3['trims'] / s3['boto3']:.2f}x |")
+    push = results["s3_push"]
+    lines.append(f"| bucket across a network ({push['first_byte_ms']:.0f} ms first byte, "
+                 f"{push['connection_bytes_per_s'] / 1e6:.0f} MB/s per connection, emulated) -> pushed to disk, "
+                 f"one tensor ({format_size(push['bytes'])}) | {push['trims'] / 1e6:.0f} MB/s "
+                 f"| {push['boto3'] / 1e6:.0f} MB/s boto3 download, 16 threads | {push['trims'] / push['boto3']:.2f}x |")
     p = results["policies"]
     lines += [
         "",

@@ -302,12 +302,38 @@ def test_a_pushed_objects_scattered_small_reads_share_requests(s3):
         source.read_many([(len(blob) - 10, 30)])
 
 
-def test_a_push_from_a_bucket_has_many_reads_in_flight_whatever_the_cpus(s3, tmp_path, monkeypatch):
-    """Each ranged GET waits a round trip: a node of few cores still reads many tensors, and
-    side files, at once."""
+def _reads_counted(objects, monkeypatch, fail_at: int = 0) -> tuple[list[int], list[int]]:
+    """Make each of ``objects``' reads take a round trip's worth of time, so reads that may
+    overlap do; the returned lists hold the most seen in flight at once and how many began.
+    With ``fail_at``, that read (counting from 1) fails as an unreachable bucket would."""
     import threading
     import time
 
+    in_flight, peak, started, lock = [0], [0], [0], threading.Lock()
+    real_read = objects.read_into
+
+    def counted_read(url, start, view):
+        with lock:
+            in_flight[0] += 1
+            started[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+            failing = started[0] == fail_at
+        time.sleep(0.05)
+        try:
+            if failing:
+                raise StorageError("the bucket stopped answering")
+            real_read(url, start, view)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(objects, "read_into", counted_read)
+    return peak, started
+
+
+def test_a_push_from_a_bucket_has_many_reads_in_flight_whatever_the_cpus(s3, tmp_path, monkeypatch):
+    """Each ranged GET waits a round trip: a node of few cores still reads many tensors, and
+    side files, at once."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -322,21 +348,8 @@ def test_a_push_from_a_bucket_has_many_reads_in_flight_whatever_the_cpus(s3, tmp
     side = [f"vocab{i}.json" for i in range(8)]  # a tokenizer's files, say
     for name in side:
         s3.client().put_object(Bucket=bucket, Key=name, Body=b"{}")
-    objects, in_flight, peak, lock = Objects(connections=8), [0], [0], threading.Lock()
-    real_read = objects.read_into
-
-    def counted_read(url, start, view):
-        with lock:
-            in_flight[0] += 1
-            peak[0] = max(peak[0], in_flight[0])
-        time.sleep(0.05)  # a round trip's worth, so reads that may overlap do
-        try:
-            real_read(url, start, view)
-        finally:
-            with lock:
-                in_flight[0] -= 1
-
-    monkeypatch.setattr(objects, "read_into", counted_read)
+    objects = Objects(connections=8)
+    peak, _ = _reads_counted(objects, monkeypatch)
     files = [RemoteFile(name, f"s3://{bucket}/{name}", objects) for name in ["model.safetensors", *side]]
     planned = ingest.plan(files)
     assert peak[0] == 8 and planned.side_files == dict.fromkeys(side, b"{}")
@@ -345,6 +358,65 @@ def test_a_push_from_a_bucket_has_many_reads_in_flight_whatever_the_cpus(s3, tmp
     assert peak[0] == 8
     expected = {name: digests.of_bytes(array.tobytes()) for name, array in tensors.items()}
     assert {t.name: t.digest for t in manifest.tensors} == expected
+
+
+@pytest.fixture
+def one_large_tensor_in_a_bucket(s3, tmp_path, monkeypatch):
+    """A model whose bytes are nearly all one tensor (an embedding), in a bucket, pushed in
+    chunks of 64 KiB so it has 16 of them; and the random bytes of each tensor."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from trims import ingest
+
+    monkeypatch.setattr(ingest, "_CHUNK", 64 * 1024)
+    rng = np.random.default_rng(7)
+    tensors = {"embedding": rng.standard_normal(256 * 1024, dtype=np.float32),
+               "bias": rng.standard_normal(16, dtype=np.float32)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    bucket = s3.new_bucket()
+    s3.client().upload_file(str(tmp_path / "model.safetensors"), bucket, "model.safetensors")
+    return f"s3://{bucket}/model.safetensors", tensors
+
+
+def test_one_large_tensor_from_a_bucket_is_read_by_many_requests_at_once_and_hashed_in_order(
+        one_large_tensor_in_a_bucket, tmp_path, monkeypatch):
+    """A tensor read one chunk after another would be a push's straggler: a 1 GiB language
+    model head at one request in flight. Its chunks are read together and still hashed, and
+    written, exactly as the bytes lie."""
+    from trims import ingest
+    from trims.cloud import RemoteFile
+    from trims.objects import Objects
+
+    url, tensors = one_large_tensor_in_a_bucket
+    objects = Objects(connections=8)
+    planned = ingest.plan([RemoteFile("model.safetensors", url, objects)])
+    peak, _ = _reads_counted(objects, monkeypatch)
+    ingested = ingest.write(planned, tmp_path, lambda manifest: set(), workers=1)
+    assert peak[0] == 8
+    expected = {name: digests.of_bytes(array.tobytes()) for name, array in tensors.items()}
+    assert {t.name: t.digest for t in ingested.manifest.tensors} == expected
+    written = ingested.segment_path.read_bytes()
+    for entry in ingested.segment.entries:
+        assert digests.of_bytes(written[entry.offset : entry.offset + entry.nbytes]) == entry.digest
+
+
+def test_a_read_failing_inside_a_large_tensor_fails_the_push_with_its_own_error(
+        one_large_tensor_in_a_bucket, tmp_path, monkeypatch):
+    """The chunks after it stop waiting their turn, no further reads start, and no file is left."""
+    from trims import ingest
+    from trims.cloud import RemoteFile
+    from trims.objects import Objects
+
+    url, _ = one_large_tensor_in_a_bucket
+    objects = Objects(connections=4)
+    planned = ingest.plan([RemoteFile("model.safetensors", url, objects)])
+    _, started = _reads_counted(objects, monkeypatch, fail_at=3)
+    (temp := tmp_path / "tmp").mkdir()
+    with pytest.raises(StorageError, match="stopped answering"):
+        ingest.write(planned, temp, lambda manifest: set(), workers=1)
+    assert started[0] <= 3 + 2 * 3  # those begun before it failed, and at most one more per other thread
+    assert list(temp.iterdir()) == []
 
 
 class TestCloudTierOverFsspec(TierChecks):

@@ -230,45 +230,97 @@ def _read_side_files(side: list[Source]) -> dict[str, bytes]:
 
 def _copy_and_hash(planned: Plan, out: int | None, workers: int, progress: Progress | None) -> list[str]:
     """Each tensor's digest, in ``planned``'s order; with ``out``, each also written at its
-    offset in the candidate segment."""
+    offset in the candidate segment.
+
+    The work is cut into chunks, not tensors, so one large tensor (an embedding, a language
+    model's head) is read by many threads at once: from a bucket each ranged read waits a
+    round trip, and a tensor read one chunk after another would be the push's straggler. A
+    tensor's chunks are hashed in order, each by the thread that read it, so every thread
+    keeps a single chunk buffer and memory stays ``workers`` chunks whatever the model.
+    """
+    hashes = [_OrderedHash() for _ in planned.specs]
+    errors: list[BaseException] = []  # in the order they happened; the first is the one raised
     buffers = threading.local()
     done = [0]
     lock = threading.Lock()
 
-    def one(index: int) -> str:
+    def one(piece: tuple[int, int, int, int]) -> None:
+        index, number, at, length = piece
         source, spec = planned.specs[index]
+        if errors:  # start no further reads; the chunks after this one stop waiting for it
+            hashes[index].abandon(number)
+            return
         if not hasattr(buffers, "view"):
             buffers.view = memoryview(bytearray(_CHUNK))
-        return _copy_range(source, spec, out, planned.candidate.entries[index].offset, buffers.view, advance)
-
-    def advance(nbytes: int) -> None:
+        view = buffers.view[:length]
+        try:
+            _read_exactly(source, spec, at, view)
+            if not hashes[index].add(number, view):
+                return
+            if out is not None:
+                _pwrite_all(out, view, planned.candidate.entries[index].offset + at)
+        except BaseException as exc:
+            errors.append(exc)
+            hashes[index].abandon(number)
+            return
         if progress is not None:
             with lock:
-                done[0] += nbytes
+                done[0] += length
                 progress(done[0], planned.size)
 
-    # Large tensors first, so the pool does not end on one long straggler.
-    order = sorted(range(len(planned.specs)), key=lambda i: -planned.specs[i][1].nbytes)
     workers = max([workers, *(source.parallel_reads for source in {source for source, _ in planned.specs})])
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trims-ingest") as pool:
-        results = dict(zip(order, pool.map(one, order)))
-    return [results[i] for i in range(len(planned.specs))]
+        for _ in pool.map(one, _pieces(planned)):
+            pass
+    if errors:
+        raise errors[0]
+    return [digests.finish(h.hasher) for h in hashes]
 
 
-def _copy_range(source: Source, spec: TensorSpec, out: int | None, offset: int, view: memoryview,
-                advance: Callable[[int], None]) -> str:
-    h = digests.hasher()
+def _pieces(planned: Plan) -> list[tuple[int, int, int, int]]:
+    """(tensor index, chunk number, offset in the tensor, length) for every chunk, large
+    tensors first so the pool does not end on one long straggler, each tensor's in order:
+    the pool starts tasks in this order, so a chunk's predecessor has always started."""
+    order = sorted(range(len(planned.specs)), key=lambda i: -planned.specs[i][1].nbytes)
+    return [(index, number, at, min(_CHUNK, planned.specs[index][1].nbytes - at))
+            for index in order
+            for number, at in enumerate(range(0, planned.specs[index][1].nbytes, _CHUNK))]
+
+
+class _OrderedHash:
+    """A tensor's hasher, fed its chunks in order by whichever threads read them."""
+
+    def __init__(self) -> None:
+        self.hasher = digests.hasher()
+        self._next = 0  # the chunk the hasher waits for
+        self._failed = -1  # the first chunk whose read failed; the ones after it stop waiting
+        self._turn = threading.Condition()
+
+    def add(self, number: int, data: memoryview) -> bool:
+        """Hash chunk ``number`` once the ones before it are; False if one of those failed."""
+        with self._turn:
+            self._turn.wait_for(lambda: self._next == number or 0 <= self._failed < number)
+            if self._next != number:
+                return False
+            self.hasher.update(data)
+            self._next += 1
+            self._turn.notify_all()
+            return True
+
+    def abandon(self, number: int) -> None:
+        with self._turn:
+            if self._failed < 0 or number < self._failed:
+                self._failed = number
+            self._turn.notify_all()
+
+
+def _read_exactly(source: Source, spec: TensorSpec, at: int, view: memoryview) -> None:
     done = 0
-    while done < spec.nbytes:
-        got = source.read_into(spec.start + done, view[: min(len(view), spec.nbytes - done)])
+    while done < len(view):
+        got = source.read_into(spec.start + at + done, view[done:])
         if got == 0:
             raise InvalidModel(f"{source.label}: file ended inside tensor {spec.name!r} (truncated while pushing)")
-        h.update(view[:got])
-        if out is not None:
-            _pwrite_all(out, view[:got], offset + done)
         done += got
-        advance(got)
-    return digests.finish(h)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
