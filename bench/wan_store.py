@@ -63,7 +63,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path is None:
             self._empty(404)
             return
-        size = path.stat().st_size
+        stat = path.stat()
+        size = stat.st_size
         start, end = self._range(size)
         if start is None:
             self._empty(416)
@@ -72,8 +73,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(206 if "Range" in self.headers else 200)
         self.send_header("Content-Length", str(end - start))
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("ETag", f'"{int(path.stat().st_mtime_ns)}-{size}"')
-        self.send_header("Last-Modified", self.date_time_string(path.stat().st_mtime))
+        self.send_header("ETag", f'"{stat.st_mtime_ns}-{size}"')
+        self.send_header("Last-Modified", self.date_time_string(stat.st_mtime))
         self.send_header("Accept-Ranges", "bytes")
         if "Range" in self.headers:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
@@ -82,10 +83,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream(path, start, end)
 
     def _object(self) -> Path | None:
-        parts = self.path.split("?", 1)[0].lstrip("/").split("/", 1)
-        if len(parts) != 2 or ".." in parts[1].split("/"):
+        parts = self.path.split("?", 1)[0].lstrip("/").split("/")
+        if len(parts) < 2 or ".." in parts:  # a bucket and a key, inside the root
             return None
-        path = self.root / parts[0] / parts[1]
+        path = self.root.joinpath(*parts)
         return path if path.is_file() else None
 
     def _range(self, size: int) -> tuple[int | None, int]:
