@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import threading
+import urllib.parse
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -83,7 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream(path, start, end)
 
     def _object(self) -> Path | None:
-        parts = self.path.split("?", 1)[0].lstrip("/").split("/")
+        parts = urllib.parse.unquote(self.path.split("?", 1)[0]).lstrip("/").split("/")
         if len(parts) < 2 or ".." in parts:  # a bucket and a key, inside the root
             return None
         path = self.root.joinpath(*parts)
@@ -93,10 +94,9 @@ class _Handler(BaseHTTPRequestHandler):
         if "Range" not in self.headers:
             return 0, size
         match = _RANGE.match(self.headers["Range"])
-        if not match or int(match.group(1)) >= size:
-            return None, 0
-        end = int(match.group(2)) + 1 if match.group(2) else size
-        return int(match.group(1)), min(end, size)
+        start = int(match.group(1)) if match else size
+        end = min(int(match.group(2)) + 1, size) if match and match.group(2) else size
+        return (start, end) if start < end else (None, 0)
 
     def _stream(self, path: Path, start: int, end: int) -> None:
         began = time.perf_counter()
@@ -105,6 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
             sent = 0
             while sent < end - start:
                 data = f.read(min(_SLICE, end - start - sent))
+                if not data:  # the file shrank while it was served
+                    break
                 self.wfile.write(data)
                 sent += len(data)
                 ahead = sent / self.bytes_per_s - (time.perf_counter() - began)

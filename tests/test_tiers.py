@@ -419,6 +419,44 @@ def test_a_read_failing_inside_a_large_tensor_fails_the_push_with_its_own_error(
     assert list(temp.iterdir()) == []
 
 
+def test_a_failure_outside_the_reads_ends_the_push_with_its_error_and_no_chunk_left_waiting(
+        one_large_tensor_in_a_bucket, monkeypatch):
+    """Here the progress report of the second chunk fails (as a client gone away would):
+    the chunks after it, of every tensor, stop waiting their turn."""
+    from trims import ingest
+    from trims.cloud import RemoteFile
+    from trims.objects import Objects
+
+    url, _ = one_large_tensor_in_a_bucket
+    objects = Objects(connections=4)
+    planned = ingest.plan([RemoteFile("model.safetensors", url, objects)])
+    _reads_counted(objects, monkeypatch)  # slow reads: the failure comes before most have begun
+    reports = []
+
+    def progress(done, total):
+        reports.append((done, total))
+        if len(reports) == 2:
+            raise ConnectionResetError("the client went away")
+
+    with pytest.raises(ConnectionResetError):
+        ingest.digest(planned, workers=1, progress=progress)
+    assert len(reports) < 17
+
+
+def test_a_push_reports_progress_up_to_every_byte_of_its_tensors(one_large_tensor_in_a_bucket):
+    from trims import ingest
+    from trims.cloud import RemoteFile
+    from trims.objects import Objects
+
+    url, tensors = one_large_tensor_in_a_bucket
+    planned = ingest.plan([RemoteFile("model.safetensors", url, Objects(connections=4))])
+    reports = []
+    ingest.digest(planned, workers=1, progress=lambda done, total: reports.append((done, total)))
+    everything = sum(array.nbytes for array in tensors.values())
+    assert reports[-1] == (everything, everything)
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+
+
 class TestCloudTierOverFsspec(TierChecks):
     """The same tier through fsspec (here its local ``file://`` backend), as GCS or Azure would go."""
 

@@ -241,37 +241,43 @@ def _copy_and_hash(planned: Plan, out: int | None, workers: int, progress: Progr
     hashes = [_OrderedHash() for _ in planned.specs]
     errors: list[BaseException] = []  # in the order they happened; the first is the one raised
     buffers = threading.local()
-    done = [0]
+    done, total = [0], sum(spec.nbytes for _, spec in planned.specs)
     lock = threading.Lock()
 
+    def fail(exc: BaseException) -> None:
+        errors.append(exc)
+        for h in hashes:  # no chunk may go on waiting for one that will never be hashed
+            h.stop()
+
     def one(piece: tuple[int, int, int, int]) -> None:
+        if errors:  # start no further reads
+            return
         index, number, at, length = piece
         source, spec = planned.specs[index]
-        if errors:  # start no further reads; the chunks after this one stop waiting for it
-            hashes[index].abandon(number)
-            return
-        if not hasattr(buffers, "view"):
-            buffers.view = memoryview(bytearray(_CHUNK))
-        view = buffers.view[:length]
         try:
+            if not hasattr(buffers, "view"):
+                buffers.view = memoryview(bytearray(_CHUNK))
+            view = buffers.view[:length]
             _read_exactly(source, spec, at, view)
             if not hashes[index].add(number, view):
                 return
             if out is not None:
                 _pwrite_all(out, view, planned.candidate.entries[index].offset + at)
+            if progress is not None:
+                with lock:
+                    done[0] += length
+                    progress(done[0], total)
         except BaseException as exc:
-            errors.append(exc)
-            hashes[index].abandon(number)
-            return
-        if progress is not None:
-            with lock:
-                done[0] += length
-                progress(done[0], planned.size)
+            fail(exc)
 
     workers = max([workers, *(source.parallel_reads for source in {source for source, _ in planned.specs})])
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trims-ingest") as pool:
-        for _ in pool.map(one, _pieces(planned)):
-            pass
+        try:
+            for _ in pool.map(one, _pieces(planned)):
+                pass
+        except BaseException as exc:  # interrupted: chunks not yet run are cancelled
+            fail(exc)
+            raise
     if errors:
         raise errors[0]
     return [digests.finish(h.hasher) for h in hashes]
@@ -293,24 +299,23 @@ class _OrderedHash:
     def __init__(self) -> None:
         self.hasher = digests.hasher()
         self._next = 0  # the chunk the hasher waits for
-        self._failed = -1  # the first chunk whose read failed; the ones after it stop waiting
+        self._stopped = False  # a chunk failed somewhere: the push is over
         self._turn = threading.Condition()
 
     def add(self, number: int, data: memoryview) -> bool:
-        """Hash chunk ``number`` once the ones before it are; False if one of those failed."""
+        """Hash chunk ``number`` once the ones before it are; False if the push stopped."""
         with self._turn:
-            self._turn.wait_for(lambda: self._next == number or 0 <= self._failed < number)
-            if self._next != number:
+            self._turn.wait_for(lambda: self._next == number or self._stopped)
+            if self._stopped:
                 return False
             self.hasher.update(data)
             self._next += 1
             self._turn.notify_all()
             return True
 
-    def abandon(self, number: int) -> None:
+    def stop(self) -> None:
         with self._turn:
-            if self._failed < 0 or number < self._failed:
-                self._failed = number
+            self._stopped = True
             self._turn.notify_all()
 
 
