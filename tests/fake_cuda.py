@@ -22,9 +22,13 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 class FakeDriver:
-    def __init__(self, granularity: int = 64 * 1024, devices: int = 1, read_only: bool = True) -> None:
+    def __init__(self, granularity: int = 64 * 1024, devices: int = 1, read_only: bool = True,
+                 uuids: list[str] | None = None) -> None:
+        """``uuids`` are the devices this process sees, in its own order (one process's
+        cuda:0 may be another's cuda:3); by default ``devices`` GPUs of made-up UUIDs."""
         self.granule = granularity
-        self.devices = devices
+        self.uuids = uuids or [f"GPU-00000000-0000-0000-0000-{i:012x}" for i in range(devices)]
+        self.devices = len(self.uuids)
         self.read_only = read_only
         self._handles: dict[int, int] = {}  # handle -> memfd
         self._ids = itertools.count(1)
@@ -32,6 +36,9 @@ class FakeDriver:
 
     def device_count(self) -> int:
         return self.devices
+
+    def device_uuid(self, device: int) -> str:
+        return self.uuids[device]
 
     def supports_vmm(self, device: int) -> bool:
         return True

@@ -154,11 +154,23 @@ def test_a_client_killed_while_holding_a_model_leaves_the_daemon_serving(gpu_dae
         child.kill()
 
 
+def test_each_gpu_is_named_by_the_uuid_torch_gives_it():
+    from trims.cuda_driver import driver
+    from trims.errors import GpuError
+
+    count = torch.cuda.device_count()
+    assert [driver().device_uuid(i) for i in range(count)] == [
+        f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(count)]
+    with pytest.raises(GpuError, match=f"no CUDA device {count}"):
+        driver().device_uuid(count)
+
+
 def test_trims_info_says_how_gpu_memory_is_shared(gpu_daemon, pushed):
     trims.torch.load_state_dict("gpt2", client=gpu_daemon.client(), device="cuda")
     out = subprocess.run([sys.executable, "-m", "trims", "info", "gpt2"], env=gpu_daemon.env,
                          capture_output=True, text=True, check=True).stdout
     assert "gpu:0" in out and "vmm-posix-fd" in out and "read-only" in out
+    assert f"GPU-{torch.cuda.get_device_properties(0).uuid}" in out
 
 
 def test_pull_puts_a_model_in_gpu_memory_before_any_open(gpu_daemon, pushed):

@@ -183,9 +183,11 @@ def test_without_a_cuda_driver_a_device_open_says_so(tmp_path):
         store.close()
 
 
-def test_a_client_asking_a_daemon_without_a_gpu_tier_gets_a_typed_error(daemon, tmp_path):
+def test_a_client_asking_a_daemon_without_a_gpu_tier_gets_a_typed_error(daemon, tmp_path, driver, monkeypatch):
     import trims
+    import trims.cuda_driver
 
+    monkeypatch.setattr(trims.cuda_driver, "driver", lambda: driver)  # this process has a GPU; the daemon no tier
     path = tmp_path / "m.safetensors"
     save_file({"w": torch.zeros(16)}, path)
     client = daemon.client()
@@ -207,22 +209,38 @@ def test_an_open_under_way_keeps_its_gpu_copy_from_trims_evict(store):
 
 
 @pytest.fixture
-def gpu_daemon_in_process(tmp_path, driver, monkeypatch):
-    """A real daemon (socket, server, store) in this process, with the stand-in driver on both
-    sides of the socket."""
-    import trims.cuda_driver
-    from trims.config import Settings
-    from trims.daemon import Daemon
+def start_gpu_daemon(tmp_path, monkeypatch):
+    """Start a real daemon (socket, server, store) in this process: ``daemon_driver`` is the
+    stand-in driver it sees the GPUs through, ``client_driver`` the one this process's
+    clients do (two containers may number the same GPUs differently)."""
+    import functools
 
-    monkeypatch.setattr(trims.cuda_driver, "driver", lambda: driver)
-    settings = Settings.load({"socket": str(tmp_path / "run" / "trims.sock"), "store": str(tmp_path / "store"),
-                              "host_memory": "64M", "gpu_memory": "64M"})
-    daemon = Daemon(settings)
-    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
-    thread.start()
-    yield settings.socket_path
-    daemon.shutdown()
-    thread.join(timeout=20)
+    import trims.cuda_driver
+    import trims.daemon
+    from trims.config import Settings
+
+    started = []
+
+    def start(daemon_driver: FakeDriver, client_driver: FakeDriver):
+        monkeypatch.setattr(trims.cuda_driver, "driver", lambda: client_driver)
+        monkeypatch.setattr(trims.daemon, "Store", functools.partial(Store, gpu_driver=lambda: daemon_driver))
+        settings = Settings.load({"socket": str(tmp_path / "run" / "trims.sock"), "store": str(tmp_path / "store"),
+                                  "host_memory": "64M", "gpu_memory": "64M"})
+        daemon = trims.daemon.Daemon(settings)
+        thread = threading.Thread(target=daemon.serve_forever, daemon=True)
+        thread.start()
+        started.append((daemon, thread))
+        return settings.socket_path
+
+    yield start
+    for daemon, thread in started:
+        daemon.shutdown()
+        thread.join(timeout=20)
+
+
+@pytest.fixture
+def gpu_daemon_in_process(start_gpu_daemon, driver):
+    return start_gpu_daemon(driver, driver)
 
 
 def test_a_closed_device_view_keeps_its_lease_while_its_segments_live(gpu_daemon_in_process, tmp_path):
@@ -249,7 +267,8 @@ def test_a_closed_device_view_keeps_its_lease_while_its_segments_live(gpu_daemon
     assert client.stats()["leases"] == 0 and client.evict("m") > 0
 
 
-def test_trims_info_and_stats_say_how_gpu_memory_is_shared(gpu_daemon_in_process, tmp_path, monkeypatch, capsys):
+def test_trims_info_and_stats_say_how_gpu_memory_is_shared(gpu_daemon_in_process, driver, tmp_path, monkeypatch,
+                                                           capsys):
     import trims
     from trims.cli import main
 
@@ -262,7 +281,7 @@ def test_trims_info_and_stats_say_how_gpu_memory_is_shared(gpu_daemon_in_process
     assert main(["info", "m"]) == 0 and main(["stats"]) == 0
     out = capsys.readouterr().out
     assert "tiers:    host, disk, gpu:0" in out
-    assert out.count("shared as vmm-posix-fd, mapped read-only by clients") == 2  # info's line and stats'
+    assert out.count(f"{driver.uuids[0]}, shared as vmm-posix-fd, mapped read-only by clients") == 2  # info, stats
     view.close()
 
 
@@ -329,3 +348,41 @@ def test_a_pin_whose_pull_fails_is_not_kept(store, driver, monkeypatch):
     with pytest.raises(GpuError):
         store.pin("m0", "gpu:0")
     assert "m0" not in store.catalog.pins
+
+
+GPU_A, GPU_B, GPU_C = (f"GPU-{n}0000000-0000-0000-0000-000000000000" for n in "abc")
+
+
+def test_a_process_that_numbers_the_gpus_otherwise_gets_the_copy_on_its_own_gpu(start_gpu_daemon, tmp_path):
+    import ctypes
+
+    import trims
+
+    # The daemon sees the node's two GPUs; this function's container was given only the
+    # second, which it calls cuda:0 (as a device plugin or CUDA_VISIBLE_DEVICES=1 does).
+    socket = start_gpu_daemon(FakeDriver(GRANULE, uuids=[GPU_A, GPU_B]), FakeDriver(GRANULE, uuids=[GPU_B]))
+    weights = torch.arange(1000.0)
+    save_file({"w": weights}, tmp_path / "m.safetensors")
+    client = trims.connect(socket)
+    client.push(tmp_path / "m.safetensors", "m")
+    with client.open("m", device=0) as view:
+        assert view.device == 0
+        (segment,) = view.segments
+        pointer = segment.__cuda_array_interface__["data"][0]
+        offset = view.index["w"].offset
+        assert ctypes.string_at(pointer + offset, weights.nbytes) == weights.numpy().tobytes()
+        tiers = client.stats()["tiers"]
+    assert "gpu:0" not in tiers  # the daemon's cuda:0 is GPU A, which no one asked for
+    assert tiers["gpu:1"]["uuid"] == GPU_B and tiers["gpu:1"]["used_bytes"] > 0
+
+
+def test_a_gpu_the_daemon_does_not_see_is_refused_saying_which_it_sees(start_gpu_daemon, tmp_path):
+    import trims
+
+    socket = start_gpu_daemon(FakeDriver(GRANULE, uuids=[GPU_A]), FakeDriver(GRANULE, uuids=[GPU_C]))
+    save_file({"w": torch.arange(10.0)}, tmp_path / "m.safetensors")
+    client = trims.connect(socket)
+    client.push(tmp_path / "m.safetensors", "m")
+    with pytest.raises(GpuError, match=f"does not see the GPU {GPU_C} .*cuda:0 {GPU_A}.*NVIDIA_VISIBLE_DEVICES=all"):
+        client.open("m", device=0)
+    assert client.stats()["leases"] == 0 and client.open("m")["w"][3] == 3.0  # host memory still serves

@@ -273,7 +273,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _gpu_path(tier: dict) -> str:
     protection = "read-only" if tier["read_only_mapping"] else "WRITABLE (the driver refused read-only mappings)"
-    return f"shared as {tier['sharing']}, mapped {protection} by clients"
+    return f"{tier['uuid']}, shared as {tier['sharing']}, mapped {protection} by clients"
 
 
 def _evict(args: argparse.Namespace) -> int:

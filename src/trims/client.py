@@ -6,7 +6,9 @@ the process that makes it, and the descriptors are closed as soon as the memory 
 (a model costs no descriptors and one mapping per segment).
 
 ``Client.open(name, device=N)`` maps the node's copy in CUDA device N's memory instead,
-read-only, for the adapters (:mod:`trims.torch`) to build tensors over.
+read-only, for the adapters (:mod:`trims.torch`) to build tensors over. N is this process's
+ordinal, as torch numbers its devices; the daemon, which may number them otherwise, is told
+the device's UUID.
 
 A lease keeps the model in the daemon's host (or GPU) memory. It ends at :meth:`ModelView.close`,
 when the process exits, or once nothing refers to the view or to any array or tensor made
@@ -122,15 +124,16 @@ class Client:
         with self._lock:
             if self._release_flusher is None:
                 self._release_flusher = _ReleaseFlusher(self)
-        reply, generation = self._request(protocol.Open(name=name, device=device), protocol.Opened)
+        uuid = None if device is None else _device_uuid(device)
+        reply, generation = self._request(protocol.Open(name=name, device=uuid), protocol.Opened)
         lease = _Lease(self, reply.lease, generation)
-        if reply.device != device:
+        if reply.device != uuid:
             lease.close()
             _close_fds(reply.fds)
-            raise GpuError(f"asked for {name} on cuda:{device}, the daemon sent it in "
-                           f"{'host memory' if reply.device is None else f'cuda:{reply.device}'}; "
+            raise GpuError(f"asked for {name} on cuda:{device} ({uuid}), the daemon sent it in "
+                           f"{'host memory' if reply.device is None else reply.device}; "
                            "upgrade the daemon to one with a GPU tier")
-        return _map_model(reply, lease)
+        return _map_model(reply, lease, device)
 
     def push(self, path: str | os.PathLike, name: str, *, to: str | None = None,
              progress: ProgressCallback | None = None) -> PushResult:
@@ -452,9 +455,16 @@ class ModelView(Mapping[str, "np.ndarray"]):
         return f"<ModelView {self.name} {self.digest[:19]} {state}>"
 
 
-def _map_model(reply: protocol.Opened, lease: _Lease) -> ModelView:
+def _device_uuid(device: int) -> str:
+    """What the daemon calls this process's CUDA ``device``."""
+    from . import cuda_driver
+
+    return cuda_driver.driver().device_uuid(device)
+
+
+def _map_model(reply: protocol.Opened, lease: _Lease, device: int | None) -> ModelView:
     try:
-        segments = tuple(_map_segment(fd, size, lease, reply.device) for fd, size in zip(reply.fds, reply.segment_sizes))
+        segments = tuple(_map_segment(fd, size, lease, device) for fd, size in zip(reply.fds, reply.segment_sizes))
         entries = reply.tensors.entries()
         index = {entry.name: entry for entry in entries}
         for entry in entries:
@@ -467,7 +477,7 @@ def _map_model(reply: protocol.Opened, lease: _Lease) -> ModelView:
     finally:
         _close_fds(reply.fds)
     return ModelView(name=reply.name, digest=reply.digest, nbytes=reply.nbytes, metadata=reply.metadata,
-                     index=index, segments=segments, lease=lease, device=reply.device)
+                     index=index, segments=segments, lease=lease, device=device)
 
 
 def _map_segment(fd: int, size: int, lease: _Lease, device: int | None) -> Any:

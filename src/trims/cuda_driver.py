@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import uuid
 from dataclasses import dataclass
 
 from .errors import GpuError
@@ -56,6 +57,10 @@ class _AllocFlags(ctypes.Structure):
 class _AllocationProp(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int), ("location", _Location),
                 ("win32HandleMetaData", ctypes.c_void_p), ("allocFlags", _AllocFlags)]
+
+
+class _Uuid(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_ubyte * 16)]
 
 
 class _AccessDesc(ctypes.Structure):
@@ -112,6 +117,19 @@ class Driver:
         count = ctypes.c_int()
         self._check(self._lib.cuDeviceGetCount(ctypes.byref(count)), "cuDeviceGetCount")
         return count.value
+
+    def device_uuid(self, device: int) -> str:
+        """``device``'s UUID as ``nvidia-smi -L`` writes it: the same in every process, whatever
+        ordinal the process's ``CUDA_VISIBLE_DEVICES`` and container give the device."""
+        count = self.device_count()
+        if not 0 <= device < count:
+            raise GpuError(f"this process has no CUDA device {device} (it sees {count}); ask for cuda:0..{count - 1}")
+        handle, raw = ctypes.c_int(), _Uuid()
+        self._check(self._lib.cuDeviceGet(ctypes.byref(handle), device), f"cuDeviceGet({device})")
+        # _v2 (CUDA 11.4) gives a MIG instance its own UUID; the first version its GPU's.
+        get_uuid = getattr(self._lib, "cuDeviceGetUuid_v2", None) or self._lib.cuDeviceGetUuid
+        self._check(get_uuid(ctypes.byref(raw), handle), "cuDeviceGetUuid")
+        return f"GPU-{uuid.UUID(bytes=bytes(raw.bytes))}"
 
     def supports_vmm(self, device: int) -> bool:
         """Whether ``device`` can export memory as POSIX file descriptors."""

@@ -48,6 +48,7 @@ class GpuSegment:
 @dataclass(frozen=True)
 class GpuCapabilities:
     device: int
+    uuid: str  # the device's name in every process (ordinals differ between containers)
     sharing: str  # how device memory leaves the daemon: "vmm-posix-fd"
     read_only_mapping: bool  # whether the driver maps shared memory read-only for clients
 
@@ -189,7 +190,8 @@ def _probe(driver: Driver, device: int) -> GpuCapabilities:
         read_only = False
     finally:
         _free(driver, allocation)
-    return GpuCapabilities(device=device, sharing="vmm-posix-fd", read_only_mapping=read_only)
+    return GpuCapabilities(device=device, uuid=driver.device_uuid(device), sharing="vmm-posix-fd",
+                           read_only_mapping=read_only)
 
 
 def _free(driver: Driver, allocation: Allocation) -> None:

@@ -156,10 +156,11 @@ class Ping(Message):
 
 @_message("open")
 class Open(Message):
-    """Lease a model; ``device`` asks for its copy in that CUDA device's memory."""
+    """Lease a model; ``device`` asks for its copy in the memory of the CUDA device of that
+    UUID (``GPU-...``): an ordinal means a different device in each container."""
 
     name: str
-    device: int | None = None
+    device: str | None = None
 
 
 @_message("release")
@@ -261,7 +262,8 @@ class Pong(Message):
 @_message("opened")
 class Opened(Message):
     """A leased model: ``fds[i]`` is a read-only, sealed segment of ``segment_sizes[i]`` bytes,
-    or, when ``device`` is set, an exported allocation of that many bytes of its memory."""
+    or, when ``device`` (the UUID asked for) is set, an exported allocation of that many
+    bytes of its memory."""
 
     lease: int
     name: str
@@ -270,7 +272,7 @@ class Opened(Message):
     segment_sizes: tuple[int, ...]
     tensors: TensorTable
     metadata: dict[str, str] = field(default_factory=dict)
-    device: int | None = None
+    device: str | None = None
     fds: tuple[int, ...] = _fds_field()
 
     def expected_fds(self) -> int:

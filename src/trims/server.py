@@ -233,7 +233,8 @@ class Server:
         return protocol.Pong(id=request.id, daemon_version=__version__, protocol_version=protocol.PROTOCOL_VERSION, pid=os.getpid())
 
     def _on_open(self, request: protocol.Open, ctx: _Context) -> protocol.Message:
-        opened = self.store.open(request.name, owner=ctx.conn_id, tenant=ctx.tenant, device=request.device)
+        device = None if request.device is None else self.store.gpu_device(request.device)
+        opened = self.store.open(request.name, owner=ctx.conn_id, tenant=ctx.tenant, device=device)
         return protocol.Opened(
             id=request.id,
             lease=opened.lease,
@@ -241,7 +242,7 @@ class Server:
             digest=opened.manifest.digest,
             nbytes=opened.manifest.nbytes,
             segment_sizes=tuple(s.mapped_size for s in opened.segments),
-            device=opened.device,
+            device=request.device,
             tensors=opened.tensors,
             metadata=opened.manifest.metadata,
             fds=tuple(s.fd for s in opened.segments),

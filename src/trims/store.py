@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import cuda_driver
 from . import digest as digests
 from . import ingest, names
 from .catalog import Catalog
@@ -177,6 +178,7 @@ class Store:
         self.gpu_capacity = gpu_capacity  # per device; 0: no GPU tier
         self._gpu_driver = gpu_driver
         self._gpus: dict[int, GpuTier] = {}
+        self._gpu_ordinals: dict[str, int] | None = None  # device UUID -> the daemon's ordinal, read once
         self._gpu_setup = threading.Lock()
         self._gpu_loading: dict[tuple[str, str], Future] = {}  # (gpu tier, segment) -> its upload
         self._gpu_refs: Counter[tuple[str, str]] = Counter()  # (gpu tier, segment) -> leases holding it
@@ -823,20 +825,40 @@ class Store:
 
     # --- the GPU tier: above host memory, filled from it -----------------------------------------
 
-    def _gpu_tier(self, device: int) -> GpuTier:
-        """The tier for CUDA ``device``, made on first use; GpuError if there can be none."""
+    def gpu_device(self, uuid: str) -> int:
+        """The daemon's ordinal of the CUDA device named ``uuid``. Ordinals are each process's
+        own (its container's devices, its CUDA_VISIBLE_DEVICES): clients name devices by UUID."""
+        self._require_gpu_tier()
+        with self._gpu_setup:
+            if self._gpu_ordinals is None:
+                cuda = self._cuda()
+                self._gpu_ordinals = {cuda.device_uuid(d): d for d in range(cuda.device_count())}
+        device = self._gpu_ordinals.get(uuid)
+        if device is None:
+            seen = ", ".join(f"cuda:{d} {u}" for u, d in self._gpu_ordinals.items()) or "none"
+            raise GpuError(f"the daemon does not see the GPU {uuid[:64]} (it sees {seen}); give the daemon every GPU "
+                           "of the node (NVIDIA_VISIBLE_DEVICES=all in its container, no CUDA_VISIBLE_DEVICES)")
+        return device
+
+    def _require_gpu_tier(self) -> None:
         if self.gpu_capacity <= 0:
             raise GpuError("this daemon keeps no models in GPU memory; start it with --gpu-memory SIZE "
                            "(or open the model without a device)")
+
+    def _cuda(self) -> cuda_driver.Driver:
+        return (self._gpu_driver or cuda_driver.driver)()
+
+    def _gpu_tier(self, device: int) -> GpuTier:
+        """The tier for CUDA ``device``, made on first use; GpuError if there can be none."""
+        self._require_gpu_tier()
         with self._gpu_setup:  # one setup at a time; the store's lock stays free meanwhile
             with self._lock:
                 tier = self._gpus.get(device)
             if tier is not None:
                 return tier
-            from . import cuda_driver
             from .gpu import open_tier
 
-            tier = open_tier((self._gpu_driver or cuda_driver.driver)(), device, self.gpu_capacity)  # a CUDA context: slow
+            tier = open_tier(self._cuda(), device, self.gpu_capacity)  # a CUDA context: slow
             with self._lock:
                 self._gpus[device] = self._tiers[tier.name] = tier
                 self._policies[tier.name] = POLICIES[self.policy_name](self._clock)
@@ -1228,7 +1250,7 @@ class Store:
             }
             tiers["host"].update(huge_pages=self.host.huge_pages, shmem_enabled=self.host.shmem_enabled)
             for gpu in self._gpus.values():
-                tiers[gpu.name].update(sharing=gpu.capabilities.sharing,
+                tiers[gpu.name].update(uuid=gpu.capabilities.uuid, sharing=gpu.capabilities.sharing,
                                        read_only_mapping=gpu.capabilities.read_only_mapping)
             counts = {"models": len(self.catalog.manifests), "tags": len(self.catalog.tags),
                       "pins": len(self.catalog.pins), "leases": len(self._leases)}
