@@ -9,9 +9,11 @@
   (``pytorch_model.bin``). plain: ``torch.load(path)``; mmap: ``torch.load(path, mmap=True)``
   (the page cache shared, unchecked); transparent: plain under ``trims run``; explicit:
   ``trims.torch.load_checkpoint(tag)``. Also the PSS of 4 processes holding it.
-- ONNX: an MLP of about 100 MB of fp32 weights. plain: ``onnxruntime.InferenceSession(path)``;
-  explicit: ``trims.onnxruntime.InferenceSession(tag)`` (transparent mode covers safetensors
-  loaders and torch.load only). Also the PSS of 4 sessions held at once.
+- ONNX: an MLP of about 100 MB of fp32 weights (MatMuls) and ResNet-50 (convolutions) as
+  torch.onnx exports it. plain: ``onnxruntime.InferenceSession(path)``; explicit:
+  ``trims.onnxruntime.InferenceSession(tag)`` (transparent mode covers safetensors loaders and
+  torch.load only). Also each session's steady inference (the median of 10 runs after the
+  first: what sharing costs per request), and the PSS of 4 MLP sessions held at once.
 
 Median of --runs fresh processes per cell, modes interleaved; the weights are read into page
 cache before each plain run. Writes transparent.json and transparent.md.
@@ -42,18 +44,29 @@ WORKER = """
 import json, sys, time
 started = time.perf_counter()
 mode, target = sys.argv[1], sys.argv[2]
-if mode.startswith("onnx"):
+steady = None
+if mode.startswith(("onnx", "cnn")):
+    import statistics
     import numpy as np, onnxruntime as ort
-    if mode == "onnx-explicit":
+    if mode.endswith("-explicit"):
         import trims.onnxruntime
     imports = time.perf_counter() - started
     begin = time.perf_counter()
-    if mode == "onnx-plain":
+    if mode.endswith("-plain"):
         session = ort.InferenceSession(target, providers=["CPUExecutionProvider"])
     else:
         session = trims.onnxruntime.InferenceSession(target)
     ready = time.perf_counter() - begin
-    session.run(None, {"x": np.ones((1, 2048), dtype=np.float32)})
+    (spec,) = session.get_inputs()
+    feed = {spec.name: np.ones([d if isinstance(d, int) else 1 for d in spec.shape], dtype=np.float32)}
+    session.run(None, feed)
+    first = time.perf_counter() - begin - ready
+    runs = []
+    for _ in range(10):
+        tick = time.perf_counter()
+        session.run(None, feed)
+        runs.append(time.perf_counter() - tick)
+    steady = statistics.median(runs)
 elif mode.startswith("pt"):
     import torch
     if mode == "pt-explicit":
@@ -82,8 +95,9 @@ else:
     ready = time.perf_counter() - begin
     with torch.no_grad():
         model(input_ids=torch.arange(16).unsqueeze(0))
-first = time.perf_counter() - begin - ready
-print(json.dumps({"imports_s": imports, "ready_s": ready, "first_s": first}), flush=True)
+if steady is None:
+    first = time.perf_counter() - begin - ready
+print(json.dumps({"imports_s": imports, "ready_s": ready, "first_s": first, "steady_s": steady}), flush=True)
 if "--hold" in sys.argv:
     sys.stdin.readline()
 """
@@ -98,6 +112,8 @@ MODES = [  # label, worker mode, target is the tag (else the path), run under `t
     ("torch.load explicit", "pt-explicit", True, False),
     ("ONNX plain", "onnx-plain", False, False),
     ("ONNX explicit", "onnx-explicit", True, False),
+    ("ONNX CNN plain", "cnn-plain", False, False),
+    ("ONNX CNN explicit", "cnn-explicit", True, False),
 ]
 
 
@@ -108,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="trims-transparent-"))
-    hf_dir, checkpoint, onnx_path = _models(args.out / "cache")
+    hf_dir, checkpoint, onnx_path, cnn_path = _models(args.out / "cache")
     socket_path = work / "trims.sock"
     daemon = start_daemon_process(socket_path, work / "store", "4G", work / "daemon.log")
     env = {**os.environ, "TRIMS_SOCKET": str(socket_path)}
@@ -117,10 +133,12 @@ def main() -> None:
         client.push(hf_dir, "bench/gpt2")
         client.push(checkpoint, "bench/gpt2-checkpoint")
         client.push(onnx_path, "bench/mlp")
+        client.push(cnn_path, "bench/resnet50-onnx")
         for mode, target in (("hf-plain", hf_dir), ("pt-plain", checkpoint)):
             _function(mode, target, env, transparent=True)  # the transparent mode's first sight of the files
-        targets = {False: {"hf": hf_dir, "pt": checkpoint, "onnx": onnx_path},
-                   True: {"hf": "bench/gpt2", "pt": "bench/gpt2-checkpoint", "onnx": "bench/mlp"}}
+        targets = {False: {"hf": hf_dir, "pt": checkpoint, "onnx": onnx_path, "cnn": cnn_path},
+                   True: {"hf": "bench/gpt2", "pt": "bench/gpt2-checkpoint", "onnx": "bench/mlp",
+                          "cnn": "bench/resnet50-onnx"}}
         samples: dict[str, list[dict]] = {label: [] for label, *_ in MODES}
         for _ in range(args.runs):
             for label, mode, by_tag, transparent in MODES:
@@ -135,16 +153,18 @@ def main() -> None:
     finally:
         daemon.terminate()
         daemon.wait()
-    summary = {label: {k: statistics.median(s[k] for s in runs) for k in ("imports_s", "ready_s", "first_s")}
+    summary = {label: {k: statistics.median(s[k] for s in runs) for k in ("imports_s", "ready_s", "first_s", "steady_s")
+                       if runs[0][k] is not None}
                for label, runs in samples.items()}
     results = {"runs": args.runs, "summary": summary, "samples": samples, "pss_4_holders": memory,
-               "onnx_weights_bytes": onnx_path.stat().st_size, "checkpoint_bytes": checkpoint.stat().st_size}
+               "onnx_weights_bytes": onnx_path.stat().st_size, "cnn_bytes": cnn_path.stat().st_size,
+               "checkpoint_bytes": checkpoint.stat().st_size}
     (args.out / "transparent.json").write_text(json.dumps(results, indent=2))
     (args.out / "transparent.md").write_text(_table(results))
     print((args.out / "transparent.md").read_text())
 
 
-def _models(cache: Path) -> tuple[Path, Path, Path]:
+def _models(cache: Path) -> tuple[Path, Path, Path, Path]:
     from trims.examples import EXAMPLES
 
     hf_dir = cache / "gpt2"
@@ -161,7 +181,11 @@ def _models(cache: Path) -> tuple[Path, Path, Path]:
     if not onnx_path.exists():
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
         _write_mlp(onnx_path)
-    return hf_dir, checkpoint, onnx_path
+    cnn_path = cache / "resnet50-onnx" / "resnet50.onnx"
+    if not cnn_path.exists():
+        cnn_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_resnet50(cnn_path)
+    return hf_dir, checkpoint, onnx_path, cnn_path
 
 
 def _write_mlp(path: Path, width: int = 2048, layers: int = 6) -> None:
@@ -180,6 +204,18 @@ def _write_mlp(path: Path, width: int = 2048, layers: int = 6) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.save(model, str(path))
+
+
+def _write_resnet50(path: Path) -> None:
+    """ResNet-50's shape (transformers' ResNetConfig defaults), random weights, exported by
+    torch.onnx's TorchScript exporter at opset 17."""
+    import torch
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    model = ResNetModel(ResNetConfig()).eval()
+    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(path), input_names=["pixel_values"],
+                      opset_version=17, dynamo=False)
 
 
 def _function(mode: str, target, env: dict, transparent: bool, hold: bool = False):
@@ -235,6 +271,13 @@ def _table(results: dict) -> str:
                  f"| {s['torch.load plain']['ready_s'] / s['torch.load explicit']['ready_s']:.1f}x |")
     lines.append(f"| MLP {format_size(results['onnx_weights_bytes'])}, ONNX | {cell('ONNX plain')} | n/a (no ONNX loader) "
                  f"| {cell('ONNX explicit')} | {s['ONNX plain']['ready_s'] / s['ONNX explicit']['ready_s']:.1f}x |")
+    lines.append(f"| ResNet-50 {format_size(results['cnn_bytes'])}, ONNX | {cell('ONNX CNN plain')} | n/a (no ONNX loader) "
+                 f"| {cell('ONNX CNN explicit')} | {s['ONNX CNN plain']['ready_s'] / s['ONNX CNN explicit']['ready_s']:.1f}x |")
+    lines += ["", "Steady inference of the same sessions (median of 10 runs after the first, per process):", "",
+              "| ONNX model | plain | trims | trims / plain |", "|---|---|---|---|"]
+    for model, prefix in (("MLP (MatMuls)", "ONNX"), ("ResNet-50 (convolutions)", "ONNX CNN")):
+        plain, shared = s[f"{prefix} plain"]["steady_s"], s[f"{prefix} explicit"]["steady_s"]
+        lines.append(f"| {model} | {plain * 1e3:.1f} ms | {shared * 1e3:.1f} ms | {shared / plain:.2f}x |")
     pss = results["pss_4_holders"]
     lines += ["", f"PSS of 4 processes holding the checkpoint's tensors (every weight read once), "
                   f"{format_size(results['checkpoint_bytes'])}: plain {format_size(pss['torch.load plain'])}, "

@@ -202,8 +202,9 @@ def test_weights_onnx_runtime_would_rewrite_are_rewritten_once_at_push(shared_da
                               initializer=[numpy_helper.from_array(w.astype(np.float32), n) for n, w in weights.items()])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "cnn.onnx"))
     client = shared_daemon.client()
-    pushed = client.push(tmp_path / "cnn.onnx", "adapters/cnn")
-    assert pushed.tensors == 3  # the fused convolution's weight and bias, the transposed matrix
+    client.push(tmp_path / "cnn.onnx", "adapters/cnn")
+    with client.open("adapters/cnn") as view:  # the portable graph's: the NCHWc graph's are named nchwc/...
+        assert len([n for n in view if not n.startswith("nchwc/")]) == 3  # the fused conv's weight, bias; the matrix
 
     x = rng.standard_normal((1, channels, 1, 1), dtype=np.float32)
     expected = ort.InferenceSession(str(tmp_path / "cnn.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -239,6 +240,88 @@ def test_an_onnx_session_holds_no_copy_of_its_weights(shared_daemon, tmp_path):
     shared_daemon.client().push(tmp_path / "wide.onnx", "adapters/wide")
     growth = int(run_python(SESSION_MEMORY.replace('"x"', '"a0"'), shared_daemon.env).stdout.split()[-1])
     assert growth < 16 * 2**20 / 4  # private memory grew by far less than the 16 MiB of weights
+
+
+def tiny_cnn(path, channels: int = 64, layers: int = 2) -> np.ndarray:
+    """A stack of 3x3 convolutions, ReLU between; returns an input for it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights = [], []
+    for i in range(layers):
+        nodes += [helper.make_node("Conv", [f"a{i}", f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"a{i + 1}"])]
+        weights += [numpy_helper.from_array(rng.standard_normal((channels, channels, 3, 3), dtype=np.float32) * 0.05,
+                                            f"w{i}"),
+                    numpy_helper.from_array(rng.standard_normal(channels * 4, dtype=np.float32)[:channels], f"b{i}")]
+    shape = [1, channels, 8, 8]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("a0", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(f"a{layers}", TensorProto.FLOAT, shape)], initializer=weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def _push_with_nchwc(client, path, name):
+    from trims.onnx_format import NCHWC_GRAPH_FILE
+
+    client.push(path, name)
+    if NCHWC_GRAPH_FILE not in client.info(name).files:
+        pytest.skip("this CPU or ONNX Runtime has no NCHWc convolution kernels")
+
+
+def test_convolutions_run_in_this_cpus_nchwc_layout_from_weights_stored_for_it(shared_daemon, tmp_path, monkeypatch,
+                                                                               caplog):
+    """ONNX Runtime's layout level reorders convolution weights for this CPU's vector width:
+    the push stores that graph and its weights too, for sessions whose ONNX Runtime lays
+    them out the same; any other session, or one asking for less, runs the portable graph."""
+    import onnxruntime as ort
+
+    import trims.onnxruntime
+
+    x = tiny_cnn(tmp_path / "cnn.onnx")
+    client = shared_daemon.client()
+    _push_with_nchwc(client, tmp_path / "cnn.onnx", "adapters/nchwc")
+    assert set(client.info("adapters/nchwc").files) == {"model.onnx", "model.nchwc.onnx", "layout-probe.onnx"}
+    with client.open("adapters/nchwc") as view:
+        reordered = [n for n in view if n.startswith("nchwc/")]  # the NCHWc graph's own: each conv's weights
+        assert len(reordered) == 2 and sorted(set(view) - set(reordered)) == ["w0", "w1"]
+    expected = ort.InferenceSession(str(tmp_path / "cnn.onnx"), providers=["CPUExecutionProvider"]).run(None, {"a0": x})[0]
+
+    def layout_of(session):
+        assert np.allclose(session.run(None, {"a0": x})[0], expected, rtol=1e-4, atol=1e-4)
+        return session.get_modelmeta().custom_metadata_map.get("trims.layout", "portable")
+
+    assert layout_of(trims.onnxruntime.InferenceSession("adapters/nchwc", client=client)) == "nchwc"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    assert layout_of(trims.onnxruntime.InferenceSession("adapters/nchwc", client=client, sess_options=options)) == "portable"
+    monkeypatch.setattr(trims.onnxruntime, "layout_fingerprint", lambda probe: "onnxruntime 9.9 another-cpu")
+    with caplog.at_level("INFO", logger="trims.onnxruntime"):
+        assert layout_of(trims.onnxruntime.InferenceSession("adapters/nchwc", client=client)) == "portable"
+    assert "laid out for another CPU or ONNX Runtime" in caplog.text
+
+
+def test_the_layout_fingerprint_tells_layouts_apart_and_survives_a_probe_it_cannot_run():
+    from trims.onnx_format import _probe_model, layout_fingerprint
+
+    probe = _probe_model()
+    assert layout_fingerprint(probe) == layout_fingerprint(bytes(probe))  # the same ONNX Runtime, the same CPU
+    assert layout_fingerprint(probe).startswith("onnxruntime ")
+    assert layout_fingerprint(b"not a model") is None
+
+
+def test_an_nchwc_session_holds_no_copy_of_its_weights(shared_daemon, tmp_path):
+    from .conftest import run_python
+
+    tiny_cnn(tmp_path / "wide-cnn.onnx", channels=256, layers=4)  # 9 MiB of convolution weights
+    _push_with_nchwc(shared_daemon.client(), tmp_path / "wide-cnn.onnx", "adapters/wide-cnn")
+    script = (SESSION_MEMORY.replace('"adapters/wide"', '"adapters/wide-cnn"')
+              .replace('{"x": np.ones((1, 1024), dtype=np.float32)}', '{"a0": np.ones((1, 256, 8, 8), dtype=np.float32)}'))
+    assert "wide-cnn" in script and "256, 8, 8" in script
+    growth = int(run_python(script + "\nassert session.get_modelmeta().custom_metadata_map['trims.layout'] == 'nchwc'",
+                            shared_daemon.env).stdout.split()[-1])
+    assert growth < 9 * 2**20 / 4  # private memory grew by far less than the 9 MiB of weights
 
 
 def test_onnx_without_initializers_or_not_pushed_from_onnx(shared_daemon, tmp_path):

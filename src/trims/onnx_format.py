@@ -12,10 +12,20 @@ the graph's own initializer data, which the placeholders do not have. So the bas
 one ONNX Runtime documents as hardware-independent and safe to save, runs here, once, and the
 weights it produces are what is stored and shared; sessions run no optimization that rewrites
 weights (see :mod:`trims.onnxruntime`).
+
+The layout level (ONNX Runtime's default, ``ORT_ENABLE_ALL``) goes further for convolutions:
+it reorders their weights into the blocked NCHWc layout, whose block follows the CPU's
+vector width, so a graph saved after it is right only where it was made (ResNet-50 runs
+1.2x faster in it here). Where it applies, the push also stores that graph and the weights it
+reorders (``model.nchwc.onnx``, tensors named ``nchwc/...``), with the fingerprint of this
+ONNX Runtime's layout: what it makes of a probe convolution (``layout-probe.onnx``). A session
+whose own ONNX Runtime gives the same fingerprint uses that graph, any other the portable one.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -28,6 +38,11 @@ log = logging.getLogger(__name__)
 
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.safetensors"
+NCHWC_GRAPH_FILE = "model.nchwc.onnx"  # the graph after the layout level, right only where NCHWC_KEY matches
+PROBE_FILE = "layout-probe.onnx"  # one convolution, whose reordered weights fingerprint a layout
+NCHWC_KEY = "trims.onnx.nchwc"  # the weights' metadata: layout_fingerprint() where the NCHWc graph was made
+NCHWC_PREFIX = "nchwc/"  # names of the weights that graph alone reads
+LAYOUT_DOMAIN = "com.microsoft.nchwc"
 PLACEHOLDER = "trims-weights"  # the "location" every initializer names: the store, not a file
 INLINE_BYTES = 1024  # smaller initializers stay in the graph, as onnx's own external-data split does
 # ONNX's element types that NumPy lacks, by their ml_dtypes names (TensorProto.DataType values,
@@ -37,58 +52,167 @@ ML_DTYPE_ELEMENT_TYPES = {"bfloat16": 16, "float8_e4m3fn": 17, "float8_e4m3fnuz"
 
 
 def split(model_path: Path, directory: Path) -> None:
-    """Write ``directory/model.onnx`` (graph) and ``directory/model.safetensors`` (weights)."""
+    """Write ``directory/model.onnx`` (graph) and ``directory/model.safetensors`` (weights), and
+    where the layout level applies, ``model.nchwc.onnx`` and ``layout-probe.onnx``."""
     try:
         import onnx
-        from onnx import numpy_helper
     except ImportError:
         raise InvalidModel("pushing an .onnx file needs the onnx package: pip install 'trims[onnx]'") from None
     from safetensors.numpy import save_file
 
     with tempfile.TemporaryDirectory(prefix="trims-onnx-optimized-") as scratch:
-        optimized, not_optimized = _optimized(model_path, Path(scratch))
-        try:
-            model = onnx.load(str(optimized), load_external_data=True)
-        except Exception as exc:  # noqa: BLE001 - onnx raises a variety of errors for bad files
-            raise InvalidModel(f"{model_path} is not a readable ONNX model: {exc}") from None
+        optimized, not_optimized = _optimized(model_path, Path(scratch) / "basic", "ORT_ENABLE_BASIC")
+        model = _load(optimized, model_path)
+        variant = None if not_optimized else _layout_variant(model_path, Path(scratch) / "layout")
     if not_optimized:
         log.warning("ONNX Runtime could not load %s to fold its weights (%s); storing the graph as it is. "
                     "Sessions over it fail if an optimization of theirs would rewrite a weight.", model_path,
                     not_optimized)
-    tensors = {}
-    for initializer in model.graph.initializer:
-        array = numpy_helper.to_array(initializer)
-        if array.nbytes < INLINE_BYTES:
-            continue  # shapes and scalars: shape inference needs them in the graph, and they are tiny
-        _check_storable(model_path, initializer, array)
-        tensors[initializer.name] = np.ascontiguousarray(array)
-        _make_external(initializer)
+    tensors: dict[str, np.ndarray] = {}
+    _externalize(model_path, model.graph, tensors)
     if not tensors:
         raise InvalidModel(f"{model_path} has no initializers of {INLINE_BYTES} bytes or more to share")
-    save_file(tensors, str(directory / WEIGHTS_FILE))
+    metadata = {} if variant is None else _store_layout_variant(model_path, variant, tensors, directory)
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata=metadata or None)
     onnx.save(model, str(directory / GRAPH_FILE))
 
 
-def _optimized(model_path: Path, scratch: Path) -> tuple[Path, str | None]:
-    """The model after ONNX Runtime's basic graph optimizations, saved in ``scratch``; or the
-    model as it is, and why, where ONNX Runtime cannot load it here (an operator of another
-    execution provider, say, or no ONNX at all, which onnx.load then says)."""
+def _store_layout_variant(model_path: Path, variant, tensors: dict[str, np.ndarray], directory: Path) -> dict[str, str]:
+    """Add the NCHWc graph's own weights to ``tensors``, write it and the probe beside them,
+    and return the metadata that names its layout; nothing where the layout cannot be told."""
+    import onnx
+
+    probe = _probe_model()
+    fingerprint = layout_fingerprint(probe)
+    if fingerprint is None:
+        return {}
+    _externalize(model_path, variant.graph, tensors, rename=NCHWC_PREFIX)
+    (directory / PROBE_FILE).write_bytes(probe)
+    onnx.save(variant, str(directory / NCHWC_GRAPH_FILE))
+    return {NCHWC_KEY: fingerprint}
+
+
+def _load(path: Path, model_path: Path):
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # noqa: BLE001 - onnx raises a variety of errors for bad files
+        raise InvalidModel(f"{model_path} is not a readable ONNX model: {exc}") from None
+
+
+def _externalize(model_path: Path, graph, tensors: dict[str, np.ndarray], rename: str | None = None) -> None:
+    """Move ``graph``'s initializers of INLINE_BYTES or more into ``tensors``, leaving
+    placeholders. With ``rename``, one that differs from the tensor of its name already there
+    is stored under a name of its own, which the graph is changed to read."""
+    from onnx import numpy_helper
+
+    for initializer in graph.initializer:
+        array = np.ascontiguousarray(numpy_helper.to_array(initializer))
+        if array.nbytes < INLINE_BYTES:
+            continue  # shapes and scalars: shape inference needs them in the graph, and they are tiny
+        _check_storable(model_path, initializer, array)
+        known = tensors.get(initializer.name)
+        if rename is not None and not (known is not None and _same(known, array)):
+            name = rename + initializer.name
+            while name in tensors:
+                name = rename + name
+            _rename_input(graph, initializer.name, name)
+            initializer.name = name
+        tensors[initializer.name] = array
+        _make_external(initializer)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def _rename_input(graph, old: str, new: str) -> None:
+    """Make every reader of ``old`` in ``graph`` and its subgraphs (which see the outer
+    scope's initializers) read ``new``."""
+    for value in graph.input:
+        if value.name == old:
+            value.name = new
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                _rename_input(subgraph, old, new)
+
+
+def _layout_variant(model_path: Path, scratch: Path):
+    """The model after ONNX Runtime's every level, where that rewrote convolutions into the
+    NCHWc layout; None where it did not (no convolutions, a CPU without those kernels)."""
+    optimized, failed = _optimized(model_path, scratch, "ORT_ENABLE_ALL")
+    if failed:
+        return None
+    model = _load(optimized, model_path)
+    if not any(node.domain == LAYOUT_DOMAIN for node in model.graph.node):
+        return None
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "trims.layout", "nchwc"  # sessions over it can tell (get_modelmeta)
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def layout_fingerprint(probe: bytes) -> str | None:
+    """What this ONNX Runtime, on this CPU, makes of the probe's convolution weights at the
+    layout level: equal fingerprints, the same NCHWc layout. None where it cannot tell."""
+    try:
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory(prefix="trims-onnx-probe-") as scratch:
+            ort.InferenceSession(probe, _saving(ort, Path(scratch), "ORT_ENABLE_ALL"), providers=["CPUExecutionProvider"])
+            reordered = (Path(scratch) / "weights.data").read_bytes()
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own, untyped, errors
+        log.info("cannot tell this ONNX Runtime's NCHWc layout (%s); using portable ONNX graphs", exc)
+        return None
+    return f"onnxruntime {ort.__version__} {hashlib.blake2b(reordered, digest_size=16).hexdigest()}"
+
+
+def _probe_model() -> bytes:
+    """One 3x3 convolution over 16 channels, weights inline: a layout's fingerprint. Old IR
+    and opset versions, so that an older ONNX Runtime than the pusher's loads it too."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.arange(16 * 16 * 3 * 3, dtype=np.float32).reshape(16, 16, 3, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "layout-probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])],
+        initializer=[numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model.SerializeToString()
+
+
+def _optimized(model_path: Path, scratch: Path, level: str) -> tuple[Path, str | None]:
+    """The model after ONNX Runtime's graph optimizations up to ``level``, saved in
+    ``scratch``; or the model as it is, and why, where ONNX Runtime cannot load it here (an
+    operator of another execution provider, say, or no ONNX at all, which onnx.load then says)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise InvalidModel("pushing an .onnx file needs onnxruntime: pip install 'trims[onnx]'") from None
+    scratch.mkdir()
+    try:
+        ort.InferenceSession(str(model_path), _saving(ort, scratch, level), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own, untyped, errors
+        return model_path, (str(exc).splitlines() or [type(exc).__name__])[0]
+    return scratch / GRAPH_FILE, None
+
+
+def _saving(ort, scratch: Path, level: str):
+    """Session options that optimize up to ``level`` and save the graph in ``scratch``, its
+    initializers of INLINE_BYTES or more in ``scratch/weights.data``."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     options.optimized_model_filepath = str(scratch / GRAPH_FILE)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.data")
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                      str(INLINE_BYTES))  # a model of over 2 GiB fits no protobuf
-    options.log_severity_level = 4  # a failure is reported below, once
-    try:
-        ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own, untyped, errors
-        return model_path, (str(exc).splitlines() or [type(exc).__name__])[0]
-    return scratch / GRAPH_FILE, None
+    options.log_severity_level = 4  # a failure is reported by the caller, once
+    return options
 
 
 def _check_storable(model_path: Path, initializer, array: np.ndarray) -> None:

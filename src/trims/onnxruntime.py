@@ -14,11 +14,16 @@ copy each packed weight into every process; ``prepack=True`` trades sharing for 
 Runtime's packed matrix layouts. Graph optimization stops at the basic level, which the push
 already ran (constant folding and fusions, their weights stored): higher levels rewrite
 weights too (NCHWc reorders every convolution's), which would be a private copy in each
-process and reads weight data the graph's placeholders do not have. Needs the ``onnx`` extra.
+process and reads weight data the graph's placeholders do not have. Where the push also
+stored the graph after every level, for a CPU and ONNX Runtime laid out as this process's
+(:func:`trims.onnx_format.layout_fingerprint`), and the options ask for every level (their
+default), the session runs that graph, its convolutions in the NCHWc layout, still shared.
+Needs the ``onnx`` extra.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,9 +33,12 @@ import onnxruntime as ort
 
 from .client import Client, shared_client
 from .errors import ModelMismatch
-from .onnx_format import GRAPH_FILE, ML_DTYPE_ELEMENT_TYPES, PLACEHOLDER
+from .onnx_format import (GRAPH_FILE, ML_DTYPE_ELEMENT_TYPES, NCHWC_GRAPH_FILE, NCHWC_KEY, PLACEHOLDER, PROBE_FILE,
+                          layout_fingerprint)
 
 __all__ = ["InferenceSession"]
+
+log = logging.getLogger(__name__)
 
 
 def InferenceSession(name: str, *, client: Client | None = None, sess_options: ort.SessionOptions | None = None,
@@ -42,6 +50,8 @@ def InferenceSession(name: str, *, client: Client | None = None, sess_options: o
     if GRAPH_FILE not in files:
         raise ModelMismatch(f"{name} was not pushed from an .onnx file: it has no {GRAPH_FILE}")
     options = sess_options or ort.SessionOptions()
+    providers = list(providers or ["CPUExecutionProvider"])
+    graph_file = _graph_for(name, files, view.metadata, options, providers)
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     if int(options.graph_optimization_level) > int(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
@@ -56,11 +66,28 @@ def InferenceSession(name: str, *, client: Client | None = None, sess_options: o
     with tempfile.TemporaryDirectory(prefix="trims-onnx-") as directory:
         (Path(directory) / PLACEHOLDER).touch()  # what the placeholders name; never read
         graph = Path(directory) / GRAPH_FILE
-        graph.write_bytes(files[GRAPH_FILE])
+        graph.write_bytes(files[graph_file])
         session = ort.InferenceSession(str(graph), sess_options=options,
-                                       providers=list(providers or ["CPUExecutionProvider"]))
+                                       providers=providers)
     session._trims_weights = (view, values)  # the session reads this memory for as long as it lives
     return session
+
+
+def _graph_for(name: str, files: dict[str, bytes], metadata: dict[str, str], options: ort.SessionOptions,
+               providers: list[Any]) -> str:
+    """The graph with convolutions in the NCHWc layout (CPU kernels) where the push made one
+    that is right here, ``options`` ask for every level and the CPU runs the session; else
+    the portable graph."""
+    on_cpu = all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in providers)
+    every_level = options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if NCHWC_GRAPH_FILE not in files or not (on_cpu and every_level):
+        return GRAPH_FILE
+    if layout_fingerprint(files[PROBE_FILE]) != metadata.get(NCHWC_KEY):
+        log.info("%s: its NCHWc graph was laid out for another CPU or ONNX Runtime (%s); running the portable "
+                 "graph, whose convolutions are slower; push the model again on this node to lay it out for this one",
+                 name, metadata.get(NCHWC_KEY))
+        return GRAPH_FILE
+    return NCHWC_GRAPH_FILE
 
 
 def _ortvalue(array: np.ndarray) -> ort.OrtValue:
