@@ -80,12 +80,13 @@ def _graph_for(name: str, files: dict[str, bytes], metadata: dict[str, str], opt
     the portable graph."""
     on_cpu = all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in providers)
     every_level = options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if NCHWC_GRAPH_FILE not in files or not (on_cpu and every_level):
+    made_for = metadata.get(NCHWC_KEY)
+    if NCHWC_GRAPH_FILE not in files or made_for is None or not (on_cpu and every_level):
         return GRAPH_FILE
-    if layout_fingerprint(files[PROBE_FILE]) != metadata.get(NCHWC_KEY):
+    if layout_fingerprint(files.get(PROBE_FILE, b"")) != made_for:
         log.info("%s: its NCHWc graph was laid out for another CPU or ONNX Runtime (%s); running the portable "
                  "graph, whose convolutions are slower; push the model again on this node to lay it out for this one",
-                 name, metadata.get(NCHWC_KEY))
+                 name, made_for)
         return GRAPH_FILE
     return NCHWC_GRAPH_FILE
 
