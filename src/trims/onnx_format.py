@@ -63,7 +63,8 @@ def split(model_path: Path, directory: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="trims-onnx-optimized-") as scratch:
         optimized, not_optimized = _optimized(model_path, Path(scratch) / "basic", "ORT_ENABLE_BASIC")
         model = _load(optimized, model_path)
-        variant = None if not_optimized else _layout_variant(model_path, Path(scratch) / "layout")
+        convolves = any(node.op_type == "Conv" for node in model.graph.node)  # what the layout level rewrites
+        variant = _layout_variant(model_path, Path(scratch) / "layout") if convolves and not not_optimized else None
     if not_optimized:
         log.warning("ONNX Runtime could not load %s to fold its weights (%s); storing the graph as it is. "
                     "Sessions over it fail if an optimization of theirs would rewrite a weight.", model_path,
@@ -143,12 +144,16 @@ def _rename_input(graph, old: str, new: str) -> None:
 def _layout_variant(model_path: Path, scratch: Path):
     """The model after ONNX Runtime's every level, where that rewrote convolutions into the
     NCHWc layout; None where it did not (no convolutions, a CPU without those kernels)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
     optimized, failed = _optimized(model_path, scratch, "ORT_ENABLE_ALL")
     if failed:
         return None
-    model = _load(optimized, model_path)
+    model = onnx.load(str(optimized), load_external_data=False)  # its weights only if it is kept
     if not any(node.domain == LAYOUT_DOMAIN for node in model.graph.node):
         return None
+    load_external_data_for_model(model, str(scratch))
     entry = model.metadata_props.add()
     entry.key, entry.value = "trims.layout", "nchwc"  # sessions over it can tell (get_modelmeta)
     return model
