@@ -9,6 +9,9 @@
   (``pytorch_model.bin``). plain: ``torch.load(path)``; mmap: ``torch.load(path, mmap=True)``
   (the page cache shared, unchecked); transparent: plain under ``trims run``; explicit:
   ``trims.torch.load_checkpoint(tag)``. Also the PSS of 4 processes holding it.
+- JAX: the same GPT-2's ``model.safetensors``. plain: ``safetensors.flax.load_file(path)``;
+  transparent: plain under ``trims run``; explicit: ``trims.jax.load_state_dict(tag)``. Also
+  the PSS of 4 processes holding the arrays.
 - ONNX: an MLP of about 100 MB of fp32 weights (MatMuls) and ResNet-50 (convolutions) as
   torch.onnx exports it. plain: ``onnxruntime.InferenceSession(path)``; explicit:
   ``trims.onnxruntime.InferenceSession(tag)`` (transparent mode covers safetensors loaders and
@@ -67,6 +70,21 @@ if mode.startswith(("onnx", "cnn")):
         session.run(None, feed)
         runs.append(time.perf_counter() - tick)
     steady = statistics.median(runs)
+elif mode.startswith("jax"):
+    import jax, jax.numpy as jnp
+    from safetensors.flax import load_file
+    if mode == "jax-explicit":
+        import trims.jax
+    imports = time.perf_counter() - started
+    begin = time.perf_counter()
+    if mode == "jax-explicit":
+        arrays = trims.jax.load_state_dict(target)
+    elif mode == "jax-none":  # the floor of the PSS rows: Python and JAX, no weights
+        arrays = {"none": jnp.zeros(1)}
+    else:
+        arrays = load_file(target)
+    ready = time.perf_counter() - begin
+    float(sum(jnp.sum(a) for a in arrays.values()))  # every weight read once
 elif mode.startswith("pt"):
     import torch
     if mode == "pt-explicit":
@@ -110,6 +128,9 @@ MODES = [  # label, worker mode, target is the tag (else the path), run under `t
     ("torch.load mmap", "pt-mmap", False, False),
     ("torch.load transparent", "pt-plain", False, True),
     ("torch.load explicit", "pt-explicit", True, False),
+    ("JAX plain", "jax-plain", False, False),
+    ("JAX transparent", "jax-plain", False, True),
+    ("JAX explicit", "jax-explicit", True, False),
     ("ONNX plain", "onnx-plain", False, False),
     ("ONNX explicit", "onnx-explicit", True, False),
     ("ONNX CNN plain", "cnn-plain", False, False),
@@ -134,10 +155,11 @@ def main() -> None:
         client.push(checkpoint, "bench/gpt2-checkpoint")
         client.push(onnx_path, "bench/mlp")
         client.push(cnn_path, "bench/resnet50-onnx")
-        for mode, target in (("hf-plain", hf_dir), ("pt-plain", checkpoint)):
+        for mode, target in (("hf-plain", hf_dir), ("pt-plain", checkpoint), ("jax-plain", hf_dir / "model.safetensors")):
             _function(mode, target, env, transparent=True)  # the transparent mode's first sight of the files
-        targets = {False: {"hf": hf_dir, "pt": checkpoint, "onnx": onnx_path, "cnn": cnn_path},
-                   True: {"hf": "bench/gpt2", "pt": "bench/gpt2-checkpoint", "onnx": "bench/mlp",
+        targets = {False: {"hf": hf_dir, "pt": checkpoint, "jax": hf_dir / "model.safetensors", "onnx": onnx_path,
+                           "cnn": cnn_path},
+                   True: {"hf": "bench/gpt2", "pt": "bench/gpt2-checkpoint", "jax": "bench/gpt2", "onnx": "bench/mlp",
                           "cnn": "bench/resnet50-onnx"}}
         samples: dict[str, list[dict]] = {label: [] for label, *_ in MODES}
         for _ in range(args.runs):
@@ -148,8 +170,9 @@ def main() -> None:
                 samples[label].append(_function(mode, target, env, transparent))
                 print(label, samples[label][-1], flush=True)
         memory = {label: _pss_of_holders(mode, targets[by_tag][mode.split("-")[0]], env, transparent)
-                  for label, mode, by_tag, transparent in MODES if mode.startswith(("onnx", "pt"))}
+                  for label, mode, by_tag, transparent in MODES if mode.startswith(("onnx", "pt", "jax"))}
         memory["torch, no weights"] = _pss_of_holders("pt-none", checkpoint, env, transparent=False)
+        memory["JAX, no weights"] = _pss_of_holders("jax-none", checkpoint, env, transparent=False)
     finally:
         daemon.terminate()
         daemon.wait()
@@ -158,7 +181,8 @@ def main() -> None:
                for label, runs in samples.items()}
     results = {"runs": args.runs, "summary": summary, "samples": samples, "pss_4_holders": memory,
                "onnx_weights_bytes": onnx_path.stat().st_size, "cnn_bytes": cnn_path.stat().st_size,
-               "checkpoint_bytes": checkpoint.stat().st_size}
+               "checkpoint_bytes": checkpoint.stat().st_size,
+               "safetensors_bytes": (hf_dir / "model.safetensors").stat().st_size}
     (args.out / "transparent.json").write_text(json.dumps(results, indent=2))
     (args.out / "transparent.md").write_text(_table(results))
     print((args.out / "transparent.md").read_text())
@@ -269,6 +293,9 @@ def _table(results: dict) -> str:
     lines.append(f"| GPT-2 124M, `torch.load` of {format_size(results['checkpoint_bytes'])} (mmap: {cell('torch.load mmap')}) "
                  f"| {cell('torch.load plain')} | {cell('torch.load transparent')} | {cell('torch.load explicit')} "
                  f"| {s['torch.load plain']['ready_s'] / s['torch.load explicit']['ready_s']:.1f}x |")
+    lines.append(f"| GPT-2 124M, `safetensors.flax.load_file` of {format_size(results['safetensors_bytes'])} (JAX) "
+                 f"| {cell('JAX plain')} | {cell('JAX transparent')} | {cell('JAX explicit')} "
+                 f"| {s['JAX plain']['ready_s'] / s['JAX explicit']['ready_s']:.1f}x |")
     lines.append(f"| MLP {format_size(results['onnx_weights_bytes'])}, ONNX | {cell('ONNX plain')} | n/a (no ONNX loader) "
                  f"| {cell('ONNX explicit')} | {s['ONNX plain']['ready_s'] / s['ONNX explicit']['ready_s']:.1f}x |")
     lines.append(f"| ResNet-50 {format_size(results['cnn_bytes'])}, ONNX | {cell('ONNX CNN plain')} | n/a (no ONNX loader) "
@@ -284,6 +311,11 @@ def _table(results: dict) -> str:
                   f"mmap {format_size(pss['torch.load mmap'])}, transparent {format_size(pss['torch.load transparent'])}, "
                   f"explicit {format_size(pss['torch.load explicit'])}; 4 processes with torch and no weights: "
                   f"{format_size(pss['torch, no weights'])}.",
+              "", f"PSS of 4 JAX processes holding GPT-2's arrays from `model.safetensors` "
+                  f"({format_size(results['safetensors_bytes'])}, every weight read once): plain "
+                  f"{format_size(pss['JAX plain'])}, transparent {format_size(pss['JAX transparent'])}, explicit "
+                  f"{format_size(pss['JAX explicit'])}; 4 processes with JAX and no weights: "
+                  f"{format_size(pss['JAX, no weights'])}.",
               "", f"PSS of 4 ONNX sessions held at once: plain {format_size(pss['ONNX plain'])}, "
                   f"trims {format_size(pss['ONNX explicit'])} (weights {format_size(results['onnx_weights_bytes'])})."]
     return "\n".join(lines) + "\n"

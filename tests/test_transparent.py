@@ -64,6 +64,28 @@ SCRIPTS = {
         result = {"output": [float(arrays[k].astype("float64").sum()) for k in sorted(arrays)],
                   "shared": in_store(arrays["transformer.wte.weight"].ctypes.data)}
     """,
+    "safetensors.flax.load_file": """
+        import jax.numpy as jnp
+        from safetensors.flax import load_file
+        arrays = load_file(directory + "/model.safetensors")
+        result = {"output": [float(jnp.sum(arrays[k])) for k in sorted(arrays)],
+                  "shared": in_store(arrays["transformer.wte.weight"].unsafe_buffer_pointer())}
+    """,
+    "safe_open, flax": """
+        from safetensors import safe_open
+        with safe_open(directory + "/model.safetensors", framework="flax") as f:
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+        result = {"output": [float(arrays[k].sum()) for k in sorted(arrays)],
+                  "shared": in_store(arrays["transformer.h.0.mlp.c_fc.weight"].unsafe_buffer_pointer())}
+    """,
+    "load_file with the pread backend": """
+        import safetensors.numpy, safetensors.torch
+        arrays = safetensors.numpy.load_file(directory + "/model.safetensors", backend="pread")
+        state = safetensors.torch.load_file(directory + "/model.safetensors", backend="pread")
+        result = {"output": [float(arrays[k].astype("float64").sum()) for k in sorted(arrays)],
+                  "shared": in_store(arrays["transformer.wte.weight"].ctypes.data)
+                            and in_store(state["transformer.wte.weight"].data_ptr())}
+    """,
     "transformers from_pretrained": """
         from transformers import AutoModelForCausalLM
         from tests.models import output_of

@@ -3,8 +3,10 @@
 With ``trims run -- CMD`` (or ``TRIMS_TRANSPARENT=1`` after ``trims hook install``), these
 calls are served from the daemon when it can, for files on local disk and the CPU:
 
-- ``safetensors.safe_open(path, framework="pt" | "numpy")``
-- ``safetensors.torch.load_file(path)``, ``safetensors.numpy.load_file(path)``
+- ``safetensors.safe_open(path, framework="pt" | "numpy" | "flax")``
+- ``safetensors.torch.load_file(path)``, ``safetensors.numpy.load_file(path)``,
+  ``safetensors.flax.load_file(path)`` (JAX arrays over the shared copy on the CPU, copies
+  from it on another default device), with either read ``backend``
 - ``torch.load(path)`` of a checkpoint in ``torch.save``'s zip format (the default since
   PyTorch 1.6) named ``*.bin``, ``*.pt``, ``*.pth`` or ``*.ckpt``, or of a file object open
   on one (as Lightning loads), to any ``map_location`` but ``"meta"``; PyTorch unpickles it
@@ -40,7 +42,7 @@ _digests: dict[tuple, str] = {}  # identity of a file this process adopted -> mo
 _unshared: set[tuple] = set()  # identities of files of a kind trims does not share
 _warned = False
 _bypass = threading.local()  # .active while a real loader runs, in that thread
-_LAZY_MODULES = ("safetensors.torch", "safetensors.numpy", "torch.serialization")  # heavy: not eagerly
+_LAZY_MODULES = ("safetensors.torch", "safetensors.numpy", "safetensors.flax", "torch.serialization")  # heavy: not eagerly
 
 
 def installed() -> bool:
@@ -76,6 +78,9 @@ def install() -> None:
 # --- what replaces the safetensors loaders --------------------------------------------------
 
 
+_FRAMEWORKS = {"pt": "pt", "torch": "pt", "numpy": "numpy", "np": "numpy", "flax": "jax", "jax": "jax"}
+
+
 class SharedSafeOpen:
     """Stands in for ``safetensors.safe_open``; the real one handles what trims cannot."""
 
@@ -85,10 +90,10 @@ class SharedSafeOpen:
         self._real = None
         self._tensors: dict[str, Any] | None = None
         self._view: ModelView | None = None
-        if str(device) == "cpu" and framework in ("pt", "torch", "numpy", "np") and not _bypassed():
+        if str(device) == "cpu" and framework in _FRAMEWORKS and not _bypassed():
             self._view = _shared_view(filename)
         if self._view is not None:
-            self._tensors = _tensors(self._view, "numpy" if framework in ("numpy", "np") else "pt")
+            self._tensors = _tensors(self._view, _FRAMEWORKS[framework])
         else:
             self._real = _originals["safetensors.safe_open"](filename, framework, device=device, **kwargs)
 
@@ -158,18 +163,27 @@ class _Slice:
         return getattr(self._tensor, name)
 
 
+# ``backend`` (mmap or pread) says how safetensors reads the file; served, the file is not read.
 def shared_torch_load_file(filename: Any, device: Any = "cpu", **kwargs: Any) -> dict[str, Any]:
-    view = _shared_view(filename) if str(device) == "cpu" and not kwargs and not _bypassed() else None
+    served = str(device) == "cpu" and set(kwargs) <= {"backend"} and not _bypassed()
+    view = _shared_view(filename) if served else None
     if view is None:
         return _original("safetensors.torch.load_file", filename, device=device, **kwargs)
     return _tensors(view, "pt")
 
 
-def shared_numpy_load_file(filename: Any) -> dict[str, Any]:
-    view = _shared_view(filename) if not _bypassed() else None
-    if view is None:
-        return _original("safetensors.numpy.load_file", filename)
-    return _tensors(view, "numpy")
+def _shared_load_file(loader: str, framework: str) -> Any:
+    """Stands in for ``load_file`` of safetensors.numpy or .flax (``loader``)."""
+    def load_file(filename: Any, **kwargs: Any) -> dict[str, Any]:
+        view = _shared_view(filename) if set(kwargs) <= {"backend"} and not _bypassed() else None
+        if view is None:
+            return _original(loader, filename, **kwargs)
+        return _tensors(view, framework)
+    return load_file
+
+
+shared_numpy_load_file = _shared_load_file("safetensors.numpy.load_file", "numpy")
+shared_flax_load_file = _shared_load_file("safetensors.flax.load_file", "jax")
 
 
 def shared_torch_load(f: Any, map_location: Any = None, pickle_module: Any = None, **kwargs: Any) -> Any:
@@ -270,6 +284,10 @@ def _tensors(view: ModelView, framework: str) -> dict[str, Any]:
         from .torch import state_dict_from_view
 
         return state_dict_from_view(view)
+    if framework == "jax":
+        from .jax import state_dict_from_view as jax_arrays
+
+        return jax_arrays(view)  # immutable: nothing to copy on write
     from .numpy import state_dict_from_view as arrays
 
     return arrays(view, writable=True)  # as safetensors' own arrays are
@@ -286,7 +304,7 @@ def _warn_once(message: str) -> None:
 
 
 def _patch(module: Any) -> None:
-    """Replace ``load_file`` in safetensors.torch or safetensors.numpy (and its ``safe_open``),
+    """Replace ``load_file`` in safetensors.torch, .numpy or .flax (and its ``safe_open``),
     or ``load`` in torch.serialization (which ``torch`` then imports as ``torch.load``)."""
     attribute = "load" if module.__name__ == "torch.serialization" else "load_file"
     _originals.setdefault(f"{module.__name__}.{attribute}", getattr(module, attribute))
@@ -310,11 +328,12 @@ def _rebind(module: Any) -> None:
 
 _REPLACEMENTS = {"safetensors.torch.load_file": shared_torch_load_file,
                  "safetensors.numpy.load_file": shared_numpy_load_file,
+                 "safetensors.flax.load_file": shared_flax_load_file,
                  "torch.serialization.load": shared_torch_load}
 
 
 class _LazyModuleFinder(importlib.abc.MetaPathFinder):
-    """Patches safetensors.torch and safetensors.numpy when the program imports them."""
+    """Patches safetensors.torch, .numpy and .flax when the program imports them."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname not in _LAZY_MODULES:
