@@ -12,6 +12,9 @@
 - JAX: the same GPT-2's ``model.safetensors``. plain: ``safetensors.flax.load_file(path)``;
   transparent: plain under ``trims run``; explicit: ``trims.jax.load_state_dict(tag)``. Also
   the PSS of 4 processes holding the arrays.
+- torch.export: ResNet-50 as ``torch.export.save`` writes it (``.pt2``). plain:
+  ``torch.export.load(path).module()``; transparent: plain under ``trims run``; explicit:
+  ``trims.torch.load_exported(tag).module()``.
 - ONNX: an MLP of about 100 MB of fp32 weights (MatMuls) and ResNet-50 (convolutions) as
   torch.onnx exports it. plain: ``onnxruntime.InferenceSession(path)``; explicit:
   ``trims.onnxruntime.InferenceSession(tag)`` (transparent mode covers safetensors loaders and
@@ -83,8 +86,20 @@ elif mode.startswith("jax"):
         arrays = {"none": jnp.zeros(1)}
     else:
         arrays = load_file(target)
+    jax.block_until_ready(arrays)  # device_put may return before its copies are done
     ready = time.perf_counter() - begin
     float(sum(jnp.sum(a) for a in arrays.values()))  # every weight read once
+elif mode.startswith("export"):
+    import torch
+    if mode == "export-explicit":
+        import trims.torch
+    imports = time.perf_counter() - started
+    begin = time.perf_counter()
+    program = trims.torch.load_exported(target) if mode == "export-explicit" else torch.export.load(target)
+    module = program.module()
+    ready = time.perf_counter() - begin
+    with torch.no_grad():
+        module(torch.ones(1, 3, 224, 224))
 elif mode.startswith("pt"):
     import torch
     if mode == "pt-explicit":
@@ -131,6 +146,9 @@ MODES = [  # label, worker mode, target is the tag (else the path), run under `t
     ("JAX plain", "jax-plain", False, False),
     ("JAX transparent", "jax-plain", False, True),
     ("JAX explicit", "jax-explicit", True, False),
+    ("torch.export plain", "export-plain", False, False),
+    ("torch.export transparent", "export-plain", False, True),
+    ("torch.export explicit", "export-explicit", True, False),
     ("ONNX plain", "onnx-plain", False, False),
     ("ONNX explicit", "onnx-explicit", True, False),
     ("ONNX CNN plain", "cnn-plain", False, False),
@@ -145,7 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="trims-transparent-"))
-    hf_dir, checkpoint, onnx_path, cnn_path = _models(args.out / "cache")
+    hf_dir, checkpoint, onnx_path, cnn_path, program_path = _models(args.out / "cache")
     socket_path = work / "trims.sock"
     daemon = start_daemon_process(socket_path, work / "store", "4G", work / "daemon.log")
     env = {**os.environ, "TRIMS_SOCKET": str(socket_path)}
@@ -155,12 +173,14 @@ def main() -> None:
         client.push(checkpoint, "bench/gpt2-checkpoint")
         client.push(onnx_path, "bench/mlp")
         client.push(cnn_path, "bench/resnet50-onnx")
-        for mode, target in (("hf-plain", hf_dir), ("pt-plain", checkpoint), ("jax-plain", hf_dir / "model.safetensors")):
+        client.push(program_path, "bench/resnet50-export")
+        for mode, target in (("hf-plain", hf_dir), ("pt-plain", checkpoint), ("jax-plain", hf_dir / "model.safetensors"),
+                             ("export-plain", program_path)):
             _function(mode, target, env, transparent=True)  # the transparent mode's first sight of the files
         targets = {False: {"hf": hf_dir, "pt": checkpoint, "jax": hf_dir / "model.safetensors", "onnx": onnx_path,
-                           "cnn": cnn_path},
+                           "cnn": cnn_path, "export": program_path},
                    True: {"hf": "bench/gpt2", "pt": "bench/gpt2-checkpoint", "jax": "bench/gpt2", "onnx": "bench/mlp",
-                          "cnn": "bench/resnet50-onnx"}}
+                          "cnn": "bench/resnet50-onnx", "export": "bench/resnet50-export"}}
         samples: dict[str, list[dict]] = {label: [] for label, *_ in MODES}
         for _ in range(args.runs):
             for label, mode, by_tag, transparent in MODES:
@@ -170,7 +190,7 @@ def main() -> None:
                 samples[label].append(_function(mode, target, env, transparent))
                 print(label, samples[label][-1], flush=True)
         memory = {label: _pss_of_holders(mode, targets[by_tag][mode.split("-")[0]], env, transparent)
-                  for label, mode, by_tag, transparent in MODES if mode.startswith(("onnx", "pt", "jax"))}
+                  for label, mode, by_tag, transparent in MODES if mode.startswith(("onnx", "pt", "jax", "export"))}
         memory["torch, no weights"] = _pss_of_holders("pt-none", checkpoint, env, transparent=False)
         memory["JAX, no weights"] = _pss_of_holders("jax-none", checkpoint, env, transparent=False)
     finally:
@@ -182,13 +202,14 @@ def main() -> None:
     results = {"runs": args.runs, "summary": summary, "samples": samples, "pss_4_holders": memory,
                "onnx_weights_bytes": onnx_path.stat().st_size, "cnn_bytes": cnn_path.stat().st_size,
                "checkpoint_bytes": checkpoint.stat().st_size,
-               "safetensors_bytes": (hf_dir / "model.safetensors").stat().st_size}
+               "safetensors_bytes": (hf_dir / "model.safetensors").stat().st_size,
+               "program_bytes": program_path.stat().st_size}
     (args.out / "transparent.json").write_text(json.dumps(results, indent=2))
     (args.out / "transparent.md").write_text(_table(results))
     print((args.out / "transparent.md").read_text())
 
 
-def _models(cache: Path) -> tuple[Path, Path, Path, Path]:
+def _models(cache: Path) -> tuple[Path, Path, Path, Path, Path]:
     from trims.examples import EXAMPLES
 
     hf_dir = cache / "gpt2"
@@ -209,7 +230,11 @@ def _models(cache: Path) -> tuple[Path, Path, Path, Path]:
     if not cnn_path.exists():
         cnn_path.parent.mkdir(parents=True, exist_ok=True)
         _write_resnet50(cnn_path)
-    return hf_dir, checkpoint, onnx_path, cnn_path
+    program_path = cache / "resnet50-export" / "resnet50.pt2"
+    if not program_path.exists():
+        program_path.parent.mkdir(parents=True, exist_ok=True)
+        _export_resnet50(program_path)
+    return hf_dir, checkpoint, onnx_path, cnn_path, program_path
 
 
 def _write_mlp(path: Path, width: int = 2048, layers: int = 6) -> None:
@@ -240,6 +265,24 @@ def _write_resnet50(path: Path) -> None:
     model = ResNetModel(ResNetConfig()).eval()
     torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(path), input_names=["pixel_values"],
                       opset_version=17, dynamo=False)
+
+
+def _export_resnet50(path: Path) -> None:
+    """The same ResNet-50 as a torch.export.save archive, returning its feature map: transformers'
+    output classes are pytrees that torch.export.load cannot rebuild."""
+    import torch
+    from transformers import ResNetConfig, ResNetModel
+
+    class Features(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.resnet = ResNetModel(ResNetConfig())
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.resnet(pixel_values).last_hidden_state
+
+    torch.manual_seed(0)
+    torch.export.save(torch.export.export(Features().eval(), (torch.randn(1, 3, 224, 224),)), str(path))
 
 
 def _function(mode: str, target, env: dict, transparent: bool, hold: bool = False):
@@ -296,6 +339,9 @@ def _table(results: dict) -> str:
     lines.append(f"| GPT-2 124M, `safetensors.flax.load_file` of {format_size(results['safetensors_bytes'])} (JAX) "
                  f"| {cell('JAX plain')} | {cell('JAX transparent')} | {cell('JAX explicit')} "
                  f"| {s['JAX plain']['ready_s'] / s['JAX explicit']['ready_s']:.1f}x |")
+    lines.append(f"| ResNet-50, `torch.export.load` of {format_size(results['program_bytes'])} and `.module()` "
+                 f"| {cell('torch.export plain')} | {cell('torch.export transparent')} | {cell('torch.export explicit')} "
+                 f"| {s['torch.export plain']['ready_s'] / s['torch.export explicit']['ready_s']:.1f}x |")
     lines.append(f"| MLP {format_size(results['onnx_weights_bytes'])}, ONNX | {cell('ONNX plain')} | n/a (no ONNX loader) "
                  f"| {cell('ONNX explicit')} | {s['ONNX plain']['ready_s'] / s['ONNX explicit']['ready_s']:.1f}x |")
     lines.append(f"| ResNet-50 {format_size(results['cnn_bytes'])}, ONNX | {cell('ONNX CNN plain')} | n/a (no ONNX loader) "
@@ -316,6 +362,9 @@ def _table(results: dict) -> str:
                   f"{format_size(pss['JAX plain'])}, transparent {format_size(pss['JAX transparent'])}, explicit "
                   f"{format_size(pss['JAX explicit'])}; 4 processes with JAX and no weights: "
                   f"{format_size(pss['JAX, no weights'])}.",
+              "", f"PSS of 4 processes holding ResNet-50's `torch.export` module ({format_size(results['program_bytes'])}"
+                  f" archive): plain {format_size(pss['torch.export plain'])}, transparent "
+                  f"{format_size(pss['torch.export transparent'])}, explicit {format_size(pss['torch.export explicit'])}.",
               "", f"PSS of 4 ONNX sessions held at once: plain {format_size(pss['ONNX plain'])}, "
                   f"trims {format_size(pss['ONNX explicit'])} (weights {format_size(results['onnx_weights_bytes'])})."]
     return "\n".join(lines) + "\n"

@@ -90,6 +90,33 @@ def output_of(model: torch.nn.Module, kind: str) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 
 
+class TiedWithConstant(torch.nn.Module):
+    """What torch.export archives hold beyond parameters: a tied weight, a buffer, a constant."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.encode = torch.nn.Linear(width, width)
+        self.decode = torch.nn.Linear(width, width)
+        self.decode.weight = self.encode.weight
+        self.norm = torch.nn.BatchNorm1d(width)
+        self.register_buffer("offset", torch.linspace(-1, 1, width))
+        self.scale = torch.rand(width) + 0.5  # a plain tensor attribute: exported as a constant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(torch.relu(self.norm(self.encode(x)))) * self.scale + self.offset
+
+
+def export_archive(path: Path, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A ``torch.export.save`` archive of a seeded TiedWithConstant; the module and an input."""
+    torch.manual_seed(seed)
+    model = TiedWithConstant().eval()
+    _randomize_buffers(model, seed)
+    example = torch.randn(4, 64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(torch.export.export(model, (example,)), str(path))
+    return model, example
+
+
 def raw_safetensors(path: Path, header: bytes | dict, data: bytes = b"", header_len: int | None = None) -> Path:
     """Write a safetensors file byte by byte, hostile or not."""
     if isinstance(header, dict):

@@ -153,7 +153,7 @@ def test_the_copies_are_logged_with_their_reason(shared_daemon, tmp_path):
         trims.jax.load_state_dict("jax/x64")
     """)
     out = run_python(code, shared_daemon.env).stdout
-    assert "1 of 2 tensors (512 bytes, e.g. f64, float64) were copied" in out and "jax_enable_x64" in out
+    assert "1 of 2 tensors (512 bytes, e.g. float64 as float32) were copied" in out and "jax_enable_x64" in out
 
 
 def test_names_that_do_not_nest_are_refused_pointing_at_the_flat_names(shared_daemon, tmp_path):
@@ -188,3 +188,34 @@ def test_a_process_holds_no_copy_of_its_own(shared_daemon, tmp_path):
         result = {"growth": anon() - before}
     """, shared_daemon.env)
     assert result["growth"] < 64 * 2**20 / 8  # private memory grew by far less than the 64 MiB of weights
+
+
+def test_a_cpu_device_or_a_sharding_over_cpu_devices_shares_and_a_tree_of_shardings_places_each(mlp_file,
+                                                                                                shared_daemon):
+    env = {**shared_daemon.env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = in_jax("""
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        said = []
+        logging.getLogger("trims.jax").addHandler(type("Said", (logging.Handler,), {"emit": lambda _, r: said.append(r)})())
+        logging.getLogger("trims.jax").setLevel(logging.INFO)
+        cpu = jax.devices("cpu")
+        on_second = trims.jax.load_state_dict("jax/mlp", device=cpu[1])
+        mesh = Mesh(np.array(cpu), ("x",))
+        rows = NamedSharding(mesh, PartitionSpec("x"))
+        split = trims.jax.load_state_dict("jax/mlp", device=rows)
+        shardings = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec()),
+                                           trims.jax.load_params("jax/mlp"))
+        shardings["embed"]["embedding"] = rows
+        params = trims.jax.load_params("jax/mlp", device=shardings)
+        kernel = split["block_0.dense.kernel"]
+        result = {"second": {str(d) for a in on_second.values() for d in a.devices()} == {str(cpu[1])},
+                  "second_shared": all(in_store(a) for a in on_second.values()),
+                  "split": len(kernel.addressable_shards) == 2 and kernel.sharding == rows,
+                  "split_shared": all(in_store(shard.data) for shard in kernel.addressable_shards),
+                  "split_equal": np.array_equal(np.asarray(kernel), np.asarray(on_second["block_0.dense.kernel"])),
+                  "placed": params["embed"]["embedding"].sharding == rows
+                            and params["block_0"]["dense"]["kernel"].sharding.spec == PartitionSpec(),
+                  "copies_said": len(said)}
+    """, env)
+    assert result == {"second": True, "second_shared": True, "split": True, "split_shared": True, "split_equal": True,
+                      "placed": True, "copies_said": 0}

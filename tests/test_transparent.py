@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from .conftest import ROOT
-from .models import build
+from .models import build, export_archive
 
 PRELUDE = """
 import collections, json, sys, torch
@@ -74,15 +74,24 @@ SCRIPTS = {
     "safe_open, flax": """
         from safetensors import safe_open
         with safe_open(directory + "/model.safetensors", framework="flax") as f:
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-        result = {"output": [float(arrays[k].sum()) for k in sorted(arrays)],
-                  "shared": in_store(arrays["transformer.h.0.mlp.c_fc.weight"].unsafe_buffer_pointer())}
+            arrays = f.get_tensors()  # as safetensors' own flax.load_file reads
+            rows = f.get_slice("transformer.wte.weight")[2:5]
+            one = f.get_tensor("transformer.h.0.mlp.c_fc.weight")
+        result = {"output": [float(arrays[k].sum()) for k in sorted(arrays)] + rows.flatten().tolist()
+                            + [type(rows).__name__],
+                  "shared": in_store(arrays["transformer.h.0.mlp.c_fc.weight"].unsafe_buffer_pointer())
+                            and in_store(one.unsafe_buffer_pointer())}
     """,
     "load_file with the pread backend": """
         import safetensors.numpy, safetensors.torch
         arrays = safetensors.numpy.load_file(directory + "/model.safetensors", backend="pread")
         state = safetensors.torch.load_file(directory + "/model.safetensors", backend="pread")
-        result = {"output": [float(arrays[k].astype("float64").sum()) for k in sorted(arrays)],
+        try:
+            safetensors.numpy.load_file(directory + "/model.safetensors", backend="carrier-pigeon")
+            refused = None
+        except Exception as exc:  # as safetensors refuses it, served or not
+            refused = type(exc).__name__
+        result = {"output": [float(arrays[k].astype("float64").sum()) for k in sorted(arrays)] + [refused],
                   "shared": in_store(arrays["transformer.wte.weight"].ctypes.data)
                             and in_store(state["transformer.wte.weight"].data_ptr())}
     """,
@@ -113,6 +122,17 @@ SCRIPTS = {
         result = {"output": [float(state[k].double().sum()) for k in sorted(state)],
                   "shared": all(in_store(s["transformer.h.0.mlp.c_fc.weight"].data_ptr()) for s in (state, again))}
     """,
+    "torch.export.load of a .pt2 archive": """
+        program = torch.export.load(directory + "/export/model.pt2")
+        with open(directory + "/export/model.pt2", "rb") as f:
+            again = torch.export.load(f)
+        x = torch.linspace(-1, 1, 4 * 64).reshape(4, 64)
+        with torch.no_grad():
+            output = program.module()(x)
+        result = {"output": output.flatten().tolist(),
+                  "shared": in_store(program.state_dict["encode.weight"].data_ptr())
+                            and in_store(again.constants["scale"].data_ptr())}
+    """,
     "transformers from_pretrained of pytorch_model.bin": """
         from transformers import AutoModelForCausalLM
         from tests.models import output_of
@@ -127,7 +147,8 @@ SCRIPTS = {
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """The model as safetensors, and as torch.save checkpoints: a training one (bin/) and a
-    Hugging Face directory of the days before safetensors (bin-hf/)."""
+    Hugging Face directory of the days before safetensors (bin-hf/); and a torch.export
+    archive of a small module (export/)."""
     directory = tmp_path_factory.mktemp("gpt2")
     model, _ = build("gpt2", directory)
     state = model.state_dict()  # lm_head and wte share one storage, as torch.save keeps them
@@ -136,6 +157,7 @@ def model_dir(tmp_path_factory):
     (directory / "bin-hf").mkdir()
     shutil.copy(directory / "config.json", directory / "bin-hf" / "config.json")
     torch.save(state, directory / "bin-hf" / "pytorch_model.bin")
+    export_archive(directory / "export" / "model.pt2")
     return directory
 
 

@@ -1,4 +1,5 @@
-"""``torch.load`` over a PyTorch checkpoint the daemon holds (see torch_format.py).
+"""``torch.load`` over a PyTorch checkpoint the daemon holds, and ``torch.export.load`` over a
+``.pt2`` archive (see torch_format.py).
 
 PyTorch's own ``torch.load`` does the work (``weights_only``, ``map_location``, byte order,
 its error messages): while it runs in this thread, the archive reader it opens is replaced
@@ -6,7 +7,8 @@ by one that answers from the shared copy, the pickle and small records from the 
 files and each storage a copy-on-write view of the mapped segment. Nothing is read from the
 checkpoint's file but its first four bytes. The reader is the duck type of
 ``torch._C.PyTorchFileReader`` that ``torch.serialization._load`` uses; a PyTorch that reads
-its archives otherwise fails loudly here, in the tests, not silently.
+its archives otherwise fails loudly here, in the tests, not silently. ``torch.export.load``
+reads its archive through ``PT2ArchiveReader``, whose ``archive_file`` is that same duck type.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.serialization
 
 from .client import ModelView
 from .errors import InvalidModel, UnsupportedFormat
-from .torch_format import FORMAT, FORMAT_KEY, MAGIC, PICKLE, TORCHSCRIPT_RECORD
+from .torch_format import EXPORT_FORMAT, EXPORT_MARK, FORMAT, FORMAT_KEY, MAGIC, PICKLE, TORCHSCRIPT_RECORD
 
 _serving = threading.local()  # .records: what the next archive opened in this thread reads
 _hook_lock = threading.Lock()
@@ -41,6 +43,8 @@ def needs_file_offsets(map_location: Any) -> bool:
 def load_over(view: ModelView, records: dict[str, bytes], f: Any = None, *args: Any, **kwargs: Any) -> Any:
     """``torch.load(f, *args, **kwargs)`` with every record read from ``view`` and ``records``
     (the model's side files); ``f`` only has to start as a zip does (default: nothing else)."""
+    if view.metadata.get(FORMAT_KEY) == EXPORT_FORMAT:
+        raise InvalidModel(f"{view.name} is a torch.export archive (.pt2): load it with trims.torch.load_exported")
     if view.metadata.get(FORMAT_KEY) != FORMAT or PICKLE not in records:
         raise InvalidModel(f"{view.name} is not a PyTorch checkpoint: load it with trims.torch.load_state_dict")
     if TORCHSCRIPT_RECORD in records:  # pushed by a daemon from before TorchScript was refused
@@ -53,6 +57,29 @@ def load_over(view: ModelView, records: dict[str, bytes], f: Any = None, *args: 
         return _real_load()(io.BytesIO(MAGIC) if f is None else f, *args, **kwargs)
     finally:
         _serving.records = None
+
+
+def load_exported_over(view: ModelView, records: dict[str, bytes], f: Any = None, **kwargs: Any) -> Any:
+    """``torch.export.load(f, **kwargs)`` with every record read from ``view`` and ``records``."""
+    if view.metadata.get(FORMAT_KEY) != EXPORT_FORMAT or EXPORT_MARK not in records:
+        raise InvalidModel(f"{view.name} is not a torch.export archive (.pt2): load it with "
+                           "trims.torch.load_checkpoint or load_state_dict")
+    try:
+        _install_export_reader_hook()
+    except (ImportError, AttributeError) as exc:  # a PyTorch that reads .pt2 archives some other way
+        raise UnsupportedFormat(f"this PyTorch ({torch.__version__}) reads torch.export archives in a way trims "
+                                f"does not know ({exc}): torch.export.load the file itself") from None
+    _serving.export = _SharedRecords(view, records)
+    try:
+        return _real_export_load()(io.BytesIO(MAGIC) if f is None else f, **kwargs)
+    finally:
+        _serving.export = None
+
+
+def _real_export_load() -> Any:
+    from . import transparent
+
+    return transparent.original("torch.export.load") or torch.export.load
 
 
 def _real_load() -> Any:
@@ -68,15 +95,17 @@ class _SharedRecords:
     def __init__(self, view: ModelView, records: dict[str, bytes]) -> None:
         self._view = view
         self._records = records
+        self.name = view.name
 
     def has_record(self, name: str) -> bool:
         return name in self._records or name in self._view.index
 
     def get_record(self, name: str) -> bytes:
-        try:
+        if name in self._records:
             return self._records[name]
-        except KeyError:
-            raise InvalidModel(f"{self._view.name} has no record {name!r}") from None
+        if name in self._view.index:  # a payload torch reads as bytes (a pickled tensor subclass): a copy
+            return self._view[name].tobytes()
+        raise InvalidModel(f"{self._view.name} has no record {name!r}")
 
     def get_all_records(self) -> list[str]:
         return sorted([*self._records, *self._view.index])
@@ -84,10 +113,17 @@ class _SharedRecords:
     def serialization_id(self) -> str:
         return self._records.get(".data/serialization_id", b"").decode(errors="replace")
 
-    def get_storage_from_record(self, name: str, nbytes: int, _storage_type: Any) -> torch.Tensor:
+    def get_record_size(self, name: str) -> int:
+        entry = self._view.index.get(name)
+        return entry.nbytes if entry is not None else len(self.get_record(name))
+
+    def get_storage_from_record(self, name: str, numel: int, kind: Any) -> torch.Tensor:
+        """Bytes of storage ``name``: ``numel`` bytes (torch.load asks for an untyped storage)
+        or ``numel`` elements of the dtype ``kind`` (torch.export.load)."""
+        nbytes = numel * kind.itemsize if isinstance(kind, torch.dtype) else numel
         entry = self._view.index.get(name)
         if entry is None or entry.nbytes != nbytes:
-            raise InvalidModel(f"{self._view.name}'s pickle asks for storage {name!r} of {nbytes} bytes, "
+            raise InvalidModel(f"{self._view.name} asks for storage {name!r} of {nbytes} bytes, "
                                f"which the checkpoint does not hold")
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
@@ -119,3 +155,26 @@ def _install_reader_hook() -> None:
 
         open_archive.trims_original = original
         torch.serialization._open_zipfile_reader = open_archive
+
+
+def _install_export_reader_hook() -> None:
+    """Make the next ``PT2ArchiveReader`` opened in a thread that has set ``_serving.export``
+    read from it (only that one: the archive's sample inputs are a torch.save file of their own)."""
+    from torch.export.pt2_archive import _package
+
+    with _hook_lock:
+        original = _package.PT2ArchiveReader.__init__
+        if getattr(original, "trims_original", None) is not None:
+            return
+
+        def open_archive(reader: Any, archive: Any) -> None:
+            records = getattr(_serving, "export", None)
+            if records is None:
+                return original(reader, archive)
+            _serving.export = None
+            reader.archive_file = records
+            if reader.read_string(_package.ARCHIVE_FORMAT_PATH) != _package.ARCHIVE_FORMAT_VALUE:
+                raise InvalidModel(f"{records.name}: its archive_format record does not say pt2")
+
+        open_archive.trims_original = original
+        _package.PT2ArchiveReader.__init__ = open_archive

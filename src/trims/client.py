@@ -35,7 +35,7 @@ from .config import default_socket_path
 from .errors import (ConnectionLost, DaemonUnavailable, GpuError, InvalidModel, ProtocolError, RemoteProtocolError,
                      error_for_code)
 from .protocol import ModelSummary, ProgressCallback, PushResult, TensorEntry
-from .torch_format import SUFFIXES as CHECKPOINT_SUFFIXES
+from .torch_format import PUSHABLE as CHECKPOINT_SUFFIXES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -557,7 +557,8 @@ def model_files(path: Path) -> list[tuple[str, Path]]:
 
     ``path`` is a ``.safetensors`` file, or a directory holding one or several (a Hugging
     Face model directory, sharded with a ``model.safetensors.index.json`` or not) along
-    with its config and tokenizer files, or a PyTorch checkpoint (``torch.save``'s file).
+    with its config and tokenizer files, or a PyTorch checkpoint (``torch.save``'s file, or
+    ``torch.export.save``'s ``.pt2`` archive).
     """
     try:
         if path.is_file() and path.name.endswith((".safetensors", *CHECKPOINT_SUFFIXES)):

@@ -297,7 +297,7 @@ def remote_model_files(url: str, objects: Objects) -> list[RemoteFile]:
     a "directory" of safetensors objects with the side files a push keeps (config, tokenizer)."""
     from .client import SIDE_SUFFIXES
 
-    if url.endswith((".safetensors", *torch_format.SUFFIXES)):
+    if url.endswith((".safetensors", *torch_format.PUSHABLE)):
         return [RemoteFile(url.rsplit("/", 1)[-1], url, objects)]
     try:
         names = objects.list(url)

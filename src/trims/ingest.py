@@ -75,7 +75,7 @@ class Ingested:
 def plan(files: list[Source]) -> Plan:
     """Check every header and read the side files. Raises InvalidModel."""
     weights, side = _split(files)
-    if weights[0].label.endswith(torch_format.SUFFIXES):
+    if weights[0].label.endswith(torch_format.PUSHABLE):
         return _plan_checkpoint(weights[0], side)
     headers = [(f, read_header(f)) for f in weights]
     specs: list[tuple[Source, TensorSpec]] = []
@@ -104,7 +104,7 @@ def _plan_checkpoint(source: Source, side: list[Source]) -> Plan:
     records = [Slice(name, source, start, length) for name, (start, length) in checkpoint.records.items()]
     side_files = _read_side_files([*side, *records])
     specs = [(source, spec) for spec in sorted(checkpoint.storages, key=lambda s: s.start)]
-    return Plan(specs, {torch_format.FORMAT_KEY: torch_format.FORMAT}, side_files, _candidate(specs))
+    return Plan(specs, {torch_format.FORMAT_KEY: checkpoint.format}, side_files, _candidate(specs))
 
 
 def _candidate(specs: list[tuple[Source, TensorSpec]]) -> SegmentLayout:
@@ -194,13 +194,13 @@ def _split(files: list[Source]) -> tuple[list[Source], list[Source]]:
     if len(set(labels)) != len(labels):
         raise InvalidModel("the same file name was sent twice")
     weights = [f for f in files if f.label.endswith(WEIGHTS_SUFFIX)]
-    checkpoints = [f for f in files if f.label.endswith(torch_format.SUFFIXES)]
+    checkpoints = [f for f in files if f.label.endswith(torch_format.PUSHABLE)]
     if checkpoints and (weights or len(checkpoints) > 1):
         raise InvalidModel(f"a model's weights are {WEIGHTS_SUFFIX} files or one PyTorch checkpoint, not "
                            f"{', '.join(f.label for f in [*weights, *checkpoints][:3])}: push them as separate models")
     weights = weights or checkpoints
     if not weights:
-        raise InvalidModel(f"no {WEIGHTS_SUFFIX} file or PyTorch checkpoint ({', '.join(torch_format.SUFFIXES)}) "
+        raise InvalidModel(f"no {WEIGHTS_SUFFIX} file or PyTorch checkpoint ({', '.join(torch_format.PUSHABLE)}) "
                            f"among {labels[:5]}")
     return weights, [f for f in files if f not in weights]
 

@@ -29,12 +29,12 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ._torch_assign import assign_state
-from ._torch_checkpoint import load_over, needs_file_offsets
+from ._torch_checkpoint import load_exported_over, load_over, needs_file_offsets
 from .client import Client, ModelView, shared_client
 from .errors import InvalidModel, ModelMismatch
 
-__all__ = ["load_state_dict", "load_model", "load_checkpoint", "assemble", "state_dict_from_view", "default_dtype",
-           "cuda_index"]
+__all__ = ["load_state_dict", "load_model", "load_checkpoint", "load_exported", "assemble", "state_dict_from_view",
+           "default_dtype", "cuda_index"]
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -74,6 +74,16 @@ def load_checkpoint(name: str, map_location: Any = None, *, client: Client | Non
     client = client or shared_client()
     view = client.open(name)
     return load_over(view, client.files(view.digest), None, map_location, **load_args)
+
+
+def load_exported(name: str, *, client: Client | None = None, **load_args: Any) -> torch.export.ExportedProgram:
+    """What ``torch.export.load`` returns for the archive pushed as ``name`` (``trims push
+    model.pt2 NAME``): PyTorch deserializes the program as ever (``load_args`` as
+    ``torch.export.load`` takes them), its weights and constants over the node's shared copy,
+    copy-on-write; ``.module()`` makes a module whose parameters are those same tensors."""
+    client = client or shared_client()
+    view = client.open(name)
+    return load_exported_over(view, client.files(view.digest), None, **load_args)
 
 
 def cuda_index(device: Device | int) -> int | None:

@@ -1,4 +1,5 @@
-"""Reading and checking a PyTorch checkpoint (``torch.save``'s zip format), every byte hostile.
+"""Reading and checking a PyTorch checkpoint (``torch.save``'s zip format) or ``torch.export``
+archive (``.pt2``), every byte hostile.
 
 The format: a zip archive whose records, all stored uncompressed, lie under one top-level
 directory: ``data.pkl`` (the pickled object; its tensors name their storages by key),
@@ -6,6 +7,12 @@ directory: ``data.pkl`` (the pickled object; its tensors name their storages by 
 ``.format_version``, ...). The daemon never unpickles anything: it stores each storage as a
 tensor of bytes named ``data/<key>`` and every other record as a side file of that name, and
 the client's ``torch.load`` (see ``transparent.py``) unpickles ``data.pkl`` over them.
+
+A ``torch.export.save`` archive is the same kind of zip: the program (``models/<name>.json``)
+and ``archive_format`` among the small records, each weight's and constant's bytes at
+``data/weights/<file>`` and ``data/constants/<file>``, described by a JSON config beside them.
+Those are stored as tensors of bytes too, and the client's ``torch.export.load`` deserializes
+the program over them. AOTInductor packages (compiled code, ``data/aotinductor/``) are refused.
 
 Only the standard library is used, and the zip's central directory is read through a reader
 that refuses large reads: a hostile archive cannot make the daemon hold much memory.
@@ -24,10 +31,16 @@ from .safetensors_format import TensorSpec
 from .sources import Source
 
 SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # what torch.save's files are usually called
+EXPORT_SUFFIX = ".pt2"  # torch.export.save's
+PUSHABLE = (*SUFFIXES, EXPORT_SUFFIX)
 MAGIC = b"PK\x03\x04"
 PICKLE = "data.pkl"
 TORCHSCRIPT_RECORD = "constants.pkl"
 FORMAT_KEY, FORMAT = "trims.format", "torch-checkpoint"  # in the manifest's metadata
+EXPORT_FORMAT = "torch-export"
+EXPORT_MARK = "archive_format"  # the record only a .pt2 archive has
+_EXPORT_PAYLOAD = re.compile(r"data/(weights|constants)/[A-Za-z0-9_]+")  # its configs end in .json
+AOTI_DIR = "data/aotinductor/"
 MAX_DIRECTORY_BYTES = 16 * 1024 * 1024  # a checkpoint of 100,000 tensors has ~8 MB of it
 _STORAGE = re.compile(r"data/[A-Za-z0-9_]+")
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra field lengths
@@ -38,6 +51,7 @@ _LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch.seriali
 class Checkpoint:
     storages: tuple[TensorSpec, ...]  # each ``data/<key>`` as bytes ("U8", one dimension)
     records: dict[str, tuple[int, int]]  # every other record: name -> (start, length) in the file
+    format: str = FORMAT  # or EXPORT_FORMAT
 
 
 def _check_kind(source: Source) -> None:
@@ -67,6 +81,10 @@ def read_checkpoint(source: Source) -> Checkpoint:
         raise UnsupportedFormat(f"{label}: a TorchScript archive (torch.jit.save), which trims does not share: "
                                 "load it with torch.jit.load, or push its weights (torch.save of its state_dict, or safetensors)")
     files = [info for info in infos if not info.is_dir()]
+    exported = any(info.filename == prefix + EXPORT_MARK for info in files)
+    if exported and any(info.filename.startswith(prefix + AOTI_DIR) for info in files):
+        raise UnsupportedFormat(f"{label}: an AOTInductor package (compiled code), which trims does not share: load "
+                                "it with torch._inductor.aoti_load_package, or push the torch.export.save archive")
     storages: list[TensorSpec] = []
     records: dict[str, tuple[int, int]] = {}
     spans: list[tuple[int, int, str]] = []
@@ -75,16 +93,18 @@ def read_checkpoint(source: Source) -> Checkpoint:
         if start + info.file_size > size:
             raise InvalidModel(f"{label}: record {name!r} runs past the end of the file (truncated?)")
         spans.append((start, info.file_size, name))
-        if _STORAGE.fullmatch(name):
+        if (_EXPORT_PAYLOAD if exported else _STORAGE).fullmatch(name):
             storages.append(TensorSpec(name, "U8", (info.file_size,), start, info.file_size))
-        elif name.startswith("data/"):
+        elif name.startswith("data/") and not exported:
             raise InvalidModel(f"{label}: storage record {name!r} has a name torch.save does not write")
         else:  # the small records: ingest reads them, with the side files' limits
             records[name] = (start, info.file_size)
-    if PICKLE not in records:
+    if exported and not any(name.startswith("models/") and name.endswith(".json") for name in records):
+        raise InvalidModel(f"{label}: a torch.export archive without a program (models/*.json)")
+    if not exported and PICKLE not in records:
         raise InvalidModel(f"{label}: a zip archive without {PICKLE}: not a torch.save checkpoint")
     _check_apart(spans, label)
-    return Checkpoint(tuple(storages), records)
+    return Checkpoint(tuple(storages), records, EXPORT_FORMAT if exported else FORMAT)
 
 
 def _common_prefix(label: str, infos: list[zipfile.ZipInfo]) -> str:

@@ -11,6 +11,8 @@ calls are served from the daemon when it can, for files on local disk and the CP
   PyTorch 1.6) named ``*.bin``, ``*.pt``, ``*.pth`` or ``*.ckpt``, or of a file object open
   on one (as Lightning loads), to any ``map_location`` but ``"meta"``; PyTorch unpickles it
   as ever (``weights_only`` and all), its storages the shared copy's
+- ``torch.export.load(path)`` of a ``.pt2`` archive (``torch.export.save``'s), or of a file
+  object open on one: PyTorch deserializes the program as ever, over the shared weights
 - and through them, transformers' ``from_pretrained`` of a local directory.
 
 The file is passed to the daemon as a descriptor and registered by its content (the model
@@ -42,7 +44,7 @@ _digests: dict[tuple, str] = {}  # identity of a file this process adopted -> mo
 _unshared: set[tuple] = set()  # identities of files of a kind trims does not share
 _warned = False
 _bypass = threading.local()  # .active while a real loader runs, in that thread
-_LAZY_MODULES = ("safetensors.torch", "safetensors.numpy", "safetensors.flax", "torch.serialization")  # heavy: not eagerly
+_LAZY_MODULES = ("safetensors.torch", "safetensors.numpy", "safetensors.flax", "torch.serialization", "torch.export")  # heavy: not eagerly
 
 
 def installed() -> bool:
@@ -90,9 +92,15 @@ class SharedSafeOpen:
         self._real = None
         self._tensors: dict[str, Any] | None = None
         self._view: ModelView | None = None
+        self._place = _as_is
         if str(device) == "cpu" and framework in _FRAMEWORKS and not _bypassed():
             self._view = _shared_view(filename)
-        if self._view is not None:
+        if self._view is not None and _FRAMEWORKS[framework] == "jax":
+            # Host views; each goes onto JAX's device when asked for, as safetensors reads only
+            # what is asked for (a sharded load reads slices): no whole model onto a GPU at open.
+            self._tensors = {name: self._view[name] for name in self._view}
+            self._place = _jax_put
+        elif self._view is not None:
             self._tensors = _tensors(self._view, _FRAMEWORKS[framework])
         else:
             self._real = _originals["safetensors.safe_open"](filename, framework, device=device, **kwargs)
@@ -112,12 +120,17 @@ class SharedSafeOpen:
         return self._view.metadata or None
 
     def get_tensor(self, name: str) -> Any:
-        return self._real.get_tensor(name) if self._real is not None else self._open()[name]
+        return self._real.get_tensor(name) if self._real is not None else self._place(self._open()[name])
+
+    def get_tensors(self) -> dict[str, Any]:
+        if self._real is not None:
+            return self._real.get_tensors()
+        return {name: self.get_tensor(name) for name in self.offset_keys()}
 
     def get_slice(self, name: str) -> Any:
         if self._real is not None:
             return self._real.get_slice(name)
-        return _Slice(self._open()[name], self._view.index[name].dtype)
+        return _Slice(self._open()[name], self._view.index[name].dtype, self._place)
 
     def _open(self) -> dict[str, Any]:
         if self._tensors is None:
@@ -143,15 +156,26 @@ class SharedSafeOpen:
         return getattr(self._real, name)
 
 
+def _as_is(tensor: Any) -> Any:
+    return tensor
+
+
+def _jax_put(array: Any) -> Any:
+    import jax
+
+    return jax.device_put(array)  # on the CPU, over the shared memory
+
+
 class _Slice:
     """Like safetensors' lazy slice: index it to get (a view of) the tensor."""
 
-    def __init__(self, tensor: Any, dtype: str) -> None:
+    def __init__(self, tensor: Any, dtype: str, place: Any) -> None:
         self._tensor = tensor
         self._dtype = dtype
+        self._place = place
 
     def __getitem__(self, index: Any) -> Any:
-        return self._tensor[index]
+        return self._place(self._tensor[index])
 
     def get_shape(self) -> list[int]:
         return list(self._tensor.shape)
@@ -163,10 +187,14 @@ class _Slice:
         return getattr(self._tensor, name)
 
 
-# ``backend`` (mmap or pread) says how safetensors reads the file; served, the file is not read.
+def _served(kwargs: dict[str, Any]) -> bool:
+    """Whether a ``load_file`` call is for the daemon: ``backend`` (mmap or pread) only says how
+    safetensors reads the file, which a served load does not; anything else is the real one's."""
+    return set(kwargs) <= {"backend"} and kwargs.get("backend", "mmap") in ("mmap", "pread") and not _bypassed()
+
+
 def shared_torch_load_file(filename: Any, device: Any = "cpu", **kwargs: Any) -> dict[str, Any]:
-    served = str(device) == "cpu" and set(kwargs) <= {"backend"} and not _bypassed()
-    view = _shared_view(filename) if served else None
+    view = _shared_view(filename) if str(device) == "cpu" and _served(kwargs) else None
     if view is None:
         return _original("safetensors.torch.load_file", filename, device=device, **kwargs)
     return _tensors(view, "pt")
@@ -175,7 +203,7 @@ def shared_torch_load_file(filename: Any, device: Any = "cpu", **kwargs: Any) ->
 def _shared_load_file(loader: str, framework: str) -> Any:
     """Stands in for ``load_file`` of safetensors.numpy or .flax (``loader``)."""
     def load_file(filename: Any, **kwargs: Any) -> dict[str, Any]:
-        view = _shared_view(filename) if set(kwargs) <= {"backend"} and not _bypassed() else None
+        view = _shared_view(filename) if _served(kwargs) else None
         if view is None:
             return _original(loader, filename, **kwargs)
         return _tensors(view, framework)
@@ -221,12 +249,30 @@ def _shared_checkpoint(f: Any, path: str, map_location: Any, pickle_module: Any,
         return _NOT_SERVED
 
 
-def _checkpoint_path(f: Any) -> str | None:
+def shared_export_load(f: Any, **kwargs: Any) -> Any:
+    """Stands in for ``torch.export.load``: a ``.pt2`` archive on local disk comes from the daemon."""
+    from .torch_format import EXPORT_SUFFIX
+
+    path = _checkpoint_path(f, (EXPORT_SUFFIX,)) if not _bypassed() else None
+    view = _shared_view(path) if path is not None else None
+    if view is not None:
+        from ._torch_checkpoint import load_exported_over
+
+        try:
+            return load_exported_over(view, shared_client().files(view.digest), f, **kwargs)
+        except TrimsError as exc:  # before anything was deserialized: the file serves, as without trims
+            _warn_once(f"trims: loading {path} without the shared store: {exc}")
+            view.close()
+    return _originals["torch.export.load"](f, **kwargs)
+
+
+def _checkpoint_path(f: Any, suffixes: tuple[str, ...] | None = None) -> str | None:
     """The checkpoint ``torch.load`` was given, if a file on disk: a path with a checkpoint's
-    suffix, or a file object open on one at its start (Lightning's ``load_from_checkpoint``
-    passes what fsspec opened)."""
+    suffix (``suffixes``, torch.save's by default), or a file object open on one at its start
+    (Lightning's ``load_from_checkpoint`` passes what fsspec opened)."""
     from .torch_format import SUFFIXES
 
+    suffixes = suffixes or SUFFIXES
     if isinstance(f, (str, os.PathLike)):
         path = os.fspath(f)
     else:
@@ -237,7 +283,7 @@ def _checkpoint_path(f: Any) -> str | None:
             return None
         if position != 0 or (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
             return None  # read from elsewhere, or a file the name no longer leads to
-    return path if isinstance(path, str) and path.endswith(SUFFIXES) else None
+    return path if isinstance(path, str) and path.endswith(suffixes) else None
 
 
 def _bypassed() -> bool:
@@ -305,8 +351,9 @@ def _warn_once(message: str) -> None:
 
 def _patch(module: Any) -> None:
     """Replace ``load_file`` in safetensors.torch, .numpy or .flax (and its ``safe_open``),
-    or ``load`` in torch.serialization (which ``torch`` then imports as ``torch.load``)."""
-    attribute = "load" if module.__name__ == "torch.serialization" else "load_file"
+    ``load`` in torch.serialization (which ``torch`` then imports as ``torch.load``) or in
+    torch.export."""
+    attribute = "load" if module.__name__.startswith("torch.") else "load_file"
     _originals.setdefault(f"{module.__name__}.{attribute}", getattr(module, attribute))
     setattr(module, attribute, _REPLACEMENTS[f"{module.__name__}.{attribute}"])
     if hasattr(module, "safe_open"):
@@ -329,11 +376,13 @@ def _rebind(module: Any) -> None:
 _REPLACEMENTS = {"safetensors.torch.load_file": shared_torch_load_file,
                  "safetensors.numpy.load_file": shared_numpy_load_file,
                  "safetensors.flax.load_file": shared_flax_load_file,
-                 "torch.serialization.load": shared_torch_load}
+                 "torch.serialization.load": shared_torch_load,
+                 "torch.export.load": shared_export_load}
 
 
 class _LazyModuleFinder(importlib.abc.MetaPathFinder):
-    """Patches safetensors.torch, .numpy and .flax when the program imports them."""
+    """Patches safetensors.torch, .numpy, .flax, torch.serialization and torch.export when the
+    program imports them."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname not in _LAZY_MODULES:
