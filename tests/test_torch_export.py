@@ -78,3 +78,40 @@ def test_aoti_packages_and_archives_without_a_program_are_refused_saying_why(arc
     _rewrite(path, tmp_path / "empty.pt2", drop="models/")
     with pytest.raises(InvalidModel, match="without a program"):
         client.push(tmp_path / "empty.pt2", "export/empty")
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"add": {"data/weights/model.pt": b"PK"}, "drop": "data/weights/"}, UnsupportedFormat, "older layout.*save it again"),
+    ({"drop": "archive_format", "add": {"archive_format": b"not-pt2"}}, InvalidModel, "does not say pt2"),
+    ({"drop": "data/sample_inputs/"}, InvalidModel, "without data/sample_inputs/model.pt"),
+])
+def test_archives_torch_export_load_could_not_read_are_refused_at_push(archive, tmp_path, change, error, message):
+    client, path, *_ = archive
+    _rewrite(path, tmp_path / "odd.pt2", **change)
+    with pytest.raises(error, match=message):
+        client.push(tmp_path / "odd.pt2", "export/odd")
+
+
+def test_extra_files_come_back_as_torch_export_load_gives_them(shared_daemon, tmp_path):
+    model, example = export_archive(tmp_path / "plain.pt2")
+    torch.export.save(torch.export.export(model, (example,)), str(tmp_path / "extra.pt2"),
+                      extra_files={"labels.txt": "cat\ndog\n"})
+    client = shared_daemon.client()
+    client.push(tmp_path / "extra.pt2", "export/extra")
+    plain, shared = {"labels.txt": ""}, {"labels.txt": ""}
+    torch.export.load(str(tmp_path / "extra.pt2"), extra_files=plain)
+    trims.torch.load_exported("export/extra", client=client, extra_files=shared)
+    assert shared == plain == {"labels.txt": "cat\ndog\n"}
+
+
+def test_a_program_the_shared_copy_cannot_satisfy_fails_as_invalid_model(archive, shared_daemon, tmp_path):
+    client, path, *_ = archive
+    with zipfile.ZipFile(path) as original:
+        prefix = original.namelist()[0].split("/")[0] + "/"
+        config = original.read(prefix + "data/weights/model_weights_config.json").decode()
+    grown = config.replace('{"as_int": 64}', '{"as_int": 6400}', 1)  # a weight larger than its bytes
+    _rewrite(path, tmp_path / "grown.pt2", drop="data/weights/model_weights_config.json",
+             add={"data/weights/model_weights_config.json": grown.encode()})
+    client.push(tmp_path / "grown.pt2", "export/grown")
+    with pytest.raises(InvalidModel, match="could not deserialize"):
+        trims.torch.load_exported("export/grown", client=client)

@@ -17,7 +17,8 @@ import contextlib
 import io
 import os
 import threading
-from typing import Any
+import zipfile
+from typing import Any, Iterator
 
 import torch
 import torch.serialization
@@ -52,11 +53,9 @@ def load_over(view: ModelView, records: dict[str, bytes], f: Any = None, *args: 
                                 "load its file with torch.jit.load")
     _install_reader_hook()
     kwargs["mmap"] = False  # the storages are mapped already, from shared memory
-    _serving.records = _SharedRecords(view, records)
-    try:
-        return _real_load()(io.BytesIO(MAGIC) if f is None else f, *args, **kwargs)
-    finally:
-        _serving.records = None
+    with _serving_from("records", _SharedRecords(view, records)):
+        return _real("torch.serialization.load", torch.serialization.load)(
+            io.BytesIO(MAGIC) if f is None else f, *args, **kwargs)
 
 
 def load_exported_over(view: ModelView, records: dict[str, bytes], f: Any = None, **kwargs: Any) -> Any:
@@ -69,28 +68,34 @@ def load_exported_over(view: ModelView, records: dict[str, bytes], f: Any = None
     except (ImportError, AttributeError) as exc:  # a PyTorch that reads .pt2 archives some other way
         raise UnsupportedFormat(f"this PyTorch ({torch.__version__}) reads torch.export archives in a way trims "
                                 f"does not know ({exc}): torch.export.load the file itself") from None
-    _serving.export = _SharedRecords(view, records)
+    with _serving_from("export", _SharedRecords(view, records)):
+        try:
+            return _real("torch.export.load", torch.export.load)(io.BytesIO(MAGIC) if f is None else f, **kwargs)
+        except zipfile.BadZipFile:  # torch.export.load retries a failed archive as its old format, on our MAGIC
+            raise InvalidModel(f"{view.name}: torch.export.load could not deserialize the shared copy (its "
+                               "warning above says why): push the file torch.export.save wrote again") from None
+
+
+@contextlib.contextmanager
+def _serving_from(kind: str, records: _SharedRecords) -> Iterator[None]:
+    """While the body runs, the next archive of ``kind`` this thread opens reads ``records``."""
+    setattr(_serving, kind, records)
     try:
-        return _real_export_load()(io.BytesIO(MAGIC) if f is None else f, **kwargs)
+        yield
     finally:
-        _serving.export = None
+        setattr(_serving, kind, None)
 
 
-def _real_export_load() -> Any:
+def _real(name: str, default: Any) -> Any:
+    """A loader as PyTorch defines it (transparent mode may have replaced the name)."""
     from . import transparent
 
-    return transparent.original("torch.export.load") or torch.export.load
-
-
-def _real_load() -> Any:
-    """torch.load as PyTorch defines it (transparent mode may have replaced the name)."""
-    from . import transparent
-
-    return transparent.original("torch.serialization.load") or torch.serialization.load
+    return transparent.original(name) or default
 
 
 class _SharedRecords:
-    """What ``torch.serialization._load`` asks of an open archive, answered from the daemon's copy."""
+    """What ``torch.serialization._load`` (or ``PT2ArchiveReader``) asks of an open archive,
+    answered from the daemon's copy."""
 
     def __init__(self, view: ModelView, records: dict[str, bytes]) -> None:
         self._view = view
@@ -124,7 +129,7 @@ class _SharedRecords:
         entry = self._view.index.get(name)
         if entry is None or entry.nbytes != nbytes:
             raise InvalidModel(f"{self._view.name} asks for storage {name!r} of {nbytes} bytes, "
-                               f"which the checkpoint does not hold")
+                               f"which the archive does not hold")
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         segment = memoryview(self._view.segments[entry.segment]).cast("B")
@@ -159,7 +164,7 @@ def _install_reader_hook() -> None:
 
 def _install_export_reader_hook() -> None:
     """Make the next ``PT2ArchiveReader`` opened in a thread that has set ``_serving.export``
-    read from it (only that one: the archive's sample inputs are a torch.save file of their own)."""
+    read from it (only that one: any archive opened while it loads is read as usual)."""
     from torch.export.pt2_archive import _package
 
     with _hook_lock:
@@ -174,7 +179,8 @@ def _install_export_reader_hook() -> None:
             _serving.export = None
             reader.archive_file = records
             if reader.read_string(_package.ARCHIVE_FORMAT_PATH) != _package.ARCHIVE_FORMAT_VALUE:
-                raise InvalidModel(f"{records.name}: its archive_format record does not say pt2")
+                raise InvalidModel(f"{records.name}: its archive_format record does not say pt2, so it is not a "
+                                   "torch.export.save archive: push the file torch.export.save wrote")
 
         open_archive.trims_original = original
         _package.PT2ArchiveReader.__init__ = open_archive

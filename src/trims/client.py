@@ -35,7 +35,7 @@ from .config import default_socket_path
 from .errors import (ConnectionLost, DaemonUnavailable, GpuError, InvalidModel, ProtocolError, RemoteProtocolError,
                      error_for_code)
 from .protocol import ModelSummary, ProgressCallback, PushResult, TensorEntry
-from .torch_format import PUSHABLE as CHECKPOINT_SUFFIXES
+from .torch_format import PUSHABLE
 
 if TYPE_CHECKING:
     import numpy as np
@@ -561,11 +561,11 @@ def model_files(path: Path) -> list[tuple[str, Path]]:
     ``torch.export.save``'s ``.pt2`` archive).
     """
     try:
-        if path.is_file() and path.name.endswith((".safetensors", *CHECKPOINT_SUFFIXES)):
+        if path.is_file() and path.name.endswith((".safetensors", *PUSHABLE)):
             return [(path.name, path)]
         if not path.is_dir():
             raise InvalidModel(f"{path} is not a .safetensors file, a directory holding them, or a PyTorch "
-                               f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
+                               f"checkpoint ({', '.join(PUSHABLE)})")
         return _directory_files(path)
     except OSError as exc:
         raise InvalidModel(f"cannot read {exc.filename or path}: {exc.strerror}") from None

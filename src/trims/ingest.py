@@ -103,6 +103,9 @@ def _plan_checkpoint(source: Source, side: list[Source]) -> Plan:
             raise InvalidModel(f"{source.label}: its record {name!r} has the name of a file pushed beside it")
     records = [Slice(name, source, start, length) for name, (start, length) in checkpoint.records.items()]
     side_files = _read_side_files([*side, *records])
+    if checkpoint.format == torch_format.EXPORT_FORMAT and side_files[torch_format.EXPORT_MARK] != b"pt2":
+        raise InvalidModel(f"{source.label}: its {torch_format.EXPORT_MARK} record does not say pt2, so it is not a "
+                           "torch.export.save archive: push the file torch.export.save wrote")
     specs = [(source, spec) for spec in sorted(checkpoint.storages, key=lambda s: s.start)]
     return Plan(specs, {torch_format.FORMAT_KEY: checkpoint.format}, side_files, _candidate(specs))
 

@@ -41,6 +41,7 @@ EXPORT_FORMAT = "torch-export"
 EXPORT_MARK = "archive_format"  # the record only a .pt2 archive has
 _EXPORT_PAYLOAD = re.compile(r"data/(weights|constants)/[A-Za-z0-9_]+")  # its configs end in .json
 AOTI_DIR = "data/aotinductor/"
+_OLD_EXPORT_STATE = re.compile(r"data/(weights|constants)/[^/]+\.pt")
 MAX_DIRECTORY_BYTES = 16 * 1024 * 1024  # a checkpoint of 100,000 tensors has ~8 MB of it
 _STORAGE = re.compile(r"data/[A-Za-z0-9_]+")
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra field lengths
@@ -99,12 +100,30 @@ def read_checkpoint(source: Source) -> Checkpoint:
             raise InvalidModel(f"{label}: storage record {name!r} has a name torch.save does not write")
         else:  # the small records: ingest reads them, with the side files' limits
             records[name] = (start, info.file_size)
-    if exported and not any(name.startswith("models/") and name.endswith(".json") for name in records):
-        raise InvalidModel(f"{label}: a torch.export archive without a program (models/*.json)")
+    if exported:
+        _check_export_records(label, records)
     if not exported and PICKLE not in records:
         raise InvalidModel(f"{label}: a zip archive without {PICKLE}: not a torch.save checkpoint")
     _check_apart(spans, label)
     return Checkpoint(tuple(storages), records, EXPORT_FORMAT if exported else FORMAT)
+
+
+def _check_export_records(label: str, records: dict[str, tuple[int, int]]) -> None:
+    """Every program with the records torch.export.load reads for it, in today's layout."""
+    if any(_OLD_EXPORT_STATE.fullmatch(name) for name in records):
+        raise UnsupportedFormat(f"{label}: a torch.export archive of an older layout (a whole state dict in one "
+                                "data/weights/*.pt), which trims does not share: torch.export.load it and "
+                                "torch.export.save it again")
+    programs = [name[len("models/"):-len(".json")] for name in records
+                if name.startswith("models/") and name.endswith(".json")]
+    if not programs:
+        raise InvalidModel(f"{label}: a torch.export archive without a program (models/*.json)")
+    for program in programs:
+        for needed in (f"data/weights/{program}_weights_config.json", f"data/constants/{program}_constants_config.json",
+                       f"data/sample_inputs/{program}.pt", "archive_version"):
+            if needed not in records:
+                raise InvalidModel(f"{label}: a torch.export archive without {needed}, which torch.export.load "
+                                   "reads: push the file torch.export.save wrote")
 
 
 def _common_prefix(label: str, infos: list[zipfile.ZipInfo]) -> str:

@@ -260,16 +260,19 @@ def shared_export_load(f: Any, **kwargs: Any) -> Any:
 
         try:
             return load_exported_over(view, shared_client().files(view.digest), f, **kwargs)
-        except TrimsError as exc:  # before anything was deserialized: the file serves, as without trims
+        except TrimsError as exc:  # nothing was read from f: the file serves, as without trims
             _warn_once(f"trims: loading {path} without the shared store: {exc}")
             view.close()
+        except BaseException:
+            view.close()  # not for as long as the traceback lives
+            raise
     return _originals["torch.export.load"](f, **kwargs)
 
 
 def _checkpoint_path(f: Any, suffixes: tuple[str, ...] | None = None) -> str | None:
-    """The checkpoint ``torch.load`` was given, if a file on disk: a path with a checkpoint's
-    suffix (``suffixes``, torch.save's by default), or a file object open on one at its start
-    (Lightning's ``load_from_checkpoint`` passes what fsspec opened)."""
+    """The file a loader was given, if on disk: a path with one of ``suffixes`` (torch.save's
+    by default), or a file object open on one at its start (Lightning's
+    ``load_from_checkpoint`` passes what fsspec opened)."""
     from .torch_format import SUFFIXES
 
     suffixes = suffixes or SUFFIXES
