@@ -44,7 +44,8 @@ _digests: dict[tuple, str] = {}  # identity of a file this process adopted -> mo
 _unshared: set[tuple] = set()  # identities of files of a kind trims does not share
 _warned = False
 _bypass = threading.local()  # .active while a real loader runs, in that thread
-_LAZY_MODULES = ("safetensors.torch", "safetensors.numpy", "safetensors.flax", "torch.serialization", "torch.export")  # heavy: not eagerly
+_LAZY_MODULES = ("safetensors.torch", "safetensors.numpy", "safetensors.flax",  # heavy: patched when imported
+                 "torch.serialization", "torch.export")
 
 
 def installed() -> bool:
