@@ -7,6 +7,7 @@ test process (the forking tests, Ray's workers) liable to deadlock.
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import ml_dtypes
@@ -14,22 +15,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from .conftest import run_python
+from .conftest import ROOT, run_python
 
 PRELUDE = """
 import gc, json, logging, sys, time
 import jax, jax.numpy as jnp, numpy as np
 import trims, trims.jax
 from trims.errors import ModelMismatch
+from tests import mapped
 
 def in_store(array):
-    pointer = array.unsafe_buffer_pointer()
-    for line in open("/proc/self/maps"):
-        if "memfd:trims" in line:
-            start, end = (int(x, 16) for x in line.split()[0].split("-"))
-            if start <= pointer < end:
-                return True
-    return False
+    return mapped.in_store(array.unsafe_buffer_pointer())
 
 def apply(params, tokens):
     x = params["embed"]["embedding"][tokens]
@@ -46,7 +42,11 @@ client = trims.connect()
 def in_jax(body: str, env: dict) -> dict:
     """Run ``body`` after PRELUDE in a fresh interpreter; it sets ``result``, returned here."""
     code = PRELUDE + textwrap.dedent(body) + "\nprint(json.dumps(result))\n"
-    return json.loads(run_python(code, env).stdout.strip().splitlines()[-1])
+    return json.loads(run_jax(code, env).stdout.strip().splitlines()[-1])
+
+
+def run_jax(code: str, env: dict):
+    return run_python(code, {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])})  # tests.mapped
 
 
 def tiny_mlp_weights(width: int = 64, depth: int = 3) -> dict[str, np.ndarray]:
@@ -152,7 +152,7 @@ def test_the_copies_are_logged_with_their_reason(shared_daemon, tmp_path):
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
         trims.jax.load_state_dict("jax/x64")
     """)
-    out = run_python(code, shared_daemon.env).stdout
+    out = run_jax(code, shared_daemon.env).stdout
     assert "1 of 2 tensors (512 bytes, e.g. float64 as float32) were copied" in out and "jax_enable_x64" in out
 
 

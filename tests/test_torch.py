@@ -11,6 +11,7 @@ import trims
 import trims.torch
 
 from .conftest import ROOT, run_python
+from .mapped import in_store
 from .models import FACTORIES, build, output_of
 
 # save_pretrained writes ViT in transformers' older layout, which only trims.transformers
@@ -18,18 +19,8 @@ from .models import FACTORIES, build, output_of
 KINDS = sorted(kind for kind in FACTORIES if kind != "vit")
 
 
-def memfd_ranges() -> list[tuple[int, int]]:
-    ranges = []
-    for line in open("/proc/self/maps"):
-        if "memfd:trims" in line:
-            start, end = (int(x, 16) for x in line.split()[0].split("-"))
-            ranges.append((start, end))
-    return ranges
-
-
 def lives_in_store(tensor: torch.Tensor) -> bool:
-    pointer = tensor.data_ptr()
-    return any(start <= pointer < end for start, end in memfd_ranges())
+    return in_store(tensor.data_ptr())
 
 
 def only_repeats_copied(parameters: list[torch.Tensor], view: trims.ModelView) -> bool:

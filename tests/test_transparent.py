@@ -17,13 +17,7 @@ from .models import build, export_archive
 
 PRELUDE = """
 import collections, json, sys, torch
-def in_store(pointer):
-    for line in open("/proc/self/maps"):
-        if "memfd:trims" in line:
-            start, end = (int(x, 16) for x in line.split()[0].split("-"))
-            if start <= pointer < end:
-                return True
-    return False
+from tests.mapped import in_store
 directory = sys.argv[1]
 """
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from .client import Client, ModelView, shared_client
 from .errors import ModelMismatch
+from .numpy import state_dict_from_view as numpy_views
 
 __all__ = ["load_state_dict", "load_params", "state_dict_from_view"]
 
@@ -60,7 +61,7 @@ def _host_arrays(view: ModelView) -> dict[str, np.ndarray]:
     if view.device is not None:
         raise TypeError(f"{view.name} is open in GPU memory, which trims.jax does not map: open it without a "
                         "device and pass device= to trims.jax, which copies it onto the GPU from the host copy")
-    return {name: view[name] for name in view}
+    return numpy_views(view)  # read-only: JAX arrays are immutable, so nothing is copied for repeats
 
 
 def _put(name: str, host: dict[str, Any], device: Placement) -> dict[str, Any]:

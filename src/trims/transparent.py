@@ -99,7 +99,9 @@ class SharedSafeOpen:
         if self._view is not None and _FRAMEWORKS[framework] == "jax":
             # Host views; each goes onto JAX's device when asked for, as safetensors reads only
             # what is asked for (a sharded load reads slices): no whole model onto a GPU at open.
-            self._tensors = {name: self._view[name] for name in self._view}
+            from .numpy import state_dict_from_view
+
+            self._tensors = state_dict_from_view(self._view)  # read-only: JAX arrays are immutable
             self._place = _jax_put
         elif self._view is not None:
             self._tensors = _tensors(self._view, _FRAMEWORKS[framework])
