@@ -156,6 +156,26 @@ def test_the_copies_are_logged_with_their_reason(shared_daemon, tmp_path):
     assert "1 of 2 tensors (512 bytes, e.g. float64 as float32) were copied" in out and "jax_enable_x64" in out
 
 
+def test_transparent_safe_open_says_once_that_it_narrowed_a_tensor(shared_daemon, tmp_path):
+    """safe_open(framework="flax") places each tensor when asked: the copy is said at the first."""
+    save_file({"f64": np.linspace(0, 1, 64), "i64": np.arange(8), "f32": np.ones(64, dtype=np.float32)},
+              str(tmp_path / "lazy.safetensors"))
+    code = PRELUDE + textwrap.dedent(f"""
+        import trims.transparent
+        trims.transparent.install()
+        from safetensors import safe_open
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
+        with safe_open({str(tmp_path / "lazy.safetensors")!r}, framework="flax") as f:
+            print("F32", in_store(f.get_tensor("f32")))
+            arrays = [f.get_tensor(k) for k in ("f64", "i64", "f64")]
+            print("DTYPES", sorted({{str(a.dtype) for a in arrays}}))
+    """)
+    out = run_jax(code, shared_daemon.env).stdout
+    assert "F32 True" in out and "DTYPES ['float32', 'int32']" in out
+    said = [line for line in out.splitlines() if line.startswith("LOG") and "copied into this process" in line]
+    assert len(said) == 1 and "float64 as float32" in said[0] and "jax_enable_x64" in said[0], out
+
+
 def test_names_that_do_not_nest_are_refused_pointing_at_the_flat_names(shared_daemon, tmp_path):
     save_file({"encoder": np.ones(4, dtype=np.float32), "encoder.bias": np.zeros(4, dtype=np.float32)},
               str(tmp_path / "odd.safetensors"))

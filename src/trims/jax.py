@@ -30,7 +30,7 @@ from .client import Client, ModelView, shared_client
 from .errors import ModelMismatch
 from .numpy import state_dict_from_view as numpy_views
 
-__all__ = ["load_state_dict", "load_params", "state_dict_from_view"]
+__all__ = ["load_state_dict", "load_params", "state_dict_from_view", "LazyPlacement"]
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,36 @@ def _nest(flat: dict[str, np.ndarray], sep: str, name: str) -> dict[str, Any]:
     return tree
 
 
+class LazyPlacement:
+    """Puts host tensors onto JAX's default device one at a time, as ``safe_open``'s
+    ``get_tensor`` asks for them, and says once per model (at the first) when JAX narrowed a
+    64-bit tensor into a copy of this process's own: the caller counted on none."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._said = False
+
+    def __call__(self, host: np.ndarray) -> jax.Array:
+        array = jax.device_put(host)  # over the shared memory on the CPU, else a copy
+        if not self._said and array.dtype != host.dtype and _on_cpu(array):
+            self._said = True
+            log.info("%s: tensors of 64-bit types are copied into this process, not shared (the first: %s as %s): "
+                     "%s", self._name, host.dtype, array.dtype, _NARROWING)
+        return array
+
+
+_NARROWING = ("JAX narrows 64-bit types unless jax_enable_x64 is on; turn it on "
+              "(jax.config.update('jax_enable_x64', True)) to share them")
+
+
 def _report_copies(name: str, host: list[np.ndarray], arrays: list[jax.Array]) -> None:
     """Say, once per load, how much went into memory of this process's own on the CPU: the
     caller counted on none."""
     copied = [(h, a) for h, a in zip(host, arrays) if h.nbytes and _on_cpu(a) and not _aliases(a, h)]
     if copied:
         nbytes = sum(h.nbytes for h, _ in copied)
-        log.info("%s: %d of %d tensors (%d bytes, e.g. %s as %s) were copied into this process, not shared: JAX "
-                 "narrows 64-bit types unless jax_enable_x64 is on; turn it on "
-                 "(jax.config.update('jax_enable_x64', True)) to share them", name, len(copied), len(arrays),
-                 nbytes, copied[0][0].dtype, copied[0][1].dtype)
+        log.info("%s: %d of %d tensors (%d bytes, e.g. %s as %s) were copied into this process, not shared: %s",
+                 name, len(copied), len(arrays), nbytes, copied[0][0].dtype, copied[0][1].dtype, _NARROWING)
 
 
 def _on_cpu(array: jax.Array) -> bool:

@@ -99,10 +99,11 @@ class SharedSafeOpen:
         if self._view is not None and _FRAMEWORKS[framework] == "jax":
             # Host views; each goes onto JAX's device when asked for, as safetensors reads only
             # what is asked for (a sharded load reads slices): no whole model onto a GPU at open.
+            from .jax import LazyPlacement
             from .numpy import state_dict_from_view
 
             self._tensors = state_dict_from_view(self._view)  # read-only: JAX arrays are immutable
-            self._place = _jax_put
+            self._place = LazyPlacement(os.fsdecode(filename))
         elif self._view is not None:
             self._tensors = _tensors(self._view, _FRAMEWORKS[framework])
         else:
@@ -161,12 +162,6 @@ class SharedSafeOpen:
 
 def _as_is(tensor: Any) -> Any:
     return tensor
-
-
-def _jax_put(array: Any) -> Any:
-    import jax
-
-    return jax.device_put(array)  # on the CPU, over the shared memory
 
 
 class _Slice:
