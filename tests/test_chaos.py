@@ -145,6 +145,40 @@ def test_too_many_connections_get_a_clear_refusal(tmp_path):
         daemon.kill()
 
 
+def test_a_connection_whose_thread_cannot_start_is_refused_and_the_daemon_serves_on(tmp_path, monkeypatch):
+    """At the process's thread limit (a container's pids cap) the new connection is refused
+    with the reason; the daemon keeps serving those it has, and takes new ones once it can."""
+    from trims.server import Server
+    from trims.store import Store
+
+    start, limited = threading.Thread.start, threading.Event()
+
+    def start_unless_limited(thread):
+        if limited.is_set() and thread.name.startswith("trims-conn-"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_unless_limited)
+    store = Store(tmp_path / "store", host_capacity=1 << 26)
+    server = Server(store, transport.listen(tmp_path / "s.sock"), max_connections=16, describe=dict)
+    serving = threading.Thread(target=server.serve_forever)
+    serving.start()
+    try:
+        first = trims.connect(tmp_path / "s.sock")
+        limited.set()
+        with pytest.raises(trims.RequestError, match="cannot start a thread") as info:
+            trims.connect(tmp_path / "s.sock")
+        assert info.value.code == "too_many_connections" and serving.is_alive()
+        assert first.list() == [] and server.connection_count() == 1
+        limited.clear()
+        trims.connect(tmp_path / "s.sock").close()
+        first.close()
+    finally:
+        server.shutdown()
+        serving.join(10)
+        store.close()
+
+
 def _served_connection(daemon: DaemonProcess) -> transport.Channel:
     """A raw connection the daemon answers. A slot a client just closed frees a moment later
     (when the daemon reads its end), so the start-up check's may still be taken: retry."""

@@ -165,6 +165,12 @@ def test_descriptors_a_frame_did_not_declare_are_refused():
     with pytest.raises(RemoteProtocolError, match="declared 0"):
         decoder.next_message()
     assert decoder.take_fds() == [7, 8]
+    # More than it declared: none is handed out in a message the error then drops
+    decoder = protocol.Decoder()
+    decoder.feed(protocol.encode(protocol.Adopt(id=1, files=("x.safetensors",), fds=(7,))), [7, 8])
+    with pytest.raises(RemoteProtocolError, match="2 descriptors came with a frame that declared 1"):
+        decoder.next_message()
+    assert decoder.take_fds() == [7, 8]
 
 
 def test_oversized_frame_is_refused_from_its_header_alone():

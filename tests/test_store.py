@@ -517,6 +517,51 @@ def test_a_segment_just_loaded_is_not_evicted_before_its_open_takes_it(tmp_path)
         store.close()
 
 
+def test_a_model_removed_while_an_open_loads_it_is_served_then_collected(tmp_path):
+    """White box: the open that was loading a model, and another waiting for that load, get
+    it although it was removed meanwhile; its memory goes when their leases end (a removal
+    used to collect the segment between the load and its reference: an internal error, the
+    waiter hung for good and the host memory stayed counted)."""
+    import threading
+
+    from trims.store import Store
+
+    size = _push_seeded_store(tmp_path)
+    store = Store(tmp_path / "store", host_capacity=1 << 30)
+    loading, go = threading.Event(), threading.Event()
+    fetch = store.disk.fetch
+
+    def fetch_slowly(layout, destination):
+        loading.set()
+        go.wait(10)
+        fetch(layout, destination)
+
+    store.disk.fetch = fetch_slowly
+    segments = _segments(store, "m0")
+    got: dict = {}
+
+    def take(key):
+        got[key] = store._acquire_all(segments, deadline=time.monotonic() + 10)[0]
+
+    openers = [threading.Thread(target=take, args=(key,)) for key in ("loader", "waiter")]
+    try:
+        openers[0].start()
+        assert loading.wait(10)
+        openers[1].start()
+        store.remove("m0")
+        go.set()
+        for opener in openers:
+            opener.join(10)
+        assert [[os.fstat(s.fd).st_size for s in got[key]] for key in ("loader", "waiter")] == [[size], [size]]
+        with store._changed:
+            store._unref_locked(segments)
+            store._unref_locked(segments)
+        assert store.host.bytes_used() == 0 and not store.host.has(segments[0])
+    finally:
+        go.set()
+        store.close()
+
+
 def _push_seeded_store(tmp_path) -> int:
     from trims.acl import EVERYONE
     from trims.store import Store

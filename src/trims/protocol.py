@@ -463,16 +463,17 @@ class Decoder:
             raise RemoteProtocolError(
                 f"frame declares {nfds} descriptors but {len(self._fds)} arrived"
             )
+        if len(self._fds) > nfds and len(self._buffer) == end:
+            # Descriptors come with the first byte of the frame that declares them; any more
+            # with no next frame begun came with this one. Raised before any is handed out, so
+            # that all stay the caller's to close.
+            raise RemoteProtocolError(f"{len(self._fds)} descriptors came with a frame that declared {nfds}")
         payload = bytes(self._buffer[HEADER.size : end])
         fds = tuple(self._fds[i] for i in range(nfds))
         message = _decode_payload(payload, fds)
         del self._buffer[:end]
         for _ in range(nfds):
             self._fds.popleft()
-        if self._fds and not self._buffer:
-            # Descriptors come with the first byte of the frame that declares them; any left
-            # over with no frame begun were sent with a frame that did not declare them.
-            raise RemoteProtocolError(f"{len(self._fds)} descriptors came with a frame that declared {nfds}")
         return message
 
 

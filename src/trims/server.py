@@ -134,19 +134,27 @@ class Server:
                 conn_id = next(self._ids)
                 self._connections[conn_id] = channel
         if full:
-            self._refuse(channel)
+            log.warning("refused a connection: %d connections are open (--max-connections)", self._max_connections)
+            self._refuse(channel, f"the daemon already serves {self._max_connections} connections; retry later "
+                                  "or raise --max-connections")
             return
         thread = threading.Thread(target=self._serve, args=(conn_id, channel), name=f"trims-conn-{conn_id}", daemon=True)
         with self._lock:
             self._threads[conn_id] = thread
-        thread.start()
-
-    def _refuse(self, channel: Channel) -> None:
-        log.warning("refused a connection: %d connections are open (--max-connections)", self._max_connections)
         try:
-            channel.send(protocol.Error(code="too_many_connections", message=(
-                f"the daemon already serves {self._max_connections} connections; retry later "
-                "or raise --max-connections")))
+            thread.start()
+        except RuntimeError as exc:  # the process's thread limit (a container's pids cap): refuse this one
+            with self._lock:
+                self._connections.pop(conn_id, None)
+                self._threads.pop(conn_id, None)
+            log.error("refused a connection: cannot start a thread for it (%s) with %d connections open; raise the "
+                      "container's pids limit or lower --max-connections", exc, self.connection_count())
+            self._refuse(channel, "the daemon cannot start a thread for another connection (its process limit); "
+                                  "retry later, or ask the node's operator to raise its pids limit")
+
+    def _refuse(self, channel: Channel, message: str) -> None:
+        try:
+            channel.send(protocol.Error(code="too_many_connections", message=message))
         except (OSError, ConnectionLost):
             pass
         channel.close()

@@ -713,11 +713,13 @@ class Store:
             pending.set_exception(exc)
             raise
         with self._changed:
-            self._finish_host_load_locked(layout, source)
+            # The reference first: a removal of the model meanwhile collects the segment as
+            # soon as the load ends, unless a lease holds it.
             self._refs[segment_id] += 1
             self._policies["host"].admit(segment_id, layout.size, self._reload_cost(segment_id, "host"))
+            self._finish_host_load_locked(layout, source)
+            segment = self.host.get(segment_id)
         self._count_fetch(source.name, "host", layout.size, self._clock() - started)
-        segment = self.host.get(segment_id)
         pending.set_result(segment)
         return segment
 
