@@ -112,6 +112,22 @@ def test_with_a_cloud_location_every_push_is_uploaded(tmp_path, s3, bucket):
         daemon.kill()
 
 
+def test_a_failed_upload_says_the_model_is_stored_and_a_push_again_uploads_it(tmp_path, s3, bucket):
+    make_models(tmp_path, [0])
+    daemon = DaemonProcess(tmp_path / "d").start()
+    try:
+        client = daemon.client()
+        with pytest.raises(trims.StorageError, match="m0:latest is stored on this node, but uploading it to "
+                                                     "s3://no-such-bucket/trims failed") as failed:
+            client.push(tmp_path / "m0.safetensors", "m0", to="s3://no-such-bucket/trims")
+        assert "Push it again with the same --to" in str(failed.value)
+        assert tiers_of(client, "m0") == ("disk",)
+        client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims")
+        assert tiers_of(client, "m0") == ("disk", "cloud")
+    finally:
+        daemon.kill()
+
+
 def test_clients_may_not_make_the_daemon_touch_local_paths(daemon, tmp_path):
     make_models(tmp_path, [0])
     client = daemon.client()

@@ -562,6 +562,31 @@ def test_a_model_removed_while_an_open_loads_it_is_served_then_collected(tmp_pat
         store.close()
 
 
+def test_a_tag_that_could_not_be_written_leaves_the_store_as_it_was(tmp_path):
+    """A push whose tags.json cannot be written fails with a StorageError and no trace: the
+    name is not charged to its tenant (stats, quotas), and the next push, once the disk is
+    mended, lands."""
+    from trims.acl import EVERYONE
+    from trims.store import Store
+
+    save_file({"w": torch.randn(1000)}, tmp_path / "m.safetensors")
+    store = Store(tmp_path / "store", host_capacity=1 << 26)
+    try:
+        _push(store, "first", tmp_path / "m.safetensors", EVERYONE)
+        tags = tmp_path / "store" / "tags.json"
+        tags.unlink()
+        tags.mkdir()  # renaming the new tags.json into place fails
+        with pytest.raises(trims.StorageError):
+            _push(store, "second", tmp_path / "m.safetensors", EVERYONE)
+        assert [m.name for m in store.list_models()] == ["first:latest"]
+        assert store.usage(EVERYONE)["pushed_bytes"] == store.list_models()[0].nbytes
+        tags.rmdir()
+        _push(store, "second", tmp_path / "m.safetensors", EVERYONE)
+        assert [m.name for m in store.list_models()] == ["first:latest", "second:latest"]
+    finally:
+        store.close()
+
+
 def _push_seeded_store(tmp_path) -> int:
     from trims.acl import EVERYONE
     from trims.store import Store

@@ -107,10 +107,10 @@ class Catalog:
     def set_tag(self, name: str, model_digest: str, owner: str) -> None:
         """Point ``name`` at a model; ``owner`` (a tenant) is charged for it in quotas."""
         owners = {**self.owners, name: owner}
-        self._write_json(self.root / "owners.json", owners)
-        self.owners = owners
         tags = {**self.tags, name: model_digest}
+        self._write_json(self.root / "owners.json", owners)  # an owner without its tag is dropped at load
         self._write_json(self.root / "tags.json", tags)
+        self.owners = owners  # in memory only once both are on disk: every owner's name has a tag
         self._set_tags(tags)
 
     def remove_tag(self, name: str) -> None:

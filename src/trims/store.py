@@ -236,12 +236,17 @@ class Store:
                 self._changed.notify_all()
         manifest = ingested.manifest
         name = name or adopted_name(tenant.name, manifest.digest)
-        to = to or self.cloud.default_url  # with --cloud, every model gets a copy the disk can give up
-        if to is not None:
-            self._upload(manifest, to)
         log.info("pushed %s = %s (%d tensors, %d new bytes)", name, manifest.digest, len(manifest.tensors), new_bytes)
         self.metrics.inc("trims_pushes_total")
         self.metrics.inc("trims_push_new_bytes_total", new_bytes)
+        to = to or self.cloud.default_url  # with --cloud, every model gets a copy the disk can give up
+        if to is not None:
+            try:
+                self._upload(manifest, to)
+            except StorageError as exc:  # the push itself stands: say so, not only that something failed
+                raise StorageError(f"{name} is stored on this node, but uploading it to {to} failed: {exc}. Push it "
+                                   "again with the same --to to retry the upload (segments already uploaded are not "
+                                   "sent again)") from None
         return PushResult(name=name, digest=manifest.digest, nbytes=manifest.nbytes, tensors=len(manifest.tensors),
                           new_bytes=new_bytes)
 
