@@ -587,6 +587,34 @@ def test_a_tag_that_could_not_be_written_leaves_the_store_as_it_was(tmp_path):
         store.close()
 
 
+def test_a_model_is_read_from_few_segments_however_many_hold_its_tensors(tmp_path):
+    """Each segment is a descriptor in an open's one reply: a model whose tensors lie in more
+    segments than MAX_SEGMENTS_PER_MODEL is stored anew, in one, not left unopenable."""
+    from trims.acl import EVERYONE
+    from trims.catalog import MAX_SEGMENTS_PER_MODEL
+    from trims.store import Store
+
+    store = Store(tmp_path / "store", host_capacity=1 << 26)
+    try:
+        every = {}
+        for i in range(MAX_SEGMENTS_PER_MODEL + 1):
+            every[f"t{i}"] = torch.full((16,), float(i))
+            save_file({f"t{i}": every[f"t{i}"]}, tmp_path / f"{i}.safetensors")
+            _push(store, f"part{i}", tmp_path / f"{i}.safetensors", EVERYONE)
+        few = {k: every[k] for k in list(every)[:8]}
+        save_file(few, tmp_path / "few.safetensors")
+        save_file(every, tmp_path / "all.safetensors")
+        assert _push(store, "few", tmp_path / "few.safetensors", EVERYONE).new_bytes == 0
+        assert len(_segments(store, "few")) == 8
+        assert _push(store, "all", tmp_path / "all.safetensors", EVERYONE).new_bytes > 0
+        assert len(_segments(store, "all")) == 1
+        opened = store.open("all", owner=1)
+        assert len(opened.segments) == 1
+        store.release_owner(1)
+    finally:
+        store.close()
+
+
 def _push_seeded_store(tmp_path) -> int:
     from trims.acl import EVERYONE
     from trims.store import Store

@@ -39,6 +39,9 @@ from .records import Manifest, SegmentEntry, SegmentLayout
 log = logging.getLogger("trims.catalog")
 
 FORMAT = "trims-store 1\n"
+# Each segment of a model is one descriptor in an open's reply (one frame carries at most 250)
+# and one mapping in every process that opens it.
+MAX_SEGMENTS_PER_MODEL = 64
 
 
 class Catalog:
@@ -180,26 +183,36 @@ class Catalog:
         return self._models_of.get(tensor_digest, set())
 
     def covered(self, manifest: Manifest, usable: Callable[[str], bool]) -> set[str]:
-        """Which of a model's tensors already lie in segments it may be read from."""
-        mine = {t.digest for t in manifest.tensors}
-        return {e.digest for s in self._candidates(manifest) if usable(s)
-                for e in self.segments[s].entries if e.digest in mine}
+        """Which of a model's tensors already lie in segments it may be read from; none if
+        reading them there would spread the model over more than MAX_SEGMENTS_PER_MODEL
+        segments (one more for its new tensors): it is then stored anew, in one."""
+        reused = self._greedy_cover(manifest, usable)
+        held = set().union(*reused.values())
+        needed = len(reused) + (held != {t.digest for t in manifest.tensors})
+        return held if needed <= MAX_SEGMENTS_PER_MODEL else set()
 
     def choose_segments(self, manifest: Manifest, usable: Callable[[str], bool]) -> tuple[str, ...] | None:
-        """Few segments, among those ``usable``, that hold every tensor of the model (greedy:
-        the one with most of its bytes first); None if some tensor is in none."""
+        """Few segments, among those ``usable``, that hold every tensor of the model; None if
+        some tensor is in none."""
+        chosen = self._greedy_cover(manifest, usable)
+        covered = set().union(*chosen.values())
+        return tuple(chosen) if covered == {t.digest for t in manifest.tensors} else None
+
+    def _greedy_cover(self, manifest: Manifest, usable: Callable[[str], bool]) -> dict[str, set[str]]:
+        """Usable segments holding the model's tensors, the one with most of its bytes first,
+        each with the tensors it is chosen for, until no segment adds one."""
         sizes = {t.digest: t.nbytes for t in manifest.tensors}
         todo = set(sizes)
-        chosen = []
+        chosen: dict[str, set[str]] = {}
         held = {s: {e.digest for e in self.segments[s].entries} & todo
                 for s in self._candidates(manifest) if usable(s)}
         while todo:
             best = max(sorted(held), key=lambda s: sum(sizes[d] for d in held[s] & todo), default=None)
             if best is None or not held[best] & todo:
-                return None
-            chosen.append(best)
-            todo -= held.pop(best)
-        return tuple(chosen)
+                break
+            chosen[best] = held.pop(best) & todo
+            todo -= chosen[best]
+        return chosen
 
     def placement(self, manifest: Manifest) -> dict[str, tuple[str, int]] | None:
         """Where each of a model's tensors is read: digest -> (segment, offset), from the

@@ -31,17 +31,17 @@ from typing import Any, Callable, Iterator
 from . import cuda_driver
 from . import digest as digests
 from . import ingest, names
-from .catalog import Catalog
+from .catalog import MAX_SEGMENTS_PER_MODEL, Catalog
 from .cloud import CloudTier, RemoteFile
 from .disk import DiskTier
 from .gpu import GpuSegment, GpuTier
 from .acl import EVERYONE, AccessPolicy, Tenant
-from .errors import (CapacityError, DamagedCopy, GpuError, IntegrityError, InvalidName, ModelBusy, ModelNotFound,
-                     PermissionDenied, QuotaExceeded, StorageError, TrimsError)
+from .errors import (CapacityError, DamagedCopy, GpuError, IntegrityError, InvalidModel, InvalidName, ModelBusy,
+                     ModelNotFound, PermissionDenied, QuotaExceeded, StorageError, TrimsError)
 from .host import HostSegment, HostTier
 from .metrics import OPEN_SECONDS_BUCKETS, Metrics
 from .policy import POLICIES
-from .protocol import ModelSummary, ProgressCallback, PushResult, TensorEntry, TensorTable
+from .protocol import MAX_FDS_PER_FRAME, ModelSummary, ProgressCallback, PushResult, TensorEntry, TensorTable
 from .records import Manifest, SegmentEntry, SegmentLayout
 from .sharing import SharingRule
 from .sources import FileSource, Source
@@ -353,7 +353,8 @@ class Store:
         still be shared with the new name's readers, or else a fresh choice."""
         usable = self._usable_locked(manifest, name)
         current = self.catalog.uses.get(manifest.digest)
-        if current and self.catalog.placement(manifest) is not None and all(usable(s) for s in current):
+        if (current and len(current) <= MAX_SEGMENTS_PER_MODEL and self.catalog.placement(manifest) is not None
+                and all(usable(s) for s in current)):
             return current
         return self.catalog.choose_segments(manifest, usable)
 
@@ -548,6 +549,10 @@ class Store:
             while True:
                 name, manifest = self._resolve(reference, tenant)
                 placement = self._placement(manifest)
+                if len(placement.segments) > MAX_FDS_PER_FRAME:  # stored before pushes were held to fewer
+                    raise InvalidModel(f"{name} is spread over {len(placement.segments)} stored segments, more than "
+                                       f"one open can hand out ({MAX_FDS_PER_FRAME}): push it again, which stores it "
+                                       "in fewer")
                 if self._may_map_locked(tenant, manifest, placement):
                     break
                 if not self._repacking.intersection(placement.segments):
