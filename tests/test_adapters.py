@@ -10,6 +10,7 @@ import trims
 import trims.numpy
 import trims.transformers
 
+from .conftest import run_python
 from .models import build, output_of
 from .test_torch import only_repeats_copied
 
@@ -60,6 +61,30 @@ def test_numpy_adapter(shared_daemon, tmp_path):
     assert set(expected) == set(arrays)
     assert all(np.array_equal(arrays[k], expected[k]) for k in arrays)
     assert not any(a.flags.writeable for a in arrays.values())
+
+
+def test_arrays_stay_readable_to_atexit_handlers_and_daemon_threads(shared_daemon, tmp_path):
+    """The mappings are not unmapped at interpreter exit (the kernel does it): a handler
+    registered after the first load, or a daemon thread still computing, read them then."""
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.ones(1 << 20, dtype=np.float32)}, str(tmp_path / "m.safetensors"))
+    shared_daemon.client().push(tmp_path / "m.safetensors", "adapters/at-exit")
+    code = """
+        import atexit, threading
+        import numpy as np
+        import trims.numpy
+        w = trims.numpy.load_state_dict("adapters/at-exit")["w"]
+        atexit.register(lambda: print("at exit", float(w.sum()), flush=True))
+        def compute():
+            while True:
+                np.add(w, 1.0)
+        threading.Thread(target=compute, daemon=True).start()
+        print("done", flush=True)
+    """
+    for _ in range(2):
+        done = run_python(code, shared_daemon.env)
+        assert done.stdout.split() == ["done", "at", "exit", str(float(1 << 20))]
 
 
 def tiny_onnx(path, seed: int = 0) -> np.ndarray:

@@ -32,5 +32,8 @@ def map_private(fd: int, size: int) -> ctypes.Array:
         err = ctypes.get_errno()
         raise OSError(err, f"mmap of a {size}-byte segment failed: {os.strerror(err)}")
     buffer = (ctypes.c_ubyte * size).from_address(address)
-    weakref.finalize(buffer, _libc.munmap, address, size)
+    unmap = weakref.finalize(buffer, _libc.munmap, address, size)
+    # Not at exit: atexit handlers and daemon threads may still read arrays over the mapping,
+    # and the kernel unmaps it when the process ends anyway.
+    unmap.atexit = False
     return buffer
