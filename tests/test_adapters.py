@@ -41,6 +41,36 @@ def test_weights_in_the_modules_own_layout_are_not_renamed(shared_daemon, tmp_pa
     assert torch.equal(output_of(model, "vit"), output_of(original, "vit"))
 
 
+def test_stored_tensors_transformers_ignores_are_ignored(shared_daemon, tmp_path):
+    """Older checkpoints store what today's modules have no place for (GPT-2's causal masks
+    ``attn.bias``, without the ``transformer.`` prefix as the Hub's gpt2 is saved) or compute
+    themselves (BERT's ``position_ids``): transformers loads them, and so does trims."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    client = shared_daemon.client()
+    for kind, edit in (("gpt2", _as_an_old_gpt2_checkpoint), ("bert", _as_an_old_bert_checkpoint)):
+        build(kind, tmp_path / kind)
+        state = load_file(tmp_path / kind / "model.safetensors")
+        save_file(edit(state), tmp_path / kind / "model.safetensors", metadata={"format": "pt"})
+        expected = transformers.AutoModel.from_pretrained(tmp_path / kind)  # the reference: transformers' own
+        client.push(tmp_path / kind, f"adapters/old-{kind}")
+        model = trims.transformers.from_pretrained(f"adapters/old-{kind}", client=client,
+                                                   model_class=type(expected))
+        assert torch.equal(output_of(model, kind), output_of(expected, kind))
+
+
+def _as_an_old_gpt2_checkpoint(state: dict) -> dict:
+    old = {k.removeprefix("transformer."): v.clone() for k, v in state.items() if k.startswith("transformer.")}
+    for key in [k for k in old if k.endswith(".attn.c_attn.weight")]:
+        old[key.replace("c_attn.weight", "bias")] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+    return old
+
+
+def _as_an_old_bert_checkpoint(state: dict) -> dict:
+    return {**{k: v.clone() for k, v in state.items()}, "bert.embeddings.position_ids": torch.arange(64).view(1, 64)}
+
+
 def test_tied_weights_and_snapshot(shared_daemon, tmp_path):
     build("gpt2", tmp_path / "gpt2")
     client = shared_daemon.client()

@@ -178,6 +178,36 @@ def test_a_factory_that_does_not_match_is_refused(pushed):
     assert isinstance(loose, torch.nn.Module)
 
 
+class _Scale(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.factor = torch.nn.Parameter(torch.ones(8))
+
+
+def test_strict_false_initialises_what_the_state_lacks_and_leaves_the_shared_tensors_be(shared_daemon, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    save_file({f"body.{k}": v for k, v in body.state_dict().items()}, tmp_path / "body.safetensors")
+    client = shared_daemon.client()
+    client.push(tmp_path / "body.safetensors", "torch-tests/body")
+
+    def with_head(head):
+        return lambda: torch.nn.ModuleDict({"body": torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()),
+                                            "head": head()})
+
+    model = trims.torch.load_model("torch-tests/body", with_head(lambda: torch.nn.Linear(8, 3)), client=client,
+                                   strict=False)
+    head = model["head"]
+    assert not head.weight.is_meta and head.weight.device.type == "cpu" and head.weight.abs().sum() > 0
+    assert lives_in_store(model["body"][0].weight) and torch.equal(model["body"][0].weight, body[0].weight)
+    x = torch.linspace(-1, 1, 8)
+    assert head(model["body"](x)).shape == (3,)
+    with pytest.raises(trims.ModelMismatch, match="no reset_parameters to initialise them"):
+        trims.torch.load_model("torch-tests/body", with_head(_Scale), client=client, strict=False)
+
+
 def test_a_fresh_process_gets_a_ready_model_with_the_same_output(pushed, shared_daemon):
     _, models = pushed
     expected = output_of(models["gpt2"][0], "gpt2")

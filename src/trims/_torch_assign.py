@@ -199,3 +199,31 @@ def _mismatch(source: str, errors: list[str]) -> ModelMismatch:
     shown = "; ".join(errors[:3]) + (f"; and {len(errors) - 3} more" if len(errors) > 3 else "")
     return ModelMismatch(f"the module built by the factory does not fit {source}: {shown}; "
                          "check the factory builds the architecture that was pushed, in the same configuration")
+
+
+def initialise_missing(model: Module, source: str) -> list[str]:
+    """Parameters no stored tensor gave a value (still on ``meta``), made real on the CPU and
+    initialised as the model would initialise them (a transformers model's ``_init_weights``,
+    else the module's ``reset_parameters``), as ``load_state_dict(strict=False)`` leaves them
+    at their initial values; the names initialised. The shared tensors beside them are not
+    written: during the initialisation they are swapped for scratch tensors."""
+    initialised = []
+    init_weights = getattr(model, "_init_weights", None)
+    for prefix, module in model.named_modules():
+        missing = [name for name, p in module._parameters.items() if p is not None and p.is_meta]
+        if not missing:
+            continue
+        init = (lambda m=module: init_weights(m)) if init_weights else getattr(module, "reset_parameters", None)
+        if init is None:
+            raise ModelMismatch(f"{source} has no values for {', '.join(missing)} of {type(module).__name__} "
+                                f"{prefix or '(the model)'}, which has no reset_parameters to initialise them: push "
+                                "a state that holds them, or load with strict=True to see what is missing")
+        kept = {name: p for name, p in module._parameters.items() if p is not None and name not in missing}
+        for name, p in list(module._parameters.items()):
+            if p is not None:  # every one real and writable while init runs; only the missing ones stay
+                module._parameters[name] = Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+        with torch.no_grad():
+            init()
+        module._parameters.update(kept)
+        initialised += [f"{prefix}.{name}" if prefix else name for name in missing]
+    return initialised

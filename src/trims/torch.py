@@ -20,6 +20,7 @@ outside :func:`assemble`, in every thread, the wrappers only call the originals.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 from collections import defaultdict
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterator, TypeVar, Union
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ._torch_assign import assign_state
+from ._torch_assign import assign_state, initialise_missing
 from ._torch_checkpoint import load_exported_over, load_over, needs_file_offsets
 from .client import Client, ModelView, shared_client
 from .errors import InvalidModel, ModelMismatch
@@ -37,6 +38,8 @@ __all__ = ["load_state_dict", "load_model", "load_checkpoint", "load_exported", 
            "default_dtype", "cuda_index"]
 
 M = TypeVar("M", bound=torch.nn.Module)
+
+log = logging.getLogger(__name__)
 
 _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16,
@@ -152,7 +155,10 @@ def load_model(name: str, factory: Callable[[], M], *, client: Client | None = N
     in host memory, or on the CUDA ``device`` (``"cuda"``, ``"cuda:1"``).
 
     See :func:`assemble`. Raises :class:`~trims.errors.ModelMismatch` if ``strict`` and the
-    module's parameters and the stored tensors do not match one to one.
+    module's parameters and the stored tensors do not match one to one; with ``strict=False``
+    stored tensors the module lacks are left out, and parameters the store lacks (a new
+    classification head) are initialised afresh, in memory of this process's own (said on
+    the ``trims.torch`` logger), as ``load_state_dict(strict=False)`` leaves them.
     """
     index = cuda_index(device)
     model = assemble(factory, load_state_dict(name, client=client, device=index), strict=strict, source=name,
@@ -186,11 +192,15 @@ def assemble(factory: Callable[[], M], state: dict[str, torch.Tensor], *, strict
     # state did not provide (built on the CPU, they would silently keep their initial values).
     missing = sorted({n for n in missing_keys if n not in retied} | {n for n, t in named_tensors(model) if t.is_meta})
     if strict and (missing or unexpected):
-        raise ModelMismatch(
-            f"the module built by the factory does not match {source}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:3]}); check the factory builds the architecture that was pushed"
-        )
+        differences = [f"{len(keys)} {kind} (e.g. {', '.join(keys[:3])})"
+                       for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise ModelMismatch(f"the module built by the factory does not match {source}: {' and '.join(differences)}; "
+                            "check the factory builds the architecture that was pushed")
+    if missing:
+        initialised = initialise_missing(model, source)
+        if initialised:
+            log.warning("%d parameters of %s are not in %s and were initialised afresh (strict=False): %s",
+                        len(initialised), type(model).__name__, source, ", ".join(initialised[:5]))
     return model.eval()
 
 

@@ -13,8 +13,10 @@ weights are tied again. Causal LMs, encoders and vision models alike.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+import types
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,43 @@ def from_pretrained(name: str, *, client: Client | None = None, model_class: typ
         with default_dtype(dtype):  # buffers the model computes come out in the checkpoint's precision
             return cls(config)
 
-    return load_model(model_digest, build, client=client, key_map=_checkpoint_to_module_names, device=device)
+    return load_model(model_digest, build, client=client, key_map=_as_transformers_loads_it, device=device)
+
+
+def _as_transformers_loads_it(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stored tensors transformers' own ``from_pretrained`` would load, by the module's names."""
+    return _without_ignored(model, _checkpoint_to_module_names(model, state))
+
+
+def _without_ignored(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Without the stored tensors the module has no place for that transformers ignores
+    (``_keys_to_ignore_on_load_unexpected``: GPT-2's causal masks ``attn.bias`` in older
+    checkpoints; ``position_ids`` and ``inv_freq`` stored when they were persistent), or that
+    are buffers the module computes (non-persistent) and transformers does not load."""
+    names = dict(named_tensors(model))
+    unexpected = {key for key in state if key not in names}
+    computed = {f"{prefix}.{b}" if prefix else b for prefix, module in model.named_modules()
+                for b in getattr(module, "_non_persistent_buffers_set", ())}
+    ignored = _ignored_unexpected(model, unexpected) | (set(state) & computed)
+    return {key: tensor for key, tensor in state.items() if key not in ignored}
+
+
+def _ignored_unexpected(model: torch.nn.Module, unexpected: set[str]) -> set[str]:
+    """Which of ``unexpected`` transformers itself ignores, asked of the model (its rules
+    differ by architecture and version); by ``_keys_to_ignore_on_load_unexpected`` alone where
+    the model has no such method."""
+    if not unexpected:
+        return set()
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if adjust is not None:
+        info = types.SimpleNamespace(missing_keys=set(), unexpected_keys=set(unexpected))
+        try:
+            adjust(info)
+            return unexpected - set(info.unexpected_keys)
+        except (AttributeError, TypeError):  # another version's loading info: fall back to the patterns
+            pass
+    patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
+    return {key for key in unexpected if any(re.search(pattern, key) for pattern in patterns)}
 
 
 def _checkpoint_to_module_names(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
