@@ -130,6 +130,30 @@ def test_a_stalled_client_is_cut_off_and_others_are_served(tmp_path):
         daemon.kill()
 
 
+def test_a_client_trickling_a_frame_is_cut_off_at_the_frame_timeout_and_big_requests_are_refused(tmp_path):
+    """Each byte within the timeout does not keep a frame's buffer for ever: the frame as a
+    whole must arrive within it. A request frame over 1 MiB is refused from its header."""
+    daemon = DaemonProcess(tmp_path / "d", extra=("--frame-timeout", "1")).start()
+    try:
+        trickling = socket.socket(socket.AF_UNIX)
+        trickling.connect(str(daemon.socket))
+        frame = protocol.encode(protocol.Open(name="x" * 4000))
+        started = time.monotonic()
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for byte in frame:
+                trickling.send(bytes([byte]))
+                time.sleep(0.25)
+        assert 0.9 < time.monotonic() - started < 6
+        big = socket.socket(socket.AF_UNIX)
+        big.connect(str(daemon.socket))
+        big.sendall(protocol.HEADER.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, 0, 0, 2 << 20))
+        big.settimeout(10)
+        assert b"exceeds the 1048576-byte cap" in big.recv(4096)
+        daemon.client().ping()
+    finally:
+        daemon.kill()
+
+
 def test_too_many_connections_get_a_clear_refusal(tmp_path):
     daemon = DaemonProcess(tmp_path / "d", extra=("--max-connections", "3")).start()
     try:

@@ -16,7 +16,7 @@ import trims
 from trims import ingest, protocol, transport
 from trims.sources import FileSource
 
-from .conftest import DaemonProcess, open_concurrently
+from .conftest import DaemonProcess, open_concurrently, wait_for
 from .models import build, raw_safetensors
 
 
@@ -365,6 +365,21 @@ def test_evict_refuses_leased_models_and_frees_idle_ones(daemon, tmp_path):
     assert client.stats()["tiers"]["host"]["used_bytes"] == 0
     with client.open("m0") as view:
         assert view["w"].shape == (64 * 1024,)
+
+
+def test_a_closed_view_keeps_its_lease_while_arrays_taken_from_it_live(daemon, tmp_path):
+    """The arrays map the daemon's memory: evicting it then would count it free while it is
+    not (the host cap overrun by what clients still hold)."""
+    client = daemon.client()
+    _push_seeded(client, tmp_path, [0])
+    with client.open("m0") as view:
+        kept = view["w"]
+    with pytest.raises(trims.ModelBusy, match="1 leases"):
+        client.evict("m0")
+    assert kept.shape == (64 * 1024,) and np.isfinite(kept).all()  # still readable
+    del kept, view
+    wait_for(lambda: client.stats()["leases"] == 0, message="the last array's lease to end")
+    client.evict("m0")
 
 
 def test_remove_deletes_bytes_once_no_name_uses_them(daemon, tmp_path):

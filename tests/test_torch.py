@@ -178,6 +178,22 @@ def test_a_factory_that_does_not_match_is_refused(pushed):
     assert isinstance(loose, torch.nn.Module)
 
 
+def test_each_tensor_has_a_storage_of_its_own_bytes(pushed, tmp_path):
+    """Saving, copying or pickling one tensor carries its own bytes, not its whole segment."""
+    import copy
+    import io
+
+    client, _ = pushed
+    state = trims.torch.load_state_dict("torch-tests/gpt2", client=client)
+    name, small = min(state.items(), key=lambda item: item[1].nbytes if item[1].nbytes else 1 << 62)
+    assert small.untyped_storage().nbytes() == small.nbytes and lives_in_store(small)
+    assert copy.deepcopy(small).untyped_storage().nbytes() == small.nbytes
+    saved = io.BytesIO()
+    torch.save(small, saved)
+    assert len(saved.getvalue()) < small.nbytes + 4096
+    assert torch.equal(torch.load(io.BytesIO(saved.getvalue())), small)
+
+
 class _Scale(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

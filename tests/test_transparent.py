@@ -48,8 +48,10 @@ SCRIPTS = {
         from safetensors import safe_open
         with safe_open(directory + "/model.safetensors", framework="numpy") as f:
             arrays = {k: f.get_tensor(k) for k in f.keys()}
+            columns = f.get_slice("transformer.wte.weight")[:, 1:3]  # contiguous, as safetensors slices
         arrays["transformer.wte.weight"][0, 0] = 42.0  # numpy callers may write: on a private copy
-        result = {"output": [float(arrays[k].astype("float64").sum()) for k in sorted(arrays)],
+        result = {"output": [float(arrays[k].astype("float64").sum()) for k in sorted(arrays)]
+                            + [bool(columns.flags.c_contiguous)] + columns.flatten().tolist(),
                   "shared": in_store(arrays["transformer.h.0.mlp.c_fc.weight"].ctypes.data)}
     """,
     "safetensors.numpy.load_file": """
@@ -238,12 +240,19 @@ UNSHARED_KINDS = """
             scripted = torch.load(scratch + "/scripted.pt", weights_only=False)
             legacy = torch.load(scratch + "/legacy.pt")
             outputs += scripted(torch.ones(1, 4)).flatten().tolist() + [float(v.sum()) for v in legacy.values()]
+    import safetensors, safetensors.torch
+    for load in (safetensors.torch.load_file, lambda path: safetensors.safe_open(path, "pt"), torch.load):
+        try:  # a file that is not there fails as it would without trims, and is not worth a warning
+            load(scratch + "/missing.safetensors")
+        except Exception as exc:
+            outputs.append(type(exc).__name__)
     result = {"output": outputs, "shared": in_store(legacy["weight"].data_ptr())}
 """
 
 
 def test_files_of_kinds_trims_does_not_share_load_as_ever_without_a_word(model_dir, shared_daemon):
-    """A TorchScript archive or a legacy pickle is not shared; that is no trouble to warn of."""
+    """A TorchScript archive or a legacy pickle is not shared, and a missing file is not
+    there: no trouble to warn of."""
     plain, _ = run_script(UNSHARED_KINDS, model_dir, shared_daemon.env, transparent=False)
     unshared, stderr = run_script(UNSHARED_KINDS, model_dir, shared_daemon.env, transparent=True)
     assert unshared["output"] == plain["output"] and not unshared["shared"] and "trims" not in stderr

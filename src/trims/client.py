@@ -432,17 +432,16 @@ class ModelView(Mapping[str, "np.ndarray"]):
         return frozenset(repeats)
 
     def close(self) -> None:
-        """End the lease now. Arrays already taken stay valid: the mapping is private.
-
-        On a device, tensors already made share the daemon's allocation: the lease ends with
-        the last of them instead, so the daemon never counts memory in use as free."""
+        """End the lease: now, if nothing made from the view is left; else with the last
+        array or tensor over its memory (host or device), which stays valid until then, so
+        the daemon never counts memory in use as free."""
         if not self.closed:
             self.closed = True
             self._arrays.clear()
-            if self.device is None:
-                self._lease.close()
-            else:  # the lease now lives as long as the segments that hold it
-                self.segments, self._lease = (), None
+            lease, client = weakref.ref(self._lease), self._lease._client()
+            self.segments, self._lease = (), None  # the lease now lives as long as the segments that hold it
+            if lease() is None and client is not None:
+                client._flush_releases()  # it went with them: its release was queued, send it now
 
     def __enter__(self) -> ModelView:
         return self

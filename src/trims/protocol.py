@@ -38,6 +38,9 @@ PROTOCOL_VERSION = 1
 MAGIC = b"TRIM"
 HEADER = struct.Struct("!4sBBHI")
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+# What the daemon buffers of a request: requests are names, labels and small numbers (a push of
+# 250 files is tens of KiB), and 1024 connections with a frame each begun stay under a GiB.
+MAX_REQUEST_BYTES = 1024 * 1024
 # The kernel refuses more than 253 descriptors in one sendmsg (SCM_MAX_FD).
 MAX_FDS_PER_FRAME = 250
 _INT_RANGE = (-(2**63), 2**64)

@@ -127,7 +127,7 @@ class Server:
         except OSError as exc:  # e.g. EMFILE: refuse this one, keep serving the rest
             log.error("accept failed: %s", exc)
             return
-        channel = Channel(sock)
+        channel = Channel(sock, max_frame_bytes=protocol.MAX_REQUEST_BYTES)
         with self._lock:
             full = len(self._connections) >= self._max_connections
             if not full:

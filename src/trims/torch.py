@@ -103,33 +103,43 @@ def cuda_index(device: Device | int) -> int | None:
 
 
 def state_dict_from_view(view: ModelView) -> dict[str, torch.Tensor]:
-    """Tensors over an open view's mapped segments: strided views of one typed base tensor per
-    segment and dtype, so no byte is copied and each tensor costs one ``as_strided``. In host
-    memory a tensor whose bytes an earlier one shares (``view.repeats``) is a copy instead:
-    the mapping is writable and private, and ``add_`` on one must not change the other."""
+    """Tensors over an open view's mapped segments, no byte copied. In host memory each has a
+    storage of its own, exactly its bytes, as a file's loader gives it: ``torch.save``,
+    ``deepcopy`` or pickling one tensor carries that tensor, not its segment (which may hold
+    other models' tensors too); a tensor whose bytes an earlier one shares (``view.repeats``)
+    is a copy instead, the mapping being writable and private, so ``add_`` on one must not
+    change the other. On a GPU they are strided views of one tensor per segment and dtype."""
+    if view.device is not None:
+        return _device_state_dict(view)
+    state = {}
+    for name, entry in view.index.items():
+        dtype, shape = _torch_layout(entry.dtype, entry.shape, entry.nbytes)
+        count = entry.nbytes // dtype.itemsize
+        state[name] = torch.frombuffer(view.segments[entry.segment], dtype=dtype, count=count,
+                                       offset=entry.offset).view(shape) if count else torch.empty(shape, dtype=dtype)
+    for name in view.repeats:
+        state[name] = state[name].clone()
+    return state
+
+
+def _device_state_dict(view: ModelView) -> dict[str, torch.Tensor]:
     bases: dict[tuple[int, torch.dtype], torch.Tensor] = {}
     state = {}
     for name, entry in view.index.items():
         dtype, shape = _torch_layout(entry.dtype, entry.shape, entry.nbytes)
         base = bases.get((entry.segment, dtype))
         if base is None:  # segments are 64-byte multiples: every element type divides them
-            base = bases[entry.segment, dtype] = _bytes_of(view, entry.segment).view(dtype)
+            segment = torch.as_tensor(view.segments[entry.segment], device=f"cuda:{view.device}")
+            base = bases[entry.segment, dtype] = segment.view(dtype)
         state[name] = base.as_strided(shape, _contiguous_strides(shape), entry.offset // dtype.itemsize)
-    if view.device is None:
-        for name in view.repeats:
-            state[name] = state[name].clone()
     return state
-
-
-def _bytes_of(view: ModelView, segment: int) -> torch.Tensor:
-    """One segment as a uint8 tensor over its mapped memory (host or device), no copy."""
-    if view.device is None:
-        return torch.frombuffer(view.segments[segment], dtype=torch.uint8)
-    return torch.as_tensor(view.segments[segment], device=f"cuda:{view.device}")
 
 
 def _torch_layout(dtype: str, shape: tuple[int, ...], nbytes: int) -> tuple[torch.dtype, tuple[int, ...]]:
     if dtype == "F4" and "F4" in _DTYPES:  # torch packs two fp4 values per element
+        if not shape or shape[-1] % 2:
+            raise InvalidModel(f"an F4 tensor of shape {list(shape)} cannot be a torch tensor: torch packs two "
+                               "fp4 values per element, so the last dimension must be even (as safetensors requires)")
         return _DTYPES["F4"], (*shape[:-1], shape[-1] // 2)
     if dtype in _DTYPES:
         return _DTYPES[dtype], shape

@@ -173,7 +173,12 @@ class _Slice:
         self._place = place
 
     def __getitem__(self, index: Any) -> Any:
-        return self._place(self._tensor[index])
+        part = self._tensor[index]  # contiguous, as safetensors reads a slice (a copy only where it is not)
+        if hasattr(part, "contiguous"):
+            return self._place(part.contiguous())
+        import numpy
+
+        return self._place(numpy.ascontiguousarray(part))
 
     def get_shape(self) -> list[int]:
         return list(self._tensor.shape)
@@ -308,7 +313,10 @@ def _shared_view(filename: Any) -> ModelView | None:
     unless the file is of a kind trims does not share (a TorchScript archive, say)."""
     try:
         path = Path(os.fspath(filename))
-        info = path.stat()
+        try:
+            info = path.stat()
+        except OSError:  # no such file, say: the original loader says so, as without trims
+            return None
         identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
         if identity in _unshared:
             return None

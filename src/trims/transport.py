@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,9 @@ class PeerCredentials:
 class Channel:
     """A connected socket speaking trims frames. Not thread-safe: one user at a time."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, max_frame_bytes: int = protocol.MAX_FRAME_BYTES) -> None:
         self.sock = sock
-        self._decoder = protocol.Decoder()
+        self._decoder = protocol.Decoder(max_frame_bytes=max_frame_bytes)
 
     def send(self, message: protocol.Message) -> None:
         data = protocol.encode(message)
@@ -45,30 +46,38 @@ class Channel:
     def receive(self, frame_timeout: float | None = None, first_byte_timeout: float | None = None) -> protocol.Message:
         """The next message; raises :class:`ConnectionLost` on EOF.
 
-        With ``frame_timeout``, each read of a frame begun must bring bytes within that many
-        seconds. Waiting for a first byte has no limit unless ``first_byte_timeout`` sets one
-        (idle clients may hold leases; a health check may not wait for ever).
+        With ``frame_timeout``, a frame begun must be complete within that many seconds (a
+        peer trickling a byte at a time cannot hold a frame's buffer for ever). Waiting for a
+        first byte has no limit unless ``first_byte_timeout`` sets one (idle clients may hold
+        leases; a health check may not wait for ever).
         """
+        deadline = None
         while True:
             message = self._decoder.next_message()
             if message is not None:
                 return message
-            timeout = (frame_timeout if self._decoder.buffered else first_byte_timeout) or None
+            if self._decoder.buffered and frame_timeout:
+                deadline = deadline or time.monotonic() + frame_timeout
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    raise ConnectionLost(f"peer stalled: no complete frame within {frame_timeout:g} s")
+            else:
+                timeout = first_byte_timeout or None
             self.sock.settimeout(timeout)
             try:
-                self._receive_some(timeout)
+                self._receive_some(frame_timeout if self._decoder.buffered else timeout)
             finally:
                 if timeout:  # sends stay blocking (or bounded by SO_SNDTIMEO)
                     self.sock.settimeout(None)
 
-    def _receive_some(self, timeout: float | None) -> None:
+    def _receive_some(self, limit: float | None) -> None:
         try:
             data, fds, flags, _ = socket.recv_fds(
                 self.sock, _RECV_BYTES, protocol.MAX_FDS_PER_FRAME, socket.MSG_CMSG_CLOEXEC
             )
         except TimeoutError:
             what = "no complete frame" if self._decoder.buffered else "no answer"
-            raise ConnectionLost(f"peer stalled: {what} within {timeout:g} s") from None
+            raise ConnectionLost(f"peer stalled: {what} within {limit:g} s") from None
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise ConnectionLost(f"connection reset: {exc}") from None
         self._decoder.feed(data, fds)
