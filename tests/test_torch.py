@@ -194,6 +194,19 @@ def test_each_tensor_has_a_storage_of_its_own_bytes(pushed, tmp_path):
     assert torch.equal(torch.load(io.BytesIO(saved.getvalue())), small)
 
 
+@pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="this torch has no fp4 type")
+def test_fp4_with_an_odd_last_dimension_is_refused_not_truncated(shared_daemon, tmp_path):
+    """torch packs two fp4 values per element: [2, 3] has no torch shape (safetensors refuses it too)."""
+    from .models import raw_safetensors
+
+    path = raw_safetensors(tmp_path / "odd.safetensors", {"a": {"dtype": "F4", "shape": [2, 3], "data_offsets": [0, 3]}},
+                           b"\x12\x34\x56")
+    client = shared_daemon.client()
+    client.push(path, "torch-tests/fp4-odd")
+    with pytest.raises(trims.InvalidModel, match="last dimension must be even"):
+        trims.torch.load_state_dict("torch-tests/fp4-odd", client=client)
+
+
 class _Scale(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
