@@ -275,6 +275,35 @@ def test_restart_keeps_the_catalogue_and_verifies_what_it_loads(tmp_path):
         second.kill()
 
 
+@pytest.mark.parametrize("record", ["tags.json", "pins.json", "owners.json", "uses.json", "models", "segments"])
+def test_an_unreadable_record_stops_the_start_and_deletes_nothing(tmp_path, record):
+    """One damaged catalogue file must not make the start collect the models it describes as
+    garbage: the daemon refuses to start, naming the file, and starts once it is restored."""
+    from trims.acl import EVERYONE
+    from trims.errors import ConfigError
+    from trims.store import Store
+
+    save_file({"w": torch.randn(1000)}, tmp_path / "m.safetensors")
+    root = tmp_path / "store"
+    store = Store(root, host_capacity=1 << 26)
+    _push(store, "m", tmp_path / "m.safetensors", EVERYONE)
+    store.pin("m", "disk")
+    store.close()
+    path = root / record if record.endswith(".json") else next((root / record).glob("*.json"))
+    original, before = path.read_bytes(), sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    for damage in (original[: len(original) // 2], b"[1, 2]"):
+        path.write_bytes(damage)
+        with pytest.raises(ConfigError, match=f"{path.relative_to(root)}.*restore it from a backup"):
+            Store(root, host_capacity=1 << 26)
+        assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == before
+    path.write_bytes(original)
+    store = Store(root, host_capacity=1 << 26)
+    try:
+        assert [(m.name, m.pinned) for m in store.list_models()] == [("m:latest", "disk")]
+    finally:
+        store.close()
+
+
 def test_a_corrupted_byte_on_disk_is_set_aside_never_served_and_restored_by_a_push(tmp_path):
     weights = torch.randn(4096)
     save_file({"w": weights}, tmp_path / "m.safetensors")

@@ -57,7 +57,11 @@ class Catalog:
         self.uses: dict[str, tuple[str, ...]] = {}  # model digest -> the segments its tensors are read from
         self.pins: dict[str, str] = {}  # name -> tier
         self.owners: dict[str, str] = {}  # name -> the tenant that pushed it
-        self._load()
+        try:
+            self._load()
+        except BaseException:
+            self.close()  # the lock too: the caller may mend the store and open it again
+            raise
 
     # --- writes -------------------------------------------------------------------------
 
@@ -262,30 +266,24 @@ class Catalog:
         self._load_segments()
         self.uses = self._read_uses()
         self._load_manifests()
-        tags = self._read_json(self.root / "tags.json") or {}
+        tags = self._read_json(self.root / "tags.json", dict, "every name") or {}
         self._set_tags({name: d for name, d in tags.items() if self._usable_tag(name, d)})
-        self.pins = {n: t for n, t in (self._read_json(self.root / "pins.json") or {}).items() if n in self.tags}
-        self.owners = {n: o for n, o in (self._read_json(self.root / "owners.json") or {}).items() if n in self.tags}
+        pins = self._read_json(self.root / "pins.json", dict, "the pins") or {}
+        self.pins = {n: t for n, t in pins.items() if n in self.tags}
+        owners = self._read_json(self.root / "owners.json", dict, "whom quotas charge for each name") or {}
+        self.owners = {n: o for n, o in owners.items() if n in self.tags}
 
     def _load_segments(self) -> None:
         for path in (self.root / "segments").glob("*.json"):
-            try:
-                layout = SegmentLayout.from_json(self._read_json(path))
-            except (TypeError, KeyError, ValueError) as exc:
-                log.error("segment layout %s is unusable and was skipped: %s", path.name, exc)
-                continue
+            layout = self._read_json(path, SegmentLayout.from_json, "the models stored in that segment")
             if digests.hex_of(layout.id) != path.stem:
-                log.error("segment layout %s does not match its name; skipped", path.name)
-                continue
+                raise self._damaged(path, "it describes another segment than its name says",
+                                    "the models stored in that segment")
             self._index_segment(layout)
 
     def _load_manifests(self) -> None:
         for path in (self.root / "models").glob("*.json"):
-            try:
-                manifest = Manifest.from_json(self._read_json(path))
-            except (TypeError, KeyError, ValueError) as exc:
-                log.error("model manifest %s is unusable and was skipped: %s", path.name, exc)
-                continue
+            manifest = self._read_json(path, Manifest.from_json, "that model and its names")
             if manifest.digest not in self.uses:  # a store from before uses.json: any segment holding its tensors
                 self.uses[manifest.digest] = self.choose_segments(manifest, lambda s: True) or ()
             if self.placement(manifest) is None:
@@ -341,14 +339,25 @@ class Catalog:
 
     # --- atomic file helpers ---------------------------------------------------------------
 
-    def _read_json(self, path: Path) -> Any:
+    def _read_json(self, path: Path, parse: Callable[[Any], Any], losing: str) -> Any:
+        """``parse`` of the JSON in ``path``; None if there is no such file. A file that is
+        there but unreadable stops the start: going on without it would collect ``losing``
+        as garbage."""
         try:
-            return json.loads(path.read_bytes())
+            doc = json.loads(path.read_bytes())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            log.error("%s is unreadable: %s", path, exc)
-            return None
+            raise self._damaged(path, f"it is unreadable ({exc})", losing) from None
+        try:
+            return parse(doc)
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise self._damaged(path, f"it does not hold what it should ({type(exc).__name__}: {exc})", losing) from None
+
+    def _damaged(self, path: Path, why: str, losing: str) -> ConfigError:
+        return ConfigError(f"the store's {path.relative_to(self.root)} cannot be used: {why}. The daemon does not "
+                           f"start without it, since it would drop {losing}: restore it from a backup of the store, "
+                           f"or move it out of {self.root} to let the daemon drop what depends on it")
 
     def _write_json(self, path: Path, doc: Any) -> None:
         self._write_bytes(path, json.dumps(doc, separators=(",", ":")).encode())
