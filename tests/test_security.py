@@ -287,6 +287,12 @@ def test_push_rights_are_their_own_namespaces(tmp_path):
     (tenant,) = policy.tenants
     assert tenant.can_push("team-a/x") and tenant.can_see("public/x") and not tenant.can_push("public/x")
     assert tenant.can_push("auto/a/0123") and not tenant.can_see("auto/b/0123")
+    # Another tenant's transparent-mode registrations stay its own, whatever the patterns say
+    (wide,) = parse_tenants({"w": {"uids": [2], "namespaces": ["*", "auto/*"], "push": ["*"]}}, parse_size).tenants
+    assert wide.can_see("auto/w/0123") and wide.can_see("team-a/x")
+    assert not wide.can_see("auto/a/0123") and not wide.can_push("auto/a/0123")
+    (admin,) = parse_tenants({"ops": {"uids": [3], "admin": True}}, parse_size).tenants
+    assert admin.can_see("auto/a/0123")
     for bad in ({"admin": "no"}, {"push": "yes"}, {"max_leased_bytes": -1}, {"uids": "0"}):
         with pytest.raises(ConfigError):
             parse_tenants({"a": {"namespaces": ["*"], **bad}}, parse_size)

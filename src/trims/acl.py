@@ -54,10 +54,13 @@ class Tenant:
         return uid in self.uids or ANY_ID in self.uids or any(g in self.gids for g in gids)
 
     def can_see(self, name: str) -> bool:
-        """Whether a model name (``NAME:TAG``) lies in one of this tenant's namespaces, or in
-        ``auto/<tenant>/``, where its transparent-mode registrations go."""
+        """Whether a model name (``NAME:TAG``) lies in one of this tenant's namespaces. Under
+        ``auto/`` (transparent mode's registrations) a tenant sees its own ``auto/<tenant>/``
+        alone, whatever its patterns say (``*`` included); an admin sees them all."""
         bare = name.split(":", 1)[0]
-        return bare.startswith(f"auto/{self.name}/") or any(fnmatch.fnmatchcase(bare, p) for p in self.namespaces)
+        if bare.startswith("auto/"):
+            return bare.startswith(f"auto/{self.name}/") or self.admin
+        return any(fnmatch.fnmatchcase(bare, p) for p in self.namespaces)
 
     def can_push(self, name: str) -> bool:
         """Whether it may push or remove ``name`` (which it must also be able to see)."""
