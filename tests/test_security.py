@@ -362,3 +362,38 @@ def test_the_socket_directory_keeps_its_special_bits(tmp_path):
     private.mkdir(mode=0o700)
     _open_directory_to_socket_users(private, 0o666, None)
     assert stat_module.S_IMODE(private.stat().st_mode) == 0o711  # search only, for group and others
+
+
+def test_a_client_maps_only_sealed_segments():
+    """A process at the socket that is not a trims daemon could hand out memory it goes on
+    writing: the client maps only memfds sealed against writes, growing and shrinking."""
+    import fcntl
+
+    from trims.client import _check_sealed
+
+    unsealed = os.memfd_create("imposter", os.MFD_ALLOW_SEALING)
+    sealed = os.memfd_create("daemon", os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(sealed, 4096)
+        fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        _check_sealed(sealed)
+        with pytest.raises(trims.IntegrityError, match="not sealed"):
+            _check_sealed(unsealed)
+    finally:
+        os.close(unsealed)
+        os.close(sealed)
+
+
+def test_the_shared_tmp_fallback_directory_must_be_the_users_own(tmp_path, monkeypatch):
+    """/tmp/trims-<uid> can be made first by anyone: a client refuses one that others may write
+    to or that someone else made, before it sends any file there."""
+    from trims import config
+
+    directory = tmp_path / "trims-fallback"
+    directory.mkdir(mode=0o700)
+    monkeypatch.setattr(config, "_shared_tmp_runtime_dir", lambda: directory)
+    config.check_socket_directory(directory / "trims.sock")
+    config.check_socket_directory(tmp_path / "elsewhere" / "trims.sock")  # the operator's choice
+    directory.chmod(0o777)
+    with pytest.raises(trims.DaemonUnavailable, match="another user may be listening there"):
+        trims.connect(directory / "trims.sock")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import os
@@ -31,9 +32,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from . import protocol, transport
 from ._mapping import map_private
-from .config import default_socket_path
-from .errors import (ConnectionLost, DaemonUnavailable, GpuError, InvalidModel, ProtocolError, RemoteProtocolError,
-                     error_for_code)
+from .config import check_socket_directory, default_socket_path
+from .errors import (ConnectionLost, DaemonUnavailable, GpuError, IntegrityError, InvalidModel, ProtocolError,
+                     RemoteProtocolError, error_for_code)
 from .protocol import ModelSummary, ProgressCallback, PushResult, TensorEntry
 from .torch_format import PUSHABLE
 
@@ -264,6 +265,7 @@ class Client:
             self._drop_channel_locked()
             self._pid = os.getpid()
         if self._channel is None:
+            check_socket_directory(self.socket_path)
             self._channel = transport.connect(self.socket_path, timeout=self._timeout)
             self._generation += 1
         return self._channel
@@ -487,9 +489,25 @@ def _map_segment(fd: int, size: int, lease: _Lease, device: int | None) -> Any:
     else:
         if os.fstat(fd).st_size < size:
             raise RemoteProtocolError(f"segment is {os.fstat(fd).st_size} bytes, the daemon said {size}")
+        _check_sealed(fd)
         segment = map_private(fd, size)
     segment.lease = lease  # whatever keeps the memory alive keeps the lease too
     return segment
+
+
+# What a daemon's segment must be: memory nobody can change any more (it was hashed before).
+_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+def _check_sealed(fd: int) -> None:
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:  # not a memfd at all
+        seals = 0
+    if seals & _SEALS != _SEALS:
+        raise IntegrityError("the daemon sent a segment that is not sealed against writes, so its bytes could change "
+                             "under this process: whatever listens at the socket is not a trims daemon (or one too "
+                             "old); check TRIMS_SOCKET")
 
 
 @contextlib.contextmanager

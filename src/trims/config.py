@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .acl import AccessPolicy, parse_tenants
-from .errors import ConfigError
+from .errors import ConfigError, DaemonUnavailable
 from .policy import POLICIES
 
 SOCKET_ENV = "TRIMS_SOCKET"
@@ -67,7 +67,30 @@ def _runtime_dir() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and Path(runtime).is_dir():
         return Path(runtime) / "trims"
+    return _shared_tmp_runtime_dir()
+
+
+def _shared_tmp_runtime_dir() -> Path:
     return Path(f"/tmp/trims-{os.getuid()}")
+
+
+def check_socket_directory(socket_path: Path) -> None:
+    """Refuse a socket in the per-user fallback directory in /tmp when someone else made that
+    directory, or others may write to it: anyone can create it first and listen there, to be
+    sent this user's model files and to hand back weights of its own. Other paths are the
+    operator's choice (``TRIMS_SOCKET``, ``$XDG_RUNTIME_DIR``, ``/run/trims``)."""
+    directory = socket_path.parent
+    if directory != _shared_tmp_runtime_dir():
+        return
+    try:
+        info = directory.lstat()
+    except FileNotFoundError:
+        return  # no daemon there: connecting says so
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o022:
+        raise DaemonUnavailable(
+            f"{directory} (uid {info.st_uid}, mode {info.st_mode & 0o7777:o}) was not made by you or root, or others "
+            "may write to it: another user may be listening there as a trims daemon. Remove it, or point "
+            "TRIMS_SOCKET (or XDG_RUNTIME_DIR) at a directory of your own")
 
 
 def default_store_dir() -> Path:
