@@ -100,16 +100,24 @@ def test_a_push_of_bytes_the_store_holds_needs_no_room_for_them(tmp_path):
 def test_with_a_cloud_location_every_push_is_uploaded(tmp_path, s3, bucket):
     make_models(tmp_path, [0])
     daemon = DaemonProcess(tmp_path / "d", extra=("--cloud", f"s3://{bucket}/trims")).start()
+    # Another node's daemon on the same prefix keeps a copy of its own, which ours never deletes
+    other = DaemonProcess(tmp_path / "other", extra=("--cloud", f"s3://{bucket}/trims")).start()
     try:
         client = daemon.client()
         client.push(tmp_path / "m0.safetensors", "m0")
         assert tiers_of(client, "m0") == ("disk", "cloud")
         keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
         assert len(keys) == 1 and keys[0].startswith("trims/segments/")
+        other.client().push(tmp_path / "m0.safetensors", "m0")
         client.remove("m0")  # the uploaded copy is the daemon's: removed with the model
-        assert s3.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+        wait_for(lambda: s3.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 1, message="its deletion")
+        (kept,) = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+        assert kept != keys[0] and tiers_of(other.client(), "m0") == ("disk", "cloud")
+        other.client().remove("m0")
+        wait_for(lambda: s3.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0, message="its deletion")
     finally:
         daemon.kill()
+        other.kill()
 
 
 def test_a_failed_upload_says_the_model_is_stored_and_a_push_again_uploads_it(tmp_path, s3, bucket):

@@ -4,8 +4,9 @@ The tier records, for each segment it holds, where each tensor's bytes can be re
 object URL and an offset in it. Two ways in:
 
 - a segment uploaded whole (``trims push PATH --to s3://bucket/prefix``): its tensors sit in
-  ``<prefix>/segments/<id>.bin`` at the segment's own offsets, and the object is the tier's
-  to delete;
+  ``<prefix>/segments/<store>/<id>.bin`` at the segment's own offsets, and the object is the
+  tier's to delete (``<store>`` names this daemon's store, so that the daemons of many nodes
+  can share one prefix without deleting each other's copies);
 - a model registered from a bucket (``trims push s3://bucket/model-dir``): its tensors are
   read straight out of the original safetensors objects, which are never deleted.
 
@@ -23,6 +24,7 @@ import logging
 import mmap
 import os
 import tempfile
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,22 @@ class RemoteCopy:
         return cls(size=doc["size"], places={d: (u, o) for d, (u, o) in doc["places"].items()}, owned=list(doc["owned"]))
 
 
+def _store_id(path: Path, temp_dir: Path) -> str:
+    """This store's name in the objects it uploads, made once: random, so that two stores
+    never take the same."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    fd, temp = tempfile.mkstemp(dir=temp_dir, prefix="store-id-")
+    with open(fd, "w") as out:
+        out.write(uuid.uuid4().hex)
+        out.flush()
+        os.fsync(out.fileno())
+    rename_durably(Path(temp), path)
+    return path.read_text().strip()
+
+
 class CloudTier(Tier):
     name = "cloud"
 
@@ -77,6 +95,7 @@ class CloudTier(Tier):
         self.objects = Objects(connections)
         self._copies: dict[str, RemoteCopy] = {}
         index_dir.mkdir(mode=0o700, exist_ok=True)
+        self.store_id = _store_id(index_dir / "store-id", temp_dir)
 
     # --- the index of what the cloud holds ---------------------------------------------------
 
@@ -136,8 +155,8 @@ class CloudTier(Tier):
             Path(temp).unlink(missing_ok=True)
 
     def upload(self, layout: SegmentLayout, path: Path, base_url: str) -> None:
-        """Upload a complete local copy of a segment to ``<base_url>/segments/<id>.bin``."""
-        url = f"{base_url.rstrip('/')}{_UPLOADS}{digests.hex_of(layout.id)}.bin"
+        """Upload a complete local copy of a segment to ``<base_url>/segments/<store>/<id>.bin``."""
+        url = f"{base_url.rstrip('/')}{_UPLOADS}{self.store_id}/{digests.hex_of(layout.id)}.bin"
         self.objects.upload(path, url)
         self.register(layout, {e.digest: (url, e.offset) for e in layout.entries}, owned=[url])
 
