@@ -283,6 +283,40 @@ class TestCloudTier(TierChecks):
         assert s3.client().head_object(Bucket=bucket, Key="model.safetensors")["ContentLength"] == len(blob)
 
 
+    def test_a_failed_read_fails_the_fetch_with_its_own_error(self, tier, monkeypatch):
+        """A read's traceback holds slices of the destination's mapping (as botocore's readinto
+        does): they must not keep the mapping from closing, which raised BufferError instead."""
+        layout, data = make_segment(11)
+        tier.put(layout, fill_with(data))
+
+        def cut_short(url, start, view, version=None):
+            part = view[1:]  # noqa: F841 - alive in this frame, as in the HTTP client's
+            try:
+                raise ConnectionResetError("connection reset by peer")
+            except ConnectionResetError:
+                raise StorageError(f"reading {url} failed after 3 tries: cut short") from None
+
+        monkeypatch.setattr(tier.objects, "read_into", cut_short)
+        with pytest.raises(StorageError, match="cut short"):
+            fetched(tier, layout)
+
+
+def test_an_object_replaced_while_a_push_reads_it_fails_the_read(s3):
+    """A push reads a bucket object's header, then its tensors: every read is of the version
+    first sized (its ETag), so a replacement in between cannot splice into what is stored."""
+    from trims.cloud import RemoteFile
+    from trims.objects import Objects
+
+    bucket = s3.new_bucket()
+    s3.client().put_object(Bucket=bucket, Key="m.safetensors", Body=b"a" * 4096)
+    remote = RemoteFile("m.safetensors", f"s3://{bucket}/m.safetensors", Objects(4))
+    view = memoryview(bytearray(16))
+    assert remote.size() == 4096 and remote.read_into(0, view) == 16 and bytes(view) == b"a" * 16
+    s3.client().put_object(Bucket=bucket, Key="m.safetensors", Body=b"b" * 4096)
+    with pytest.raises(IntegrityError, match="replaced while it was being read"):
+        remote.read_into(16, view)
+
+
 def test_a_pushed_objects_scattered_small_reads_share_requests(s3):
     """Spans a few bytes apart take one ranged GET; spans far apart take one each, all at once."""
     from trims.cloud import COALESCE_GAP, RemoteFile
@@ -312,7 +346,7 @@ def _reads_counted(objects, monkeypatch, fail_at: int = 0) -> tuple[list[int], l
     in_flight, peak, started, lock = [0], [0], [0], threading.Lock()
     real_read = objects.read_into
 
-    def counted_read(url, start, view):
+    def counted_read(url, start, view, version=None):
         with lock:
             in_flight[0] += 1
             started[0] += 1
@@ -322,7 +356,7 @@ def _reads_counted(objects, monkeypatch, fail_at: int = 0) -> tuple[list[int], l
         try:
             if failing:
                 raise StorageError("the bucket stopped answering")
-            real_read(url, start, view)
+            real_read(url, start, view, version)
         finally:
             with lock:
                 in_flight[0] -= 1

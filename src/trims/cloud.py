@@ -251,9 +251,18 @@ class CloudTier(Tier):
         return ranges + empty, pending
 
     def _read_range(self, target: mmap.mmap, url: str, start: int, offset: int, length: int, entries: list):
+        failure = None
         if length:
             with memoryview(target)[offset : offset + length] as view:
-                self.objects.read_into(url, start, view)
+                try:
+                    self.objects.read_into(url, start, view)
+                except Exception as exc:  # noqa: BLE001 - raised again below, bare
+                    # Without its traceback and the errors it came from: their frames hold slices
+                    # of ``view``, and the mapping cannot be closed while any is alive.
+                    failure = exc.with_traceback(None)
+                    failure.__context__ = failure.__cause__ = None
+        if failure is not None:
+            raise failure
         return entries, length
 
 
@@ -266,17 +275,20 @@ class RemoteFile(Source):
         self.url = url
         self._objects = objects
         self._size: int | None = None
+        self._version: str | None = None
         self.parallel_reads = objects.connections  # each request waits a round trip, not a CPU
 
     def size(self) -> int:
         if self._size is None:
-            self._size = self._objects.size(self.url)
+            self._size, self._version = self._objects.head(self.url)
         return self._size
 
     def read_into(self, offset: int, view: memoryview) -> int:
+        """Bytes of the object as it was when first sized: a push reads the header, then the
+        tensors, and an object replaced in between must fail it, not splice the two."""
         count = max(0, min(len(view), self.size() - offset))
         if count:
-            self._objects.read_into(self.url, offset, view[:count])
+            self._objects.read_into(self.url, offset, view[:count], self._version)
         return count
 
     def read_many(self, spans: list[tuple[int, int]]) -> list[bytes]:

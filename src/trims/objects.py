@@ -27,11 +27,17 @@ class Objects:
         self._lock = threading.Lock()
 
     def size(self, url: str) -> int:
+        return self.head(url)[0]
+
+    def head(self, url: str) -> tuple[int, str | None]:
+        """An object's size and version: S3's ETag, which :meth:`read_into` can require, so
+        that reads made one after another all come from the same object; None elsewhere."""
         if _is_s3(url):
             bucket, key = _split(url)
-            return retry(lambda: self._s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"], f"sizing {url}")
+            head = retry(lambda: self._s3_client().head_object(Bucket=bucket, Key=key), f"sizing {url}")
+            return head["ContentLength"], head.get("ETag")
         fs, path = _filesystem(url)
-        return int(retry(lambda: fs.size(path), f"sizing {url}"))
+        return int(retry(lambda: fs.size(path), f"sizing {url}")), None
 
     def list(self, url: str) -> list[str]:
         """Names of the objects directly under ``url``, as under a directory."""
@@ -45,10 +51,11 @@ class Objects:
             keys = retry(lambda: fs.ls(path, detail=False), f"listing {url}")
         return sorted(k.rsplit("/", 1)[-1] for k in keys)
 
-    def read_into(self, url: str, start: int, view: memoryview) -> None:
-        """Fill ``view`` with the object's bytes from ``start``."""
+    def read_into(self, url: str, start: int, view: memoryview, version: str | None = None) -> None:
+        """Fill ``view`` with the object's bytes from ``start``; of that ``version`` of it (an
+        ETag from :meth:`head`) or fail with IntegrityError."""
         if _is_s3(url):
-            retry(lambda: self._s3_read_into(url, start, view), f"reading {url}")
+            retry(lambda: self._s3_read_into(url, start, view, version), f"reading {url}")
             return
         fs, path = _filesystem(url)
         data = retry(lambda: fs.cat_file(path, start=start, end=start + len(view)), f"reading {url}")
@@ -80,9 +87,11 @@ class Objects:
         fs, path = _filesystem(url)
         retry(lambda: fs.rm_file(path), f"deleting {url}")
 
-    def _s3_read_into(self, url: str, start: int, view: memoryview) -> None:
+    def _s3_read_into(self, url: str, start: int, view: memoryview, version: str | None) -> None:
         bucket, key = _split(url)
-        response = self._s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + len(view) - 1}")
+        pinned = {"IfMatch": version} if version else {}
+        response = self._s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + len(view) - 1}",
+                                                **pinned)
         body, done = response["Body"], 0
         try:
             while done < len(view):
@@ -116,6 +125,9 @@ def retry(call: Callable[[], Any], doing: str) -> Any:
         except Exception as exc:  # noqa: BLE001 - any backend error may be transient
             if _missing(exc):
                 raise StorageError(f"{doing}: no such object or bucket") from None
+            if _error_code(exc) in ("PreconditionFailed", "412"):
+                raise IntegrityError(f"{doing}: the object was replaced while it was being read; push it again "
+                                     "once it stays as it is") from None
             if attempt == RETRIES - 1:
                 raise StorageError(f"{doing} failed after {RETRIES} tries: {exc}") from None
             time.sleep(0.2 * 2**attempt)
@@ -123,10 +135,11 @@ def retry(call: Callable[[], Any], doing: str) -> Any:
 
 
 def _missing(exc: Exception) -> bool:
-    if isinstance(exc, FileNotFoundError):
-        return True
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-    return code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound")
+    return isinstance(exc, FileNotFoundError) or _error_code(exc) in ("404", "NoSuchKey", "NoSuchBucket", "NotFound")
+
+
+def _error_code(exc: Exception) -> str:
+    return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
 
 
 def _is_s3(url: str) -> bool:
