@@ -330,10 +330,7 @@ def remote_model_files(url: str, objects: Objects) -> list[RemoteFile]:
 
     if url.endswith((".safetensors", *torch_format.PUSHABLE)):
         return [RemoteFile(url.rsplit("/", 1)[-1], url, objects)]
-    try:
-        names = objects.list(url)
-    except StorageError as exc:
-        raise InvalidModel(f"{url}: {exc}") from None
+    names = objects.list(url)  # a StorageError (no credentials, say) is the storage's, not the model's
     base = url.rstrip("/")
     keep = [n for n in names if n.endswith(".safetensors") or (n.endswith(SIDE_SUFFIXES) and not n.endswith(".index.json"))]
     if not any(n.endswith(".safetensors") for n in keep):
