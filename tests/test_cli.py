@@ -250,3 +250,18 @@ def test_health_fails_on_a_daemon_that_accepts_but_never_answers(tmp_path):
     finally:
         wedged.close()
     assert result.returncode == 1 and "did not answer: peer stalled: no answer within 1 s" in result.stderr
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--frame-timeout", "nan"], "frame_timeout must be a number of at least 0.001"),
+    (["--frame-timeout", "-1"], "frame_timeout must be a number"),
+    (["--max-connections", "0"], "max_connections must be a number of at least 1"),
+    (["--metrics-port", "99999"], "metrics_port must be a number from 0 to 65535"),
+    (["--metrics-port", "0", "--metrics-address", "no.such.host.invalid"], "cannot serve metrics on no.such.host"),
+    (["--store", "/proc/trims-nowhere"], "cannot use /proc/trims-nowhere as a directory"),
+])
+def test_serve_refuses_unusable_settings_in_one_line(tmp_path, flags, said):
+    done = subprocess.run([sys.executable, "-m", "trims", "serve", "--socket", str(tmp_path / "s.sock"),
+                           "--store", str(tmp_path / "store"), *flags], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("trims: error: ") and said in done.stderr

@@ -293,7 +293,9 @@ def test_push_rights_are_their_own_namespaces(tmp_path):
     assert not wide.can_see("auto/a/0123") and not wide.can_push("auto/a/0123")
     (admin,) = parse_tenants({"ops": {"uids": [3], "admin": True}}, parse_size).tenants
     assert admin.can_see("auto/a/0123")
-    for bad in ({"admin": "no"}, {"push": "yes"}, {"max_leased_bytes": -1}, {"uids": "0"}):
+    (anyone,) = parse_tenants({"any": {"gids": ["*"], "namespaces": ["public/*"]}}, parse_size).tenants
+    assert anyone.matches(12345, [54321])  # "*" means any in gids as in uids
+    for bad in ({"admin": "no"}, {"push": "yes"}, {"max_leased_bytes": -1}, {"uids": "0"}, {"uids": [-1]}):
         with pytest.raises(ConfigError):
             parse_tenants({"a": {"namespaces": ["*"], **bad}}, parse_size)
 

@@ -51,7 +51,7 @@ class Tenant:
     max_pushed_bytes: int | None = None
 
     def matches(self, uid: int, gids: list[int]) -> bool:
-        return uid in self.uids or ANY_ID in self.uids or any(g in self.gids for g in gids)
+        return ANY_ID in self.uids or ANY_ID in self.gids or uid in self.uids or any(g in self.gids for g in gids)
 
     def can_see(self, name: str) -> bool:
         """Whether a model name (``NAME:TAG``) lies in one of this tenant's namespaces. Under
@@ -144,6 +144,8 @@ def _ids(values: Any, lookup, where: str) -> list[int]:
     """Numbers, names, or "*" for any (a catch-all tenant: list it last)."""
     if not isinstance(values, list):
         raise ConfigError(f"{where} must be a list")
+    if any(isinstance(v, int) and not isinstance(v, bool) and v < 0 for v in values):
+        raise ConfigError(f"{where}: ids are not negative (write \"*\" for any)")
     return [ANY_ID if v == "*" else v if isinstance(v, int) and not isinstance(v, bool) else lookup(v, where)
             for v in values]
 

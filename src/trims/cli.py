@@ -342,13 +342,17 @@ def _hook(args: argparse.Namespace) -> int:
     """A .pth file runs at every interpreter start in this environment; it imports a module
     that turns transparent mode on only when TRIMS_TRANSPARENT=1."""
     path = Path(sysconfig.get_paths()["purelib"]) / _PTH
-    if args.action == "install":
-        # The check stays in the .pth line: without TRIMS_TRANSPARENT, starting Python costs nothing more.
-        path.write_text('import os; os.environ.get("TRIMS_TRANSPARENT") == "1" and __import__("trims._pth_hook")\n')
-        print(f"installed {path}: Python programs here run in transparent mode when TRIMS_TRANSPARENT=1")
-    else:
-        path.unlink(missing_ok=True)
-        print(f"removed {path}")
+    try:
+        if args.action == "install":
+            # The check stays in the .pth line: without TRIMS_TRANSPARENT, starting Python costs nothing more.
+            path.write_text('import os; os.environ.get("TRIMS_TRANSPARENT") == "1" and __import__("trims._pth_hook")\n')
+            print(f"installed {path}: Python programs here run in transparent mode when TRIMS_TRANSPARENT=1")
+        else:
+            path.unlink(missing_ok=True)
+            print(f"removed {path}")
+    except OSError as exc:
+        raise ConfigError(f"cannot {args.action} the hook {path}: {exc.strerror or exc}; run it as a user who may "
+                          "write to this Python environment") from None
     return 0
 
 

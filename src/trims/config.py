@@ -6,6 +6,7 @@ socket path; the daemon uses the same rule, so the two agree without configurati
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -149,13 +150,14 @@ class Settings:
             gpu_memory=parse_size(values["gpu_memory"]) if "gpu_memory" in values else 0,
             policy=_choice(values.get("policy", "lru"), tuple(POLICIES), "policy"),
             cloud=values.get("cloud"),
-            busy_timeout=float(values.get("busy_timeout", 0.0)),
-            max_connections=int(values.get("max_connections", 1024)),
-            metrics_port=int(values["metrics_port"]) if values.get("metrics_port") is not None else None,
+            busy_timeout=_number(values.get("busy_timeout", 0.0), "busy_timeout", low=0.0),
+            max_connections=int(_number(values.get("max_connections", 1024), "max_connections", low=1)),
+            metrics_port=(int(_number(values["metrics_port"], "metrics_port", low=0, high=65535))
+                          if values.get("metrics_port") is not None else None),
             metrics_address=str(values.get("metrics_address", "127.0.0.1")),
             socket_mode=_mode(values.get("socket_mode", "0600")),
             socket_group=values.get("socket_group"),
-            frame_timeout=float(values.get("frame_timeout", 10.0)),
+            frame_timeout=_number(values.get("frame_timeout", 10.0), "frame_timeout", low=0.001),
             access=parse_tenants(values["tenants"], parse_size) if values.get("tenants") else AccessPolicy.single_user(),
         )
 
@@ -165,6 +167,15 @@ CONFIG_KEYS = {
     "busy_timeout": (int, float), "max_connections": int, "metrics_port": int, "metrics_address": str,
     "socket_mode": str, "socket_group": str, "frame_timeout": (int, float), "tenants": dict,
 }
+
+
+def _number(value: float, what: str, *, low: float, high: float = math.inf) -> float:
+    """``value`` if it is a finite number from ``low`` to ``high``; else a ConfigError."""
+    number = float(value)
+    if not (math.isfinite(number) and low <= number <= high):
+        bounds = f"from {low:g} to {high:g}" if math.isfinite(high) else f"of at least {low:g}"
+        raise ConfigError(f"{what} must be a number {bounds}, not {value!r}")
+    return number
 
 
 def _mode(text: str) -> int:
@@ -220,8 +231,11 @@ def private_directory(path: Path, *, sticky_ok: bool = False) -> None:
     A world-writable /tmp lets anyone create our directory first; refusing it stops them
     from seeing or replacing the socket.
     """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.lstat()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.lstat()
+    except OSError as exc:  # a file there, a read-only or missing parent
+        raise ConfigError(f"cannot use {path} as a directory: {exc.strerror or exc}; choose another path") from None
     if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"{path} is not a directory")
     if sticky_ok and info.st_mode & stat.S_ISVTX and info.st_uid == 0:

@@ -49,8 +49,12 @@ class Daemon:
                 _remove_stale_socket(socket_path)
                 listener = transport.listen(socket_path, settings.socket_mode, group)
             if settings.metrics_port is not None:
-                self.exporter = MetricsServer(self.store.metrics, self._locality, settings.metrics_address,
-                                              settings.metrics_port)
+                try:
+                    self.exporter = MetricsServer(self.store.metrics, self._locality, settings.metrics_address,
+                                                  settings.metrics_port)
+                except OSError as exc:  # in use, or an address that does not resolve
+                    raise ConfigError(f"cannot serve metrics on {settings.metrics_address}:{settings.metrics_port}: "
+                                      f"{exc.strerror or exc}; choose another --metrics-port or --metrics-address") from None
         except BaseException:
             self.store.close()
             raise
