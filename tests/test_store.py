@@ -177,6 +177,28 @@ def test_hostile_files_get_a_typed_error_and_the_daemon_keeps_serving(daemon, tm
     assert "Traceback" not in daemon.log()
 
 
+def test_models_whose_open_could_not_be_answered_are_refused_at_push(daemon, tmp_path):
+    """An open's reply lists every tensor and the metadata in one frame: a model it cannot
+    list is refused when pushed (it used to push fine and fail every open, ls and info), and so
+    is one file sent as many (each of its headers parsed before the duplicates showed)."""
+    client = daemon.client()
+    save_file({"w": torch.zeros(4)}, tmp_path / "meta.safetensors", metadata={"notes": "x" * (70 * 1024)})
+    with pytest.raises(trims.InvalidModel, match="__metadata__ holds more than 65536 bytes"):
+        client.push(tmp_path / "meta.safetensors", "too-much-metadata")
+    many = {f"layer.{i:06d}." + "w" * 90: {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(160_000)}
+    raw_safetensors(tmp_path / "many.safetensors", many)
+    with pytest.raises(trims.InvalidModel, match="more than one open's reply can list"):
+        client.push(tmp_path / "many.safetensors", "too-many-tensors")
+    save_file({"w": torch.zeros(4)}, tmp_path / "one.safetensors")
+    for i in range(3):
+        (tmp_path / "same").mkdir(exist_ok=True)
+        os.link(tmp_path / "one.safetensors", tmp_path / "same" / f"model-{i}.safetensors")
+    with pytest.raises(trims.InvalidModel, match="appears in both"):
+        client.push(tmp_path / "same", "one-file-three-times")
+    assert client.list() == []
+    _daemon_still_serves(client, tmp_path)
+
+
 def test_truncated_file_is_refused(daemon, tmp_path):
     save_file({"w": torch.randn(1000)}, tmp_path / "whole.safetensors")
     data = (tmp_path / "whole.safetensors").read_bytes()

@@ -17,6 +17,7 @@ bytes alone.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -26,12 +27,12 @@ from pathlib import Path
 from typing import Callable
 
 from . import digest as digests
-from . import torch_format
-from .catalog import storage_error
+from . import protocol, torch_format
+from .catalog import MAX_SEGMENTS_PER_MODEL, storage_error
 from .disk import new_temp_file
-from .errors import IntegrityError, InvalidModel
+from .errors import IntegrityError, InvalidModel, LocalProtocolError
 from .records import Manifest, SegmentEntry, SegmentLayout, TensorRecord
-from .safetensors_format import TensorSpec, read_header
+from .safetensors_format import MAX_HEADER_BYTES, TensorSpec, read_header
 from .protocol import MAX_FDS_PER_FRAME
 from .sources import Slice, Source
 
@@ -39,6 +40,7 @@ WEIGHTS_SUFFIX = ".safetensors"
 MAX_SIDE_FILE_BYTES = 64 * 1024 * 1024
 MAX_SIDE_FILES = MAX_FDS_PER_FRAME  # a client gets every side file as a descriptor, all in one reply
 MAX_SIDE_BYTES = 256 * 1024 * 1024  # all of them together: the daemon holds them in memory while it pushes
+MAX_METADATA_BYTES = 64 * 1024  # every open's reply and every listing carries it
 _CHUNK = 8 * 1024 * 1024
 LABEL = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")  # a side file's name: a plain relative path
 
@@ -77,11 +79,16 @@ def plan(files: list[Source]) -> Plan:
     weights, side = _split(files)
     if weights[0].label.endswith(torch_format.PUSHABLE):
         return _plan_checkpoint(weights[0], side)
-    headers = [(f, read_header(f)) for f in weights]
     specs: list[tuple[Source, TensorSpec]] = []
     owner: dict[str, str] = {}
     metadata: dict[str, str] = {}
-    for source, header in headers:
+    header_bytes = 0
+    for source in weights:  # one header at a time: the same file sent 250 times fails at its second
+        header_bytes += _header_length(source)
+        if header_bytes > MAX_HEADER_BYTES:
+            raise InvalidModel(f"the model's safetensors headers hold more than {MAX_HEADER_BYTES} bytes together, "
+                               "as much as one file's may: that many tensors are more than trims serves as one model")
+        header = read_header(source)
         for spec in sorted(header.tensors, key=lambda s: s.start):
             if spec.name in owner:
                 raise InvalidModel(f"tensor {spec.name!r} appears in both {owner[spec.name]} and {source.label}")
@@ -89,7 +96,32 @@ def plan(files: list[Source]) -> Plan:
             specs.append((source, spec))
         for key, value in header.metadata.items():
             metadata.setdefault(key, value)
+    _check_reply_fits(specs, metadata)
     return Plan(specs, metadata, _read_side_files(side), _candidate(specs))
+
+
+def _header_length(source: Source) -> int:
+    head = source.read(0, 8) if source.size() >= 8 else b""
+    return int.from_bytes(head, "little") if len(head) == 8 else 0  # read_header says what is wrong
+
+
+def _check_reply_fits(specs: list[tuple[Source, TensorSpec]], metadata: dict[str, str]) -> None:
+    """Refuse a model whose open could not be answered: the reply lists every tensor and the
+    metadata in one frame (say, megabytes of ``__metadata__``)."""
+    if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+        raise InvalidModel(f"the model's __metadata__ holds more than {MAX_METADATA_BYTES} bytes; trims keeps "
+                           "metadata for names and small settings: move the rest into a side file")
+    table = protocol.TensorTable(names=tuple(spec.name for _, spec in specs), dtypes=tuple(s.dtype for _, s in specs),
+                                 shapes=tuple(tuple(s.shape) for _, s in specs), segments=(0,) * len(specs),
+                                 offsets=(2**40,) * len(specs), nbytes=tuple(s.nbytes for _, s in specs))
+    reply = protocol.Opened(lease=2**40, name="n" * 256, digest="blake3:" + "0" * 64, nbytes=2**40,
+                            segment_sizes=(2**40,) * MAX_SEGMENTS_PER_MODEL, tensors=table, metadata=metadata,
+                            fds=(0,) * MAX_SEGMENTS_PER_MODEL)
+    try:
+        protocol.encode(reply)
+    except LocalProtocolError:
+        raise InvalidModel(f"the model's {len(specs)} tensors are more than one open's reply can list "
+                           f"({protocol.MAX_FRAME_BYTES} bytes): split it into models of fewer") from None
 
 
 def _plan_checkpoint(source: Source, side: list[Source]) -> Plan:
@@ -107,7 +139,9 @@ def _plan_checkpoint(source: Source, side: list[Source]) -> Plan:
         raise InvalidModel(f"{source.label}: its {torch_format.EXPORT_MARK} record does not say pt2, so it is not a "
                            "torch.export.save archive: push the file torch.export.save wrote")
     specs = [(source, spec) for spec in sorted(checkpoint.storages, key=lambda s: s.start)]
-    return Plan(specs, {torch_format.FORMAT_KEY: checkpoint.format}, side_files, _candidate(specs))
+    metadata = {torch_format.FORMAT_KEY: checkpoint.format}
+    _check_reply_fits(specs, metadata)
+    return Plan(specs, metadata, side_files, _candidate(specs))
 
 
 def _candidate(specs: list[tuple[Source, TensorSpec]]) -> SegmentLayout:
