@@ -160,9 +160,10 @@ def test_health_for_probes(daemon, tmp_path):
 
 
 def test_the_http_side_says_what_is_warm_on_this_node(tmp_path):
+    import time
     import urllib.request
 
-    from .conftest import DaemonProcess
+    from .conftest import DaemonProcess, wait_for
 
     daemon = DaemonProcess(tmp_path, extra=("--metrics-port", "0")).start()
     try:
@@ -181,8 +182,29 @@ def test_the_http_side_says_what_is_warm_on_this_node(tmp_path):
         listed = json.loads(trims_cli("ls", "--json", env=daemon.env).stdout)
         assert ("team-a/m:1", ["host", "disk"], 0) in [(m["name"], m["tiers"], m["leases"]) for m in listed]
         assert any(m["name"].startswith("auto/") for m in listed)  # its owner still sees it
+        # Idle connections take at most 16 of the daemon's threads (those to its socket are
+        # what matters), and the port answers again once they go
+        import socket as socket_module
+
+        idle = [socket_module.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        time.sleep(0.5)
+        assert len(os.listdir(f"/proc/{daemon.proc.pid}/task")) < 40
+        client.ping()
+        for connection in idle:
+            connection.close()
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), message="the port to answer again")
     finally:
         daemon.kill()
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
 
 
 def test_systemd_socket_activation(tmp_path):

@@ -29,8 +29,7 @@ class MetricsServer:
             "/healthz": ("text/plain; charset=utf-8", lambda: "ok\n"),
             "/models": ("application/json", lambda: json.dumps(models(), indent=1) + "\n"),
         }})
-        self._http = ThreadingHTTPServer((address, port), handler)
-        self._http.daemon_threads = True
+        self._http = _BoundedServer((address, port), handler)
         self.port = self._http.server_address[1]
         self._thread = threading.Thread(target=self._http.serve_forever, name="trims-metrics", daemon=True)
         self._thread.start()
@@ -41,8 +40,37 @@ class MetricsServer:
         self._http.server_close()
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``CONNECTIONS`` at once: idle connections beyond that
+    are closed at once, so that no one reaching the port can take the daemon's threads."""
+
+    CONNECTIONS = 16
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(self.CONNECTIONS)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # a scraper tries again at its next interval
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class _Handler(BaseHTTPRequestHandler):
     routes: dict[str, tuple[str, Callable[[], str]]]
+    timeout = 5  # seconds a connection may take to send its request: an idle one lets go of its slot
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
         route = self.routes.get(self.path.split("?")[0])
