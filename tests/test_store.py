@@ -393,6 +393,41 @@ def test_host_cap_is_never_exceeded_and_leased_models_are_never_evicted(tmp_path
         daemon.kill()
 
 
+def test_side_files_count_against_the_disk_cap_and_the_push_quota(tmp_path):
+    """A model's side files (a tokenizer, a checkpoint's pickle) lie on the store's disk
+    beside its segments: they count under --disk, and against the pusher's quota."""
+    from trims.acl import EVERYONE, Tenant
+    from trims.sources import FileSource
+    from trims.store import Store
+
+    def push_with_vocab(store, name, vocab: bytes, tenant):
+        directory = tmp_path / name
+        directory.mkdir()
+        save_file({"w": torch.zeros(4)}, directory / "model.safetensors")
+        (directory / "vocab.txt").write_bytes(vocab)
+        fds = [os.open(directory / f, os.O_RDONLY) for f in ("model.safetensors", "vocab.txt")]
+        try:
+            return store.push(name, [FileSource(f, fd) for f, fd in zip(("model.safetensors", "vocab.txt"), fds)],
+                              tenant=tenant)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    tenant = Tenant("t", uids=frozenset({1}), namespaces=("*",), push=("*",), max_pushed_bytes=3 << 20)
+    store = Store(tmp_path / "store", host_capacity=1 << 26, disk_capacity=4 << 20)
+    try:
+        push_with_vocab(store, "a", os.urandom(2 << 20), tenant)
+        assert store.stats()["tiers"]["disk"]["used_bytes"] >= 2 << 20
+        assert store.usage(tenant)["pushed_bytes"] >= 2 << 20
+        with pytest.raises(trims.QuotaExceeded):
+            push_with_vocab(store, "b", os.urandom(2 << 20), tenant)
+        with pytest.raises(trims.CapacityError, match="disk tier is full"):
+            push_with_vocab(store, "c", os.urandom(3 << 20), EVERYONE)
+        push_with_vocab(store, "d", (tmp_path / "a" / "vocab.txt").read_bytes(), EVERYONE)  # stored already
+    finally:
+        store.close()
+
+
 def test_a_model_larger_than_the_cap_gets_a_clear_error(tmp_path):
     daemon = DaemonProcess(tmp_path / "d", host_memory="100K").start()
     try:

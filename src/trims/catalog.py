@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from . import digest as digests
 from .errors import ConfigError, StorageError
@@ -57,6 +57,7 @@ class Catalog:
         self.uses: dict[str, tuple[str, ...]] = {}  # model digest -> the segments its tensors are read from
         self.pins: dict[str, str] = {}  # name -> tier
         self.owners: dict[str, str] = {}  # name -> the tenant that pushed it
+        self._file_sizes: dict[str, int] = {}  # side file digest -> its bytes
         try:
             self._load()
         except BaseException:
@@ -84,6 +85,18 @@ class Catalog:
     def add_file(self, file_digest: str, data: bytes) -> None:
         if not self.file_path(file_digest).exists():
             self._write_bytes(self.file_path(file_digest), data)
+        self._file_sizes[file_digest] = len(data)
+
+    def side_bytes(self) -> int:
+        """What the side files take on the store's disk (with the segments, the disk tier's)."""
+        return sum(list(self._file_sizes.values()))  # a snapshot: read outside the store lock too
+
+    def new_side_bytes(self, files: Iterable[bytes]) -> int:
+        """What of these side files the store does not hold yet (by content)."""
+        return sum(len(data) for data in files if digests.of_bytes(data) not in self._file_sizes)
+
+    def model_side_bytes(self, manifest: Manifest) -> int:
+        return sum(self._file_sizes.get(d, 0) for d in set(manifest.files.values()))
 
     def read_file(self, file_digest: str) -> bytes:
         return self.file_path(file_digest).read_bytes()
@@ -162,6 +175,7 @@ class Catalog:
         for path in (self.root / "files").iterdir():
             if digests.PREFIX + path.name not in used_files:
                 _unlink(path)
+                self._file_sizes.pop(digests.PREFIX + path.name, None)
         return dropped
 
     def unused_segments(self) -> set[str]:
@@ -233,9 +247,6 @@ class Catalog:
     def _candidates(self, manifest: Manifest) -> list[str]:
         return sorted({s for t in manifest.tensors for s in self._holders.get(t.digest, ())})
 
-    def files_bytes(self) -> int:
-        return sum(p.stat().st_size for p in (self.root / "files").iterdir())
-
     # --- loading ------------------------------------------------------------------------
 
     def _take_lock(self) -> int:
@@ -264,6 +275,7 @@ class Catalog:
         shutil.rmtree(self.temp_dir())
         self.temp_dir().mkdir(mode=0o700)
         self._load_segments()
+        self._file_sizes = {digests.PREFIX + p.name: p.stat().st_size for p in (self.root / "files").iterdir()}
         self.uses = self._read_uses()
         self._load_manifests()
         tags = self._read_json(self.root / "tags.json", dict, "every name") or {}

@@ -15,7 +15,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from . import digest as digests
 from .catalog import rename_durably, storage_error
@@ -33,8 +33,9 @@ class DiskTier(Tier):
     name = "disk"
 
     def __init__(self, directory: Path, temp_dir: Path, corrupt_dir: Path, pool: ThreadPoolExecutor,
-                 capacity: int = UNBOUNDED) -> None:
+                 capacity: int = UNBOUNDED, also_used: Callable[[], int] = lambda: 0) -> None:
         super().__init__(capacity)
+        self._also_used = also_used  # the store's other files on this disk (side files), under the same cap
         self.directory = directory
         self._temp_dir = temp_dir
         self._corrupt_dir = corrupt_dir
@@ -63,7 +64,7 @@ class DiskTier(Tier):
         return list(self._sizes)
 
     def bytes_used(self) -> int:
-        return sum(list(self._sizes.values()))  # a snapshot: puts run outside the store lock
+        return sum(list(self._sizes.values())) + self._also_used()  # a snapshot: puts run outside the store lock
 
     def put(self, layout: SegmentLayout, fill: Fill) -> None:
         fd, temp = new_temp_file(self._temp_dir, layout.size)

@@ -60,6 +60,10 @@ class Plan:
     def size(self) -> int:
         return self.candidate.size
 
+    @property
+    def side_bytes(self) -> int:
+        return sum(len(data) for data in self.side_files.values())
+
 
 @dataclass
 class Ingested:

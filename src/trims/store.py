@@ -150,7 +150,7 @@ class Store:
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="trims-verify")
         self.host = HostTier(host_capacity)
         self.disk = DiskTier(root / "disk", self.catalog.temp_dir(), self.catalog.corrupt_dir(), self._pool,
-                             disk_capacity)
+                             disk_capacity, also_used=self.catalog.side_bytes)
         self.cloud = CloudTier(root / "cloud", self.catalog.temp_dir(), self._pool, default_url=cloud_url)
         self._tiers: dict[str, Tier] = {"host": self.host, "disk": self.disk, "cloud": self.cloud}
         self.policy_name = policy
@@ -224,7 +224,7 @@ class Store:
         if name is not None and not tenant.can_push(name):
             raise PermissionDenied(f"tenant {tenant.name} may not push {name}: it is outside the namespaces it may write")
         planned = ingest.plan(files)
-        model_bytes = sum(spec.nbytes for _, spec in planned.specs)
+        model_bytes = sum(spec.nbytes for _, spec in planned.specs) + planned.side_bytes
         with self._changed:
             self._check_push_quota_locked(tenant, name or "", model_bytes)
         try:
@@ -273,19 +273,20 @@ class Store:
         has committed it. In one pass if the disk has room for the whole model; if not, hashed
         first, so that room is needed for its new tensors alone (none on a re-push)."""
         covered, temp_dir = (lambda m: self._covered(m, name, tenant)), self.catalog.temp_dir()
+        side = self.catalog.new_side_bytes(planned.side_files.values())  # written at the commit
         try:
-            self._reserve_disk(planned.size)
+            self._reserve_disk(planned.size + side)
         except CapacityError:
             pass  # below: hash first, then make room for what is new
         else:
             try:
                 yield ingest.write(planned, temp_dir, covered, self._workers, _stage(progress, "push"))
             finally:
-                self._release_disk(planned.size)
+                self._release_disk(planned.size + side)
             return
         manifest = ingest.digest(planned, self._workers, _stage(progress, "hash"))
         new = ingest.only_new(planned, manifest, covered(manifest))
-        room = new.size if new.specs else 0
+        room = (new.size if new.specs else 0) + side
         self._reserve_disk(room)
         try:
             yield ingest.write_new(planned, new, manifest, temp_dir, self._workers, _stage(progress, "write"))
@@ -1146,8 +1147,9 @@ class Store:
         return sum(held.nbytes for held in self._leases.values() if held.tenant == tenant)
 
     def _pushed_bytes_locked(self, tenant: str, excluding: str = "") -> int:
-        return sum(self.catalog.manifests[self.catalog.tags[n]].nbytes
-                   for n, owner in self.catalog.owners.items() if owner == tenant and n != excluding)
+        manifests = [self.catalog.manifests[self.catalog.tags[n]]
+                     for n, owner in self.catalog.owners.items() if owner == tenant and n != excluding]
+        return sum(m.nbytes + self.catalog.model_side_bytes(m) for m in manifests)
 
     def _layout_locked(self, segment_id: str) -> SegmentLayout:
         layout = self.catalog.segments.get(segment_id)
