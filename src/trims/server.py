@@ -130,6 +130,9 @@ class Server:
         channel = Channel(sock, max_frame_bytes=protocol.MAX_REQUEST_BYTES)
         with self._lock:
             full = len(self._connections) >= self._max_connections
+        if full and self._admin_connects(channel):
+            full = False  # a tenant filling the cap must not lock the operator out
+        with self._lock:
             if not full:
                 conn_id = next(self._ids)
                 self._connections[conn_id] = channel
@@ -151,6 +154,17 @@ class Server:
                       "container's pids limit or lower --max-connections", exc, self.connection_count())
             self._refuse(channel, "the daemon cannot start a thread for another connection (its process limit); "
                                   "retry later, or ask the node's operator to raise its pids limit")
+
+    def _admin_connects(self, channel: Channel) -> bool:
+        """Whether the peer is an admin tenant, who may connect past --max-connections (by as
+        many again at most)."""
+        if self.connection_count() >= 2 * self._max_connections:
+            return False
+        try:
+            peer = channel.peer_credentials()
+            return self._access.tenant_for(peer.uid, [peer.gid, *peer.groups]).admin
+        except (OSError, PermissionDenied):
+            return False
 
     def _refuse(self, channel: Channel, message: str) -> None:
         try:
