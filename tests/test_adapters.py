@@ -95,7 +95,7 @@ def test_numpy_adapter(shared_daemon, tmp_path):
 
 def test_arrays_stay_readable_to_atexit_handlers_and_daemon_threads(shared_daemon, tmp_path):
     """The mappings are not unmapped at interpreter exit (the kernel does it): a handler
-    registered after the first load, or a daemon thread still computing, read them then."""
+    registered before the first load, or a daemon thread still computing, read them then."""
     from safetensors.numpy import save_file
 
     save_file({"w": np.ones(1 << 20, dtype=np.float32)}, str(tmp_path / "m.safetensors"))
@@ -104,8 +104,10 @@ def test_arrays_stay_readable_to_atexit_handlers_and_daemon_threads(shared_daemo
         import atexit, threading
         import numpy as np
         import trims.numpy
-        w = trims.numpy.load_state_dict("adapters/at-exit")["w"]
-        atexit.register(lambda: print("at exit", float(w.sum()), flush=True))
+        held = {}
+        # Registered before the first load: atexit runs handlers last in, first out
+        atexit.register(lambda: print("at exit", float(held["w"].sum()), flush=True))
+        w = held["w"] = trims.numpy.load_state_dict("adapters/at-exit")["w"]
         def compute():
             while True:
                 np.add(w, 1.0)

@@ -155,9 +155,7 @@ def test_a_client_trickling_a_frame_is_cut_off_at_the_frame_timeout_and_big_requ
 
 
 def test_too_many_connections_get_a_clear_refusal(tmp_path):
-    (tmp_path / "trims.toml").write_text(f'[tenants.workers]\nuids = [{os.getuid()}]\nnamespaces = ["*"]\n')
-    daemon = DaemonProcess(tmp_path / "d", extra=("--max-connections", "3", "--config", str(tmp_path / "trims.toml")))
-    daemon.start()
+    daemon = DaemonProcess(tmp_path / "d", extra=("--max-connections", "3")).start()
     try:
         held = [_served_connection(daemon) for _ in range(3)]
         with pytest.raises(trims.RequestError, match="already serves 3 connections") as info:
@@ -206,15 +204,16 @@ def test_a_connection_whose_thread_cannot_start_is_refused_and_the_daemon_serves
 
 
 def test_an_admin_connects_past_the_cap_that_tenants_filled(tmp_path):
-    """A tenant holding every connection must not lock the operator out: an admin may connect
-    past --max-connections, by as many again at most."""
+    """A tenant holding every connection must not lock the operator out: where some tenants
+    are not admins, an admin may connect past --max-connections, by as many again at most."""
     from trims.acl import AccessPolicy, Tenant
     from trims.server import Server
     from trims.store import Store
 
     store = Store(tmp_path / "store", host_capacity=1 << 26)
     for admin, served in ((True, 2), (False, 1)):
-        policy = AccessPolicy((Tenant("me", uids=frozenset({os.getuid()}), admin=admin),))
+        policy = AccessPolicy((Tenant("me", uids=frozenset({os.getuid()}), admin=admin),
+                               Tenant("others", uids=frozenset({os.getuid() + 12345}))))
         path = tmp_path / f"admin-{admin}.sock"
         server = Server(store, transport.listen(path), max_connections=1, describe=dict, access=policy)
         serving = threading.Thread(target=server.serve_forever)

@@ -210,11 +210,11 @@ def test_a_process_that_drops_a_model_and_idles_does_not_keep_it_leased(shared_d
 def test_explicit_close_ends_the_lease_now_or_with_the_last_array_taken(shared_daemon, gpt2_model):
     """Arrays taken from a view map the daemon's memory: they stay readable after the close,
     and the lease stays until they go, so the daemon never counts their memory free."""
-    client = shared_daemon.client()
-    leases = client.stats()["leases"]
+    client, observer = shared_daemon.client(), shared_daemon.client()  # the observer sends nothing of client's
+    leases = observer.stats()["leases"]
     with client.open(gpt2_model) as view:
         pass
-    assert client.stats()["leases"] == leases  # nothing taken: ended at once
+    assert observer.stats()["leases"] == leases  # nothing taken: ended at once
     with client.open(gpt2_model) as view:
         array = view["transformer.wte.weight"]
         assert client.stats()["leases"] == leases + 1
@@ -223,8 +223,9 @@ def test_explicit_close_ends_the_lease_now_or_with_the_last_array_taken(shared_d
     with pytest.raises(ValueError, match="closed"):
         view["transformer.wte.weight"]
     del array
-    wait_for(lambda: client.stats()["leases"] == leases, message="the release of the last array's lease")
+    wait_for(lambda: observer.stats()["leases"] == leases, message="the release of the last array's lease")
     client.close()
+    observer.close()
 
 
 def test_a_forked_child_uses_its_own_connection(shared_daemon, gpt2_model):

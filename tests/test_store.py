@@ -179,16 +179,24 @@ def test_hostile_files_get_a_typed_error_and_the_daemon_keeps_serving(daemon, tm
 
 def test_models_whose_open_could_not_be_answered_are_refused_at_push(daemon, tmp_path):
     """An open's reply lists every tensor and the metadata in one frame: a model it cannot
-    list is refused when pushed (it used to push fine and fail every open, ls and info), and so
-    is one file sent as many (each of its headers parsed before the duplicates showed)."""
+    carry is refused when pushed (17 MiB of metadata pushed fine and failed every open, ls and
+    info), and so is one file sent as many (each of its headers parsed before the duplicates
+    showed). Metadata of hundreds of KiB, as LoRA files carry, is fine, listings of it too."""
     client = daemon.client()
-    save_file({"w": torch.zeros(4)}, tmp_path / "meta.safetensors", metadata={"notes": "x" * (70 * 1024)})
-    with pytest.raises(trims.InvalidModel, match="__metadata__ holds more than 65536 bytes"):
+    save_file({"w": torch.zeros(4)}, tmp_path / "meta.safetensors", metadata={"notes": "x" * (17 << 20)})
+    with pytest.raises(trims.InvalidModel, match="more than one open's reply can carry"):
         client.push(tmp_path / "meta.safetensors", "too-much-metadata")
     many = {f"layer.{i:06d}." + "w" * 90: {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(160_000)}
     raw_safetensors(tmp_path / "many.safetensors", many)
-    with pytest.raises(trims.InvalidModel, match="more than one open's reply can list"):
+    with pytest.raises(trims.InvalidModel, match="160000 tensors .* more than one open's reply can carry"):
         client.push(tmp_path / "many.safetensors", "too-many-tensors")
+    for i in range(20):  # 20 x 900 KiB of metadata: more than a frame, were listings to carry it
+        save_file({"w": torch.full((4,), float(i))}, tmp_path / "lora.safetensors",
+                  metadata={"ss_tag_frequency": "t" * (900 << 10)})
+        client.push(tmp_path / "lora.safetensors", f"lora/{i}")
+    assert len(client.list()) == 20 and len(client.info("lora/3").metadata["ss_tag_frequency"]) == 900 << 10
+    for i in range(20):
+        client.remove(f"lora/{i}")
     save_file({"w": torch.zeros(4)}, tmp_path / "one.safetensors")
     for i in range(3):
         (tmp_path / "same").mkdir(exist_ok=True)
@@ -297,10 +305,11 @@ def test_restart_keeps_the_catalogue_and_verifies_what_it_loads(tmp_path):
         second.kill()
 
 
-@pytest.mark.parametrize("record", ["tags.json", "pins.json", "owners.json", "uses.json", "models", "segments"])
+@pytest.mark.parametrize("record", ["tags.json", "uses.json", "models", "segments", "pins.json", "owners.json"])
 def test_an_unreadable_record_stops_the_start_and_deletes_nothing(tmp_path, record):
     """One damaged catalogue file must not make the start collect the models it describes as
-    garbage: the daemon refuses to start, naming the file, and starts once it is restored."""
+    garbage: the daemon refuses to start, naming the file, and starts once it is restored.
+    Pins and quota owners delete nothing when lost: without them it starts, and says so."""
     from trims.acl import EVERYONE
     from trims.errors import ConfigError
     from trims.store import Store
@@ -315,6 +324,10 @@ def test_an_unreadable_record_stops_the_start_and_deletes_nothing(tmp_path, reco
     original, before = path.read_bytes(), sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
     for damage in (original[: len(original) // 2], b"[1, 2]"):
         path.write_bytes(damage)
+        if record in ("pins.json", "owners.json"):
+            Store(root, host_capacity=1 << 26).close()
+            assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == before
+            continue
         with pytest.raises(ConfigError, match=f"{path.relative_to(root)}.*restore it from a backup"):
             Store(root, host_capacity=1 << 26)
         assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == before

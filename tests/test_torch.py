@@ -233,8 +233,21 @@ def test_strict_false_initialises_what_the_state_lacks_and_leaves_the_shared_ten
     assert lives_in_store(model["body"][0].weight) and torch.equal(model["body"][0].weight, body[0].weight)
     x = torch.linspace(-1, 1, 8)
     assert head(model["body"](x)).shape == (3,)
-    with pytest.raises(trims.ModelMismatch, match="no reset_parameters to initialise them"):
+    with pytest.raises(trims.ModelMismatch, match="nor the module's reset_parameters gives them any"):
         trims.torch.load_model("torch-tests/body", with_head(_Scale), client=client, strict=False)
+
+    # A module missing one parameter of several: the stored ones beside it, buffers too, stay as stored
+    norm = torch.nn.BatchNorm1d(8)
+    norm.running_mean.fill_(7.0)
+    stored = {k: v for k, v in norm.state_dict().items() if k != "weight"}
+    save_file(stored, tmp_path / "norm.safetensors")
+    client.push(tmp_path / "norm.safetensors", "torch-tests/norm-without-weight")
+    loaded = trims.torch.load_model("torch-tests/norm-without-weight", lambda: torch.nn.BatchNorm1d(8),
+                                    client=client, strict=False)
+    assert torch.equal(loaded.weight, torch.ones(8)) and torch.equal(loaded.running_mean, torch.full((8,), 7.0))
+    assert lives_in_store(loaded.running_mean) and lives_in_store(loaded.bias)
+    with client.open("torch-tests/norm-without-weight") as view:
+        assert (view["running_mean"] == 7.0).all()  # the node's copy, unwritten
 
 
 def test_a_fresh_process_gets_a_ready_model_with_the_same_output(pushed, shared_daemon):

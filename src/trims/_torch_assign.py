@@ -205,25 +205,46 @@ def initialise_missing(model: Module, source: str) -> list[str]:
     """Parameters no stored tensor gave a value (still on ``meta``), made real on the CPU and
     initialised as the model would initialise them (a transformers model's ``_init_weights``,
     else the module's ``reset_parameters``), as ``load_state_dict(strict=False)`` leaves them
-    at their initial values; the names initialised. The shared tensors beside them are not
-    written: during the initialisation they are swapped for scratch tensors."""
+    at their initial values; the names initialised. The stored tensors beside them (weights,
+    BatchNorm statistics) are not written: while the module initialises, it holds scratch
+    copies of them instead."""
     initialised = []
     init_weights = getattr(model, "_init_weights", None)
     for prefix, module in model.named_modules():
         missing = [name for name, p in module._parameters.items() if p is not None and p.is_meta]
         if not missing:
             continue
-        init = (lambda m=module: init_weights(m)) if init_weights else getattr(module, "reset_parameters", None)
-        if init is None:
+        inits = [init for init in ((lambda m=module: init_weights(m)) if init_weights else None,
+                                   getattr(module, "reset_parameters", None)) if init is not None]
+        if not _initialise(module, missing, inits):
             raise ModelMismatch(f"{source} has no values for {', '.join(missing)} of {type(module).__name__} "
-                                f"{prefix or '(the model)'}, which has no reset_parameters to initialise them: push "
-                                "a state that holds them, or load with strict=True to see what is missing")
-        kept = {name: p for name, p in module._parameters.items() if p is not None and name not in missing}
-        for name, p in list(module._parameters.items()):
-            if p is not None:  # every one real and writable while init runs; only the missing ones stay
-                module._parameters[name] = Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
-        with torch.no_grad():
-            init()
-        module._parameters.update(kept)
+                                f"{prefix or '(the model)'}, and neither the model's _init_weights nor the module's "
+                                "reset_parameters gives them any: push a state that holds them, or load with "
+                                "strict=True to see what is missing")
         initialised += [f"{prefix}.{name}" if prefix else name for name in missing]
     return initialised
+
+
+def _initialise(module: Module, missing: list[str], inits: list) -> bool:
+    """Run the first of ``inits`` that gives every missing parameter a value (NaN until then),
+    over scratch copies of the module's other tensors; whether one did."""
+    kept = {name: p for name, p in module._parameters.items() if p is not None and name not in missing}
+    buffers = dict(module._buffers)
+    for name, p in list(module._parameters.items()):
+        if p is not None:
+            scratch = torch.empty_like(p, device="cpu")
+            module._parameters[name] = Parameter(scratch.fill_(float("nan")) if scratch.is_floating_point() else
+                                                 scratch.zero_(), requires_grad=p.requires_grad)
+    for name, b in buffers.items():
+        if b is not None:
+            module._buffers[name] = b.detach().clone()
+    done = False
+    for init in inits:
+        with torch.no_grad():
+            init()
+        if all(not (p.is_floating_point() and p.isnan().any()) for p in (module._parameters[n] for n in missing)):
+            done = True
+            break
+    module._parameters.update(kept)
+    module._buffers.update(buffers)
+    return done

@@ -280,9 +280,9 @@ class Catalog:
         self._load_manifests()
         tags = self._read_json(self.root / "tags.json", dict, "every name") or {}
         self._set_tags({name: d for name, d in tags.items() if self._usable_tag(name, d)})
-        pins = self._read_json(self.root / "pins.json", dict, "the pins") or {}
+        pins = self._read_lost_if_damaged("pins.json", "no model is pinned")
         self.pins = {n: t for n, t in pins.items() if n in self.tags}
-        owners = self._read_json(self.root / "owners.json", dict, "whom quotas charge for each name") or {}
+        owners = self._read_lost_if_damaged("owners.json", "quotas charge no tenant for what it pushed")
         self.owners = {n: o for n, o in owners.items() if n in self.tags}
 
     def _load_segments(self) -> None:
@@ -353,23 +353,26 @@ class Catalog:
 
     def _read_json(self, path: Path, parse: Callable[[Any], Any], losing: str) -> Any:
         """``parse`` of the JSON in ``path``; None if there is no such file. A file that is
-        there but unreadable stops the start: going on without it would collect ``losing``
+        there but unusable stops the start: going on without it would collect ``losing``
         as garbage."""
         try:
-            doc = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise self._damaged(path, f"it is unreadable ({exc})", losing) from None
+            return _parsed(path, parse)
+        except ValueError as exc:
+            raise self._damaged(path, str(exc), losing) from None
+
+    def _read_lost_if_damaged(self, name: str, meaning: str) -> dict:
+        """A record whose loss deletes nothing (pins, quota owners): damaged, it is said and
+        started without."""
         try:
-            return parse(doc)
-        except (TypeError, KeyError, ValueError, AttributeError) as exc:
-            raise self._damaged(path, f"it does not hold what it should ({type(exc).__name__}: {exc})", losing) from None
+            return _parsed(self.root / name, dict) or {}
+        except ValueError as exc:
+            log.error("the store's %s cannot be used (%s); starting without it: %s until set again", name, exc, meaning)
+            return {}
 
     def _damaged(self, path: Path, why: str, losing: str) -> ConfigError:
         return ConfigError(f"the store's {path.relative_to(self.root)} cannot be used: {why}. The daemon does not "
-                           f"start without it, since it would drop {losing}: restore it from a backup of the store, "
-                           f"or move it out of {self.root} to let the daemon drop what depends on it")
+                           f"start without it, since it would delete {losing} as garbage: restore it from a backup "
+                           f"of the store, or, to give up {losing} for good, move it out of {self.root}")
 
     def _write_json(self, path: Path, doc: Any) -> None:
         self._write_bytes(path, json.dumps(doc, separators=(",", ":")).encode())
@@ -385,6 +388,20 @@ class Catalog:
         except OSError as exc:
             _unlink(Path(temp))
             raise storage_error(exc, f"writing {path.name}") from None
+
+
+def _parsed(path: Path, parse: Callable[[Any], Any]) -> Any:
+    """``parse`` of the JSON in ``path``, None if there is none; ValueError saying what is wrong."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"it is unreadable ({exc})") from None
+    try:
+        return parse(doc)
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise ValueError(f"it does not hold what it should ({type(exc).__name__}: {exc})") from None
 
 
 def storage_error(exc: OSError, doing: str) -> StorageError:

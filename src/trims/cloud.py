@@ -203,8 +203,10 @@ class CloudTier(Tier):
         """Forget the segment; the objects this daemon uploaded for it are deleted in the
         background (the store calls this under its lock, and a delete may wait on the network)."""
         copy = self.forget(segment_id)
-        if copy.owned:
-            self._pool.submit(self._delete, copy.owned)
+        # Objects uploaded before uploads were named by store may be another node's too: left.
+        ours = [url for url in copy.owned if f"{_UPLOADS}{self.store_id}/" in url]
+        if ours:
+            self._pool.submit(self._delete, ours)
         return copy.size
 
     def forget(self, segment_id: str) -> RemoteCopy:

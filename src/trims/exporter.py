@@ -70,7 +70,7 @@ class _BoundedServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     routes: dict[str, tuple[str, Callable[[], str]]]
-    timeout = 5  # seconds a connection may take to send its request: an idle one lets go of its slot
+    timeout = 5  # seconds each read of a request may wait: an idle connection lets go of its slot
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
         route = self.routes.get(self.path.split("?")[0])

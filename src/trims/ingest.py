@@ -40,7 +40,6 @@ WEIGHTS_SUFFIX = ".safetensors"
 MAX_SIDE_FILE_BYTES = 64 * 1024 * 1024
 MAX_SIDE_FILES = MAX_FDS_PER_FRAME  # a client gets every side file as a descriptor, all in one reply
 MAX_SIDE_BYTES = 256 * 1024 * 1024  # all of them together: the daemon holds them in memory while it pushes
-MAX_METADATA_BYTES = 64 * 1024  # every open's reply and every listing carries it
 _CHUNK = 8 * 1024 * 1024
 LABEL = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")  # a side file's name: a plain relative path
 
@@ -88,11 +87,11 @@ def plan(files: list[Source]) -> Plan:
     metadata: dict[str, str] = {}
     header_bytes = 0
     for source in weights:  # one header at a time: the same file sent 250 times fails at its second
-        header_bytes += _header_length(source)
+        header = read_header(source)
+        header_bytes += header.nbytes
         if header_bytes > MAX_HEADER_BYTES:
             raise InvalidModel(f"the model's safetensors headers hold more than {MAX_HEADER_BYTES} bytes together, "
                                "as much as one file's may: that many tensors are more than trims serves as one model")
-        header = read_header(source)
         for spec in sorted(header.tensors, key=lambda s: s.start):
             if spec.name in owner:
                 raise InvalidModel(f"tensor {spec.name!r} appears in both {owner[spec.name]} and {source.label}")
@@ -104,17 +103,9 @@ def plan(files: list[Source]) -> Plan:
     return Plan(specs, metadata, _read_side_files(side), _candidate(specs))
 
 
-def _header_length(source: Source) -> int:
-    head = source.read(0, 8) if source.size() >= 8 else b""
-    return int.from_bytes(head, "little") if len(head) == 8 else 0  # read_header says what is wrong
-
-
 def _check_reply_fits(specs: list[tuple[Source, TensorSpec]], metadata: dict[str, str]) -> None:
     """Refuse a model whose open could not be answered: the reply lists every tensor and the
-    metadata in one frame (say, megabytes of ``__metadata__``)."""
-    if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
-        raise InvalidModel(f"the model's __metadata__ holds more than {MAX_METADATA_BYTES} bytes; trims keeps "
-                           "metadata for names and small settings: move the rest into a side file")
+    metadata in one frame (say, tens of megabytes of ``__metadata__``)."""
     table = protocol.TensorTable(names=tuple(spec.name for _, spec in specs), dtypes=tuple(s.dtype for _, s in specs),
                                  shapes=tuple(tuple(s.shape) for _, s in specs), segments=(0,) * len(specs),
                                  offsets=(2**40,) * len(specs), nbytes=tuple(s.nbytes for _, s in specs))
@@ -124,8 +115,9 @@ def _check_reply_fits(specs: list[tuple[Source, TensorSpec]], metadata: dict[str
     try:
         protocol.encode(reply)
     except LocalProtocolError:
-        raise InvalidModel(f"the model's {len(specs)} tensors are more than one open's reply can list "
-                           f"({protocol.MAX_FRAME_BYTES} bytes): split it into models of fewer") from None
+        raise InvalidModel(f"the model's {len(specs)} tensors and {len(json.dumps(metadata))} bytes of __metadata__ "
+                           f"are more than one open's reply can carry ({protocol.MAX_FRAME_BYTES} bytes): split it "
+                           "into models of fewer tensors, or move metadata into a side file") from None
 
 
 def _plan_checkpoint(source: Source, side: list[Source]) -> Plan:

@@ -39,6 +39,7 @@ class TensorSpec:
 class Header:
     tensors: tuple[TensorSpec, ...]
     metadata: dict[str, str]
+    nbytes: int = 0  # of the JSON header itself
 
 
 def read_header(source: Source) -> Header:
@@ -77,7 +78,7 @@ def parse_header(raw: bytes, *, data_start: int, data_len: int, label: str) -> H
     metadata = _metadata(doc.pop(METADATA_KEY, {}), label)
     tensors = [_tensor(name, entry, data_start, data_len, label) for name, entry in doc.items()]
     _check_contiguous(tensors, data_start, data_len, label)
-    return Header(tensors=tuple(tensors), metadata=metadata)
+    return Header(tensors=tuple(tensors), metadata=metadata, nbytes=len(raw))
 
 
 class _DuplicateKey(ValueError):

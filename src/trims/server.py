@@ -70,6 +70,9 @@ class Server:
         self._frame_timeout = frame_timeout
         self._listener = listener
         self._max_connections = max_connections
+        # Only where some tenants are not admins may admins connect past the cap (with no
+        # [tenants], everyone is the one admin "owner").
+        self._admins_apart = not all(tenant.admin for tenant in self._access.tenants)
         self._connections: dict[int, Channel] = {}
         self._threads: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -130,16 +133,18 @@ class Server:
         channel = Channel(sock, max_frame_bytes=protocol.MAX_REQUEST_BYTES)
         with self._lock:
             full = len(self._connections) >= self._max_connections
-        if full and self._admin_connects(channel):
+        if full and self._admins_apart and self._admin_connects(channel):
             full = False  # a tenant filling the cap must not lock the operator out
         with self._lock:
             if not full:
                 conn_id = next(self._ids)
                 self._connections[conn_id] = channel
         if full:
-            log.warning("refused a connection: %d connections are open (--max-connections)", self._max_connections)
-            self._refuse(channel, f"the daemon already serves {self._max_connections} connections; retry later "
-                                  "or raise --max-connections")
+            serving = self.connection_count()
+            log.warning("refused a connection: %d connections are open (--max-connections %d)", serving,
+                        self._max_connections)
+            self._refuse(channel, f"the daemon already serves {serving} connections (--max-connections "
+                                  f"{self._max_connections}); retry later or raise --max-connections")
             return
         thread = threading.Thread(target=self._serve, args=(conn_id, channel), name=f"trims-conn-{conn_id}", daemon=True)
         with self._lock:

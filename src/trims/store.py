@@ -16,6 +16,7 @@ if the cloud holds it: demotion never destroys the last copy.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -1174,7 +1175,10 @@ class Store:
 
     def list_models(self, tenant: Tenant = EVERYONE) -> list[ModelSummary]:
         with self._lock:
-            return [self._summary_locked(name, tenant) for name in sorted(self.catalog.tags) if tenant.can_see(name)]
+            # Without metadata (info has it): a listing of many models with large metadata
+            # (LoRA training notes run to hundreds of KiB) would not fit one reply.
+            return [dataclasses.replace(self._summary_locked(name, tenant), metadata={})
+                    for name in sorted(self.catalog.tags) if tenant.can_see(name)]
 
     def info(self, reference: str, tenant: Tenant = EVERYONE) -> ModelSummary:
         with self._lock:
