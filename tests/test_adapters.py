@@ -119,14 +119,15 @@ def test_arrays_stay_readable_to_atexit_handlers_and_daemon_threads(shared_daemo
         assert done.stdout.split() == ["done", "at", "exit", str(float(1 << 20))]
 
 
-def tiny_onnx(path, seed: int = 0) -> np.ndarray:
+def tiny_onnx(path, seed: int = 0, dtype=np.float32) -> np.ndarray:
     """A two-layer MLP as an ONNX file; returns an input for it."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    w1, b1 = rng.standard_normal((64, 128), dtype=np.float32), rng.standard_normal(128, dtype=np.float32)
-    w2 = rng.standard_normal((128, 10), dtype=np.float32)
+    w1, b1 = rng.standard_normal((64, 128)).astype(dtype), rng.standard_normal(128).astype(dtype)
+    w2 = rng.standard_normal((128, 10)).astype(dtype)
+    element = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     shape = np.array([1, 64], dtype=np.int64)
     nodes = [
         helper.make_node("Reshape", ["x", "shape"], ["x2"]),
@@ -136,14 +137,14 @@ def tiny_onnx(path, seed: int = 0) -> np.ndarray:
         helper.make_node("MatMul", ["r", "w2"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        nodes, "mlp", [helper.make_tensor_value_info("x", element, [64])],
+        [helper.make_tensor_value_info("y", element, [1, 10])],
         initializer=[numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (shape, "shape"))],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.save(model, str(path))
-    return rng.standard_normal(64, dtype=np.float32)
+    return rng.standard_normal(64).astype(dtype)
 
 
 def test_onnxruntime_session_runs_on_shared_initializers(shared_daemon, tmp_path):
@@ -174,6 +175,21 @@ def test_onnxruntime_session_runs_on_shared_initializers(shared_daemon, tmp_path
     trims.onnxruntime.InferenceSession("adapters/mlp", client=client, sess_options=options)
     with pytest.raises(TypeError, match="pass a fresh SessionOptions"):
         trims.onnxruntime.InferenceSession("adapters/mlp", client=client, sess_options=options)
+
+
+def test_an_fp16_onnx_model_runs_as_onnx_runtime_runs_it(shared_daemon, tmp_path):
+    """ONNX Runtime's CPU kernels cast fp16 weights to fp32, after its constant folding: the
+    push folds those casts too, so a session has no weight left to fold (it failed to open)."""
+    import onnxruntime as ort
+
+    import trims.onnxruntime
+
+    x = tiny_onnx(tmp_path / "half.onnx", seed=3, dtype=np.float16)
+    client = shared_daemon.client()
+    client.push(tmp_path / "half.onnx", "adapters/mlp-fp16")
+    plain = ort.InferenceSession(str(tmp_path / "half.onnx"), providers=["CPUExecutionProvider"])
+    session = trims.onnxruntime.InferenceSession("adapters/mlp-fp16", client=client)
+    assert np.allclose(session.run(None, {"x": x})[0], plain.run(None, {"x": x})[0], rtol=1e-3, atol=1e-3)
 
 
 def test_an_onnx_session_serves_bf16_and_fp8_initializers_as_they_are(shared_daemon, tmp_path):

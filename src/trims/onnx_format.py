@@ -202,9 +202,26 @@ def _optimized(model_path: Path, scratch: Path, level: str) -> tuple[Path, str |
     scratch.mkdir()
     try:
         ort.InferenceSession(str(model_path), _saving(ort, scratch, level), providers=["CPUExecutionProvider"])
+        if not _casts_weights(scratch / GRAPH_FILE):
+            return scratch / GRAPH_FILE, None
+        # ONNX Runtime's CPU kernels have no fp16 MatMul: it casts fp16 weights to fp32 after
+        # its constant folding, so one more pass folds them (a session would, into private
+        # memory, and over the placeholders it cannot: the weights are not in the graph).
+        (scratch / "again").mkdir()
+        ort.InferenceSession(str(scratch / GRAPH_FILE), _saving(ort, scratch / "again", level),
+                             providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own, untyped, errors
         return model_path, (str(exc).splitlines() or [type(exc).__name__])[0]
-    return scratch / GRAPH_FILE, None
+    return scratch / "again" / GRAPH_FILE, None
+
+
+def _casts_weights(graph_path: Path) -> bool:
+    """Whether a saved graph converts an initializer with a Cast node: a constant left to fold."""
+    import onnx
+
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    weights = {initializer.name for initializer in graph.initializer}
+    return any(node.op_type == "Cast" and node.input and node.input[0] in weights for node in graph.node)
 
 
 def _saving(ort, scratch: Path, level: str):
