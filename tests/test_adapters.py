@@ -192,6 +192,21 @@ def test_an_fp16_onnx_model_runs_as_onnx_runtime_runs_it(shared_daemon, tmp_path
     assert np.allclose(session.run(None, {"x": x})[0], plain.run(None, {"x": x})[0], rtol=1e-3, atol=1e-3)
 
 
+def test_a_directory_holding_an_onnx_model_says_to_push_the_onnx_file(shared_daemon, tmp_path):
+    """Pushed as a side file beside safetensors weights, the whole .onnx (weights inline) would
+    be stored and shared with no one: the push says what to do instead."""
+    from safetensors.numpy import save_file
+
+    directory = tmp_path / "mixed"
+    directory.mkdir()
+    tiny_onnx(directory / "Model.ONNX")
+    save_file({"w": np.ones(4, np.float32)}, str(directory / "model.safetensors"))
+    client = shared_daemon.client()
+    with pytest.raises(trims.InvalidModel, match="push the .onnx file itself"):
+        client.push(directory, "adapters/mixed")
+    assert client.push(directory / "Model.ONNX", "adapters/upper-case-onnx").tensors == 2
+
+
 def test_an_onnx_session_serves_bf16_and_fp8_initializers_as_they_are(shared_daemon, tmp_path):
     """NumPy lacks bf16 and fp8: they are stored as themselves (not widened to float32) and
     given to ONNX Runtime as their bits in place, with the ONNX type named. (Embedding tables

@@ -138,8 +138,9 @@ class Client:
 
     def push(self, path: str | os.PathLike, name: str, *, to: str | None = None,
              progress: ProgressCallback | None = None) -> PushResult:
-        """Register a model under ``name``: a ``.safetensors`` file, a model directory, or the
-        URL of either in object storage (``s3://bucket/prefix``).
+        """Register a model under ``name``: a ``.safetensors`` file, a model directory, an
+        ``.onnx`` model, a PyTorch checkpoint, or the URL of a model in object storage
+        (``s3://bucket/prefix``).
 
         Local files are opened here and passed as descriptors; the daemon never opens a local
         path. A URL is read by the daemon, with its own credentials. ``to`` also uploads the
@@ -147,13 +148,17 @@ class Client:
         """
         if "://" in str(path):
             return self._request(protocol.Push(name=name, url=str(path), to=to), protocol.Pushed, progress)[0].result
-        if Path(path).suffix == ".onnx":  # graph and weights go in separately
+        if Path(path).suffix.lower() == ".onnx":  # graph and weights go in separately
             from .onnx_format import split
 
             with tempfile.TemporaryDirectory(prefix="trims-onnx-") as directory:
                 split(Path(path), Path(directory))
-                return self.push(directory, name, to=to, progress=progress)
-        with _opened(model_files(Path(path))) as (labels, fds):
+                return self._push_files(_directory_files(Path(directory), split_onnx=True), name, to, progress)
+        return self._push_files(model_files(Path(path)), name, to, progress)
+
+    def _push_files(self, files: list[tuple[str, Path]], name: str, to: str | None,
+                    progress: ProgressCallback | None) -> PushResult:
+        with _opened(files) as (labels, fds):
             message = protocol.Push(name=name, files=labels, to=to, fds=fds)
             return self._request(message, protocol.Pushed, progress)[0].result
 
@@ -581,14 +586,19 @@ def model_files(path: Path) -> list[tuple[str, Path]]:
         if path.is_file() and path.name.endswith((".safetensors", *PUSHABLE)):
             return [(path.name, path)]
         if not path.is_dir():
-            raise InvalidModel(f"{path} is not a .safetensors file, a directory holding them, or a PyTorch "
-                               f"checkpoint ({', '.join(PUSHABLE)})")
+            raise InvalidModel(f"{path} is not a .safetensors file, a directory holding them, an ONNX model "
+                               f"(.onnx) or a PyTorch checkpoint ({', '.join(PUSHABLE)})")
         return _directory_files(path)
     except OSError as exc:
         raise InvalidModel(f"cannot read {exc.filename or path}: {exc.strerror}") from None
 
 
-def _directory_files(path: Path) -> list[tuple[str, Path]]:
+def _directory_files(path: Path, *, split_onnx: bool = False) -> list[tuple[str, Path]]:
+    """``split_onnx``: the directory is an ONNX model split for the push, its graphs side files."""
+    graphs = sorted(p.name for p in path.iterdir() if p.suffix.lower() == ".onnx")
+    if graphs and not split_onnx:  # stored whole as a side file, its weights would be shared with no one
+        raise InvalidModel(f"{path} holds {graphs[0]}, an ONNX model: push the .onnx file itself (trims push "
+                           f"{path / graphs[0]} --name NAME), which splits its weights from its graph")
     weights = _weight_files(path)
     side = sorted(
         p.name for p in path.iterdir()
