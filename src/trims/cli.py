@@ -19,6 +19,7 @@ from . import __version__
 from .client import Client, connect
 from .config import Settings, default_socket_path, format_size, parse_size
 from .errors import ConfigError, TrimsError
+from .examples import EXAMPLES
 from .policy import POLICIES
 from .tier import PIN_TIERS
 
@@ -130,11 +131,22 @@ def _parser() -> argparse.ArgumentParser:
     hook.set_defaults(run=_hook)
 
     demo = commands.add_parser("demo", help="start a daemon, share an example model with fresh processes, print a table")
-    demo.add_argument("--model", default="gpt2", help="example architecture: gpt2 (124M), gpt2-tiny, bert, resnet50")
-    demo.add_argument("--processes", type=int, default=4, help="function processes per mode")
+    demo.add_argument("--model", default="gpt2", choices=sorted(EXAMPLES),
+                      help="example architecture (default: gpt2, 124M parameters)")
+    demo.add_argument("--processes", type=_at_least_one, default=4, help="function processes per mode (at least 1)")
     demo.add_argument("--workdir", type=Path, default=None, help="keep the example model and store here")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"needs a whole number of at least 1, not {text!r}")
+    return number
 
 
 def _size(text: str) -> int:

@@ -4,7 +4,7 @@
     session = trims.onnxruntime.InferenceSession("classifier:3")
     session.run(None, {"input": batch})
 
-``trims push model.onnx`` stores the graph beside the weights (see :mod:`trims.onnx_format`).
+``trims push model.onnx --name NAME`` stores the graph beside the weights (see :mod:`trims.onnx_format`).
 Each initializer is an ``OrtValue`` over the mapped segment, given to ONNX Runtime with
 ``SessionOptions.add_initializer``, which uses it in place. (Measured with onnxruntime 1.32:
 ``add_external_initializers`` copies every initializer into the session, and so do external

@@ -67,7 +67,7 @@ def load_state_dict(name: str, *, client: Client | None = None,
 
 def load_checkpoint(name: str, map_location: Any = None, *, client: Client | None = None, **load_args: Any) -> Any:
     """What ``torch.load`` returns for the PyTorch checkpoint pushed as ``name`` (``trims push
-    model.pt NAME``): PyTorch unpickles it as ever (``weights_only``, ``map_location`` and
+    model.pt --name NAME``): PyTorch unpickles it as ever (``weights_only``, ``map_location`` and
     ``load_args`` as ``torch.load`` takes them), its tensors over the node's shared copy,
     copy-on-write, for as long as they live."""
     if needs_file_offsets(map_location):
@@ -81,7 +81,7 @@ def load_checkpoint(name: str, map_location: Any = None, *, client: Client | Non
 
 def load_exported(name: str, *, client: Client | None = None, **load_args: Any) -> torch.export.ExportedProgram:
     """What ``torch.export.load`` returns for the archive pushed as ``name`` (``trims push
-    model.pt2 NAME``): PyTorch deserializes the program as ever (``load_args`` as
+    model.pt2 --name NAME``): PyTorch deserializes the program as ever (``load_args`` as
     ``torch.export.load`` takes them), its weights and constants over the node's shared copy,
     copy-on-write; ``.module()`` makes a module whose parameters are those same tensors."""
     client = client or shared_client()
