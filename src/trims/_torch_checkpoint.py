@@ -101,6 +101,10 @@ class _SharedRecords:
         self._view = view
         self._records = records
         self.name = view.name
+        # Equal storages are stored once; each key must still be its own, as in the file. Copied
+        # now, before torch may change the first in place (a byte swap of a big-endian archive).
+        self._copies = {name: self._shared_storage(view.index[name]).clone() for name in view.repeats
+                        if view.index[name].nbytes}
 
     def has_record(self, name: str) -> bool:
         return name in self._records or name in self._view.index
@@ -132,10 +136,12 @@ class _SharedRecords:
                                f"which the archive does not hold")
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
+        copy = self._copies.get(name)
+        return copy if copy is not None else self._shared_storage(entry)
+
+    def _shared_storage(self, entry: Any) -> torch.Tensor:
         segment = memoryview(self._view.segments[entry.segment]).cast("B")
-        storage = torch.frombuffer(segment[entry.offset : entry.offset + nbytes], dtype=torch.uint8)
-        # Equal storages are stored once; each key must still be its own, as in the file.
-        return storage.clone() if name in self._view.repeats else storage
+        return torch.frombuffer(segment[entry.offset : entry.offset + entry.nbytes], dtype=torch.uint8)
 
     def get_record_offset(self, name: str, *_: Any) -> int:  # callers check needs_file_offsets first
         raise InvalidModel(f"{self._view.name} is shared by trims and has no file offsets (asked for {name!r}): "
