@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from . import digest as digests
 from .errors import ConfigError, StorageError
@@ -91,9 +91,9 @@ class Catalog:
         """What the side files take on the store's disk (with the segments, the disk tier's)."""
         return sum(list(self._file_sizes.values()))  # a snapshot: read outside the store lock too
 
-    def new_side_bytes(self, files: Iterable[bytes]) -> int:
-        """What of these side files the store does not hold yet (by content)."""
-        return sum(len(data) for data in files if digests.of_bytes(data) not in self._file_sizes)
+    def new_side_bytes(self, sizes: dict[str, int]) -> int:
+        """What of these side files (content digest -> bytes) the store does not hold yet."""
+        return sum(nbytes for digest, nbytes in sizes.items() if digest not in self._file_sizes)
 
     def model_side_bytes(self, manifest: Manifest) -> int:
         return sum(self._file_sizes.get(d, 0) for d in set(manifest.files.values()))

@@ -17,6 +17,7 @@ bytes alone.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -62,6 +63,12 @@ class Plan:
     @property
     def side_bytes(self) -> int:
         return sum(len(data) for data in self.side_files.values())
+
+    @functools.cached_property
+    def side_digests(self) -> dict[str, str]:
+        """label -> content digest of each side file, hashed once for the manifest, the
+        commit and the disk reservation."""
+        return {label: digests.of_bytes(data) for label, data in self.side_files.items()}
 
 
 @dataclass
@@ -209,13 +216,12 @@ def _manifest(planned: Plan, tensor_digests: list[str]) -> Manifest:
         TensorRecord(spec.name, spec.dtype, spec.shape, d, spec.nbytes)
         for (_, spec), d in zip(planned.specs, tensor_digests)
     )
-    files = {label: digests.of_bytes(data) for label, data in planned.side_files.items()}
-    return Manifest(tensors=records, metadata=planned.metadata, files=files)
+    return Manifest(tensors=records, metadata=planned.metadata, files=planned.side_digests)
 
 
 def _ingested(planned: Plan, manifest: Manifest, segment: SegmentLayout | None, path: Path | None) -> Ingested:
     sources = {r.digest: (source.label, spec.start) for (source, spec), r in zip(planned.specs, manifest.tensors)}
-    by_digest = {digests.of_bytes(data): data for data in planned.side_files.values()}
+    by_digest = {planned.side_digests[label]: data for label, data in planned.side_files.items()}
     return Ingested(manifest=manifest, segment=segment, segment_path=path, side_files=by_digest, sources=sources)
 
 

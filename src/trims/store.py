@@ -274,7 +274,8 @@ class Store:
         has committed it. In one pass if the disk has room for the whole model; if not, hashed
         first, so that room is needed for its new tensors alone (none on a re-push)."""
         covered, temp_dir = (lambda m: self._covered(m, name, tenant)), self.catalog.temp_dir()
-        side = self.catalog.new_side_bytes(planned.side_files.values())  # written at the commit
+        side = self.catalog.new_side_bytes(  # written at the commit
+            {planned.side_digests[label]: len(data) for label, data in planned.side_files.items()})
         try:
             self._reserve_disk(planned.size + side)
         except CapacityError:
