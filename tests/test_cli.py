@@ -197,6 +197,40 @@ def test_the_http_side_says_what_is_warm_on_this_node(tmp_path):
         daemon.kill()
 
 
+def test_a_scrape_that_trickles_its_request_is_cut_off_at_the_deadline(monkeypatch):
+    """A byte every few seconds would keep each read inside its timeout and a slot for good:
+    the whole connection has a deadline, and the port answers a proper scrape meanwhile."""
+    import socket as socket_module
+    import time
+
+    from trims.exporter import MetricsServer, _Handler
+    from trims.metrics import Metrics
+
+    monkeypatch.setattr(_Handler, "deadline", 1.0)
+    server = MetricsServer(Metrics(), list, "127.0.0.1", 0)
+    try:
+        slow = socket_module.create_connection(("127.0.0.1", server.port))
+        slow.settimeout(5)
+        started, cut = time.monotonic(), False
+        for byte in b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * 40:
+            try:
+                slow.send(bytes([byte]))
+                time.sleep(0.1)
+                if not slow.recv(1, socket_module.MSG_DONTWAIT | socket_module.MSG_PEEK):
+                    cut = True
+                    break
+            except BlockingIOError:
+                continue
+            except OSError:
+                cut = True
+                break
+        assert cut and time.monotonic() - started < 3
+        assert _answers(f"http://127.0.0.1:{server.port}/healthz")
+        slow.close()
+    finally:
+        server.close()
+
+
 def _answers(url: str) -> bool:
     import urllib.request
 

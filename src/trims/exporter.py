@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -71,6 +72,23 @@ class _BoundedServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     routes: dict[str, tuple[str, Callable[[], str]]]
     timeout = 5  # seconds each read of a request may wait: an idle connection lets go of its slot
+    deadline = 15.0  # seconds a whole connection may last: one trickling a byte at a time lets go too
+
+    def setup(self) -> None:
+        super().setup()
+        self._watchdog = threading.Timer(self.deadline, self._cut)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _cut(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)  # the handler's blocked read or write returns
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        self._watchdog.cancel()
+        super().finish()
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
         route = self.routes.get(self.path.split("?")[0])
