@@ -234,6 +234,44 @@ def test_an_admin_connects_past_the_cap_that_tenants_filled(tmp_path):
     store.close()
 
 
+def test_a_tenant_at_its_connection_cap_is_refused_and_others_still_connect(tmp_path):
+    """A tenant's max_connections keeps it from taking the daemon's whole --max-connections:
+    its next connection is refused with why, one it closes frees its slot, and another tenant
+    still connects meanwhile."""
+    from trims.acl import AccessPolicy, Tenant
+    from trims.server import Server
+    from trims.store import Store
+
+    store = Store(tmp_path / "store", host_capacity=1 << 26)
+    capped = AccessPolicy((Tenant("team-a", uids=frozenset({os.getuid()}), max_connections=2),))
+    uncapped = AccessPolicy((Tenant("team-b", uids=frozenset({os.getuid()})),))
+    servers = {name: Server(store, transport.listen(tmp_path / f"{name}.sock"), max_connections=8, describe=dict,
+                            access=policy) for name, policy in (("a", capped), ("b", uncapped))}
+    serving = [threading.Thread(target=server.serve_forever) for server in servers.values()]
+    for thread in serving:
+        thread.start()
+    try:
+        held = [trims.connect(tmp_path / "a.sock") for _ in range(2)]
+        with pytest.raises(trims.RequestError, match="tenant team-a already has 2 connections open") as info:
+            trims.connect(tmp_path / "a.sock")
+        assert info.value.code == "too_many_connections"
+        others = [trims.connect(tmp_path / "b.sock") for _ in range(3)]  # no cap of its own
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while servers["a"].connection_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held.append(trims.connect(tmp_path / "a.sock"))
+        assert held[-1].list() == []
+        for client in held + others:
+            client.close()
+    finally:
+        for server in servers.values():
+            server.shutdown()
+        for thread in serving:
+            thread.join(10)
+        store.close()
+
+
 def _served_connection(daemon: DaemonProcess) -> transport.Channel:
     """A raw connection the daemon answers. A slot a client just closed frees a moment later
     (when the daemon reads its end), so the start-up check's may still be taken: retry."""

@@ -295,7 +295,10 @@ def test_push_rights_are_their_own_namespaces(tmp_path):
     assert admin.can_see("auto/a/0123")
     (anyone,) = parse_tenants({"any": {"gids": ["*"], "namespaces": ["public/*"]}}, parse_size).tenants
     assert anyone.matches(12345, [54321])  # "*" means any in gids as in uids
-    for bad in ({"admin": "no"}, {"push": "yes"}, {"max_leased_bytes": -1}, {"uids": "0"}, {"uids": [-1]}):
+    (capped,) = parse_tenants({"c": {"uids": [4], "max_connections": 8}}, parse_size).tenants
+    assert capped.max_connections == 8 and admin.max_connections is None
+    for bad in ({"admin": "no"}, {"push": "yes"}, {"max_leased_bytes": -1}, {"uids": "0"}, {"uids": [-1]},
+                {"max_connections": 0}, {"max_connections": "8"}, {"max_connections": True}):
         with pytest.raises(ConfigError):
             parse_tenants({"a": {"namespaces": ["*"], **bad}}, parse_size)
 

@@ -49,6 +49,7 @@ class Tenant:
     admin: bool = False
     max_leased_bytes: int | None = None
     max_pushed_bytes: int | None = None
+    max_connections: int | None = None  # so that one tenant cannot take every connection
 
     def matches(self, uid: int, gids: list[int]) -> bool:
         return ANY_ID in self.uids or ANY_ID in self.gids or uid in self.uids or any(g in self.gids for g in gids)
@@ -105,9 +106,13 @@ class AccessPolicy:
         for tenant in self.tenants:
             if tenant.matches(uid, gids):
                 return tenant
-        raise PermissionDenied(
-            f"uid {uid} is not a tenant of this trims daemon; ask its operator to add it to the config's [tenants]"
-        )
+        raise not_a_tenant(uid)
+
+
+def not_a_tenant(uid: int) -> PermissionDenied:
+    return PermissionDenied(
+        f"uid {uid} is not a tenant of this trims daemon; ask its operator to add it to the config's [tenants]"
+    )
 
 
 def parse_tenants(table: dict[str, Any], parse_size) -> AccessPolicy:
@@ -119,7 +124,7 @@ def parse_tenants(table: dict[str, Any], parse_size) -> AccessPolicy:
         if not _TENANT_NAME.fullmatch(name):
             raise ConfigError(f"tenant name {name!r}: use letters, digits, '.', '_' and '-'")
         unknown = set(spec) - {"uids", "gids", "namespaces", "push", "buckets", "admin", "max_leased_bytes",
-                               "max_pushed_bytes"}
+                               "max_pushed_bytes", "max_connections"}
         if unknown:
             raise ConfigError(f"tenants.{name}: unknown setting {sorted(unknown)[0]!r}")
         namespaces = tuple(_strings(spec.get("namespaces", []), f"tenants.{name}.namespaces"))
@@ -136,6 +141,7 @@ def parse_tenants(table: dict[str, Any], parse_size) -> AccessPolicy:
             admin=_boolean(spec.get("admin", False), f"tenants.{name}.admin"),
             max_leased_bytes=_size(spec, "max_leased_bytes", name, parse_size),
             max_pushed_bytes=_size(spec, "max_pushed_bytes", name, parse_size),
+            max_connections=_count(spec, "max_connections", name),
         ))
     return AccessPolicy(tuple(tenants))
 
@@ -180,6 +186,13 @@ def _size(spec: dict[str, Any], key: str, tenant: str, parse_size) -> int | None
     if size < 0:
         raise ConfigError(f"tenants.{tenant}.{key} cannot be negative")
     return size
+
+
+def _count(spec: dict[str, Any], key: str, tenant: str) -> int | None:
+    value = spec.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"tenants.{tenant}.{key} must be a whole number of at least 1, not {value!r}")
+    return value
 
 
 def _url_patterns(values: Any, where: str) -> list[str]:

@@ -8,6 +8,7 @@ leases end with it.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -19,12 +20,12 @@ from typing import Callable
 
 from . import __version__, protocol
 from .cloud import remote_model_files
-from .acl import ADMIN, CLIENT_URL_SCHEMES, WRITE, AccessPolicy, Tenant, plain_url
+from .acl import ADMIN, CLIENT_URL_SCHEMES, WRITE, AccessPolicy, Tenant, not_a_tenant, plain_url
 from .errors import (ConnectionLost, InvalidModel, LocalProtocolError, PermissionDenied, ProtocolError, RequestError,
                      StorageError)
 from .sources import FileSource
 from .store import Store
-from .transport import Channel
+from .transport import Channel, PeerCredentials
 
 log = logging.getLogger("trims.server")
 
@@ -70,10 +71,10 @@ class Server:
         self._frame_timeout = frame_timeout
         self._listener = listener
         self._max_connections = max_connections
-        # Only where some tenants are not admins may admins connect past the cap (with no
-        # [tenants], everyone is the one admin "owner").
+        # With no [tenants], everyone is the one admin "owner": no one to connect past.
         self._admins_apart = not all(tenant.admin for tenant in self._access.tenants)
         self._connections: dict[int, Channel] = {}
+        self._tenant_connections: collections.Counter[str] = collections.Counter()
         self._threads: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -131,45 +132,64 @@ class Server:
             log.error("accept failed: %s", exc)
             return
         channel = Channel(sock, max_frame_bytes=protocol.MAX_REQUEST_BYTES)
+        peer, tenant = self._identify(channel)
         with self._lock:
-            full = len(self._connections) >= self._max_connections
-        if full and self._admins_apart and self._admin_connects(channel):
-            full = False  # a tenant filling the cap must not lock the operator out
-        with self._lock:
-            if not full:
+            refusal = self._refusal(tenant)
+            if refusal is None:
                 conn_id = next(self._ids)
                 self._connections[conn_id] = channel
-        if full:
-            serving = self.connection_count()
-            log.warning("refused a connection: %d connections are open (--max-connections %d)", serving,
-                        self._max_connections)
-            self._refuse(channel, f"the daemon already serves {serving} connections (--max-connections "
-                                  f"{self._max_connections}); retry later or raise --max-connections")
+                if tenant is not None:
+                    self._tenant_connections[tenant.name] += 1
+        if refusal is not None:
+            log.warning("refused a connection from uid %s: %s", "?" if peer is None else peer.uid, refusal)
+            self._refuse(channel, refusal)
             return
-        thread = threading.Thread(target=self._serve, args=(conn_id, channel), name=f"trims-conn-{conn_id}", daemon=True)
+        thread = threading.Thread(target=self._serve, args=(conn_id, channel, peer, tenant), name=f"trims-conn-{conn_id}", daemon=True)
         with self._lock:
             self._threads[conn_id] = thread
         try:
             thread.start()
         except RuntimeError as exc:  # the process's thread limit (a container's pids cap): refuse this one
-            with self._lock:
-                self._connections.pop(conn_id, None)
-                self._threads.pop(conn_id, None)
+            self._forget(conn_id, tenant)
             log.error("refused a connection: cannot start a thread for it (%s) with %d connections open; raise the "
                       "container's pids limit or lower --max-connections", exc, self.connection_count())
             self._refuse(channel, "the daemon cannot start a thread for another connection (its process limit); "
                                   "retry later, or ask the node's operator to raise its pids limit")
 
-    def _admin_connects(self, channel: Channel) -> bool:
-        """Whether the peer is an admin tenant, who may connect past --max-connections (by as
-        many again at most)."""
-        if self.connection_count() >= 2 * self._max_connections:
-            return False
+    def _identify(self, channel: Channel) -> tuple[PeerCredentials | None, Tenant | None]:
+        """Who connected, and as which tenant (None: not a tenant, told so once served)."""
         try:
             peer = channel.peer_credentials()
-            return self._access.tenant_for(peer.uid, [peer.gid, *peer.groups]).admin
-        except (OSError, PermissionDenied):
-            return False
+        except OSError:
+            return None, None
+        try:
+            return peer, self._access.tenant_for(peer.uid, [peer.gid, *peer.groups])
+        except PermissionDenied:
+            return peer, None
+
+    def _refusal(self, tenant: Tenant | None) -> str | None:
+        """Why a new connection of this tenant is refused, or None. Called under the lock."""
+        if tenant is not None and tenant.max_connections is not None:
+            held = self._tenant_connections[tenant.name]
+            if held >= tenant.max_connections:
+                return (f"tenant {tenant.name} already has {held} connections open (its max_connections in the "
+                        f"daemon's config); close some, or ask the node's operator to raise it")
+        serving = len(self._connections)
+        if serving < self._max_connections:
+            return None
+        # A tenant filling the cap must not lock the operator out: an admin may connect past it,
+        # by as many again at most (only where some tenants are not admins).
+        if self._admins_apart and tenant is not None and tenant.admin and serving < 2 * self._max_connections:
+            return None
+        return (f"the daemon already serves {serving} connections (--max-connections {self._max_connections}); "
+                f"retry later, or raise --max-connections if this is the node's normal load")
+
+    def _forget(self, conn_id: int, tenant: Tenant | None) -> None:
+        with self._lock:
+            self._connections.pop(conn_id, None)
+            self._threads.pop(conn_id, None)
+            if tenant is not None:
+                self._tenant_connections[tenant.name] -= 1
 
     def _refuse(self, channel: Channel, message: str) -> None:
         try:
@@ -194,15 +214,15 @@ class Server:
 
     # --- one connection ------------------------------------------------------------------
 
-    def _serve(self, conn_id: int, channel: Channel) -> None:
+    def _serve(self, conn_id: int, channel: Channel, peer: PeerCredentials | None, tenant: Tenant | None) -> None:
         try:
-            peer = channel.peer_credentials()
+            if peer is None:  # the peer hung up before it could be identified
+                return
             channel.set_send_timeout(self._frame_timeout)
-            try:
-                tenant = self._access.tenant_for(peer.uid, [peer.gid, *peer.groups])
-            except PermissionDenied as exc:
+            if tenant is None:
                 log.warning("refused pid %d uid %d: not a tenant", peer.pid, peer.uid)
-                channel.send(protocol.Error(code=exc.code, message=str(exc)))
+                refused = not_a_tenant(peer.uid)
+                channel.send(protocol.Error(code=refused.code, message=str(refused)))
                 return
             log.debug("connection %d: pid %d uid %d, tenant %s", conn_id, peer.pid, peer.uid, tenant.name)
             while True:
@@ -235,9 +255,7 @@ class Server:
             released = self.store.release_owner(conn_id)
             if released:
                 log.debug("connection %d closed holding %d leases; released", conn_id, released)
-            with self._lock:
-                self._connections.pop(conn_id, None)
-                self._threads.pop(conn_id, None)
+            self._forget(conn_id, tenant)
             channel.close()
 
     def _handle(self, request: protocol.Message, ctx: _Context) -> protocol.Message:
