@@ -321,3 +321,12 @@ def test_serve_refuses_unusable_settings_in_one_line(tmp_path, flags, said):
                            "--store", str(tmp_path / "store"), *flags], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("trims: error: ") and said in done.stderr
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--processes", "1"], "at least 2 (the first trims open is not warm)"),
+    (["--model", "bert"], "invalid choice"),
+])
+def test_demo_refuses_arguments_it_cannot_show_honestly(flags, said):
+    done = subprocess.run([sys.executable, "-m", "trims", "demo", *flags], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr

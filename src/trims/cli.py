@@ -133,19 +133,21 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start a daemon, share an example model with fresh processes, print a table")
     demo.add_argument("--model", default="gpt2", choices=sorted(EXAMPLES),
                       help="example architecture (default: gpt2, 124M parameters)")
-    demo.add_argument("--processes", type=_at_least_one, default=4, help="function processes per mode (at least 1)")
+    demo.add_argument("--processes", type=_at_least_two, default=4,
+                      help="function processes per mode (at least 2: trims's first open loads, the rest are warm)")
     demo.add_argument("--workdir", type=Path, default=None, help="keep the example model and store here")
     demo.set_defaults(run=_demo)
     return parser
 
 
-def _at_least_one(text: str) -> int:
+def _at_least_two(text: str) -> int:
     try:
         number = int(text)
     except ValueError:
         number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"needs a whole number of at least 1, not {text!r}")
+    if number < 2:
+        raise argparse.ArgumentTypeError(f"needs a whole number of at least 2 (the first trims open is not warm), "
+                                         f"not {text!r}")
     return number
 
 

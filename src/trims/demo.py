@@ -75,6 +75,9 @@ def run_demo(model: str = "gpt2", processes: int = 4, workdir: Path | None = Non
     if model not in EXAMPLES:
         print(f"trims demo: unknown model {model!r}; choose from {', '.join(EXAMPLES)}", file=sys.stderr)
         return 2
+    if processes < 2:
+        print("trims demo: needs at least 2 processes per mode (the first trims open is not warm)", file=sys.stderr)
+        return 2
     example = EXAMPLES[model]
     keep = workdir is not None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="trims-demo-"))
@@ -183,7 +186,7 @@ def _print_summary(own_disk: list[Function], own_cached: list[Function], shared:
     def ready(functions: list[Function]) -> float:
         return statistics.median(f.report["ready_s"] for f in functions)
 
-    warm = ready(shared[1:] or shared)
+    warm = ready(shared[1:])
     print(f"warm trims: model ready in {warm * 1e3:.1f} ms, {ready(own_disk) / warm:.0f}x sooner than "
           f"from_pretrained from disk and {ready(own_cached) / warm:.1f}x sooner than from page cache")
     print(f"(import torch alone: {statistics.median(f.report['torch_s'] for f in shared):.2f} s in every process)")
