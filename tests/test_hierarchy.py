@@ -221,6 +221,29 @@ def test_concurrent_opens_of_a_cold_cloud_model_cause_one_get_series(tmp_path, s
         daemon.kill()
 
 
+def test_a_cloud_that_cannot_be_read_fails_the_open_once_not_again_into_memory(tmp_path, s3, bucket):
+    """Staging on disk falls back to reading into memory when the disk cannot take the
+    segment; when it is the cloud that fails, that second read would fail the same way."""
+    make_models(tmp_path, [0, 1])
+    daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "300K")).start()
+    try:
+        client = daemon.client()
+        client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims")
+        client.push(tmp_path / "m1.safetensors", "m1", to=f"s3://{bucket}/trims")  # m0 now only in the cloud
+        client.evict("m0")
+        for key in [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]:
+            if key.endswith(".bin") and not (daemon.store / "disk" / key.rsplit("/", 1)[1]).exists():
+                s3.client().delete_object(Bucket=bucket, Key=key)
+        gets_before = s3.gets("/trims/segments/")
+        with pytest.raises(trims.StorageError, match="no such object"):
+            client.open("m0")
+        assert s3.gets("/trims/segments/") - gets_before == 1
+        assert "could not stage segment" not in daemon.log()
+        assert client.stats()["fetches"].get("cloud->host", {}).get("count", 0) == 0
+    finally:
+        daemon.kill()
+
+
 def test_a_corrupted_byte_in_the_bucket_is_never_served_and_a_push_restores_the_copy(tmp_path, s3, bucket):
     weights = make_models(tmp_path, [0, 1])
     daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "300K")).start()

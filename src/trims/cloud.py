@@ -34,7 +34,7 @@ from . import digest as digests
 from . import torch_format
 from .catalog import rename_durably
 from .disk import new_temp_file
-from .errors import IntegrityError, InvalidModel, StorageError
+from .errors import CloudReadFailed, IntegrityError, InvalidModel, StorageError
 from .objects import Objects
 from .records import SegmentLayout
 from .sources import Source
@@ -196,6 +196,8 @@ class CloudTier(Tier):
                         for future in futures:
                             future.cancel()
                 verifier.finish()
+        except StorageError as exc:
+            raise CloudReadFailed(str(exc)) from None
         finally:
             target.close()  # before the host tier seals the memfd: no writable mapping may remain
 

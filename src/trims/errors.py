@@ -147,6 +147,10 @@ class StorageError(RequestError):
     code = "storage"
 
 
+class CloudReadFailed(StorageError):
+    """The cloud tier could not be read (after its retries): not the local disk's fault."""
+
+
 class GpuError(RequestError):
     """The GPU tier cannot serve: no CUDA driver or device, no VMM support, or a driver call failed."""
 

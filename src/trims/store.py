@@ -37,7 +37,7 @@ from .cloud import CloudTier, RemoteFile
 from .disk import DiskTier
 from .gpu import GpuSegment, GpuTier
 from .acl import EVERYONE, AccessPolicy, Tenant
-from .errors import (CapacityError, DamagedCopy, GpuError, IntegrityError, InvalidModel, InvalidName, ModelBusy,
+from .errors import (CapacityError, CloudReadFailed, DamagedCopy, GpuError, IntegrityError, InvalidModel, InvalidName, ModelBusy,
                      ModelNotFound, PermissionDenied, QuotaExceeded, StorageError, TrimsError)
 from .host import HostSegment, HostTier
 from .metrics import OPEN_SECONDS_BUCKETS, Metrics
@@ -786,6 +786,8 @@ class Store:
             self.metrics.inc("trims_tier_misses_total", tier="disk")
         try:
             staged = self._stage_on_disk(layout, required=False, tracker=tracker)
+        except CloudReadFailed:
+            raise  # reading it into memory instead would fail the same way, after as many tries again
         except StorageError as exc:  # the disk is only a cache on this path: a full one must not fail the open
             log.warning("could not stage segment %s on disk (%s); reading it from the cloud into memory", layout.id[:19], exc)
             staged = False
