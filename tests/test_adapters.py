@@ -175,6 +175,11 @@ def test_onnxruntime_session_runs_on_shared_initializers(shared_daemon, tmp_path
     trims.onnxruntime.InferenceSession("adapters/mlp", client=client, sess_options=options)
     with pytest.raises(TypeError, match="pass a fresh SessionOptions"):
         trims.onnxruntime.InferenceSession("adapters/mlp", client=client, sess_options=options)
+    import trims.torch
+
+    for load in (trims.torch.load_checkpoint, trims.torch.load_exported):  # the mistake names the right loader
+        with pytest.raises(trims.InvalidModel, match="ONNX model; run it with trims.onnxruntime.InferenceSession"):
+            load("adapters/mlp", client=client)
 
 
 def test_an_fp16_onnx_model_runs_as_onnx_runtime_runs_it(shared_daemon, tmp_path):

@@ -25,6 +25,7 @@ import torch.serialization
 
 from .client import ModelView
 from .errors import InvalidModel, UnsupportedFormat
+from .onnx_format import GRAPH_FILE
 from .torch_format import EXPORT_FORMAT, EXPORT_MARK, FORMAT, FORMAT_KEY, MAGIC, PICKLE, TORCHSCRIPT_RECORD
 
 _serving = threading.local()  # .records: what the next archive opened in this thread reads
@@ -47,7 +48,8 @@ def load_over(view: ModelView, records: dict[str, bytes], f: Any = None, *args: 
     if view.metadata.get(FORMAT_KEY) == EXPORT_FORMAT:
         raise InvalidModel(f"{view.name} is a torch.export archive (.pt2): load it with trims.torch.load_exported")
     if view.metadata.get(FORMAT_KEY) != FORMAT or PICKLE not in records:
-        raise InvalidModel(f"{view.name} is not a PyTorch checkpoint: load it with trims.torch.load_state_dict")
+        raise InvalidModel(f"{view.name} is not a PyTorch checkpoint: "
+                           f"{_how_to_load(records, 'trims.torch.load_state_dict')}")
     if TORCHSCRIPT_RECORD in records:  # pushed by a daemon from before TorchScript was refused
         raise UnsupportedFormat(f"{view.name} is a TorchScript archive, which trims does not share: "
                                 "load its file with torch.jit.load")
@@ -58,11 +60,17 @@ def load_over(view: ModelView, records: dict[str, bytes], f: Any = None, *args: 
             io.BytesIO(MAGIC) if f is None else f, *args, **kwargs)
 
 
+def _how_to_load(records: dict[str, bytes], otherwise: str) -> str:
+    if GRAPH_FILE in records:
+        return "it is an ONNX model; run it with trims.onnxruntime.InferenceSession"
+    return f"load it with {otherwise}"
+
+
 def load_exported_over(view: ModelView, records: dict[str, bytes], f: Any = None, **kwargs: Any) -> Any:
     """``torch.export.load(f, **kwargs)`` with every record read from ``view`` and ``records``."""
     if view.metadata.get(FORMAT_KEY) != EXPORT_FORMAT or EXPORT_MARK not in records:
-        raise InvalidModel(f"{view.name} is not a torch.export archive (.pt2): load it with "
-                           "trims.torch.load_checkpoint or load_state_dict")
+        raise InvalidModel(f"{view.name} is not a torch.export archive (.pt2): "
+                           f"{_how_to_load(records, 'trims.torch.load_checkpoint or load_state_dict')}")
     try:
         _install_export_reader_hook()
     except (ImportError, AttributeError) as exc:  # a PyTorch that reads .pt2 archives some other way
