@@ -155,7 +155,8 @@ def test_onnxruntime_session_runs_on_shared_initializers(shared_daemon, tmp_path
     x = tiny_onnx(tmp_path / "mlp.onnx")
     client = shared_daemon.client()
     pushed = client.push(tmp_path / "mlp.onnx", "adapters/mlp")
-    assert pushed.tensors == 2 and client.info("adapters/mlp").files == ("model.onnx",)  # shape and bias stay inline
+    assert pushed.tensors == 2  # shape and bias stay inline; every level's fused graph reads the same weights
+    assert set(client.info("adapters/mlp").files) == {"model.onnx", "model.nchwc.onnx", "layout-probe.onnx"}
     def plain(prepack: bool) -> np.ndarray:
         options = ort.SessionOptions()
         if not prepack:
@@ -356,10 +357,10 @@ def tiny_cnn(path, channels: int = 64, layers: int = 2) -> np.ndarray:
 
 
 def _push_with_nchwc(client, path, name):
-    from trims.onnx_format import NCHWC_GRAPH_FILE
+    from trims.onnx_format import EVERY_LEVEL_GRAPH_FILE
 
     client.push(path, name)
-    if NCHWC_GRAPH_FILE not in client.info(name).files:
+    if EVERY_LEVEL_GRAPH_FILE not in client.info(name).files:
         pytest.skip("this CPU or ONNX Runtime has no NCHWc convolution kernels")
 
 
@@ -385,7 +386,7 @@ def test_convolutions_run_in_this_cpus_nchwc_layout_from_weights_stored_for_it(s
         assert np.allclose(session.run(None, {"a0": x})[0], expected, rtol=1e-4, atol=1e-4)
         return session.get_modelmeta().custom_metadata_map.get("trims.layout", "portable")
 
-    assert layout_of(trims.onnxruntime.InferenceSession("adapters/nchwc", client=client)) == "nchwc"
+    assert layout_of(trims.onnxruntime.InferenceSession("adapters/nchwc", client=client)) == "every-level"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     assert layout_of(trims.onnxruntime.InferenceSession("adapters/nchwc", client=client, sess_options=options)) == "portable"
@@ -393,6 +394,44 @@ def test_convolutions_run_in_this_cpus_nchwc_layout_from_weights_stored_for_it(s
     with caplog.at_level("INFO", logger="trims.onnxruntime"):
         assert layout_of(trims.onnxruntime.InferenceSession("adapters/nchwc", client=client)) == "portable"
     assert "laid out for another CPU or ONNX Runtime" in caplog.text
+
+
+def test_a_quantized_qdq_model_runs_fused_int8_kernels_as_onnx_runtime_runs_it(shared_daemon, tmp_path):
+    """quantize_static's QDQ form runs in float at the basic level (several times slower, and
+    off by the quantization error); every level fuses it into int8 kernels over the same
+    int8 weights. The push stores that graph: sessions run it, bit for bit as ONNX Runtime's own."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    import trims.onnxruntime
+
+    x = tiny_cnn(tmp_path / "cnn.onnx")
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"a0": np.random.default_rng(i).standard_normal(x.shape, dtype=np.float32)}
+                                 for i in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(tmp_path / "cnn.onnx"), str(tmp_path / "qdq.onnx"), Calibration(), quant_format=QuantFormat.QDQ,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    client = shared_daemon.client()
+    client.push(tmp_path / "qdq.onnx", "adapters/qdq")
+    assert "model.nchwc.onnx" in client.info("adapters/qdq").files
+    with client.open("adapters/qdq") as view:
+        assert {str(view.index[n].dtype) for n in view if not n.startswith("nchwc/")} >= {"I8"}
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    expected = ort.InferenceSession(str(tmp_path / "qdq.onnx"), options, providers=["CPUExecutionProvider"])
+    session = trims.onnxruntime.InferenceSession("adapters/qdq", client=client)
+    assert session.get_modelmeta().custom_metadata_map.get("trims.layout") == "every-level"
+    import onnx
+
+    every_level = onnx.load_from_string(client.files(client.info("adapters/qdq").digest)["model.nchwc.onnx"])
+    assert "QLinearConv" in {node.op_type for node in every_level.graph.node}
+    assert np.array_equal(session.run(None, {"a0": x})[0], expected.run(None, {"a0": x})[0])
 
 
 def test_the_layout_fingerprint_tells_layouts_apart_and_survives_a_probe_it_cannot_run():
@@ -412,7 +451,7 @@ def test_an_nchwc_session_holds_no_copy_of_its_weights(shared_daemon, tmp_path):
     script = (SESSION_MEMORY.replace('"adapters/wide"', '"adapters/wide-cnn"')
               .replace('{"x": np.ones((1, 1024), dtype=np.float32)}', '{"a0": np.ones((1, 256, 8, 8), dtype=np.float32)}'))
     assert "wide-cnn" in script and "256, 8, 8" in script
-    growth = int(run_python(script + "\nassert session.get_modelmeta().custom_metadata_map['trims.layout'] == 'nchwc'",
+    growth = int(run_python(script + "\nassert session.get_modelmeta().custom_metadata_map['trims.layout'] == 'every-level'",
                             shared_daemon.env).stdout.split()[-1])
     assert growth < 9 * 2**20 / 4  # private memory grew by far less than the 9 MiB of weights
 

@@ -13,17 +13,22 @@ one ONNX Runtime documents as hardware-independent and safe to save, runs here, 
 weights it produces are what is stored and shared; sessions run no optimization that rewrites
 weights (see :mod:`trims.onnxruntime`).
 
-The layout level (ONNX Runtime's default, ``ORT_ENABLE_ALL``) goes further for convolutions:
-it reorders their weights into the blocked NCHWc layout, whose block follows the CPU's
-vector width, so a graph saved after it is right only where it was made (ResNet-50 runs
-1.2x faster in it here). Where it applies, the push also stores that graph and the weights it
-reorders (``model.nchwc.onnx``, tensors named ``nchwc/...``), with the fingerprint of this
-ONNX Runtime's layout: what it makes of a probe convolution (``layout-probe.onnx``). A session
-whose own ONNX Runtime gives the same fingerprint uses that graph, any other the portable one.
+ONNX Runtime's default, every level (``ORT_ENABLE_ALL``), goes further, in ways that depend
+on the CPU and on ONNX Runtime's version: it fuses QDQ groups into int8 kernels (a
+quantized CNN runs 6x faster here than at the basic level, in float), MatMuls and
+normalizations into fused kernels (BERT: 1.4x), and reorders convolution weights into the
+blocked NCHWc layout, whose block follows the CPU's vector width (ResNet-50: 1.2x). So a
+graph saved after it is right only where it was made. Where it runs other operators than
+the basic level's graph, the push also stores that graph and the weights it rewrites
+(``model.nchwc.onnx``, tensors named ``nchwc/...``: names from when NCHWc was all it did),
+with the fingerprint of this ONNX Runtime and CPU: what they make of probe convolutions,
+float and quantized (``layout-probe.onnx``). A session whose own ONNX Runtime gives the same
+fingerprint uses that graph, any other the portable one.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import logging
@@ -38,11 +43,13 @@ log = logging.getLogger(__name__)
 
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.safetensors"
-NCHWC_GRAPH_FILE = "model.nchwc.onnx"  # the graph after the layout level, right only where NCHWC_KEY matches
-PROBE_FILE = "layout-probe.onnx"  # one convolution, whose reordered weights fingerprint a layout
-NCHWC_KEY = "trims.onnx.nchwc"  # the weights' metadata: layout_fingerprint() where the NCHWc graph was made
-NCHWC_PREFIX = "nchwc/"  # names of the weights that graph alone reads
-LAYOUT_DOMAIN = "com.microsoft.nchwc"
+# The graph after every level, right only where EVERY_LEVEL_KEY matches. The stored names are
+# those of when only NCHWc convolutions made one; models pushed then are read as ever.
+EVERY_LEVEL_GRAPH_FILE = "model.nchwc.onnx"
+PROBE_FILE = "layout-probe.onnx"  # convolutions, float and QDQ, whose rewritten weights fingerprint a layout
+EVERY_LEVEL_KEY = "trims.onnx.nchwc"  # the weights' metadata: layout_fingerprint() where that graph was made
+EVERY_LEVEL_PREFIX = "nchwc/"  # names of the weights that graph alone reads
+LAYOUT_MARK = "every-level"  # the graph's own trims.layout metadata
 PLACEHOLDER = "trims-weights"  # the "location" every initializer names: the store, not a file
 INLINE_BYTES = 1024  # smaller initializers stay in the graph, as onnx's own external-data split does
 # ONNX's element types that NumPy lacks, by their ml_dtypes names (TensorProto.DataType values,
@@ -53,7 +60,7 @@ ML_DTYPE_ELEMENT_TYPES = {"bfloat16": 16, "float8_e4m3fn": 17, "float8_e4m3fnuz"
 
 def split(model_path: Path, directory: Path) -> None:
     """Write ``directory/model.onnx`` (graph) and ``directory/model.safetensors`` (weights), and
-    where the layout level applies, ``model.nchwc.onnx`` and ``layout-probe.onnx``."""
+    where every level changes the graph, ``model.nchwc.onnx`` and ``layout-probe.onnx``."""
     try:
         import onnx
     except ImportError:
@@ -63,8 +70,7 @@ def split(model_path: Path, directory: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="trims-onnx-optimized-") as scratch:
         optimized, not_optimized = _optimized(model_path, Path(scratch) / "basic", "ORT_ENABLE_BASIC")
         model = _load(optimized, model_path)
-        convolves = any(node.op_type == "Conv" for node in model.graph.node)  # what the layout level rewrites
-        variant = _layout_variant(model_path, Path(scratch) / "layout") if convolves and not not_optimized else None
+        variant = None if not_optimized else _every_level_variant(model_path, Path(scratch) / "every", model.graph)
     if not_optimized:
         log.warning("ONNX Runtime could not load %s to fold its weights (%s); storing the graph as it is. "
                     "Sessions over it fail if an optimization of theirs would rewrite a weight.", model_path,
@@ -73,24 +79,24 @@ def split(model_path: Path, directory: Path) -> None:
     _externalize(model_path, model.graph, tensors)
     if not tensors:
         raise InvalidModel(f"{model_path} has no initializers of {INLINE_BYTES} bytes or more to share")
-    metadata = {} if variant is None else _store_layout_variant(model_path, variant, tensors, directory)
+    metadata = {} if variant is None else _store_every_level_variant(model_path, variant, tensors, directory)
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata=metadata or None)
     onnx.save(model, str(directory / GRAPH_FILE))
 
 
-def _store_layout_variant(model_path: Path, variant, tensors: dict[str, np.ndarray], directory: Path) -> dict[str, str]:
-    """Add the NCHWc graph's own weights to ``tensors``, write it and the probe beside them,
-    and return the metadata that names its layout; nothing where the layout cannot be told."""
+def _store_every_level_variant(model_path: Path, variant, tensors: dict[str, np.ndarray], directory: Path) -> dict[str, str]:
+    """Add the every-level graph's own weights to ``tensors``, write it and the probe beside
+    them, and return the metadata that names its layout; nothing where that cannot be told."""
     import onnx
 
     probe = _probe_model()
     fingerprint = layout_fingerprint(probe)
     if fingerprint is None:
         return {}
-    _externalize(model_path, variant.graph, tensors, rename=NCHWC_PREFIX)
+    _externalize(model_path, variant.graph, tensors, rename=EVERY_LEVEL_PREFIX)
     (directory / PROBE_FILE).write_bytes(probe)
-    onnx.save(variant, str(directory / NCHWC_GRAPH_FILE))
-    return {NCHWC_KEY: fingerprint}
+    onnx.save(variant, str(directory / EVERY_LEVEL_GRAPH_FILE))
+    return {EVERY_LEVEL_KEY: fingerprint}
 
 
 def _load(path: Path, model_path: Path):
@@ -141,9 +147,10 @@ def _rename_input(graph, old: str, new: str) -> None:
                 _rename_input(subgraph, old, new)
 
 
-def _layout_variant(model_path: Path, scratch: Path):
-    """The model after ONNX Runtime's every level, where that rewrote convolutions into the
-    NCHWc layout; None where it did not (no convolutions, a CPU without those kernels)."""
+def _every_level_variant(model_path: Path, scratch: Path, basic_graph):
+    """The model after ONNX Runtime's every level, where that runs other operators than the
+    basic level's graph (convolutions in the NCHWc layout, QDQ groups fused into int8
+    kernels, MatMul and normalization fusions); None where it changes nothing."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -151,18 +158,22 @@ def _layout_variant(model_path: Path, scratch: Path):
     if failed:
         return None
     model = onnx.load(str(optimized), load_external_data=False)  # its weights only if it is kept
-    if not any(node.domain == LAYOUT_DOMAIN for node in model.graph.node):
+    if _operators(model.graph) == _operators(basic_graph):
         return None
     load_external_data_for_model(model, str(scratch))
     entry = model.metadata_props.add()
-    entry.key, entry.value = "trims.layout", "nchwc"  # sessions over it can tell (get_modelmeta)
+    entry.key, entry.value = "trims.layout", LAYOUT_MARK  # sessions over it can tell (get_modelmeta)
     return model
+
+
+def _operators(graph) -> collections.Counter:
+    return collections.Counter((node.domain, node.op_type) for node in graph.node)
 
 
 @functools.lru_cache(maxsize=8)
 def layout_fingerprint(probe: bytes) -> str | None:
-    """What this ONNX Runtime, on this CPU, makes of the probe's convolution weights at the
-    layout level: equal fingerprints, the same NCHWc layout. None where it cannot tell."""
+    """What this ONNX Runtime, on this CPU, makes of the probe's convolution weights at every
+    level: equal fingerprints, the same layouts. None where it cannot tell."""
     try:
         import onnxruntime as ort
 
@@ -176,16 +187,29 @@ def layout_fingerprint(probe: bytes) -> str | None:
 
 
 def _probe_model() -> bytes:
-    """One 3x3 convolution over 16 channels, weights inline: a layout's fingerprint. Old IR
-    and opset versions, so that an older ONNX Runtime than the pusher's loads it too."""
+    """Two 3x3 convolutions over 16 channels, weights inline: one in float, whose NCHWc
+    reordering shows the vector width; one in QDQ form, whose int8 kernel's weights show how
+    this CPU takes int8 (some convert them to uint8). Old IR and opset versions, so that an
+    older ONNX Runtime than the pusher's loads it too."""
     from onnx import TensorProto, helper, numpy_helper
 
     weights = np.arange(16 * 16 * 3 * 3, dtype=np.float32).reshape(16, 16, 3, 3)
+    quantized = (np.arange(weights.size) % 255 - 127).astype(np.int8).reshape(weights.shape)
+    scalars = {"x_scale": np.float32(0.05), "x_zero": np.uint8(128), "w_scale": np.float32(0.01),
+               "w_zero": np.int8(0), "y_scale": np.float32(0.5), "y_zero": np.uint8(128)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "w_scale", "w_zero"], ["wd"]),
+             helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c", "y_scale", "y_zero"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "y_scale", "y_zero"], ["q"])]
+    shape = [1, 16, 8, 8]
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "layout-probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])],
-        initializer=[numpy_helper.from_array(weights, "w")])
+        nodes, "layout-probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("y", "q")],
+        initializer=[numpy_helper.from_array(weights, "w"), numpy_helper.from_array(quantized, "wq"),
+                     *(numpy_helper.from_array(np.array(v), n) for n, v in scalars.items())])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 7
     return model.SerializeToString()

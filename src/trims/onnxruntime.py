@@ -17,7 +17,8 @@ weights too (NCHWc reorders every convolution's), which would be a private copy 
 process and reads weight data the graph's placeholders do not have. Where the push also
 stored the graph after every level, for a CPU and ONNX Runtime laid out as this process's
 (:func:`trims.onnx_format.layout_fingerprint`), and the options ask for every level (their
-default), the session runs that graph, its convolutions in the NCHWc layout, still shared.
+default), the session runs that graph (QDQ groups fused into int8 kernels, convolutions in
+the NCHWc layout, fused MatMuls and normalizations), still shared.
 Needs the ``onnx`` extra.
 """
 
@@ -33,7 +34,7 @@ import onnxruntime as ort
 
 from .client import Client, shared_client
 from .errors import ModelMismatch
-from .onnx_format import (GRAPH_FILE, ML_DTYPE_ELEMENT_TYPES, NCHWC_GRAPH_FILE, NCHWC_KEY, PLACEHOLDER, PROBE_FILE,
+from .onnx_format import (GRAPH_FILE, ML_DTYPE_ELEMENT_TYPES, EVERY_LEVEL_GRAPH_FILE, EVERY_LEVEL_KEY, PLACEHOLDER, PROBE_FILE,
                           layout_fingerprint)
 
 __all__ = ["InferenceSession"]
@@ -75,20 +76,19 @@ def InferenceSession(name: str, *, client: Client | None = None, sess_options: o
 
 def _graph_for(name: str, files: dict[str, bytes], metadata: dict[str, str], options: ort.SessionOptions,
                providers: list[Any]) -> str:
-    """The graph with convolutions in the NCHWc layout (CPU kernels) where the push made one
-    that is right here, ``options`` ask for every level and the CPU runs the session; else
-    the portable graph."""
+    """The graph after every level (CPU kernels) where the push made one that is right here,
+    ``options`` ask for every level and the CPU runs the session; else the portable graph."""
     on_cpu = all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in providers)
     every_level = options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    made_for = metadata.get(NCHWC_KEY)
-    if NCHWC_GRAPH_FILE not in files or made_for is None or not (on_cpu and every_level):
+    made_for = metadata.get(EVERY_LEVEL_KEY)
+    if EVERY_LEVEL_GRAPH_FILE not in files or made_for is None or not (on_cpu and every_level):
         return GRAPH_FILE
     if layout_fingerprint(files.get(PROBE_FILE, b"")) != made_for:
-        log.info("%s: its NCHWc graph was laid out for another CPU or ONNX Runtime (%s); running the portable "
-                 "graph, whose convolutions are slower; push the model again on this node to lay it out for this one",
+        log.info("%s: its every-level graph was laid out for another CPU or ONNX Runtime (%s); running the portable "
+                 "graph, which runs slower; push the model again on this node to lay it out for this one",
                  name, made_for)
         return GRAPH_FILE
-    return NCHWC_GRAPH_FILE
+    return EVERY_LEVEL_GRAPH_FILE
 
 
 def _ortvalue(array: np.ndarray) -> ort.OrtValue:
