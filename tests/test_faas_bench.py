@@ -75,6 +75,26 @@ def test_the_miniature_runs_every_experiment_and_measures_what_it_says(tmp_path)
     assert "### Where cold starts' first inference went" in table
 
 
+def test_the_papers_setting_counts_the_daemons_warm_copies_and_serves_both_ways_one_stream(tmp_path):
+    """--keep-alive 0 --warm-node, the README's headline: every request acquires its model
+    from a node whose cache holds the popular ones. The daemon's copies it starts with are
+    node memory; each repeat's requests are the same both ways."""
+    out = tmp_path / "out"
+    command = [sys.executable, str(BENCH / "run.py"), "--zoo", "tiny", "--requests", "6", "--concurrency", "1",
+               "--fractions", "1", "--repeats", "2", "--pool", "2", "--keep-alive", "0", "--warm-node",
+               "--phases", "none", "--budget", "1", "--out", str(out), "--cache", str(tmp_path / "cache")]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    (cell,) = json.loads((out / "faas.json").read_text())["grid"]
+    own, shared = cell["own"], cell["trims"]
+    assert own["acquisitions"] == own["requests"] == shared["acquisitions"] == 2 * 6  # no keep-alive
+    assert shared["daemon_host_misses"] == 0  # all warm: the whole zoo fits the budget
+    assert own["peak_shared"] == 0 and all(sample[2] > 0 for sample in shared["memory"])  # from the first sample
+    for repeat in (0, 1):
+        asked = [[r["model"] for r in run["records"] if r["repeat"] == repeat] for run in (own, shared)]
+        assert sorted(asked[0]) == sorted(asked[1]) and len(asked[0]) == 6
+
+
 def instances(node, *models):
     """Stand-ins used just now, oldest first: the placement rules only read their state."""
     now = time.perf_counter()

@@ -157,7 +157,7 @@ def load_run(bench: Bench, source: str, budget: int, models: list[str], concurre
                 records.append(record)
 
     daemon_before = _daemon_counts(bench.client, bench.gpu_tier)
-    sampler = _MemorySampler(bench.pool.pids() + [_daemon_pid(bench.client)], bench.device_memory,
+    sampler = _MemorySampler(bench.pool.pids() + [_daemon_pid(bench.client)], bench.client, bench.device_memory,
                              bench.idle_device_bytes)
     started = time.perf_counter()
     clients = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -235,9 +235,10 @@ def percentile(ordered: list[float], q: float) -> float:
 class _MemorySampler:
     """The node's memory every quarter second, as (seconds, total, shared, device): the private
     memory of its processes (PSS of anonymous pages: an instance's own copy of a model, its
-    activations) plus the shared memory created since the run began (the daemon's memfds,
-    counted once whether no instance or ten map them). Page cache is left out in both modes:
-    it can be reclaimed. ``device``: on a GPU node, its memory in use above the idle node's (no
+    activations) plus the daemon's host memory (its memfds, counted once whether no instance
+    or ten map them, those a warm node starts with included; as the daemon counts them, so
+    that no other process's shared memory on the machine counts). Page cache is left out in
+    both modes: it can be reclaimed. ``device``: on a GPU node, its memory in use above the idle node's (no
     model anywhere, every CUDA context made): instances' copies, activations and allocator
     caches, and the daemon's GPU copies, including those a warm node starts with (unlike
     host shared memory, GPU memory is what the budget caps); else 0. Device memory is read
@@ -247,13 +248,13 @@ class _MemorySampler:
 
     DEVICE_INTERVAL = 0.01
 
-    def __init__(self, pids: list[int], device_memory=None, idle_device_bytes: int = 0,
+    def __init__(self, pids: list[int], client: Client, device_memory=None, idle_device_bytes: int = 0,
                  interval: float = 0.25) -> None:
         self.pids, self.interval, self.samples = pids, interval, []
+        self._client = client
         self._device_memory, self._idle_device_bytes = device_memory, idle_device_bytes
         self._device_peak, self._device_lock = 0, threading.Lock()
         self._error: BaseException | None = None
-        self._shmem_before = _shmem_bytes()
         self._stop = threading.Event()
         self._started = time.perf_counter()
         self._threads = [threading.Thread(target=self._run, args=(self._sample,), daemon=True)]
@@ -301,7 +302,7 @@ class _MemorySampler:
         shows what it left in memory."""
         while True:
             stopping = self._stop.is_set()
-            shared = max(0, _shmem_bytes() - self._shmem_before)
+            shared = self._client.stats()["tiers"]["host"]["used_bytes"]
             node = sum(map(private_bytes, self.pids)) + shared
             self.samples.append((round(time.perf_counter() - self._started, 2), node, shared,
                                  self._device_peak_since_last()))
@@ -318,14 +319,6 @@ def private_bytes(pid: int) -> int:
                     return int(line.split()[1]) * 1024
     except FileNotFoundError:
         pass
-    return 0
-
-
-def _shmem_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("Shmem:"):
-                return int(line.split()[1]) * 1024
     return 0
 
 

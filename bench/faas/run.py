@@ -174,7 +174,7 @@ def _pair(bench: measure.Bench, budget: int, names: list[str], concurrency: int,
     playing = streams.in_play(names, fraction)
     runs: dict[str, list[dict]] = {source: [] for source in sources}
     for seed in range(args.repeats):
-        for source in sources:
+        for source in _alternated(sources, seed):
             runs[source].append(measure.load_run(bench, source, budget, playing, concurrency, args.requests, stream,
                                                  args.warm_node, seed))
     cell = {"concurrency": concurrency, "fraction": fraction, "stream": stream}
@@ -199,15 +199,22 @@ def _beyond(pool: Pool, workdir: Path, directories: dict, sizes: dict, names: li
             playing = streams.in_play(names, fraction)
             runs: dict[str, list[dict]] = {"own": [], "lru": [], "cost": []}
             for seed in range(args.repeats):
-                for policy in ("lru", "cost"):
+                for policy in _alternated(("lru", "cost"), seed):
                     with _daemon(workdir, memory, policy, args.device, files) as client:
                         bench = measure.Bench(pool, client, workdir / "store", directories, sizes, args.keep_alive)
-                        for source in measure.SOURCES if policy == "lru" else ("trims",):  # the baseline has no policy
+                        for source in _alternated(measure.SOURCES, seed) if policy == "lru" else ("trims",):
                             runs[policy if source == "trims" else source].append(measure.load_run(
                                 bench, source, memory, playing, point["concurrency"], args.requests, "pareto",
                                 args.warm_node, seed))
             cells += _policy_cells(runs, label, fraction, point["concurrency"])
     return cells
+
+
+def _alternated(order: tuple[str, ...], seed: int) -> tuple[str, ...]:
+    """``order``, reversed for every other repeat: whatever the first run after another pays
+    (an architecture's first run in an instance, a cache another run left) falls on each way
+    alike, not always on the baseline."""
+    return order if seed % 2 == 0 else tuple(reversed(order))
 
 
 def _policy_cells(runs: dict[str, list[dict]], label: str, fraction: float, concurrency: int) -> list[dict]:

@@ -17,6 +17,7 @@ carry the seconds spent acquiring and running, measured here.
 """
 
 import argparse
+import ctypes
 import gc
 import json
 import resource
@@ -32,6 +33,8 @@ import trims.torch  # noqa: E402
 import zoo  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from trims.client import shared_client  # noqa: E402
+
+_LIBC = ctypes.CDLL("libc.so.6")
 
 
 class Held:
@@ -118,9 +121,12 @@ def usage_since(before) -> dict:
 
 
 def forget(device: torch.device) -> None:
-    """Give the dropped model's memory back now: large tensors are mappings of their own, and
-    on a GPU the allocator's cache returns to the device (a stopped instance's would)."""
+    """Give the dropped model's memory back now, as a stopped instance's would be: glibc keeps
+    freed heap (where it puts tensors below its mmap threshold, which grows to 32 MiB) for
+    reuse, and an instance of the pool would carry one run's models into the next run's memory
+    figures; on a GPU the allocator's cache returns to the device."""
     gc.collect()
+    _LIBC.malloc_trim(0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
