@@ -15,8 +15,8 @@
 - torch.export: ResNet-50 as ``torch.export.save`` writes it (``.pt2``). plain:
   ``torch.export.load(path).module()``; transparent: plain under ``trims run``; explicit:
   ``trims.torch.load_exported(tag).module()``.
-- ONNX: an MLP of about 100 MB of fp32 weights (MatMuls) and ResNet-50 (convolutions) as
-  torch.onnx exports it. plain: ``onnxruntime.InferenceSession(path)``; explicit:
+- ONNX: an MLP of about 100 MB of fp32 weights (MatMuls), ResNet-50 (convolutions) as
+  torch.onnx exports it, and that ResNet-50 quantized to int8 by ``quantize_static`` (QDQ form). plain: ``onnxruntime.InferenceSession(path)``; explicit:
   ``trims.onnxruntime.InferenceSession(tag)`` (transparent mode covers safetensors loaders and
   torch.load only). Also each session's steady inference (the median of 10 runs after the
   first: what sharing costs per request), and the PSS of 4 MLP sessions held at once.
@@ -51,7 +51,7 @@ import json, sys, time
 started = time.perf_counter()
 mode, target = sys.argv[1], sys.argv[2]
 steady = None
-if mode.startswith(("onnx", "cnn")):
+if mode.startswith(("onnx", "cnn", "qcnn")):
     import statistics
     import numpy as np, onnxruntime as ort
     if mode.endswith("-explicit"):
@@ -153,7 +153,11 @@ MODES = [  # label, worker mode, target is the tag (else the path), run under `t
     ("ONNX explicit", "onnx-explicit", True, False),
     ("ONNX CNN plain", "cnn-plain", False, False),
     ("ONNX CNN explicit", "cnn-explicit", True, False),
+    ("ONNX QDQ CNN plain", "qcnn-plain", False, False),
+    ("ONNX QDQ CNN explicit", "qcnn-explicit", True, False),
 ]
+TAGS = {"hf": "bench/gpt2", "pt": "bench/gpt2-checkpoint", "jax": "bench/gpt2", "onnx": "bench/mlp",
+        "cnn": "bench/resnet50-onnx", "qcnn": "bench/resnet50-qdq", "export": "bench/resnet50-export"}
 
 
 def main() -> None:
@@ -163,24 +167,18 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="trims-transparent-"))
-    hf_dir, checkpoint, onnx_path, cnn_path, program_path = _models(args.out / "cache")
+    files = _models(args.out / "cache")
     socket_path = work / "trims.sock"
     daemon = start_daemon_process(socket_path, work / "store", "4G", work / "daemon.log")
     env = {**os.environ, "TRIMS_SOCKET": str(socket_path)}
     try:
         client = trims.connect(socket_path)
-        client.push(hf_dir, "bench/gpt2")
-        client.push(checkpoint, "bench/gpt2-checkpoint")
-        client.push(onnx_path, "bench/mlp")
-        client.push(cnn_path, "bench/resnet50-onnx")
-        client.push(program_path, "bench/resnet50-export")
-        for mode, target in (("hf-plain", hf_dir), ("pt-plain", checkpoint), ("jax-plain", hf_dir / "model.safetensors"),
-                             ("export-plain", program_path)):
-            _function(mode, target, env, transparent=True)  # the transparent mode's first sight of the files
-        targets = {False: {"hf": hf_dir, "pt": checkpoint, "jax": hf_dir / "model.safetensors", "onnx": onnx_path,
-                           "cnn": cnn_path, "export": program_path},
-                   True: {"hf": "bench/gpt2", "pt": "bench/gpt2-checkpoint", "jax": "bench/gpt2", "onnx": "bench/mlp",
-                          "cnn": "bench/resnet50-onnx", "export": "bench/resnet50-export"}}
+        for kind, tag in TAGS.items():
+            if kind != "jax":  # the same model as "hf"
+                client.push(files[kind], tag)
+        for kind in ("hf", "pt", "jax", "export"):
+            _function(f"{kind}-plain", files[kind], env, transparent=True)  # the transparent mode's first sight of the files
+        targets = {False: files, True: TAGS}
         samples: dict[str, list[dict]] = {label: [] for label, *_ in MODES}
         for _ in range(args.runs):
             for label, mode, by_tag, transparent in MODES:
@@ -191,8 +189,8 @@ def main() -> None:
                 print(label, samples[label][-1], flush=True)
         memory = {label: _pss_of_holders(mode, targets[by_tag][mode.split("-")[0]], env, transparent)
                   for label, mode, by_tag, transparent in MODES if mode.startswith(("onnx", "pt", "jax", "export"))}
-        memory["torch, no weights"] = _pss_of_holders("pt-none", checkpoint, env, transparent=False)
-        memory["JAX, no weights"] = _pss_of_holders("jax-none", checkpoint, env, transparent=False)
+        memory["torch, no weights"] = _pss_of_holders("pt-none", files["pt"], env, transparent=False)
+        memory["JAX, no weights"] = _pss_of_holders("jax-none", files["pt"], env, transparent=False)
     finally:
         daemon.terminate()
         daemon.wait()
@@ -200,41 +198,55 @@ def main() -> None:
                        if runs[0][k] is not None}
                for label, runs in samples.items()}
     results = {"runs": args.runs, "summary": summary, "samples": samples, "pss_4_holders": memory,
-               "onnx_weights_bytes": onnx_path.stat().st_size, "cnn_bytes": cnn_path.stat().st_size,
-               "checkpoint_bytes": checkpoint.stat().st_size,
-               "safetensors_bytes": (hf_dir / "model.safetensors").stat().st_size,
-               "program_bytes": program_path.stat().st_size}
+               "onnx_weights_bytes": files["onnx"].stat().st_size, "cnn_bytes": files["cnn"].stat().st_size,
+               "qcnn_bytes": files["qcnn"].stat().st_size, "checkpoint_bytes": files["pt"].stat().st_size,
+               "safetensors_bytes": files["jax"].stat().st_size, "program_bytes": files["export"].stat().st_size}
     (args.out / "transparent.json").write_text(json.dumps(results, indent=2))
     (args.out / "transparent.md").write_text(_table(results))
     print((args.out / "transparent.md").read_text())
 
 
-def _models(cache: Path) -> tuple[Path, Path, Path, Path, Path]:
+def _models(cache: Path) -> dict[str, Path]:
+    """Each kind of model's file (or directory), built into ``cache`` once."""
     from trims.examples import EXAMPLES
 
-    hf_dir = cache / "gpt2"
-    if not (hf_dir / "config.json").exists():
-        EXAMPLES["gpt2"].build(hf_dir)
-    checkpoint = cache / "gpt2-checkpoint" / "pytorch_model.bin"
-    if not checkpoint.exists():
-        import torch
-        from safetensors.torch import load_file
+    files = {"hf": cache / "gpt2", "pt": cache / "gpt2-checkpoint" / "pytorch_model.bin",
+             "onnx": cache / "mlp" / "mlp.onnx", "cnn": cache / "resnet50-onnx" / "resnet50.onnx",
+             "qcnn": cache / "resnet50-qdq" / "resnet50-qdq.onnx", "export": cache / "resnet50-export" / "resnet50.pt2"}
+    files["jax"] = files["hf"] / "model.safetensors"
+    makers = {"hf": lambda path: EXAMPLES["gpt2"].build(path), "pt": lambda path: _save_checkpoint(files["jax"], path),
+              "onnx": _write_mlp, "cnn": _write_resnet50, "qcnn": lambda path: _quantize(files["cnn"], path),
+              "export": _export_resnet50}
+    for kind, make in makers.items():  # in this order: the checkpoint is GPT-2's, the QDQ model the ResNet's
+        done = files[kind] / "config.json" if kind == "hf" else files[kind]
+        if not done.exists():
+            (files[kind] if kind == "hf" else files[kind].parent).mkdir(parents=True, exist_ok=True)
+            make(files[kind])
+    return files
 
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(load_file(hf_dir / "model.safetensors"), checkpoint)
-    onnx_path = cache / "mlp" / "mlp.onnx"
-    if not onnx_path.exists():
-        onnx_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_mlp(onnx_path)
-    cnn_path = cache / "resnet50-onnx" / "resnet50.onnx"
-    if not cnn_path.exists():
-        cnn_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_resnet50(cnn_path)
-    program_path = cache / "resnet50-export" / "resnet50.pt2"
-    if not program_path.exists():
-        program_path.parent.mkdir(parents=True, exist_ok=True)
-        _export_resnet50(program_path)
-    return hf_dir, checkpoint, onnx_path, cnn_path, program_path
+
+def _save_checkpoint(safetensors_file: Path, path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(safetensors_file), path)
+
+
+def _quantize(float_model: Path, path: Path) -> None:
+    """The float ResNet-50 in int8, as ``quantize_static`` writes it by default (QDQ form),
+    calibrated on a few random batches."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"pixel_values": np.random.default_rng(i).standard_normal((1, 3, 224, 224),
+                                                                                         dtype=np.float32)}
+                                 for i in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(float_model), str(path), Calibration())
 
 
 def _write_mlp(path: Path, width: int = 2048, layers: int = 6) -> None:
@@ -346,9 +358,13 @@ def _table(results: dict) -> str:
                  f"| {cell('ONNX explicit')} | {s['ONNX plain']['ready_s'] / s['ONNX explicit']['ready_s']:.1f}x |")
     lines.append(f"| ResNet-50 {format_size(results['cnn_bytes'])}, ONNX | {cell('ONNX CNN plain')} | n/a (no ONNX loader) "
                  f"| {cell('ONNX CNN explicit')} | {s['ONNX CNN plain']['ready_s'] / s['ONNX CNN explicit']['ready_s']:.1f}x |")
+    lines.append(f"| ResNet-50 int8 (QDQ) {format_size(results['qcnn_bytes'])}, ONNX | {cell('ONNX QDQ CNN plain')} "
+                 f"| n/a (no ONNX loader) | {cell('ONNX QDQ CNN explicit')} "
+                 f"| {s['ONNX QDQ CNN plain']['ready_s'] / s['ONNX QDQ CNN explicit']['ready_s']:.1f}x |")
     lines += ["", "Steady inference of the same sessions (median of 10 runs after the first, per process):", "",
               "| ONNX model | plain | trims | trims / plain |", "|---|---|---|---|"]
-    for model, prefix in (("MLP (MatMuls)", "ONNX"), ("ResNet-50 (convolutions)", "ONNX CNN")):
+    for model, prefix in (("MLP (MatMuls)", "ONNX"), ("ResNet-50 (convolutions)", "ONNX CNN"),
+                          ("ResNet-50 int8 (QDQ)", "ONNX QDQ CNN")):
         plain, shared = s[f"{prefix} plain"]["steady_s"], s[f"{prefix} explicit"]["steady_s"]
         lines.append(f"| {model} | {plain * 1e3:.1f} ms | {shared * 1e3:.1f} ms | {shared / plain:.2f}x |")
     pss = results["pss_4_holders"]
