@@ -14,11 +14,11 @@ weights it produces are what is stored and shared; sessions run no optimization 
 weights (see :mod:`trims.onnxruntime`).
 
 ONNX Runtime's default, every level (``ORT_ENABLE_ALL``), goes further, in ways that depend
-on the CPU and on ONNX Runtime's version: it fuses QDQ groups into int8 kernels (a
-quantized CNN runs 6x faster here than at the basic level, in float), MatMuls and
-normalizations into fused kernels (BERT: 1.4x), and reorders convolution weights into the
-blocked NCHWc layout, whose block follows the CPU's vector width (ResNet-50: 1.2x). So a
-graph saved after it is right only where it was made. Where it runs other operators than
+on the CPU and on ONNX Runtime's version: it fuses QDQ groups into int8 kernels (without
+which a quantized model runs in float, its outputs off by the quantization error), MatMuls
+and normalizations into fused kernels, and reorders convolution weights into the blocked
+NCHWc layout, whose block follows the CPU's vector width (ResNet-50 runs 1.2x faster in it
+here). So a graph saved after it is right only where it was made. Where it runs other operators than
 the basic level's graph, the push also stores that graph and the weights it rewrites
 (``model.nchwc.onnx``, tensors named ``nchwc/...``: names from when NCHWc was all it did),
 with the fingerprint of this ONNX Runtime and CPU: what they make of probe convolutions,
