@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 import time
 import urllib.request
 
@@ -145,7 +146,12 @@ def test_clients_may_not_make_the_daemon_touch_local_paths(daemon, tmp_path):
         client.push(tmp_path / "m0.safetensors", "m0", to=f"file://{tmp_path}/planted")
     with pytest.raises(trims.PermissionDenied, match="https:// is not for clients"):
         client.push("https://169.254.169.254/latest/meta-data", "x")
+    # nor by a URL without a bucket, which fsspec takes for a path beside the daemon (its
+    # owner, an admin, is no exception)
+    with pytest.raises(trims.InvalidName, match="'s3://' names no bucket"):
+        client.push(tmp_path / "m0.safetensors", "m0", to="s3://")
     assert client.list() == [] and not (tmp_path / "planted").exists()
+    assert not (daemon.store.parent / "s3:").exists() and not Path("s3:").exists()
 
 
 def test_pins_cannot_claim_more_than_the_tier_holds(tmp_path):

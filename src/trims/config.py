@@ -16,6 +16,7 @@ from typing import Any
 
 from .acl import AccessPolicy, parse_tenants
 from .errors import ConfigError, DaemonUnavailable
+from .objects import location_problem
 from .policy import POLICIES
 
 SOCKET_ENV = "TRIMS_SOCKET"
@@ -149,7 +150,7 @@ class Settings:
             disk=parse_size(values["disk"]) if "disk" in values else UNBOUNDED,
             gpu_memory=parse_size(values["gpu_memory"]) if "gpu_memory" in values else 0,
             policy=_choice(values.get("policy", "lru"), tuple(POLICIES), "policy"),
-            cloud=values.get("cloud"),
+            cloud=_location(values.get("cloud")),
             busy_timeout=_number(values.get("busy_timeout", 0.0), "busy_timeout", low=0.0),
             max_connections=int(_number(values.get("max_connections", 1024), "max_connections", low=1)),
             metrics_port=(int(_number(values["metrics_port"], "metrics_port", low=0, high=65535))
@@ -167,6 +168,13 @@ CONFIG_KEYS = {
     "busy_timeout": (int, float), "max_connections": int, "metrics_port": int, "metrics_address": str,
     "socket_mode": str, "socket_group": str, "frame_timeout": (int, float), "tenants": dict,
 }
+
+
+def _location(url: str | None) -> str | None:
+    problem = None if url is None else location_problem(url)
+    if problem:
+        raise ConfigError(f"cloud: {problem}")
+    return url
 
 
 def _number(value: float, what: str, *, low: float, high: float = math.inf) -> float:

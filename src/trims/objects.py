@@ -20,6 +20,20 @@ from .errors import IntegrityError, StorageError
 RETRIES = 3
 
 
+def location_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a place to keep objects (``scheme://bucket/prefix``, or
+    ``file:///absolute/path``), or None. fsspec takes anything else for a path relative to the
+    daemon's working directory, where uploads would land as files anyone could read."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme.isascii() or not scheme.isalnum():
+        return f"{url!r} is not a URL like s3://bucket/prefix"
+    if scheme == "file":
+        return None if rest.startswith("/") else f"{url!r}: a file:// location needs an absolute path, file:///..."
+    if not rest.split("/", 1)[0]:
+        return f"{url!r} names no bucket: write {scheme}://bucket/prefix"
+    return None
+
+
 class Objects:
     def __init__(self, connections: int = 16) -> None:
         self.connections = connections  # how many requests may be in flight at once

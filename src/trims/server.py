@@ -20,8 +20,9 @@ from typing import Callable
 
 from . import __version__, protocol
 from .cloud import remote_model_files
+from .objects import location_problem
 from .acl import ADMIN, CLIENT_URL_SCHEMES, WRITE, AccessPolicy, Tenant, not_a_tenant, plain_url
-from .errors import (ConnectionLost, InvalidModel, LocalProtocolError, PermissionDenied, ProtocolError, RequestError,
+from .errors import (ConnectionLost, InvalidModel, InvalidName, LocalProtocolError, PermissionDenied, ProtocolError, RequestError,
                      StorageError)
 from .sources import FileSource
 from .store import Store
@@ -376,6 +377,9 @@ def _check_client_url(url: str, tenant: Tenant) -> None:
             f"{scheme}:// is not for clients: the daemon reads and writes only object storage "
             f"({', '.join(s + '://' for s in CLIENT_URL_SCHEMES)}) on a client's behalf; push local files by path"
         )
+    problem = location_problem(url)
+    if problem:
+        raise InvalidName(f"{problem}; name the bucket, then the key or prefix")
     if tenant.may_reach(url):
         return
     if not plain_url(url):
