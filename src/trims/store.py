@@ -563,7 +563,7 @@ class Store:
                         f"{name} shares storage with models you may not read (the daemon's access config changed "
                         "since it was pushed); ask the operator to remove it (`trims rm`) and push it again")
                 self._changed.wait()  # a removed model's tensors are being taken out of its segments
-            self._check_lease_quota_locked(tenant, manifest.nbytes)
+            reserved = self._check_lease_quota_locked(tenant, manifest)
         try:
             gpu = None if device is None else self._gpu_tier(device)  # only for a model this tenant may open
             deadline = started + self.busy_timeout
@@ -577,8 +577,7 @@ class Store:
                                              gpu.name if gpu else None)
         finally:
             with self._lock:
-                if tenant.max_leased_bytes is not None:  # the lease (if any) counts from here on
-                    self._quota_reserved[("lease", tenant.name)] -= manifest.nbytes
+                self._quota_reserved[("lease", tenant.name)] -= reserved  # the lease (if any) counts from here on
         self.metrics.inc("trims_opens_total", result="miss" if missed else "hit")
         self.metrics.observe("trims_open_seconds", self._clock() - started)
         return OpenResult(lease, name, manifest, tuple(segments), placement.tensors, device)
@@ -1119,17 +1118,20 @@ class Store:
             raise ModelNotFound(f"no model named {name}; `trims ls` lists the models, `trims push` adds one")
         return name, manifest
 
-    def _check_lease_quota_locked(self, tenant: Tenant, nbytes: int) -> None:
-        """Refuse, or reserve ``nbytes`` of the tenant's quota until the open ends (see open)."""
-        if tenant.max_leased_bytes is None:
-            return
+    def _check_lease_quota_locked(self, tenant: Tenant, manifest: Manifest) -> int:
+        """Refuse, or reserve the bytes a lease on ``manifest`` adds to the tenant's until the
+        open ends (see open), and return them: none where it holds a lease on it already (the
+        same memory, under one name or another)."""
+        if tenant.max_leased_bytes is None or manifest.digest in self._leased_models_locked(tenant.name):
+            return 0
         held = self._leased_bytes_locked(tenant.name) + self._quota_reserved[("lease", tenant.name)]
-        if held + nbytes > tenant.max_leased_bytes:
+        if held + manifest.nbytes > tenant.max_leased_bytes:
             raise QuotaExceeded(
-                f"tenant {tenant.name} holds leases on {held} bytes; {nbytes} more would pass its "
+                f"tenant {tenant.name} holds leases on {held} bytes; {manifest.nbytes} more would pass its "
                 f"max_leased_bytes of {tenant.max_leased_bytes}; close models it no longer uses"
             )
-        self._quota_reserved[("lease", tenant.name)] += nbytes
+        self._quota_reserved[("lease", tenant.name)] += manifest.nbytes
+        return manifest.nbytes
 
     def _check_push_quota_locked(self, tenant: Tenant, name: str, nbytes: int) -> None:
         """Refuse, or reserve ``nbytes`` of the tenant's quota until the push ends."""
@@ -1147,8 +1149,12 @@ class Store:
         if tenant.max_pushed_bytes is not None:  # committed, the model's tag counts instead
             self._quota_reserved[("push", tenant.name)] -= nbytes
 
+    def _leased_models_locked(self, tenant: str) -> dict[str, int]:
+        """digest -> bytes of each model the tenant holds leases on, once however many it holds."""
+        return {held.model: held.nbytes for held in self._leases.values() if held.tenant == tenant}
+
     def _leased_bytes_locked(self, tenant: str) -> int:
-        return sum(held.nbytes for held in self._leases.values() if held.tenant == tenant)
+        return sum(self._leased_models_locked(tenant).values())
 
     def _pushed_bytes_locked(self, tenant: str, excluding: str = "") -> int:
         manifests = [self.catalog.manifests[self.catalog.tags[n]]
