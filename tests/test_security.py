@@ -114,6 +114,22 @@ def probe(daemon: DaemonProcess, uid: int, body: str, groups: tuple[int, ...] = 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def test_trims_stats_shows_a_tenant_its_own_usage(secured):
+    daemon, _ = secured
+    seen = probe(daemon, TEAM_A, """
+        import contextlib, io
+        from trims.cli import main
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = main(["stats"])
+        attempt("cli", lambda: [code, printed.getvalue()])
+    """)
+    code, out = seen["cli"][1]
+    assert code == 0
+    assert out.splitlines() == ["tenant team-a: 2 models it may open", "leases 0 on 0 B of 600.0 KiB",
+                                "pushed 0 B of 300.0 KiB"]
+
+
 def test_a_file_the_client_cannot_read_is_a_typed_error(secured):
     daemon, models = secured
     os.chmod(models / "11.safetensors", 0o600)

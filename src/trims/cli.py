@@ -310,6 +310,9 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(stats)
         return 0
+    if "tenant" in stats:  # what a tenant that is not an admin sees: its own
+        _print_usage(stats)
+        return 0
     for name, tier in stats["tiers"].items():
         capacity = "unbounded" if tier["capacity_bytes"] is None else format_size(tier["capacity_bytes"])
         evictions = ", ".join(f"{n:g} {reason}" for reason, n in tier["evictions"].items()) or "none"
@@ -332,6 +335,15 @@ def _stats(args: argparse.Namespace) -> int:
         kept = "; their files are kept in the store's corrupt/" if tier == "disk" else ""
         print(f"damaged copies dropped from {tier}: {count:g} (the daemon's log names them{kept})")
     return 0
+
+
+def _print_usage(usage: dict) -> None:
+    def of(used: int, cap: int | None) -> str:
+        return format_size(used) + ("" if cap is None else f" of {format_size(cap)}")
+
+    print(f"tenant {usage['tenant']}: {usage['models']} models it may open")
+    print(f"leases {usage['leases']} on {of(usage['leased_bytes'], usage['max_leased_bytes'])}")
+    print(f"pushed {of(usage['pushed_bytes'], usage['max_pushed_bytes'])}")
 
 
 def _run(args: argparse.Namespace) -> int:
