@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import digest as digests
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, DiskFull, StorageError
 from .records import Manifest, SegmentEntry, SegmentLayout
 
 log = logging.getLogger("trims.catalog")
@@ -406,7 +406,7 @@ def _parsed(path: Path, parse: Callable[[Any], Any]) -> Any:
 
 def storage_error(exc: OSError, doing: str) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageError(f"the store's disk is full while {doing}; free space or move --store")
+        return DiskFull(f"the store's disk is full while {doing}; free space or move --store")
     return StorageError(f"store I/O failed while {doing}: {exc.strerror or exc}")
 
 

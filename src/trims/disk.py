@@ -149,7 +149,7 @@ def new_temp_file(temp_dir: Path, size: int) -> tuple[int, str]:
     except OSError as exc:
         os.close(fd)
         os.unlink(name)
-        raise storage_error(exc, f"reserving {size} bytes on the store's disk") from None
+        raise storage_error(exc, f"reserving {size} bytes for a segment") from None
     return fd, name
 
 

@@ -147,6 +147,10 @@ class StorageError(RequestError):
     code = "storage"
 
 
+class DiskFull(StorageError):
+    """The filesystem under the store has no room (whatever --disk allows)."""
+
+
 class CloudReadFailed(StorageError):
     """The cloud tier could not be read (after its retries): not the local disk's fault."""
 

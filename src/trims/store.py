@@ -37,7 +37,7 @@ from .cloud import CloudTier, RemoteFile
 from .disk import DiskTier
 from .gpu import GpuSegment, GpuTier
 from .acl import EVERYONE, AccessPolicy, Tenant
-from .errors import (CapacityError, CloudReadFailed, DamagedCopy, GpuError, IntegrityError, InvalidModel, InvalidName, ModelBusy,
+from .errors import (CapacityError, CloudReadFailed, DamagedCopy, DiskFull, GpuError, IntegrityError, InvalidModel, InvalidName, ModelBusy,
                      ModelNotFound, PermissionDenied, QuotaExceeded, StorageError, TrimsError)
 from .host import HostSegment, HostTier
 from .metrics import OPEN_SECONDS_BUCKETS, Metrics
@@ -276,13 +276,10 @@ class Store:
         covered, temp_dir = (lambda m: self._covered(m, name, tenant)), self.catalog.temp_dir()
         side = self.catalog.new_side_bytes(  # written at the commit
             {planned.side_digests[label]: len(data) for label, data in planned.side_files.items()})
-        try:
-            self._reserve_disk(planned.size + side)
-        except CapacityError:
-            pass  # below: hash first, then make room for what is new
-        else:
+        whole = self._written_whole(planned, planned.size + side, temp_dir, covered, progress)
+        if whole is not None:
             try:
-                yield ingest.write(planned, temp_dir, covered, self._workers, _stage(progress, "push"))
+                yield whole
             finally:
                 self._release_disk(planned.size + side)
             return
@@ -294,6 +291,24 @@ class Store:
             yield ingest.write_new(planned, new, manifest, temp_dir, self._workers, _stage(progress, "write"))
         finally:
             self._release_disk(room)
+
+    def _written_whole(self, planned: ingest.Plan, room: int, temp_dir: Path, covered,
+                       progress: ProgressCallback | None) -> ingest.Ingested | None:
+        """The push in one pass, with ``room`` on disk reserved (the caller releases it); None,
+        nothing reserved, where the disk has no room for the whole model: under --disk, or
+        on a filesystem fuller than --disk knows."""
+        try:
+            self._reserve_disk(room)
+        except CapacityError:
+            return None
+        try:
+            return ingest.write(planned, temp_dir, covered, self._workers, _stage(progress, "push"))
+        except DiskFull:
+            self._release_disk(room)
+            return None
+        except BaseException:
+            self._release_disk(room)
+            raise
 
     def _reserve_disk(self, nbytes: int) -> None:
         """Room on disk for ``nbytes`` more, made if it can be; raises CapacityError."""
