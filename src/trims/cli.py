@@ -310,7 +310,7 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(stats)
         return 0
-    if "tenant" in stats:  # what a tenant that is not an admin sees: its own
+    if "tiers" not in stats:  # what a tenant that is not an admin sees: its own
         _print_usage(stats)
         return 0
     for name, tier in stats["tiers"].items():
