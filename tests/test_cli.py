@@ -317,6 +317,7 @@ def test_health_fails_on_a_daemon_that_accepts_but_never_answers(tmp_path):
     (["--store", "/proc/trims-nowhere"], "cannot use /proc/trims-nowhere as a directory"),
     (["--cloud", "bogus"], "cloud: 'bogus' is not a URL like s3://bucket/prefix"),
     (["--cloud", "s3://"], "names no bucket"),
+    (["--socket", "/proc/trims-nowhere.sock"], "cannot listen on /proc/trims-nowhere.sock"),
 ])
 def test_serve_refuses_unusable_settings_in_one_line(tmp_path, flags, said):
     done = subprocess.run([sys.executable, "-m", "trims", "serve", "--socket", str(tmp_path / "s.sock"),

@@ -33,11 +33,15 @@ class Daemon:
         if len(os.fsencode(socket_path)) > _MAX_SOCKET_PATH:
             raise ConfigError(f"socket path {socket_path} is longer than the {_MAX_SOCKET_PATH} bytes Unix allows")
         private_directory(settings.store_dir)
-        self.store = Store(  # takes the store's lock
-            settings.store_dir, host_capacity=settings.host_memory, disk_capacity=settings.disk,
-            policy=settings.policy, cloud_url=settings.cloud, busy_timeout=settings.busy_timeout,
-            access=settings.access, gpu_capacity=settings.gpu_memory,
-        )
+        try:
+            self.store = Store(  # takes the store's lock
+                settings.store_dir, host_capacity=settings.host_memory, disk_capacity=settings.disk,
+                policy=settings.policy, cloud_url=settings.cloud, busy_timeout=settings.busy_timeout,
+                access=settings.access, gpu_capacity=settings.gpu_memory,
+            )
+        except OSError as exc:  # a read-only filesystem, say: the daemon cannot keep a store there
+            raise ConfigError(f"cannot use the store at {settings.store_dir}: {_what_failed(exc)}; give --store a "
+                              "directory on a writable local filesystem") from None
         self.exporter: MetricsServer | None = None
         try:
             listener = _socket_from_systemd()
@@ -47,7 +51,11 @@ class Daemon:
                 private_directory(socket_path.parent, sticky_ok=True)
                 _open_directory_to_socket_users(socket_path.parent, settings.socket_mode, group)
                 _remove_stale_socket(socket_path)
-                listener = transport.listen(socket_path, settings.socket_mode, group)
+                try:
+                    listener = transport.listen(socket_path, settings.socket_mode, group)
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen on {socket_path}: {_what_failed(exc)}; give --socket a path "
+                                      "on a writable filesystem") from None
             if settings.metrics_port is not None:
                 try:
                     self.exporter = MetricsServer(self.store.metrics, self._locality, settings.metrics_address,
@@ -183,6 +191,10 @@ def _remove_stale_socket(path) -> None:
         os.unlink(path)
         return
     raise ConfigError(f"a trims daemon is already serving {path}")
+
+
+def _what_failed(exc: OSError) -> str:
+    return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
 
 
 def _raise_fd_limit() -> None:
