@@ -386,3 +386,12 @@ def test_a_gpu_the_daemon_does_not_see_is_refused_saying_which_it_sees(start_gpu
     with pytest.raises(GpuError, match=f"does not see the GPU {GPU_C} .*cuda:0 {GPU_A}.*NVIDIA_VISIBLE_DEVICES=all"):
         client.open("m", device=0)
     assert client.stats()["leases"] == 0 and client.open("m")["w"][3] == 3.0  # host memory still serves
+
+
+def test_the_current_cuda_device_where_pytorch_has_none_is_a_gpu_error(monkeypatch):
+    from trims.torch import cuda_index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(GpuError, match="device='cuda' names the current CUDA device, and PyTorch has none here"):
+        cuda_index("cuda")
+    assert cuda_index("cuda:1") == 1 and cuda_index("cpu") is None and cuda_index(None) is None

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from ._torch_assign import assign_state, initialise_missing
 from ._torch_checkpoint import load_exported_over, load_over, needs_file_offsets
 from .client import Client, ModelView, shared_client
-from .errors import InvalidModel, ModelMismatch
+from .errors import GpuError, InvalidModel, ModelMismatch
 
 __all__ = ["load_state_dict", "load_model", "load_checkpoint", "load_exported", "assemble", "state_dict_from_view",
            "default_dtype", "cuda_index"]
@@ -99,7 +99,13 @@ def cuda_index(device: Device | int) -> int | None:
         return None
     if device.type != "cuda":
         raise ValueError(f"trims shares models in host memory or CUDA device memory, not on {device.type!r}")
-    return device.index if device.index is not None else torch.cuda.current_device()
+    if device.index is not None:
+        return device.index
+    if not torch.cuda.is_available():  # current_device() would fail with a bare AssertionError
+        build = "no CUDA device visible" if torch.version.cuda else "this PyTorch is a CPU-only build"
+        raise GpuError(f"device='cuda' names the current CUDA device, and PyTorch has none here ({build}); "
+                       "open on the CPU, or run where a GPU is")
+    return torch.cuda.current_device()
 
 
 def state_dict_from_view(view: ModelView) -> dict[str, torch.Tensor]:
