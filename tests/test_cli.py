@@ -333,3 +333,14 @@ def test_serve_refuses_unusable_settings_in_one_line(tmp_path, flags, said):
 def test_demo_refuses_arguments_it_cannot_show_honestly(flags, said):
     done = subprocess.run([sys.executable, "-m", "trims", "demo", *flags], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(daemon, tmp_path):
+    for i in range(300):
+        save_file({"w": torch.full((4,), float(i))}, tmp_path / "m.safetensors")
+        daemon.client().push(tmp_path / "m.safetensors", f"pipe/m{i}")
+    listing = subprocess.Popen([sys.executable, "-m", "trims", "ls", "--json"], env=daemon.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    listing.stdout.readline()
+    listing.stdout.close()  # as `| head -1` does
+    assert "Traceback" not in listing.stderr.read().decode() and listing.wait(timeout=60) == 1
