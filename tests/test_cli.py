@@ -67,7 +67,9 @@ def test_pull_pin_and_unpin(daemon, tmp_path):
     assert "already in host" in trims_cli("pull", "m", env=env).stdout
     assert trims_cli("pin", "m", "--tier", "host", env=env).stdout.strip() == "m: pinned in host"
     assert json.loads(trims_cli("info", "m", "--json", env=env).stdout)["pinned"] == "host"
+    assert "pinned:   host" in trims_cli("info", "m", env=env).stdout
     assert trims_cli("unpin", "m", env=env).returncode == 0
+    assert "pinned:" not in trims_cli("info", "m", env=env).stdout
     assert json.loads(trims_cli("info", "m", "--json", env=env).stdout)["pinned"] == ""
     evicted = trims_cli("evict", "m", "--tier", "host", env=env)
     assert evicted.returncode == 0 and evicted.stdout.strip() == "m: freed 3.9 KiB of host memory"

@@ -278,6 +278,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"tensors:  {model.tensors} ({', '.join(f'{n} {d}' for d, n in sorted(model.dtypes.items()))})")
     print(f"segments: {model.segments}")
     print(f"tiers:    {', '.join(model.tiers)}")
+    if model.pinned:
+        print(f"pinned:   {model.pinned} (kept there until `trims unpin`)")
     for name in on_gpu:
         print(f"{name}:    {_gpu_path(tiers[name])}")
     print(f"leases:   {model.leases}")
