@@ -91,7 +91,7 @@ def test_socket_flag_overrides_the_environment(daemon):
     [
         (("info", "nope"), "no model named nope:latest"),
         (("evict", "bad name"), "not a valid model name"),
-        (("push", "/nonexistent", "--name", "x"), "not a .safetensors file"),
+        (("push", "/nonexistent", "--name", "x"), "/nonexistent does not exist"),
     ],
 )
 def test_errors_are_one_clear_line(daemon, args, message):

@@ -271,8 +271,11 @@ def test_unknown_names_and_paths(daemon, tmp_path):
         client.open("nope")
     with pytest.raises(trims.ModelNotFound):
         client.info("nope:2")
-    with pytest.raises(trims.InvalidModel, match="not a .safetensors file"):
+    with pytest.raises(trims.InvalidModel, match="missing does not exist"):
         client.push(tmp_path / "missing", "x")
+    (tmp_path / "notes.txt").write_text("no model")
+    with pytest.raises(trims.InvalidModel, match="not a .safetensors file"):
+        client.push(tmp_path / "notes.txt", "x")
     (tmp_path / "empty").mkdir()
     with pytest.raises(trims.InvalidModel, match="holds no .safetensors"):
         client.push(tmp_path / "empty", "x")

@@ -164,6 +164,57 @@ def test_a_pushed_checkpoint_loads_as_torch_load_would(daemon, tmp_path):
     assert client.push(path, "again").new_bytes == 0 and client.info("again").digest == pushed.digest
 
 
+def test_a_checkpoint_of_a_state_dict_is_the_state_dict_load_state_dict_and_load_model_give(daemon, tmp_path):
+    """torch.save(model.state_dict()) is the commonest PyTorch file: the state-dict adapters
+    give its tensors (over the shared copy), not the archive's storages as raw bytes."""
+    import trims.jax
+    import trims.numpy
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    torch.save(model.state_dict(), tmp_path / "mlp.pt")
+    torch.save({"model": model.state_dict(), "step": 3}, tmp_path / "run.pt")
+    client = daemon.client()
+    client.push(tmp_path / "mlp.pt", "mlp-pt")
+    client.push(tmp_path / "run.pt", "run-pt")
+    state = trims.torch.load_state_dict("mlp-pt", client=client)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    built = trims.torch.load_model("mlp-pt", lambda: torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)), client=client)
+    x = torch.randn(3, 4)
+    assert torch.equal(built(x), model(x))
+    with pytest.raises(trims.InvalidModel, match="checkpoint of a dict, not of a state dict"):
+        trims.torch.load_state_dict("run-pt", client=client)
+    for load in (trims.numpy.load_state_dict, trims.jax.load_state_dict):
+        with pytest.raises(trims.InvalidModel, match="is a PyTorch checkpoint, whose stored tensors are its storages"):
+            load("mlp-pt", client=client)
+    import trims.transformers
+
+    with pytest.raises(trims.InvalidModel, match="mlp-pt was pushed without a config.json"):
+        trims.transformers.from_pretrained("mlp-pt", client=client)
+
+
+def test_a_model_directory_with_a_pytorch_model_bin_loads_with_from_pretrained(daemon, tmp_path):
+    """A Hugging Face directory from before safetensors: config.json beside pytorch_model.bin."""
+    import trims.transformers
+
+    from .models import build, output_of
+
+    model, _ = build("gpt2", tmp_path / "gpt2")
+    torch.save(model.state_dict(), tmp_path / "gpt2" / "pytorch_model.bin")
+    (tmp_path / "gpt2" / "model.safetensors").unlink()
+    client = daemon.client()
+    client.push(tmp_path / "gpt2", "gpt2-bin")
+    assert "config.json" in client.info("gpt2-bin").files
+    shared = trims.transformers.from_pretrained("gpt2-bin", client=client)
+    with torch.no_grad():
+        assert torch.equal(output_of(shared, "gpt2"), output_of(model, "gpt2"))
+    assert shared.lm_head.weight.data_ptr() == shared.transformer.wte.weight.data_ptr()  # tied again
+    torch.save(model.state_dict(), tmp_path / "gpt2" / "other.pt")
+    with pytest.raises(trims.InvalidModel, match="holds several PyTorch checkpoints"):
+        client.push(tmp_path / "gpt2", "two-checkpoints")
+
+
 def test_equal_storages_stored_once_are_still_written_apart(daemon, tmp_path):
     """An optimizer's state holds equal storages (every parameter's ``step``, zero moments):
     the daemon keeps them once, but ``step += 1`` on one must leave the others as torch.load does."""

@@ -36,7 +36,7 @@ from .config import check_socket_directory, default_socket_path
 from .errors import (ConnectionLost, DaemonUnavailable, GpuError, IntegrityError, InvalidModel, ProtocolError,
                      RemoteProtocolError, error_for_code)
 from .protocol import ModelSummary, ProgressCallback, PushResult, TensorEntry
-from .torch_format import PUSHABLE
+from .torch_format import PUSHABLE, SUFFIXES as CHECKPOINT_SUFFIXES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -578,13 +578,15 @@ def model_files(path: Path) -> list[tuple[str, Path]]:
     """The files a push of ``path`` sends: its safetensors weights and small side files.
 
     ``path`` is a ``.safetensors`` file, or a directory holding one or several (a Hugging
-    Face model directory, sharded with a ``model.safetensors.index.json`` or not) along
-    with its config and tokenizer files, or a PyTorch checkpoint (``torch.save``'s file, or
+    Face model directory, sharded with a ``model.safetensors.index.json`` or not, or holding
+    one ``pytorch_model.bin``) along with its config and tokenizer files, or a PyTorch checkpoint (``torch.save``'s file, or
     ``torch.export.save``'s ``.pt2`` archive).
     """
     try:
         if path.is_file() and path.name.endswith((".safetensors", *PUSHABLE)):
             return [(path.name, path)]
+        if not path.exists():
+            raise InvalidModel(f"{path} does not exist: give the path of a model file or directory")
         if not path.is_dir():
             raise InvalidModel(f"{path} is not a .safetensors file, a directory holding them, an ONNX model "
                                f"(.onnx) or a PyTorch checkpoint ({', '.join(PUSHABLE)})")
@@ -610,13 +612,24 @@ def _directory_files(path: Path, *, split_onnx: bool = False) -> list[tuple[str,
     return [(name, path / name) for name in weights + side]
 
 
+def _one_checkpoint(directory: Path) -> list[str]:
+    """A directory's weights where it holds no safetensors: one PyTorch checkpoint
+    (``pytorch_model.bin`` beside its config, as transformers saved before safetensors)."""
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    if len(names) == 1:
+        return names
+    if names:
+        raise InvalidModel(f"{directory} holds several PyTorch checkpoints ({', '.join(names[:3])}), and a model's "
+                           "weights are one: save them as safetensors (model.safetensors, or shards with their "
+                           "index), or push each file by itself")
+    raise InvalidModel(f"{directory} holds no .safetensors file and no PyTorch checkpoint")
+
+
 def _weight_files(directory: Path) -> list[str]:
     index = next((directory / n for n in _INDEX_FILES if (directory / n).is_file()), None)
     if index is None:
         names = sorted(p.name for p in directory.glob("*.safetensors") if p.is_file())
-        if not names:
-            raise InvalidModel(f"{directory} holds no .safetensors file")
-        return names
+        return names or _one_checkpoint(directory)
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = sorted(set(weight_map.values()))

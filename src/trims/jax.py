@@ -29,6 +29,7 @@ import numpy as np
 from .client import Client, ModelView, shared_client
 from .errors import ModelMismatch
 from .numpy import state_dict_from_view as numpy_views
+from .torch_format import refuse_as_tensors
 
 __all__ = ["load_state_dict", "load_params", "state_dict_from_view", "LazyPlacement"]
 
@@ -39,7 +40,9 @@ Placement = Any  # a jax.Device, a jax.sharding.Sharding, or None for JAX's defa
 
 def load_state_dict(name: str, *, client: Client | None = None, device: Placement = None) -> dict[str, jax.Array]:
     """The model's tensors by name, over the shared memory on the CPU (copies on another device)."""
-    return state_dict_from_view((client or shared_client()).open(name), device=device)
+    view = (client or shared_client()).open(name)
+    refuse_as_tensors(name, view.metadata)
+    return state_dict_from_view(view, device=device)
 
 
 def load_params(name: str, *, client: Client | None = None, device: Placement = None,

@@ -12,12 +12,15 @@ from __future__ import annotations
 import numpy as np
 
 from .client import Client, ModelView, shared_client
+from .torch_format import refuse_as_tensors
 
 __all__ = ["load_state_dict", "state_dict_from_view"]
 
 
 def load_state_dict(name: str, *, client: Client | None = None) -> dict[str, np.ndarray]:
-    return state_dict_from_view((client or shared_client()).open(name))
+    view = (client or shared_client()).open(name)
+    refuse_as_tensors(name, view.metadata)
+    return state_dict_from_view(view)
 
 
 def state_dict_from_view(view: ModelView, *, writable: bool = False) -> dict[str, np.ndarray]:

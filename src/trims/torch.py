@@ -24,7 +24,7 @@ import logging
 import sys
 import threading
 from collections import defaultdict
-from typing import Any, Callable, Iterator, TypeVar, Union
+from typing import Any, Callable, Iterator, Mapping, TypeVar, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -33,6 +33,7 @@ from ._torch_assign import assign_state, initialise_missing
 from ._torch_checkpoint import load_exported_over, load_over, needs_file_offsets
 from .client import Client, ModelView, shared_client
 from .errors import GpuError, InvalidModel, ModelMismatch
+from .torch_format import FORMAT, FORMAT_KEY, refuse_as_tensors
 
 __all__ = ["load_state_dict", "load_model", "load_checkpoint", "load_exported", "assemble", "state_dict_from_view",
            "default_dtype", "cuda_index"]
@@ -60,9 +61,28 @@ Device = Union[torch.device, str, None]
 def load_state_dict(name: str, *, client: Client | None = None,
                     device: Device | int = None) -> dict[str, torch.Tensor]:
     """The model's tensors, sharing the daemon's memory (host, or the GPU ``device``'s).
-    The lease lasts while they do."""
-    view = (client or shared_client()).open(name, device=cuda_index(device))
+    The lease lasts while they do. For a PyTorch checkpoint of a state dict (``torch.save(
+    model.state_dict())``), that state dict, as :func:`load_checkpoint` gives it."""
+    client = client or shared_client()
+    index = cuda_index(device)
+    view = client.open(name, device=index)
+    if view.metadata.get(FORMAT_KEY) == FORMAT:
+        view.close()
+        if index is not None:
+            raise InvalidModel(f"{name} is a PyTorch checkpoint, which trims shares in host memory only: load it "
+                               "on the CPU, or push its tensors as safetensors to share them on a GPU")
+        return _checkpoints_state_dict(name, client)
+    refuse_as_tensors(name, view.metadata)
     return state_dict_from_view(view)
+
+
+def _checkpoints_state_dict(name: str, client: Client) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(name, client=client)
+    if not (isinstance(state, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in state.items())):
+        raise InvalidModel(f"{name} is a PyTorch checkpoint of a {type(state).__name__}, not of a state dict (names "
+                           "to tensors): load it with trims.torch.load_checkpoint and take the state dict out")
+    return dict(state)
 
 
 def load_checkpoint(name: str, map_location: Any = None, *, client: Client | None = None, **load_args: Any) -> Any:

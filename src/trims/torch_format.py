@@ -38,6 +38,17 @@ PICKLE = "data.pkl"
 TORCHSCRIPT_RECORD = "constants.pkl"
 FORMAT_KEY, FORMAT = "trims.format", "torch-checkpoint"  # in the manifest's metadata
 EXPORT_FORMAT = "torch-export"
+
+
+def refuse_as_tensors(name: str, metadata: dict[str, str]) -> None:
+    """Refuse a checkpoint or export archive to an adapter that would hand out its stored
+    tensors as they are: they are its storages' raw bytes, not its tensors."""
+    kind = metadata.get(FORMAT_KEY)
+    if kind == FORMAT:
+        raise InvalidModel(f"{name} is a PyTorch checkpoint, whose stored tensors are its storages' bytes: load it "
+                           "with trims.torch.load_checkpoint (or trims.torch.load_state_dict, for a state dict)")
+    if kind == EXPORT_FORMAT:
+        raise InvalidModel(f"{name} is a torch.export archive: load it with trims.torch.load_exported")
 EXPORT_MARK = "archive_format"  # the record only a .pt2 archive has
 _EXPORT_PAYLOAD = re.compile(r"data/(weights|constants)/[A-Za-z0-9_]+")  # its configs end in .json
 AOTI_DIR = "data/aotinductor/"

@@ -26,7 +26,7 @@ import transformers
 from .client import Client, shared_client
 from .digest import hex_of
 from .ingest import LABEL as _LABEL
-from .errors import ModelMismatch
+from .errors import InvalidModel, ModelMismatch
 from .torch import Device, default_dtype, load_model, named_tensors
 
 __all__ = ["from_pretrained", "snapshot"]
@@ -39,7 +39,12 @@ def from_pretrained(name: str, *, client: Client | None = None, model_class: typ
     ``device="cuda[:N]"`` builds it over the node's copy in that GPU's memory."""
     client = client or shared_client()
     model_digest = client.info(name).digest  # one look-up: config and weights of the same version
-    config = transformers.AutoConfig.from_pretrained(snapshot(model_digest, client=client), **config_overrides)
+    directory = snapshot(model_digest, client=client)
+    if not (directory / "config.json").is_file():
+        raise InvalidModel(f"{name} was pushed without a config.json, which names its architecture: push the "
+                           "model's directory (config.json beside its weights), or build the module yourself and "
+                           "give it trims.torch.load_state_dict's tensors (trims.torch.load_model)")
+    config = transformers.AutoConfig.from_pretrained(directory, **config_overrides)
     cls = model_class or _architecture(config)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
 
