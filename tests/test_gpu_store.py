@@ -195,6 +195,8 @@ def test_a_client_asking_a_daemon_without_a_gpu_tier_gets_a_typed_error(daemon, 
     with pytest.raises(trims.GpuError, match="--gpu-memory"):
         client.open("m", device=0)
     assert client.stats()["leases"] == 0 and client.open("m")["w"].shape == (16,)
+    with pytest.raises(trims.GpuError, match="--gpu-memory"):  # not "freed 0 B of gpu:0"
+        client.evict("m", tier="gpu:0")
 
 
 def test_an_open_under_way_keeps_its_gpu_copy_from_trims_evict(store):

@@ -340,9 +340,12 @@ def test_push_rights_are_their_own_namespaces(tmp_path):
     (capped,) = parse_tenants({"c": {"uids": [4], "max_connections": 8}}, parse_size).tenants
     assert capped.max_connections == 8 and admin.max_connections is None
     for bad in ({"admin": "no"}, {"push": "yes"}, {"max_leased_bytes": -1}, {"uids": "0"}, {"uids": [-1]},
-                {"max_connections": 0}, {"max_connections": "8"}, {"max_connections": True}):
+                {"max_connections": 0}, {"max_connections": "8"}, {"max_connections": True},
+                {"namespaces": ["bad name/*"]}, {"push": ["team a/*"]}, {"namespaces": [""]}):
         with pytest.raises(ConfigError):
             parse_tenants({"a": {"namespaces": ["*"], **bad}}, parse_size)
+    with pytest.raises(ConfigError, match=r"\[tenants\] names no tenant"):
+        parse_tenants({}, parse_size)
 
 
 def test_bucket_patterns_name_their_bucket_and_bound_what_the_daemon_reaches():

@@ -35,6 +35,7 @@ CLIENT_URL_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
 # else (%-escapes, ?, #, \, whitespace, control characters, ::) is refused, not interpreted:
 # each object store's client parses URLs its own way (some drop tabs, some resolve "..").
 _PLAIN_URL = re.compile(r"[a-z][a-z0-9+.-]*://[A-Za-z0-9._~@-]+(/[A-Za-z0-9._~@=+,!()*'-]*)*")
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9._/*?\[\]!-]+")
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # it names the tenant's auto/<tenant>/ namespace
 
 
@@ -117,6 +118,8 @@ def not_a_tenant(uid: int) -> PermissionDenied:
 
 def parse_tenants(table: dict[str, Any], parse_size) -> AccessPolicy:
     """``[tenants.NAME]`` tables of the config file -> an AccessPolicy (in file order)."""
+    if not table:  # a [tenants] left empty would leave the node to its owner alone, without a word
+        raise ConfigError("[tenants] names no tenant: add [tenants.NAME] tables, or remove it for single-user mode")
     tenants = []
     for name, spec in table.items():
         if not isinstance(spec, dict):
@@ -127,7 +130,7 @@ def parse_tenants(table: dict[str, Any], parse_size) -> AccessPolicy:
                                "max_pushed_bytes", "max_connections"}
         if unknown:
             raise ConfigError(f"tenants.{name}: unknown setting {sorted(unknown)[0]!r}")
-        namespaces = tuple(_strings(spec.get("namespaces", []), f"tenants.{name}.namespaces"))
+        namespaces = tuple(_name_patterns(spec.get("namespaces", []), f"tenants.{name}.namespaces"))
         push = spec.get("push", False)
         if isinstance(push, bool):  # true: wherever it can see
             push = list(namespaces) if push else []
@@ -136,7 +139,7 @@ def parse_tenants(table: dict[str, Any], parse_size) -> AccessPolicy:
             uids=frozenset(_ids(spec.get("uids", []), _uid, f"tenants.{name}.uids")),
             gids=frozenset(_ids(spec.get("gids", []), _gid, f"tenants.{name}.gids")),
             namespaces=namespaces,
-            push=tuple(_strings(push, f"tenants.{name}.push")),
+            push=tuple(_name_patterns(push, f"tenants.{name}.push")),
             buckets=tuple(_url_patterns(spec.get("buckets", []), f"tenants.{name}.buckets")),
             admin=_boolean(spec.get("admin", False), f"tenants.{name}.admin"),
             max_leased_bytes=_size(spec, "max_leased_bytes", name, parse_size),
@@ -205,6 +208,17 @@ def _url_patterns(values: Any, where: str) -> list[str]:
         if not sep or scheme not in CLIENT_URL_SCHEMES or not bucket or any(c in bucket for c in "*?["):
             raise ConfigError(f"{where}: {pattern!r} is not like \"s3://bucket/prefix/*\" (a scheme of "
                               f"{', '.join(CLIENT_URL_SCHEMES)}, a bucket named in full, then a key pattern)")
+    return patterns
+
+
+def _name_patterns(values: Any, where: str) -> list[str]:
+    """Patterns of model names (``team-a/*``): a pattern with a character no name may have
+    would match nothing, silently."""
+    patterns = _strings(values, where)
+    for pattern in patterns:
+        if not pattern or not _NAME_PATTERN.fullmatch(pattern):
+            raise ConfigError(f"{where}: {pattern!r} can match no model name (letters, digits, '.', '_', '-' and "
+                              "'/', with the wildcards * ? [ ])")
     return patterns
 
 

@@ -159,7 +159,7 @@ class Settings:
             socket_mode=_mode(values.get("socket_mode", "0600")),
             socket_group=values.get("socket_group"),
             frame_timeout=_number(values.get("frame_timeout", 10.0), "frame_timeout", low=0.001),
-            access=parse_tenants(values["tenants"], parse_size) if values.get("tenants") else AccessPolicy.single_user(),
+            access=parse_tenants(values["tenants"], parse_size) if "tenants" in values else AccessPolicy.single_user(),
         )
 
 

@@ -1010,6 +1010,7 @@ class Store:
             raise InvalidName(f"models leave the {tier} tier with `trims rm`; evict takes host or gpu:N")
         if device is None:
             return [self.host]
+        self._require_gpu_tier()
         return [self._gpus[device]] if device in self._gpus else []  # never used: nothing to drop
 
     def _check_evictable_locked(self, name: str, tier: Tier, segments: set[str]) -> None:
