@@ -346,3 +346,15 @@ def test_output_cut_short_by_its_reader_ends_quietly(daemon, tmp_path):
     listing.stdout.readline()
     listing.stdout.close()  # as `| head -1` does
     assert "Traceback" not in listing.stderr.read().decode() and listing.wait(timeout=60) == 1
+
+
+def test_clients_find_the_daemons_socket_in_its_config_file(daemon, tmp_path):
+    """One file for the node, as the systemd unit's: a client with no TRIMS_SOCKET reads its
+    socket; TRIMS_SOCKET still wins, and a file named by TRIMS_CONFIG must be readable."""
+    config = tmp_path / "trims.toml"
+    config.write_text(f'socket = "{daemon.socket}"\nhost_memory = "1G"\n')
+    env = {k: v for k, v in daemon.env.items() if k != "TRIMS_SOCKET"} | {"TRIMS_CONFIG": str(config)}
+    assert trims_cli("health", env=env).returncode == 0
+    assert trims_cli("health", env=env | {"TRIMS_SOCKET": str(tmp_path / "none.sock")}).returncode == 1
+    config.write_text("socket = 3\n")
+    assert "has the wrong type" in trims_cli("health", env=env).stderr

@@ -57,10 +57,24 @@ def format_size(nbytes: float) -> str:
 
 
 def default_socket_path() -> Path:
-    """``$TRIMS_SOCKET``, else a per-user runtime directory."""
+    """``$TRIMS_SOCKET``, else the config file's ``socket`` (the daemon's, where it is the
+    node's: ``/etc/trims/trims.toml``), else a per-user runtime directory."""
     if os.environ.get(SOCKET_ENV):
         return Path(os.environ[SOCKET_ENV])
-    return _runtime_dir() / "trims.sock"
+    return _configured_socket() or _runtime_dir() / "trims.sock"
+
+
+def _configured_socket() -> Path | None:
+    path = default_config_file()
+    if path is None:
+        return None
+    try:
+        socket = _read_config(path).get("socket")
+    except ConfigError:
+        if os.environ.get(CONFIG_ENV):  # named for this process: its faults are this process's
+            raise
+        return None  # the node's file, which this user may not read, or a daemon's option it lacks
+    return Path(socket) if socket else None
 
 
 def _runtime_dir() -> Path:
