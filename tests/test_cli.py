@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -358,3 +359,24 @@ def test_clients_find_the_daemons_socket_in_its_config_file(daemon, tmp_path):
     assert trims_cli("health", env=env | {"TRIMS_SOCKET": str(tmp_path / "none.sock")}).returncode == 1
     config.write_text("socket = 3\n")
     assert "has the wrong type" in trims_cli("health", env=env).stderr
+
+
+@pytest.mark.parametrize("body, said", [
+    ('host_memory = "lots"', "host_memory: 'lots' is not a size"),
+    ("socket_mode = 0o660", 'socket_mode = 432 has the wrong type: a quoted octal string, like "0660"'),
+    ('[tenants.a]\nuids = [1]\nmax_leased_bytes = "much"', "tenants.a.max_leased_bytes: 'much' is not a size"),
+])
+def test_a_config_files_bad_value_is_named_with_its_key(tmp_path, body, said):
+    from trims.config import Settings
+    from trims.errors import ConfigError
+
+    (tmp_path / "trims.toml").write_text(body + "\n")
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        Settings.load({}, tmp_path / "trims.toml")
+
+
+def test_a_command_line_that_does_not_parse_is_one_line():
+    done = subprocess.run([sys.executable, "-m", "trims", "serve", "--host-memory", "abc"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("trims serve: error: argument --host-memory: 'abc' is not a size")

@@ -185,7 +185,10 @@ def _size(spec: dict[str, Any], key: str, tenant: str, parse_size) -> int | None
     value = spec[key]
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ConfigError(f"tenants.{tenant}.{key} must be a size like \"16G\"")
-    size = parse_size(value)
+    try:
+        size = parse_size(value)
+    except ConfigError as exc:
+        raise ConfigError(f"tenants.{tenant}.{key}: {exc}") from None
     if size < 0:
         raise ConfigError(f"tenants.{tenant}.{key} cannot be negative")
     return size

@@ -46,8 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A wrong command line is one line on stderr, as every other error of trims is."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trims", description="Share deep-learning models across processes on this node.")
+    parser = _OneLineErrors(prog="trims", description="Share deep-learning models across processes on this node.")
     parser.add_argument("--version", action="version", version=f"trims {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(

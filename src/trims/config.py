@@ -160,9 +160,9 @@ class Settings:
         return cls(
             socket_path=Path(values.get("socket") or _runtime_dir() / "trims.sock"),
             store_dir=Path(values.get("store") or default_store_dir()),
-            host_memory=parse_size(values["host_memory"]) if "host_memory" in values else _half_of_memory(),
-            disk=parse_size(values["disk"]) if "disk" in values else UNBOUNDED,
-            gpu_memory=parse_size(values["gpu_memory"]) if "gpu_memory" in values else 0,
+            host_memory=_size_of(values, "host_memory") if "host_memory" in values else _half_of_memory(),
+            disk=_size_of(values, "disk") if "disk" in values else UNBOUNDED,
+            gpu_memory=_size_of(values, "gpu_memory") if "gpu_memory" in values else 0,
             policy=_choice(values.get("policy", "lru"), tuple(POLICIES), "policy"),
             cloud=_location(values.get("cloud")),
             busy_timeout=_number(values.get("busy_timeout", 0.0), "busy_timeout", low=0.0),
@@ -182,6 +182,13 @@ CONFIG_KEYS = {
     "busy_timeout": (int, float), "max_connections": int, "metrics_port": int, "metrics_address": str,
     "socket_mode": str, "socket_group": str, "frame_timeout": (int, float), "tenants": dict,
 }
+
+
+def _size_of(values: dict[str, Any], key: str) -> int:
+    try:
+        return parse_size(values[key])
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def _location(url: str | None) -> str | None:
@@ -237,8 +244,15 @@ def _read_config(path: Path) -> dict[str, Any]:
         if key not in CONFIG_KEYS:
             raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(CONFIG_KEYS))}")
         if not isinstance(value, CONFIG_KEYS[key]) or isinstance(value, bool):
-            raise ConfigError(f"{path}: {key} = {value!r} has the wrong type")
+            raise ConfigError(f"{path}: {key} = {value!r} has the wrong type: {_TYPE_HINTS.get(key, 'see the README')}")
     return doc
+
+
+_TYPE_HINTS = {"socket_mode": 'a quoted octal string, like "0660"', "tenants": "[tenants.NAME] tables",
+               **{key: 'a size, like "16G"' for key in ("host_memory", "disk", "gpu_memory")},
+               **{key: "a number" for key in ("busy_timeout", "frame_timeout", "max_connections", "metrics_port")},
+               **{key: "a quoted string" for key in ("socket", "store", "policy", "cloud", "metrics_address",
+                                                     "socket_group")}}
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
