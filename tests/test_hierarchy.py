@@ -131,8 +131,10 @@ def test_a_failed_upload_says_the_model_is_stored_and_a_push_again_uploads_it(tm
             client.push(tmp_path / "m0.safetensors", "m0", to="s3://no-such-bucket/trims")
         assert "Push it again with the same --to" in str(failed.value)
         assert tiers_of(client, "m0") == ("disk",)
-        client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims")
+        assert client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims").uploaded_bytes == MODEL_BYTES
         assert tiers_of(client, "m0") == ("disk", "cloud")
+        # The cloud tier holds the segment already: a push elsewhere uploads nothing, and says so
+        assert client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{s3.new_bucket()}/x").uploaded_bytes == 0
     finally:
         daemon.kill()
 

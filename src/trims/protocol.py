@@ -140,13 +140,16 @@ class ModelSummary:
 
 @dataclass(frozen=True, kw_only=True)
 class PushResult:
-    """What a push stored: ``new_bytes`` is 0 when the store already held every tensor."""
+    """What a push stored: ``new_bytes`` is 0 when the store already held every tensor;
+    ``uploaded_bytes``, what it uploaded to object storage (``to``, ``--cloud``): segments the
+    cloud tier holds already, wherever, are not uploaded again."""
 
     name: str
     digest: str
     nbytes: int
     tensors: int
     new_bytes: int
+    uploaded_bytes: int = 0
 
 
 # --- requests -----------------------------------------------------------------------

@@ -241,15 +241,16 @@ class Store:
         self.metrics.inc("trims_pushes_total")
         self.metrics.inc("trims_push_new_bytes_total", new_bytes)
         to = to or self.cloud.default_url  # with --cloud, every model gets a copy the disk can give up
+        uploaded = 0
         if to is not None:
             try:
-                self._upload(manifest, to)
+                uploaded = self._upload(manifest, to)
             except StorageError as exc:  # the push itself stands: say so, not only that something failed
                 raise StorageError(f"{name} is stored on this node, but uploading it to {to} failed: {exc}. Push it "
                                    "again with the same --to to retry the upload (segments already uploaded are not "
                                    "sent again)") from None
         return PushResult(name=name, digest=manifest.digest, nbytes=manifest.nbytes, tensors=len(manifest.tensors),
-                          new_bytes=new_bytes)
+                          new_bytes=new_bytes, uploaded_bytes=uploaded)
 
     def _write_and_commit(self, name: str | None, planned: ingest.Plan, files: list[Source],
                           progress: ProgressCallback | None, tenant: Tenant) -> tuple[ingest.Ingested, int]:
@@ -473,7 +474,9 @@ class Store:
         raise StorageError(f"segment {layout.id[:19]} came out of the disk tier damaged {_LOADS_OF_A_DAMAGED_SEGMENT} "
                            "times while being repacked, each copy fetched anew from the cloud: check the store's disk")
 
-    def _upload(self, manifest: Manifest, base_url: str) -> None:
+    def _upload(self, manifest: Manifest, base_url: str) -> int:
+        """Upload the model's segments the cloud tier lacks under ``base_url``; their bytes."""
+        uploaded = 0
         with self._lock:
             segments = [s for s in self._placement(manifest).segments if not self.cloud.has(s)]
             for segment_id in segments:
@@ -489,11 +492,13 @@ class Store:
                     raise
                 self.cloud.upload(layout, self.disk.path(segment_id), base_url)
                 self._count_fetch("disk", "cloud", layout.size, self._clock() - started)
+                uploaded += layout.size
         finally:
             with self._changed:
                 for segment_id in segments:
                     self._reading[segment_id] -= 1
                 self._settle_locked(segments)
+        return uploaded
 
     def adopt(self, files: list[FileSource], tenant: Tenant = EVERYONE, *, may_add: bool = True) -> PushResult:
         """Register files by content, for the transparent mode: the model is ``auto/<digest>``.
