@@ -241,3 +241,39 @@ json_values = st.recursive(
 @given(st.sampled_from(sorted(protocol._MESSAGE_TYPES)), st.dictionaries(st.text(max_size=10), json_values, max_size=6), st.integers(0, 3))
 def test_fuzz_well_framed_random_json_only_raises_protocol_errors(type_name, fields, nfds):
     _feed_and_drain(protocol.Decoder(), frame({**fields, "type": type_name}, nfds=nfds), range(100, 100 + nfds))
+
+
+def test_a_full_listen_backlog_is_waited_out_not_a_failure(tmp_path):
+    """A burst of function processes can fill the daemon's backlog for a moment: a client
+    with a timeout retries until the daemon accepts, or the timeout passes."""
+    import socket
+    import threading
+
+    from trims import transport
+    from trims.errors import DaemonUnavailable
+
+    path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    waiting = []
+    try:
+        while True:  # fill the backlog
+            extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            extra.setblocking(False)
+            try:
+                extra.connect(str(path))
+            except BlockingIOError:
+                extra.close()
+                break
+            waiting.append(extra)
+        with pytest.raises(DaemonUnavailable, match="accepted no connection within 0.2 s"):
+            transport.connect(path, timeout=0.2)
+        accepting = threading.Timer(0.3, lambda: [listener.accept() for _ in range(len(waiting) + 1)])
+        accepting.start()
+        transport.connect(path, timeout=10).close()
+        accepting.join()
+    finally:
+        for extra in waiting:
+            extra.close()
+        listener.close()

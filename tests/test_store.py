@@ -877,3 +877,13 @@ def test_storage_is_shared_only_where_every_reader_may_read_all_of_it(tmp_path):
         assert [s.size for s in store.open("shared/part", owner=2, tenant=b).segments] == [16384]
     finally:
         store.close()
+
+
+def test_side_file_names_are_plain_relative_paths_each_spelled_one_way():
+    """./config.json beside config.json would be two stored files that a directory holds as
+    one (transformers' snapshot keeps either)."""
+    from trims.ingest import plain_label
+
+    assert plain_label("config.json") and plain_label("tokenizer/vocab.txt") and plain_label("a.b/c..d")
+    for bad in ("./config.json", "a/./b", "../x", "a/..", ".", "a b", "/abs", "a//b", "", "x" * 256):
+        assert not plain_label(bad), bad

@@ -244,8 +244,15 @@ def _split(files: list[Source]) -> tuple[list[Source], list[Source]]:
     return weights, [f for f in files if f not in weights]
 
 
+def plain_label(label: str) -> bool:
+    """A side file's name as a path relative to the model's directory, each file one way:
+    no ``.`` or ``..`` parts (``./config.json`` and ``config.json`` would be two files that
+    one directory holds as one)."""
+    return bool(LABEL.fullmatch(label)) and not {".", ".."} & set(label.split("/")) and len(label) <= 255
+
+
 def _check_label(label: str) -> None:
-    if not LABEL.fullmatch(label) or ".." in label.split("/") or len(label) > 255:
+    if not plain_label(label):
         raise InvalidModel(f"file name {label[:80]!r} is not a plain relative path")
 
 

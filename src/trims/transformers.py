@@ -25,7 +25,7 @@ import transformers
 
 from .client import Client, shared_client
 from .digest import hex_of
-from .ingest import LABEL as _LABEL
+from .ingest import plain_label
 from .errors import InvalidModel, ModelMismatch
 from .torch import Device, default_dtype, load_model, named_tensors
 
@@ -139,7 +139,7 @@ def snapshot(name: str, *, client: Client | None = None) -> Path:
         staging = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
         try:
             for label, data in files.items():
-                if not _LABEL.fullmatch(label) or ".." in label.split("/"):  # never trust a path from a socket
+                if not plain_label(label):  # never trust a path from a socket
                     raise ValueError(f"the daemon sent a side file named {label!r}")
                 (staging / label).parent.mkdir(parents=True, exist_ok=True)
                 (staging / label).write_bytes(data)

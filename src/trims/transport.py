@@ -113,11 +113,29 @@ class Channel:
 
 
 def connect(path: Path, timeout: float | None = None) -> Channel:
-    """Connect to a daemon's socket; :class:`DaemonUnavailable` if none answers."""
+    """Connect to a daemon's socket; :class:`DaemonUnavailable` if none answers. A full
+    listen backlog (a burst of connections) is waited out, up to ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        try:
+            return _connect_once(path, timeout)
+        except BlockingIOError:  # EAGAIN: the backlog is full, as a timeout's non-blocking connect sees it
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise DaemonUnavailable(f"the trims daemon at {path} accepted no connection within {timeout:g} s "
+                                        "(its listen backlog stayed full)") from None
+            time.sleep(pause)
+            pause = min(2 * pause, 0.1)
+
+
+def _connect_once(path: Path, timeout: float | None) -> Channel:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
         sock.connect(os.fspath(path))
+    except BlockingIOError:
+        sock.close()
+        raise
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         sock.close()
         raise DaemonUnavailable(
@@ -131,8 +149,10 @@ def connect(path: Path, timeout: float | None = None) -> Channel:
     return Channel(sock)
 
 
-def listen(path: Path, mode: int = 0o600, group: int | None = None, backlog: int = 128) -> socket.socket:
-    """A listening socket at ``path``, created owner-only, then opened up to ``mode``/``group``."""
+def listen(path: Path, mode: int = 0o600, group: int | None = None, backlog: int = 4096) -> socket.socket:
+    """A listening socket at ``path``, created owner-only, then opened up to ``mode``/``group``.
+    The backlog holds a burst of function processes starting at once (the kernel caps it at
+    net.core.somaxconn)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o177)
     try:
