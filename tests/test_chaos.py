@@ -387,3 +387,102 @@ def test_a_push_cut_by_a_daemon_kill_leaves_nothing_partial(tmp_path):
         assert client.info("chaos/big").tensors == 8
     finally:
         daemon.kill()
+
+
+def _park(path, count: int, devnull: int) -> socket.socket:
+    """A connection that begins a frame carrying ``count`` descriptors and never ends it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    body = json.dumps({"type": "ping", "id": 1}).encode()
+    header = protocol.HEADER.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, count, 0, len(body) + 100)
+    socket.send_fds(sock, [header + body], [devnull] * count)
+    return sock
+
+
+def test_descriptors_parked_in_unfinished_frames_are_bounded_across_connections(tmp_path):
+    """Each frame may carry 250 descriptors: without a bound across connections a few dozen
+    frames begun and never ended take every descriptor the daemon may have. Past its budget
+    the next such frame is refused; other clients are served, and a closed one gives back."""
+    from trims.server import Server
+    from trims.store import Store
+
+    store = Store(tmp_path / "store", host_capacity=1 << 26)
+    server = Server(store, transport.listen(tmp_path / "s.sock"), max_connections=16, describe=dict)
+    server._descriptors.limit = 600
+    serving = threading.Thread(target=server.serve_forever)
+    serving.start()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    parked = []
+    try:
+        parked = [_park(tmp_path / "s.sock", 250, devnull) for _ in range(2)]
+        wait_for(lambda: server._descriptors._held == 500, message="both frames' descriptors held")
+        refused = transport.Channel(_park(tmp_path / "s.sock", 250, devnull))
+        reply = refused.receive(5.0)
+        assert reply.code == "protocol_error" and "holds as many descriptors in unfinished frames" in reply.message
+        refused.close()
+        assert trims.connect(tmp_path / "s.sock").list() == []
+        parked.pop().close()
+        wait_for(lambda: server._descriptors._held == 250, message="a closed connection's descriptors given back")
+        parked.append(_park(tmp_path / "s.sock", 250, devnull))
+        wait_for(lambda: server._descriptors._held == 500, message="room for another")
+    finally:
+        for sock in parked:
+            sock.close()
+        os.close(devnull)
+        server.shutdown()
+        serving.join(10)
+        store.close()
+
+
+def test_a_daemon_out_of_descriptors_refuses_connections_without_spinning(tmp_path):
+    """At its RLIMIT_NOFILE, accept fails at once for as long as the listener is readable: the
+    daemon refuses the waiting connection with a spare descriptor, logs it once, and serves
+    again when connections close."""
+    socket_path, log_path = tmp_path / "run" / "s.sock", tmp_path / "daemon.log"
+    command = (f"ulimit -n 40 && exec {sys.executable} -m trims serve --socket {socket_path} "
+               f"--store {tmp_path / 'store'} --host-memory 64M")
+    with open(log_path, "wb") as log:
+        daemon = subprocess.Popen(["sh", "-c", command], stdout=log, stderr=subprocess.STDOUT)
+    held = []
+    try:
+        wait_for(lambda: socket_path.exists(), message="the daemon's socket")
+        refused = None
+        for _ in range(60):
+            try:
+                held.append(trims.connect(socket_path))
+            except trims.RequestError as exc:
+                refused = exc
+                break
+        assert refused is not None and refused.code == "too_many_connections"
+        assert "run out of file descriptors" in str(refused)
+
+        def cpu_seconds() -> float:
+            fields = open(f"/proc/{daemon.pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        waiting = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+        for sock in waiting:
+            sock.connect(str(socket_path))  # each one waits in the backlog while the daemon is out
+        before = cpu_seconds()
+        time.sleep(1.0)
+        assert cpu_seconds() - before < 0.5  # not a loop around a failing accept
+        for sock in waiting:
+            sock.close()
+        for client in held:
+            client.close()
+        held.clear()
+        wait_for(lambda: _connects_at(socket_path), message="the daemon to serve again")
+        assert log_path.read_text().count("out of file descriptors") == 1
+    finally:
+        for client in held:
+            client.close()
+        daemon.kill()
+        daemon.wait(10)
+
+
+def _connects_at(path) -> bool:
+    try:
+        trims.connect(path).close()
+        return True
+    except trims.TrimsError:
+        return False

@@ -428,6 +428,11 @@ class Decoder:
         return taken
 
     @property
+    def pending_fds(self) -> int:
+        """Descriptors received and not yet handed out in a message."""
+        return len(self._fds)
+
+    @property
     def buffered(self) -> int:
         """Bytes received and not yet decoded: non-zero at EOF means a truncated frame."""
         return len(self._buffer)

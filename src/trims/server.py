@@ -9,9 +9,11 @@ leases end with it.
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import logging
 import os
+import resource
 import selectors
 import socket
 import threading
@@ -20,13 +22,13 @@ from typing import Callable
 
 from . import __version__, protocol
 from .cloud import remote_model_files
-from .objects import location_problem
 from .acl import ADMIN, CLIENT_URL_SCHEMES, WRITE, AccessPolicy, Tenant, not_a_tenant, plain_url
 from .errors import (ConnectionLost, InvalidModel, InvalidName, LocalProtocolError, PermissionDenied, ProtocolError, RequestError,
                      StorageError)
+from .objects import location_problem
 from .sources import FileSource
 from .store import Store
-from .transport import Channel, PeerCredentials
+from .transport import Channel, DescriptorBudget, PeerCredentials
 
 log = logging.getLogger("trims.server")
 
@@ -81,6 +83,12 @@ class Server:
         self._ids = itertools.count(1)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
+        # A quarter of the process's descriptors for those riding on frames not yet complete;
+        # the rest are segments, store files and the connections themselves.
+        self._descriptors = DescriptorBudget(max(4 * protocol.MAX_FDS_PER_FRAME,
+                                                 resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
+        self._spare_fd = _spare_descriptor()  # given up to refuse a connection when none is left
+        self._out_of_fds_logged = 0.0
         store.metrics.describe("trims_connections", "gauge", "Client connections open.")
         store.metrics.gauge("trims_connections", lambda: {(): self.connection_count()})
         self._handlers: dict[type, Callable[[protocol.Message, _Context], protocol.Message]] = {
@@ -129,10 +137,13 @@ class Server:
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:  # e.g. EMFILE: refuse this one, keep serving the rest
-            log.error("accept failed: %s", exc)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._refuse_without_descriptors()
+            else:
+                log.error("accept failed: %s", exc)
             return
-        channel = Channel(sock, max_frame_bytes=protocol.MAX_REQUEST_BYTES)
+        channel = Channel(sock, max_frame_bytes=protocol.MAX_REQUEST_BYTES, budget=self._descriptors)
         peer, tenant = self._identify(channel)
         with self._lock:
             refusal = self._refusal(tenant)
@@ -156,6 +167,32 @@ class Server:
                       "container's pids limit or lower --max-connections", exc, self.connection_count())
             self._refuse(channel, "the daemon cannot start a thread for another connection (its process limit); "
                                   "retry later, or ask the node's operator to raise its pids limit")
+
+    def _refuse_without_descriptors(self) -> None:
+        """Out of descriptors, the listener stays readable and accept fails at once, for ever:
+        give up the spare one to accept the waiting connection and refuse it, rather than
+        spin. Logged once a minute at most."""
+        now = time.monotonic()
+        if now - self._out_of_fds_logged > 60:
+            self._out_of_fds_logged = now
+            log.error("out of file descriptors (%d connections open): refusing new connections until some close; "
+                      "raise the daemon's RLIMIT_NOFILE (LimitNOFILE= in systemd)", self.connection_count())
+        if self._spare_fd < 0:
+            time.sleep(0.05)  # another thread took the spare's place: wait for descriptors to free
+        else:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                time.sleep(0.05)  # the whole system is out, not only this process
+            else:
+                self._refuse(Channel(sock), "the daemon has run out of file descriptors; retry later, or ask the "
+                                            "node's operator to raise its descriptor limit")
+        try:
+            self._spare_fd = _spare_descriptor()
+        except OSError:
+            pass
 
     def _identify(self, channel: Channel) -> tuple[PeerCredentials | None, Tenant | None]:
         """Who connected, and as which tenant (None: not a tenant, told so once served)."""
@@ -212,6 +249,8 @@ class Server:
             thread.join(timeout=5)
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
 
     # --- one connection ------------------------------------------------------------------
 
@@ -367,6 +406,10 @@ class Server:
         stats["daemon"] = self._describe()
         stats["tenant"] = self.store.usage(ctx.tenant)
         return protocol.StatsReply(id=request.id, stats=stats)
+
+
+def _spare_descriptor() -> int:
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _check_client_url(url: str, tenant: Tenant) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,38 @@ class PeerCredentials:
     groups: tuple[int, ...] = ()  # supplementary groups (SO_PEERGROUPS)
 
 
+class DescriptorBudget:
+    """How many received descriptors all channels together may hold in frames not yet
+    complete. Each frame may carry 250, and a peer may begin one and never finish it: without
+    a bound across connections, a few dozen of them would take every descriptor the process
+    may have. Thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def claim(self, count: int) -> bool:
+        with self._lock:
+            if self._held + count > self.limit:
+                return False
+            self._held += count
+            return True
+
+    def give_back(self, count: int) -> None:
+        with self._lock:
+            self._held -= count
+
+
 class Channel:
     """A connected socket speaking trims frames. Not thread-safe: one user at a time."""
 
-    def __init__(self, sock: socket.socket, *, max_frame_bytes: int = protocol.MAX_FRAME_BYTES) -> None:
+    def __init__(self, sock: socket.socket, *, max_frame_bytes: int = protocol.MAX_FRAME_BYTES,
+                 budget: DescriptorBudget | None = None) -> None:
         self.sock = sock
         self._decoder = protocol.Decoder(max_frame_bytes=max_frame_bytes)
+        self._budget = budget
+        self._claimed = 0  # of the budget: the descriptors the decoder holds
 
     def send(self, message: protocol.Message) -> None:
         data = protocol.encode(message)
@@ -55,6 +82,7 @@ class Channel:
         while True:
             message = self._decoder.next_message()
             if message is not None:
+                self._settle_claim()  # its descriptors are the message's now
                 return message
             if self._decoder.buffered and frame_timeout:
                 deadline = deadline or time.monotonic() + frame_timeout
@@ -81,16 +109,33 @@ class Channel:
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise ConnectionLost(f"connection reset: {exc}") from None
         self._decoder.feed(data, fds)
+        self._settle_claim()
         if flags & socket.MSG_CTRUNC:
             raise protocol.RemoteProtocolError("peer sent more descriptors than a frame may carry")
         if not data:
             partial = " in the middle of a frame" if self._decoder.buffered else ""
             raise ConnectionLost(f"connection closed by peer{partial}")
 
+    def _settle_claim(self) -> None:
+        """Claim from the budget what the decoder holds now, or give back what it let go."""
+        if self._budget is None:
+            return
+        held = self._decoder.pending_fds
+        if held > self._claimed and not self._budget.claim(held - self._claimed):
+            raise protocol.RemoteProtocolError(
+                f"the daemon holds as many descriptors in unfinished frames as it may ({self._budget.limit}); "
+                "send each frame whole, or retry later")
+        if held < self._claimed:
+            self._budget.give_back(self._claimed - held)
+        self._claimed = held
+
     def close(self) -> None:
         """Close the socket and any descriptors received but never handed out."""
         for fd in self._decoder.take_fds():
             _close_quietly(fd)
+        if self._budget is not None:
+            self._budget.give_back(self._claimed)
+            self._claimed = 0
         self.sock.close()
 
     def peer_credentials(self) -> PeerCredentials:
