@@ -200,7 +200,7 @@ def test_the_http_side_says_what_is_warm_on_this_node(tmp_path):
         daemon.kill()
 
 
-def test_a_scrape_that_trickles_its_request_is_cut_off_at_the_deadline(monkeypatch):
+def test_a_scrape_that_trickles_its_request_is_cut_off_at_the_deadline(monkeypatch, capsys):
     """A byte every few seconds would keep each read inside its timeout and a slot for good:
     the whole connection has a deadline, and the port answers a proper scrape meanwhile."""
     import socket as socket_module
@@ -232,6 +232,7 @@ def test_a_scrape_that_trickles_its_request_is_cut_off_at_the_deadline(monkeypat
         slow.close()
     finally:
         server.close()
+    assert "Traceback" not in capsys.readouterr().err  # what it had sent was not served
 
 
 def _answers(url: str) -> bool:

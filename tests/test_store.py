@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -887,3 +888,55 @@ def test_side_file_names_are_plain_relative_paths_each_spelled_one_way():
     assert plain_label("config.json") and plain_label("tokenizer/vocab.txt") and plain_label("a.b/c..d")
     for bad in ("./config.json", "a/./b", "../x", "a/..", ".", "a b", "/abs", "a//b", "", "x" * 256):
         assert not plain_label(bad), bad
+
+
+def test_a_models_lease_quota_counts_while_an_open_of_it_is_under_way(tmp_path, monkeypatch):
+    """An open of a model the tenant holds already adds nothing to its quota; but if that
+    lease ends while the open is under way, the model must still count until the new lease
+    exists, or another model slips in past the quota. Two first opens of one model at once
+    count it once."""
+    import threading
+
+    from trims.acl import AccessPolicy, Tenant
+    from trims.errors import QuotaExceeded
+    from trims.store import Store
+
+    tenant = Tenant("t", uids=frozenset({os.getuid()}), namespaces=("*",), admin=True, max_leased_bytes=2 * 16384 + 100)
+    store = Store(tmp_path / "store", host_capacity=1 << 26, access=AccessPolicy((tenant,)))
+    try:
+        for i, name in enumerate("abc"):
+            save_file({"w": torch.full((4096,), float(i))}, tmp_path / f"{name}.safetensors")
+            _push(store, name, tmp_path / f"{name}.safetensors", tenant)
+        gate, entered = threading.Event(), threading.Event()
+        acquire = store._acquire_all
+
+        def held_open(*args, **kwargs):
+            if threading.current_thread().name == "held":
+                entered.set()
+                gate.wait(10)
+            return acquire(*args, **kwargs)
+
+        monkeypatch.setattr(store, "_acquire_all", held_open)
+        first_a, b = store.open("a", owner=1, tenant=tenant), store.open("b", owner=1, tenant=tenant)
+        again = threading.Thread(target=lambda: store.open("a", owner=2, tenant=tenant), name="held")
+        again.start()
+        assert entered.wait(10)
+        store.release(first_a.lease, 1)
+        with pytest.raises(QuotaExceeded, match="holds or is opening models of 32768 bytes"):
+            store.open("c", owner=1, tenant=tenant)  # a (being opened) and b: the quota is full
+        gate.set()
+        again.join(10)
+        store.release_owner(1), store.release_owner(2)
+        # two first opens of one model at once, under a quota of that one model
+        tenant_one = dataclasses.replace(tenant, max_leased_bytes=16384)
+        gate.clear()
+        entered.clear()
+        again = threading.Thread(target=lambda: store.open("a", owner=2, tenant=tenant_one), name="held")
+        again.start()
+        assert entered.wait(10)
+        store.open("a", owner=1, tenant=tenant_one)
+        gate.set()
+        again.join(10)
+        assert store.usage(tenant_one)["leases"] == 2 and store.usage(tenant_one)["leased_bytes"] == 16384
+    finally:
+        store.close()

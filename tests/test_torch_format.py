@@ -210,6 +210,9 @@ def test_a_model_directory_with_a_pytorch_model_bin_loads_with_from_pretrained(d
     with torch.no_grad():
         assert torch.equal(output_of(shared, "gpt2"), output_of(model, "gpt2"))
     assert shared.lm_head.weight.data_ptr() == shared.transformer.wte.weight.data_ptr()  # tied again
+    torch.save({"learning_rate": 1e-4}, tmp_path / "gpt2" / "training_args.bin")  # as Trainer.save_model leaves
+    assert client.push(tmp_path / "gpt2", "gpt2-bin").new_bytes == 0  # the same weights; its arguments no part
+    (tmp_path / "gpt2" / "pytorch_model.bin").rename(tmp_path / "gpt2" / "weights.pt")
     torch.save(model.state_dict(), tmp_path / "gpt2" / "other.pt")
     with pytest.raises(trims.InvalidModel, match="holds several PyTorch checkpoints"):
         client.push(tmp_path / "gpt2", "two-checkpoints")

@@ -202,9 +202,10 @@ def _push(args: argparse.Namespace) -> int:
         result = client.push(args.path, args.name, to=args.to, progress=_progress_bar())
     new = format_size(result.new_bytes) + " new" if result.new_bytes else "already stored"
     print(f"{result.name} {result.digest} ({result.tensors} tensors, {format_size(result.nbytes)}; {new})")
-    if args.to:
+    if args.to and result.uploaded_bytes is not None:
         print(f"uploaded {format_size(result.uploaded_bytes)} to {args.to}" if result.uploaded_bytes else
-              f"nothing uploaded to {args.to}: the cloud tier holds its segments already (`trims info` shows the tiers)")
+              f"nothing uploaded to {args.to}: the daemon's cloud tier holds its segments already, where an "
+              "earlier push put them")
     return 0
 
 

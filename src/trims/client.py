@@ -23,6 +23,7 @@ import fcntl
 import functools
 import json
 import os
+import re
 import tempfile
 import threading
 import weakref
@@ -45,6 +46,8 @@ __all__ = ["Client", "ModelView", "connect", "shared_client", "model_files"]
 
 _Reply = TypeVar("_Reply", bound=protocol.Message)
 _INDEX_FILES = ("model.safetensors.index.json",)
+# What transformers' Trainer saves beside a model's weights: its arguments and training state.
+_TRAINER_STATE = re.compile(r"training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth")
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".onnx")  # kept beside the weights
 
 
@@ -83,9 +86,10 @@ def shared_client() -> Client:
     It connects on its first request, saving a round trip on the path to a ready model.
     """
     global _shared
+    path = default_socket_path()  # each call: a changed TRIMS_SOCKET gets a client of its own
     with _shared_lock:
-        if _shared is None or _shared.socket_path != default_socket_path():
-            _shared = Client(default_socket_path())
+        if _shared is None or _shared.socket_path != path:
+            _shared = Client(path)
         return _shared
 
 
@@ -615,7 +619,10 @@ def _directory_files(path: Path, *, split_onnx: bool = False) -> list[tuple[str,
 def _one_checkpoint(directory: Path) -> list[str]:
     """A directory's weights where it holds no safetensors: one PyTorch checkpoint
     (``pytorch_model.bin`` beside its config, as transformers saved before safetensors)."""
-    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES
+                   and not _TRAINER_STATE.fullmatch(p.name))
+    if "pytorch_model.bin" in names:  # transformers' name for the weights, whatever else lies beside
+        return ["pytorch_model.bin"]
     if len(names) == 1:
         return names
     if names:

@@ -23,6 +23,7 @@ SOCKET_ENV = "TRIMS_SOCKET"
 STORE_ENV = "TRIMS_STORE"
 HOST_MEMORY_ENV = "TRIMS_HOST_MEMORY"
 CONFIG_ENV = "TRIMS_CONFIG"
+NODE_CONFIG_FILE = Path("/etc/trims/trims.toml")
 UNBOUNDED = 2**63 - 1
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)(B?)\s*", re.IGNORECASE)
@@ -71,9 +72,9 @@ def _configured_socket() -> Path | None:
     try:
         socket = _read_config(path).get("socket")
     except ConfigError:
-        if os.environ.get(CONFIG_ENV):  # named for this process: its faults are this process's
+        if path != NODE_CONFIG_FILE or os.environ.get(CONFIG_ENV):  # this user's own file: its fault is theirs
             raise
-        return None  # the node's file, which this user may not read, or a daemon's option it lacks
+        return None  # the node's file, which this user may not be allowed to read
     return Path(socket) if socket else None
 
 
@@ -222,7 +223,7 @@ def default_config_file() -> Path | None:
     (not for root) and ``/etc/trims/trims.toml`` (a service user finds the system's)."""
     if os.environ.get(CONFIG_ENV):
         return Path(os.environ[CONFIG_ENV])
-    candidates = [Path("/etc/trims/trims.toml")]
+    candidates = [NODE_CONFIG_FILE]
     if os.getuid() != 0:
         user = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "trims" / "trims.toml"
         candidates.insert(0, user)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -68,6 +69,14 @@ class _BoundedServer(ThreadingHTTPServer):
         finally:
             self._slots.release()
 
+    def handle_error(self, request, client_address) -> None:
+        """A scraper gone mid-reply (or cut off at the deadline) is not worth a traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("metrics connection from %s ended: %s", client_address, error)
+        else:
+            log.exception("the metrics port failed on a request from %s", client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     routes: dict[str, tuple[str, Callable[[], str]]]
@@ -76,11 +85,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self._was_cut = False
         self._watchdog = threading.Timer(self.deadline, self._cut)
         self._watchdog.daemon = True
         self._watchdog.start()
 
     def _cut(self) -> None:
+        self._was_cut = True  # what was read so far is no request to answer
         try:
             self.connection.shutdown(socket.SHUT_RDWR)  # the handler's blocked read or write returns
         except OSError:
@@ -91,6 +102,8 @@ class _Handler(BaseHTTPRequestHandler):
         super().finish()
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        if self._was_cut:
+            return
         route = self.routes.get(self.path.split("?")[0])
         if route is None:
             self.send_error(404, f"served here: {', '.join(self.routes)}")

@@ -142,14 +142,15 @@ class ModelSummary:
 class PushResult:
     """What a push stored: ``new_bytes`` is 0 when the store already held every tensor;
     ``uploaded_bytes``, what it uploaded to object storage (``to``, ``--cloud``): segments the
-    cloud tier holds already, wherever, are not uploaded again."""
+    cloud tier holds already, wherever, are not uploaded again (None from a daemon that does
+    not say)."""
 
     name: str
     digest: str
     nbytes: int
     tensors: int
     new_bytes: int
-    uploaded_bytes: int = 0
+    uploaded_bytes: int | None = None
 
 
 # --- requests -----------------------------------------------------------------------

@@ -292,11 +292,13 @@ class Server:
         except (ConnectionLost, OSError):
             pass
         finally:
-            released = self.store.release_owner(conn_id)
-            if released:
-                log.debug("connection %d closed holding %d leases; released", conn_id, released)
-            self._forget(conn_id, tenant)
-            channel.close()
+            try:
+                released = self.store.release_owner(conn_id)
+                if released:
+                    log.debug("connection %d closed holding %d leases; released", conn_id, released)
+            finally:
+                self._forget(conn_id, tenant)
+                channel.close()
 
     def _handle(self, request: protocol.Message, ctx: _Context) -> protocol.Message:
         handler = self._handlers.get(type(request))

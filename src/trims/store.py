@@ -176,6 +176,7 @@ class Store:
         self._rates = dict(_INITIAL_RATES)
         self._adopted: dict[tuple, str] = {}  # identities of files adopted -> model digest
         self._quota_reserved: Counter[tuple[str, str]] = Counter()  # (kind, tenant) -> bytes of requests under way
+        self._opening: Counter[tuple[str, str]] = Counter()  # (tenant, model digest) -> opens under way
         self.gpu_capacity = gpu_capacity  # per device; 0: no GPU tier
         self._gpu_driver = gpu_driver
         self._gpus: dict[int, GpuTier] = {}
@@ -583,7 +584,7 @@ class Store:
                         f"{name} shares storage with models you may not read (the daemon's access config changed "
                         "since it was pushed); ask the operator to remove it (`trims rm`) and push it again")
                 self._changed.wait()  # a removed model's tensors are being taken out of its segments
-            reserved = self._check_lease_quota_locked(tenant, manifest)
+            self._check_lease_quota_locked(tenant, manifest)
         try:
             gpu = None if device is None else self._gpu_tier(device)  # only for a model this tenant may open
             deadline = started + self.busy_timeout
@@ -597,7 +598,9 @@ class Store:
                                              gpu.name if gpu else None)
         finally:
             with self._lock:
-                self._quota_reserved[("lease", tenant.name)] -= reserved  # the lease (if any) counts from here on
+                self._opening[(tenant.name, manifest.digest)] -= 1  # the lease (if any) counts from here on
+                if not self._opening[(tenant.name, manifest.digest)]:
+                    del self._opening[(tenant.name, manifest.digest)]
         self.metrics.inc("trims_opens_total", result="miss" if missed else "hit")
         self.metrics.observe("trims_open_seconds", self._clock() - started)
         return OpenResult(lease, name, manifest, tuple(segments), placement.tensors, device)
@@ -1015,7 +1018,8 @@ class Store:
             raise InvalidName(f"models leave the {tier} tier with `trims rm`; evict takes host or gpu:N")
         if device is None:
             return [self.host]
-        self._require_gpu_tier()
+        if self.gpu_capacity <= 0:
+            raise GpuError(f"this daemon keeps no models in GPU memory (no --gpu-memory): {tier} holds nothing to evict")
         return [self._gpus[device]] if device in self._gpus else []  # never used: nothing to drop
 
     def _check_evictable_locked(self, name: str, tier: Tier, segments: set[str]) -> None:
@@ -1139,20 +1143,22 @@ class Store:
             raise ModelNotFound(f"no model named {name}; `trims ls` lists the models, `trims push` adds one")
         return name, manifest
 
-    def _check_lease_quota_locked(self, tenant: Tenant, manifest: Manifest) -> int:
-        """Refuse, or reserve the bytes a lease on ``manifest`` adds to the tenant's until the
-        open ends (see open), and return them: none where it holds a lease on it already (the
-        same memory, under one name or another)."""
-        if tenant.max_leased_bytes is None or manifest.digest in self._leased_models_locked(tenant.name):
-            return 0
-        held = self._leased_bytes_locked(tenant.name) + self._quota_reserved[("lease", tenant.name)]
-        if held + manifest.nbytes > tenant.max_leased_bytes:
-            raise QuotaExceeded(
-                f"tenant {tenant.name} holds leases on {held} bytes; {manifest.nbytes} more would pass its "
-                f"max_leased_bytes of {tenant.max_leased_bytes}; close models it no longer uses"
-            )
-        self._quota_reserved[("lease", tenant.name)] += manifest.nbytes
-        return manifest.nbytes
+    def _check_lease_quota_locked(self, tenant: Tenant, manifest: Manifest) -> None:
+        """Refuse an open that would take the tenant past its max_leased_bytes, or count the
+        model as the tenant's until the open ends (see open), when its lease, if any, counts
+        instead. A model it holds or is opening already adds nothing: the same memory, under
+        one name or another."""
+        key = (tenant.name, manifest.digest)
+        if tenant.max_leased_bytes is not None and key not in self._opening:
+            held = self._leased_models_locked(tenant.name)
+            if manifest.digest not in held:
+                total = sum(held.values())
+                if total + manifest.nbytes > tenant.max_leased_bytes:
+                    raise QuotaExceeded(
+                        f"tenant {tenant.name} holds or is opening models of {total} bytes; {manifest.nbytes} more "
+                        f"would pass its max_leased_bytes of {tenant.max_leased_bytes}; close models it no longer uses"
+                    )
+        self._opening[key] += 1
 
     def _check_push_quota_locked(self, tenant: Tenant, name: str, nbytes: int) -> None:
         """Refuse, or reserve ``nbytes`` of the tenant's quota until the push ends."""
@@ -1171,8 +1177,12 @@ class Store:
             self._quota_reserved[("push", tenant.name)] -= nbytes
 
     def _leased_models_locked(self, tenant: str) -> dict[str, int]:
-        """digest -> bytes of each model the tenant holds leases on, once however many it holds."""
-        return {held.model: held.nbytes for held in self._leases.values() if held.tenant == tenant}
+        """digest -> bytes of each model the tenant holds leases on or is opening, once however
+        many, and wherever their copies are (host memory or a GPU's)."""
+        held = {lease.model: lease.nbytes for lease in self._leases.values() if lease.tenant == tenant}
+        held.update({digest: self.catalog.manifests[digest].nbytes for name, digest in self._opening
+                     if name == tenant and digest in self.catalog.manifests})
+        return held
 
     def _leased_bytes_locked(self, tenant: str) -> int:
         return sum(self._leased_models_locked(tenant).values())

@@ -65,23 +65,22 @@ def load_state_dict(name: str, *, client: Client | None = None,
     model.state_dict())``), that state dict, as :func:`load_checkpoint` gives it."""
     client = client or shared_client()
     index = cuda_index(device)
+    if index is not None and client.info(name).metadata.get(FORMAT_KEY) == FORMAT:  # before a GPU copy is made
+        raise InvalidModel(f"{name} is a PyTorch checkpoint, which trims shares in host memory only: load it on "
+                           "the CPU, or push its tensors as safetensors to share them on a GPU")
     view = client.open(name, device=index)
-    if view.metadata.get(FORMAT_KEY) == FORMAT:
-        view.close()
-        if index is not None:
-            raise InvalidModel(f"{name} is a PyTorch checkpoint, which trims shares in host memory only: load it "
-                               "on the CPU, or push its tensors as safetensors to share them on a GPU")
-        return _checkpoints_state_dict(name, client)
+    if view.metadata.get(FORMAT_KEY) == FORMAT and index is None:
+        return _checkpoints_state_dict(view, client)
     refuse_as_tensors(name, view.metadata)
     return state_dict_from_view(view)
 
 
-def _checkpoints_state_dict(name: str, client: Client) -> dict[str, torch.Tensor]:
-    state = load_checkpoint(name, client=client)
+def _checkpoints_state_dict(view: ModelView, client: Client) -> dict[str, torch.Tensor]:
+    state = load_over(view, client.files(view.digest))
     if not (isinstance(state, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                for k, v in state.items())):
-        raise InvalidModel(f"{name} is a PyTorch checkpoint of a {type(state).__name__}, not of a state dict (names "
-                           "to tensors): load it with trims.torch.load_checkpoint and take the state dict out")
+        raise InvalidModel(f"{view.name} is a PyTorch checkpoint of a {type(state).__name__}, not of a state dict "
+                           "(names to tensors): load it with trims.torch.load_checkpoint and take the state dict out")
     return dict(state)
 
 

@@ -38,6 +38,14 @@ PICKLE = "data.pkl"
 TORCHSCRIPT_RECORD = "constants.pkl"
 FORMAT_KEY, FORMAT = "trims.format", "torch-checkpoint"  # in the manifest's metadata
 EXPORT_FORMAT = "torch-export"
+EXPORT_MARK = "archive_format"  # the record only a .pt2 archive has
+_EXPORT_PAYLOAD = re.compile(r"data/(weights|constants)/[A-Za-z0-9_]+")  # its configs end in .json
+AOTI_DIR = "data/aotinductor/"
+_OLD_EXPORT_STATE = re.compile(r"data/(weights|constants)/[^/]+\.pt")
+MAX_DIRECTORY_BYTES = 16 * 1024 * 1024  # a checkpoint of 100,000 tensors has ~8 MB of it
+_STORAGE = re.compile(r"data/[A-Za-z0-9_]+")
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra field lengths
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch.serialization.MAGIC_NUMBER
 
 
 def refuse_as_tensors(name: str, metadata: dict[str, str]) -> None:
@@ -49,14 +57,6 @@ def refuse_as_tensors(name: str, metadata: dict[str, str]) -> None:
                            "with trims.torch.load_checkpoint (or trims.torch.load_state_dict, for a state dict)")
     if kind == EXPORT_FORMAT:
         raise InvalidModel(f"{name} is a torch.export archive: load it with trims.torch.load_exported")
-EXPORT_MARK = "archive_format"  # the record only a .pt2 archive has
-_EXPORT_PAYLOAD = re.compile(r"data/(weights|constants)/[A-Za-z0-9_]+")  # its configs end in .json
-AOTI_DIR = "data/aotinductor/"
-_OLD_EXPORT_STATE = re.compile(r"data/(weights|constants)/[^/]+\.pt")
-MAX_DIRECTORY_BYTES = 16 * 1024 * 1024  # a checkpoint of 100,000 tensors has ~8 MB of it
-_STORAGE = re.compile(r"data/[A-Za-z0-9_]+")
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra field lengths
-_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch.serialization.MAGIC_NUMBER
 
 
 @dataclass(frozen=True)
