@@ -23,8 +23,8 @@ from typing import Callable
 from . import __version__, protocol
 from .cloud import remote_model_files
 from .acl import ADMIN, CLIENT_URL_SCHEMES, WRITE, AccessPolicy, Tenant, not_a_tenant, plain_url
-from .errors import (ConnectionLost, InvalidModel, InvalidName, LocalProtocolError, PermissionDenied, ProtocolError, RequestError,
-                     StorageError)
+from .errors import (ConnectionLost, InvalidModel, InvalidName, LocalProtocolError, PermissionDenied, ProtocolError,
+                     RequestError, StorageError)
 from .objects import location_problem
 from .sources import FileSource
 from .store import Store
@@ -156,7 +156,8 @@ class Server:
             log.warning("refused a connection from uid %s: %s", "?" if peer is None else peer.uid, refusal)
             self._refuse(channel, refusal)
             return
-        thread = threading.Thread(target=self._serve, args=(conn_id, channel, peer, tenant), name=f"trims-conn-{conn_id}", daemon=True)
+        thread = threading.Thread(target=self._serve, args=(conn_id, channel, peer, tenant), name=f"trims-conn-{conn_id}",
+                                  daemon=True)
         with self._lock:
             self._threads[conn_id] = thread
         try:

@@ -37,8 +37,8 @@ from .cloud import CloudTier, RemoteFile
 from .disk import DiskTier
 from .gpu import GpuSegment, GpuTier
 from .acl import EVERYONE, AccessPolicy, Tenant
-from .errors import (CapacityError, CloudReadFailed, DamagedCopy, DiskFull, GpuError, IntegrityError, InvalidModel, InvalidName, ModelBusy,
-                     ModelNotFound, PermissionDenied, QuotaExceeded, StorageError, TrimsError)
+from .errors import (CapacityError, CloudReadFailed, DamagedCopy, DiskFull, GpuError, IntegrityError, InvalidModel,
+                     InvalidName, ModelBusy, ModelNotFound, PermissionDenied, QuotaExceeded, StorageError, TrimsError)
 from .host import HostSegment, HostTier
 from .metrics import OPEN_SECONDS_BUCKETS, Metrics
 from .policy import POLICIES
