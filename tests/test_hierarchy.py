@@ -229,6 +229,16 @@ def test_concurrent_opens_of_a_cold_cloud_model_cause_one_get_series(tmp_path, s
         daemon.kill()
 
 
+def _m0_only_in_the_cloud(client, daemon, tmp_path, s3, bucket) -> str:
+    """Push m0 and m1 to the bucket, so that m1 pushes m0 off the 300K disk, evict m0 from
+    memory; the key of m0's one copy left, its object in the bucket."""
+    client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims")
+    client.push(tmp_path / "m1.safetensors", "m1", to=f"s3://{bucket}/trims")
+    client.evict("m0")
+    return next(k for k in [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+                if k.endswith(".bin") and not (daemon.store / "disk" / k.rsplit("/", 1)[1]).exists())
+
+
 def test_a_cloud_that_cannot_be_read_fails_the_open_once_not_again_into_memory(tmp_path, s3, bucket):
     """Staging on disk falls back to reading into memory when the disk cannot take the
     segment; when it is the cloud that fails, that second read would fail the same way."""
@@ -236,12 +246,7 @@ def test_a_cloud_that_cannot_be_read_fails_the_open_once_not_again_into_memory(t
     daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "300K")).start()
     try:
         client = daemon.client()
-        client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims")
-        client.push(tmp_path / "m1.safetensors", "m1", to=f"s3://{bucket}/trims")  # m0 now only in the cloud
-        client.evict("m0")
-        for key in [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]:
-            if key.endswith(".bin") and not (daemon.store / "disk" / key.rsplit("/", 1)[1]).exists():
-                s3.client().delete_object(Bucket=bucket, Key=key)
+        s3.client().delete_object(Bucket=bucket, Key=_m0_only_in_the_cloud(client, daemon, tmp_path, s3, bucket))
         gets_before = s3.gets("/trims/segments/")
         with pytest.raises(trims.StorageError, match="no such object"):
             client.open("m0")
@@ -257,11 +262,7 @@ def test_a_corrupted_byte_in_the_bucket_is_never_served_and_a_push_restores_the_
     daemon = DaemonProcess(tmp_path / "d", extra=("--disk", "300K")).start()
     try:
         client = daemon.client()
-        client.push(tmp_path / "m0.safetensors", "m0", to=f"s3://{bucket}/trims")
-        client.push(tmp_path / "m1.safetensors", "m1", to=f"s3://{bucket}/trims")  # m0 now only in the cloud
-        client.evict("m0")
-        key = next(k for k in [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
-                   if k.endswith(".bin") and not (daemon.store / "disk" / k.rsplit("/", 1)[1]).exists())
+        key = _m0_only_in_the_cloud(client, daemon, tmp_path, s3, bucket)
         data = bytearray(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
         data[100] ^= 0x01
         s3.client().put_object(Bucket=bucket, Key=key, Body=bytes(data))

@@ -6,6 +6,7 @@ socket path; the daemon uses the same rule, so the two agree without configurati
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -70,11 +71,18 @@ def _configured_socket() -> Path | None:
     if path is None:
         return None
     try:
-        socket = _read_config(path).get("socket")
-    except ConfigError:
+        return _socket_in(path, path.stat().st_mtime_ns)
+    except (ConfigError, OSError):
         if path != NODE_CONFIG_FILE or os.environ.get(CONFIG_ENV):  # this user's own file: its fault is theirs
             raise
         return None  # the node's file, which this user may not be allowed to read
+
+
+@functools.lru_cache(maxsize=4)
+def _socket_in(path: Path, mtime_ns: int) -> Path | None:
+    """The ``socket`` of a config file, parsed once per version of it: adapters ask for the
+    socket path on every call."""
+    socket = _read_config(path).get("socket")
     return Path(socket) if socket else None
 
 
@@ -245,15 +253,16 @@ def _read_config(path: Path) -> dict[str, Any]:
         if key not in CONFIG_KEYS:
             raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(CONFIG_KEYS))}")
         if not isinstance(value, CONFIG_KEYS[key]) or isinstance(value, bool):
-            raise ConfigError(f"{path}: {key} = {value!r} has the wrong type: {_TYPE_HINTS.get(key, 'see the README')}")
+            raise ConfigError(f"{path}: {key} = {value!r} has the wrong type: {_what_it_takes(key)}")
     return doc
 
 
-_TYPE_HINTS = {"socket_mode": 'a quoted octal string, like "0660"', "tenants": "[tenants.NAME] tables",
-               **{key: 'a size, like "16G"' for key in ("host_memory", "disk", "gpu_memory")},
-               **{key: "a number" for key in ("busy_timeout", "frame_timeout", "max_connections", "metrics_port")},
-               **{key: "a quoted string" for key in ("socket", "store", "policy", "cloud", "metrics_address",
-                                                     "socket_group")}}
+_WHAT_TYPES_TAKE = {str: "a quoted string", int: "a whole number", (int, float): "a number",
+                    (str, int): 'a size, like "16G"', dict: "[tenants.NAME] tables"}
+
+
+def _what_it_takes(key: str) -> str:
+    return 'a quoted octal string, like "0660"' if key == "socket_mode" else _WHAT_TYPES_TAKE[CONFIG_KEYS[key]]
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
