@@ -66,7 +66,9 @@ def test_the_miniature_runs_every_experiment_and_measures_what_it_says(tmp_path)
         # a cold node: the daemon brought every model it served up from its disk, and timed it
         assert trims_run["daemon_host_misses"] >= 1 and trims_run["daemon_fetch_s"] > 0
         assert trims_run["daemon_fetch_bytes"] > 0
-        assert trims_run["peak_shared"] > 0  # the daemon's copies, counted once
+        # the daemon's copies, counted once: in the trace (the peak sample is whichever had the
+        # most private memory, which tiny models' copies do not decide)
+        assert max(sample[2] for sample in trims_run["memory"]) > 0
 
     for plot in ("latency.png", "throughput.png", "memory.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
