@@ -21,9 +21,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
-import json
 import os
-import re
 import tempfile
 import threading
 import weakref
@@ -31,13 +29,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
-from . import protocol, transport
+from . import layout, protocol, transport
 from ._mapping import map_private
 from .config import check_socket_directory, default_socket_path
 from .errors import (ConnectionLost, DaemonUnavailable, GpuError, IntegrityError, InvalidModel, ProtocolError,
                      RemoteProtocolError, error_for_code)
 from .protocol import ModelSummary, ProgressCallback, PushResult, TensorEntry
-from .torch_format import PUSHABLE, SUFFIXES as CHECKPOINT_SUFFIXES
+from .torch_format import PUSHABLE
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,10 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["Client", "ModelView", "connect", "shared_client", "model_files"]
 
 _Reply = TypeVar("_Reply", bound=protocol.Message)
-_INDEX_FILES = ("model.safetensors.index.json",)
-# What transformers' Trainer saves beside a model's weights: its arguments and training state.
-_TRAINER_STATE = re.compile(r"training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth")
-SIDE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".onnx")  # kept beside the weights
 
 
 def connect(socket: str | os.PathLike | None = None, *, timeout: float | None = 10.0) -> Client:
@@ -601,48 +595,9 @@ def model_files(path: Path) -> list[tuple[str, Path]]:
 
 def _directory_files(path: Path, *, split_onnx: bool = False) -> list[tuple[str, Path]]:
     """``split_onnx``: the directory is an ONNX model split for the push, its graphs side files."""
-    graphs = sorted(p.name for p in path.iterdir() if p.suffix.lower() == ".onnx")
-    if graphs and not split_onnx:  # stored whole as a side file, its weights would be shared with no one
-        raise InvalidModel(f"{path} holds {graphs[0]}, an ONNX model: push the .onnx file itself (trims push "
-                           f"{path / graphs[0]} --name NAME), which splits its weights from its graph")
-    weights = _weight_files(path)
-    side = sorted(
-        p.name for p in path.iterdir()
-        if p.is_file() and p.suffix in SIDE_SUFFIXES and not p.name.endswith(".index.json")
-    )
-    if len(weights) + len(side) > protocol.MAX_FDS_PER_FRAME:  # each goes as a descriptor, all in one frame
-        raise InvalidModel(f"{path} holds {len(weights)} weight and {len(side)} side files, more than one push "
+    names = [p.name for p in path.iterdir() if p.is_file()]
+    chosen = layout.model_files(names, lambda index: (path / index).read_bytes(), str(path), split_onnx=split_onnx)
+    if len(chosen) > protocol.MAX_FDS_PER_FRAME:  # each goes as a descriptor, all in one frame
+        raise InvalidModel(f"{path} holds {len(chosen)} weight and side files, more than one push "
                            f"can send ({protocol.MAX_FDS_PER_FRAME}): move what the model does not need elsewhere")
-    return [(name, path / name) for name in weights + side]
-
-
-def _one_checkpoint(directory: Path) -> list[str]:
-    """A directory's weights where it holds no safetensors: one PyTorch checkpoint
-    (``pytorch_model.bin`` beside its config, as transformers saved before safetensors)."""
-    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES
-                   and not _TRAINER_STATE.fullmatch(p.name))
-    if "pytorch_model.bin" in names:  # transformers' name for the weights, whatever else lies beside
-        return ["pytorch_model.bin"]
-    if len(names) == 1:
-        return names
-    if names:
-        raise InvalidModel(f"{directory} holds several PyTorch checkpoints ({', '.join(names[:3])}), and a model's "
-                           "weights are one: save them as safetensors (model.safetensors, or shards with their "
-                           "index), or push each file by itself")
-    raise InvalidModel(f"{directory} holds no .safetensors file and no PyTorch checkpoint")
-
-
-def _weight_files(directory: Path) -> list[str]:
-    index = next((directory / n for n in _INDEX_FILES if (directory / n).is_file()), None)
-    if index is None:
-        names = sorted(p.name for p in directory.glob("*.safetensors") if p.is_file())
-        return names or _one_checkpoint(directory)
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InvalidModel(f"{index} is not a safetensors index: {exc}") from None
-    missing = [n for n in names if not (directory / n).is_file()]
-    if missing:
-        raise InvalidModel(f"{index.name} lists {missing[0]}, which is not in {directory}")
-    return names
+    return [(name, path / name) for name in chosen]

@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import digest as digests
-from . import torch_format
+from . import layout, torch_format
 from .catalog import rename_durably
 from .disk import new_temp_file
 from .errors import CloudReadFailed, IntegrityError, InvalidModel, StorageError
+from .ingest import MAX_SIDE_FILE_BYTES
 from .objects import Objects
 from .records import SegmentLayout
 from .sources import Source
@@ -329,14 +330,18 @@ def _coalesced(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
 
 def remote_model_files(url: str, objects: Objects) -> list[RemoteFile]:
     """The files of a model in a bucket: one ``.safetensors`` object or PyTorch checkpoint, or
-    a "directory" of safetensors objects with the side files a push keeps (config, tokenizer)."""
-    from .client import SIDE_SUFFIXES
-
+    a "directory" of them with its side files (config, tokenizer), chosen as a local one is."""
     if url.endswith((".safetensors", *torch_format.PUSHABLE)):
         return [RemoteFile(url.rsplit("/", 1)[-1], url, objects)]
     names = objects.list(url)  # a StorageError (no credentials, say) is the storage's, not the model's
     base = url.rstrip("/")
-    keep = [n for n in names if n.endswith(".safetensors") or (n.endswith(SIDE_SUFFIXES) and not n.endswith(".index.json"))]
-    if not any(n.endswith(".safetensors") for n in keep):
-        raise InvalidModel(f"{url} holds no .safetensors object")
-    return [RemoteFile(name, f"{base}/{name}", objects) for name in keep]
+    chosen = layout.model_files(names, lambda index: _read_index(RemoteFile(index, f"{base}/{index}", objects)), base)
+    return [RemoteFile(name, f"{base}/{name}", objects) for name in chosen]
+
+
+def _read_index(index: RemoteFile) -> bytes:
+    # The bucket is not the daemon's: an index the size of a model is read no further than a side file.
+    size = index.size()
+    if size > MAX_SIDE_FILE_BYTES:
+        raise InvalidModel(f"{index.url}: {size} bytes is more than a safetensors index may have ({MAX_SIDE_FILE_BYTES})")
+    return index.read(0, size)
