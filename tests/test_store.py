@@ -285,7 +285,7 @@ def test_unknown_names_and_paths(daemon, tmp_path):
     save_file({"w": torch.zeros(2)}, crowded / "m.safetensors")
     for i in range(trims.protocol.MAX_FDS_PER_FRAME):
         (crowded / f"{i}.json").write_text("{}")
-    with pytest.raises(trims.InvalidModel, match="1 weight and 250 side files, more than one push can send"):
+    with pytest.raises(trims.InvalidModel, match="holds 251 weight and side files, more than one push can send"):
         client.push(crowded, "x")
 
 
