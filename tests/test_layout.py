@@ -20,7 +20,7 @@ def no_index(name: str) -> bytes:
 
 def test_the_weights_come_first_then_the_side_files():
     names = ["tokenizer.json", "model.safetensors", "config.json", "README.md", "notes.bin.lock"]
-    assert layout.model_files(names, no_index, "d") == ["model.safetensors", "config.json", "tokenizer.json"]
+    assert layout.files_of_directory(names, no_index, "d") == ["model.safetensors", "config.json", "tokenizer.json"]
 
 
 def test_an_index_names_the_shards_and_nothing_else_is_weights():
@@ -28,31 +28,31 @@ def test_an_index_names_the_shards_and_nothing_else_is_weights():
     names = ["consolidated.safetensors", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
              "model.safetensors.index.json", "params.json"]
     read = {"model.safetensors.index.json": json.dumps(index).encode()}.__getitem__
-    assert layout.model_files(names, read, "d") == [
+    assert layout.files_of_directory(names, read, "d") == [
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "params.json"]
     with pytest.raises(InvalidModel, match="lists model-00002-of-00002.safetensors, which is not in d"):
-        layout.model_files([n for n in names if not n.startswith("model-00002")], read, "d")
+        layout.files_of_directory([n for n in names if not n.startswith("model-00002")], read, "d")
     with pytest.raises(InvalidModel, match="d/model.safetensors.index.json is not a safetensors index"):
-        layout.model_files(names, lambda _: b"[]", "d")
+        layout.files_of_directory(names, lambda _: b"[]", "d")
 
 
 def test_one_checkpoint_where_no_safetensors_and_trainer_state_is_not_it():
     names = ["pytorch_model.bin", "optimizer.pt", "training_args.bin", "config.json"]
-    assert layout.model_files(names, no_index, "d") == ["pytorch_model.bin", "config.json"]
-    assert layout.model_files(["weights.pt", "rng_state_3.pth"], no_index, "d") == ["weights.pt"]
+    assert layout.files_of_directory(names, no_index, "d") == ["pytorch_model.bin", "config.json"]
+    assert layout.files_of_directory(["weights.pt", "rng_state_3.pth"], no_index, "d") == ["weights.pt"]
     with pytest.raises(InvalidModel, match="holds several PyTorch checkpoints"):
-        layout.model_files(["a.pt", "b.pt"], no_index, "d")
+        layout.files_of_directory(["a.pt", "b.pt"], no_index, "d")
     with pytest.raises(InvalidModel, match="d holds no .safetensors file and no PyTorch checkpoint"):
-        layout.model_files(["config.json"], no_index, "d")
+        layout.files_of_directory(["config.json"], no_index, "d")
 
 
 def test_an_onnx_graph_is_refused_with_how_to_push_it_unless_split():
     names = ["model.onnx", "model.safetensors"]
     with pytest.raises(InvalidModel, match=r"push the .onnx file itself \(trims push d/model.onnx"):
-        layout.model_files(names, no_index, "d")
+        layout.files_of_directory(names, no_index, "d")
     with pytest.raises(InvalidModel, match=r"copy model.onnx to this node and push it"):
-        layout.model_files(names, no_index, "s3://b/d")
-    assert layout.model_files(names, no_index, "d", split_onnx=True) == ["model.safetensors", "model.onnx"]
+        layout.files_of_directory(names, no_index, "s3://b/d")
+    assert layout.files_of_directory(names, no_index, "d", split_onnx=True) == ["model.safetensors", "model.onnx"]
 
 
 def upload(s3, bucket, directory, prefix):

@@ -596,7 +596,7 @@ def model_files(path: Path) -> list[tuple[str, Path]]:
 def _directory_files(path: Path, *, split_onnx: bool = False) -> list[tuple[str, Path]]:
     """``split_onnx``: the directory is an ONNX model split for the push, its graphs side files."""
     names = [p.name for p in path.iterdir() if p.is_file()]
-    chosen = layout.model_files(names, lambda index: (path / index).read_bytes(), str(path), split_onnx=split_onnx)
+    chosen = layout.files_of_directory(names, lambda index: (path / index).read_bytes(), str(path), split_onnx=split_onnx)
     if len(chosen) > protocol.MAX_FDS_PER_FRAME:  # each goes as a descriptor, all in one frame
         raise InvalidModel(f"{path} holds {len(chosen)} weight and side files, more than one push "
                            f"can send ({protocol.MAX_FDS_PER_FRAME}): move what the model does not need elsewhere")

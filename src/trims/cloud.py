@@ -335,7 +335,7 @@ def remote_model_files(url: str, objects: Objects) -> list[RemoteFile]:
         return [RemoteFile(url.rsplit("/", 1)[-1], url, objects)]
     names = objects.list(url)  # a StorageError (no credentials, say) is the storage's, not the model's
     base = url.rstrip("/")
-    chosen = layout.model_files(names, lambda index: _read_index(RemoteFile(index, f"{base}/{index}", objects)), base)
+    chosen = layout.files_of_directory(names, lambda index: _read_index(RemoteFile(index, f"{base}/{index}", objects)), base)
     return [RemoteFile(name, f"{base}/{name}", objects) for name in chosen]
 
 

@@ -1,7 +1,7 @@
 """Which files of a model directory make the model.
 
 A directory on this node and a "directory" in a bucket are the same Hugging Face layout, so
-one function chooses for both (:func:`model_files`); the callers only list the directory and
+one function chooses for both (:func:`files_of_directory`); the callers only list the directory and
 read its index, each its own way. Choosing twice, differently, let a bucket directory push
 what the same directory on disk would refuse, or refuse what it would push.
 """
@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from .errors import InvalidModel
 from .torch_format import SUFFIXES as CHECKPOINT_SUFFIXES
 
-__all__ = ["INDEX_FILES", "SIDE_SUFFIXES", "TRAINER_STATE", "model_files"]
+__all__ = ["INDEX_FILES", "SIDE_SUFFIXES", "TRAINER_STATE", "files_of_directory"]
 
 INDEX_FILES = ("model.safetensors.index.json",)
 # What transformers' Trainer saves beside a model's weights: its arguments and training state.
@@ -24,8 +24,8 @@ TRAINER_STATE = re.compile(r"training_args\.bin|optimizer\.pt|scheduler\.pt|scal
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".onnx")  # kept beside the weights
 
 
-def model_files(names: Iterable[str], read_index: Callable[[str], bytes], where: str, *,
-                split_onnx: bool = False) -> list[str]:
+def files_of_directory(names: Iterable[str], read_index: Callable[[str], bytes], where: str, *,
+                       split_onnx: bool = False) -> list[str]:
     """The names, of the plain files ``names`` directly in the directory ``where`` (a path or
     a URL, for messages), that make the model: its weights first, then its side files.
 
