@@ -115,6 +115,12 @@ class S3Endpoint:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def upload_directory(self, directory: Path, bucket: str, prefix: str) -> None:
+        """Every file of ``directory`` as an object under ``prefix``, as a model directory in a bucket."""
+        client = self.client()
+        for path in directory.iterdir():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+
     def gets(self, key_fragment: str) -> int:
         """GET requests the endpoint has served for keys containing ``key_fragment``."""
         lines = self.log_path.read_text(errors="replace").splitlines()

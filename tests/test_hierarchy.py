@@ -188,8 +188,7 @@ def test_a_model_larger_than_the_disk_cap_is_refused_at_push(tmp_path):
 
 def test_a_model_registered_from_a_bucket_is_served_and_evictable_from_disk(tmp_path, s3, bucket):
     model, factory = build("gpt2", tmp_path / "gpt2")
-    for path in (tmp_path / "gpt2").iterdir():
-        s3.client().upload_file(str(path), bucket, f"models/gpt2/{path.name}")
+    s3.upload_directory(tmp_path / "gpt2", bucket, "models/gpt2")
     daemon = DaemonProcess(tmp_path / "d").start()
     try:
         client = daemon.client()

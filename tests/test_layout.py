@@ -55,11 +55,6 @@ def test_an_onnx_graph_is_refused_with_how_to_push_it_unless_split():
     assert layout.files_of_directory(names, no_index, "d", split_onnx=True) == ["model.safetensors", "model.onnx"]
 
 
-def upload(s3, bucket, directory, prefix):
-    for path in directory.iterdir():
-        s3.client().upload_file(str(path), bucket, f"{prefix}/{path.name}")
-
-
 def test_a_bucket_directory_with_a_pytorch_model_bin_pushes_as_the_local_one(daemon, tmp_path, s3):
     """transformers' layout from before safetensors, in a bucket: config.json beside pytorch_model.bin."""
     import trims.transformers
@@ -71,7 +66,7 @@ def test_a_bucket_directory_with_a_pytorch_model_bin_pushes_as_the_local_one(dae
     (tmp_path / "gpt2" / "model.safetensors").unlink()
     torch.save({"learning_rate": 1e-4}, tmp_path / "gpt2" / "training_args.bin")  # no part of the model
     bucket = s3.new_bucket()
-    upload(s3, bucket, tmp_path / "gpt2", "models/gpt2")
+    s3.upload_directory(tmp_path / "gpt2", bucket, "models/gpt2")
     client = daemon.client()
     pushed = client.push(f"s3://{bucket}/models/gpt2", "gpt2-bin")
     assert client.push(tmp_path / "gpt2", "gpt2-local").digest == pushed.digest  # the same files chosen
@@ -98,7 +93,7 @@ def test_a_bucket_directory_with_an_index_pushes_only_its_shards(daemon, tmp_pat
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     (directory / "config.json").write_text("{}")
     bucket = s3.new_bucket()
-    upload(s3, bucket, directory, "models/mistral")
+    s3.upload_directory(directory, bucket, "models/mistral")
     client = daemon.client()
     client.push(f"s3://{bucket}/models/mistral", "mistral")
     assert client.info("mistral").files == ("config.json",)
@@ -116,7 +111,7 @@ def test_a_bucket_directory_holding_an_onnx_graph_is_refused_with_how_to_push_it
     save_file({"w": torch.zeros(2)}, directory / "model.safetensors")
     (directory / "model.onnx").write_bytes(b"\x08\x07")  # refused by its name, never read
     bucket = s3.new_bucket()
-    upload(s3, bucket, directory, "models/onnx")
+    s3.upload_directory(directory, bucket, "models/onnx")
     with pytest.raises(trims.InvalidModel, match=r"holds model.onnx, an ONNX model: copy model.onnx to this node"):
         daemon.client().push(f"s3://{bucket}/models/onnx", "onnx")
 

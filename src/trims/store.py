@@ -175,7 +175,7 @@ class Store:
         self._may_map: dict[tuple[str, str], bool] = {}  # (model, tenant) -> SharingRule.may_map; cleared on changes
         self._rates = dict(_INITIAL_RATES)
         self._adopted: dict[tuple, str] = {}  # identities of files adopted -> model digest
-        self._quota_reserved: Counter[tuple[str, str]] = Counter()  # (kind, tenant) -> bytes of requests under way
+        self._push_reserved: Counter[str] = Counter()  # tenant -> bytes of its pushes under way
         self._opening: Counter[tuple[str, str]] = Counter()  # (tenant, model digest) -> opens under way
         self.gpu_capacity = gpu_capacity  # per device; 0: no GPU tier
         self._gpu_driver = gpu_driver
@@ -1164,17 +1164,17 @@ class Store:
         """Refuse, or reserve ``nbytes`` of the tenant's quota until the push ends."""
         if tenant.max_pushed_bytes is None:
             return
-        pushed = self._pushed_bytes_locked(tenant.name, excluding=name) + self._quota_reserved[("push", tenant.name)]
+        pushed = self._pushed_bytes_locked(tenant.name, excluding=name) + self._push_reserved[tenant.name]
         if pushed + nbytes > tenant.max_pushed_bytes:
             raise QuotaExceeded(
                 f"tenant {tenant.name} has pushed {pushed} bytes; {nbytes} more would pass its "
                 f"max_pushed_bytes of {tenant.max_pushed_bytes}; remove models it no longer needs (`trims rm`)"
             )
-        self._quota_reserved[("push", tenant.name)] += nbytes
+        self._push_reserved[tenant.name] += nbytes
 
     def _release_push_quota_locked(self, tenant: Tenant, nbytes: int) -> None:
         if tenant.max_pushed_bytes is not None:  # committed, the model's tag counts instead
-            self._quota_reserved[("push", tenant.name)] -= nbytes
+            self._push_reserved[tenant.name] -= nbytes
 
     def _leased_models_locked(self, tenant: str) -> dict[str, int]:
         """digest -> bytes of each model the tenant holds leases on or is opening, once however
