@@ -168,6 +168,19 @@ def start_python(code: str, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+def make_models(directory: Path, seeds) -> dict:
+    """``m<seed>.safetensors`` in ``directory``: one tensor ``w`` of 256 KiB each; their arrays by seed."""
+    import torch  # loaded by the tests that make models, not by every test run
+    from safetensors.torch import save_file
+
+    weights = {}
+    for seed in seeds:
+        w = torch.randn(64 * 1024, generator=torch.Generator().manual_seed(seed))
+        save_file({"w": w}, directory / f"m{seed}.safetensors")
+        weights[seed] = w.numpy()
+    return weights
+
+
 def wait_for(predicate, timeout: float = 10.0, message: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

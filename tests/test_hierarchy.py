@@ -14,20 +14,11 @@ from safetensors.torch import save_file
 
 import trims
 
-from .conftest import DaemonProcess, open_concurrently, wait_for
+from .conftest import DaemonProcess, make_models, open_concurrently, wait_for
 from .models import build
 
 KIB = 1024
 MODEL_BYTES = 64 * KIB * 4  # each test model: one 256 KiB tensor
-
-
-def make_models(tmp_path, seeds) -> dict[int, np.ndarray]:
-    weights = {}
-    for seed in seeds:
-        w = torch.randn(64 * KIB, generator=torch.Generator().manual_seed(seed))
-        save_file({"w": w}, tmp_path / f"m{seed}.safetensors")
-        weights[seed] = w.numpy()
-    return weights
 
 
 def tiers_of(client: trims.Client, name: str) -> tuple[str, ...]:

@@ -18,22 +18,23 @@ from it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import functools
+import logging
 import os
 import tempfile
 import threading
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Iterator, TypeVar
 
 from . import layout, protocol, transport
 from ._mapping import map_private
 from .config import check_socket_directory, default_socket_path
-from .errors import (ConnectionLost, DaemonUnavailable, GpuError, IntegrityError, InvalidModel, ProtocolError,
-                     RemoteProtocolError, error_for_code)
+from .errors import (ConnectionLost, DaemonUnavailable, GpuError, IntegrityError, InvalidModel, RemoteProtocolError,
+                     RequestError, error_for_code)
+from .multiplex import Multiplexer
 from .protocol import ModelSummary, ProgressCallback, PushResult, TensorEntry
 from .torch_format import PUSHABLE
 
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 __all__ = ["Client", "ModelView", "connect", "shared_client", "model_files"]
 
 _Reply = TypeVar("_Reply", bound=protocol.Message)
+
+log = logging.getLogger("trims.client")
 
 
 def connect(socket: str | os.PathLike | None = None, *, timeout: float | None = 10.0) -> Client:
@@ -66,6 +69,7 @@ def _after_fork_in_child() -> None:
     _shared_lock = threading.Lock()
     for client in list(_clients):
         client._lock = threading.Lock()
+        client._forget_connection_in_child()
         if client._release_flusher is not None:  # the parent's thread did not come along
             client._release_flusher.abandon()
             client._release_flusher = None
@@ -88,7 +92,9 @@ def shared_client() -> Client:
 
 
 class Client:
-    """A connection to the daemon. Thread-safe; reconnects after a daemon restart.
+    """A connection to the daemon. Thread-safe, and its threads' requests do not wait for each
+    other's: a release is answered while another thread's open waits. Reconnects after a
+    daemon restart.
 
     Safe across ``fork()``: a child process opens a connection of its own on first use.
     """
@@ -98,10 +104,9 @@ class Client:
         self._timeout = timeout
         self._lock = threading.Lock()
         _clients.add(self)
-        self._channel: transport.Channel | None = None
+        self._connection: Multiplexer | None = None
         self._pid = os.getpid()
         self._generation = 0  # bumped on every new connection: leases belong to one
-        self._next_id = 0
         self._pending_releases: list[tuple[int, int]] = []
         self._release_flusher: _ReleaseFlusher | None = None
 
@@ -207,7 +212,8 @@ class Client:
     def close(self) -> None:
         """Close the connection; the daemon ends every lease it carried."""
         with self._lock:
-            self._drop_channel_locked()
+            if self._connection is not None:
+                self._drop_locked(self._connection)
 
     def __enter__(self) -> Client:
         return self
@@ -220,75 +226,72 @@ class Client:
     def _request(self, message: protocol.Message, reply_type: type[_Reply],
                  progress: ProgressCallback | None = None, reply_timeout: float | None = None) -> tuple[_Reply, int]:
         """Send one request and wait for its reply, reconnecting once if the daemon restarted."""
-        with self._lock:
-            for attempt in (1, 2):
-                fresh = self._channel is None or self._pid != os.getpid()
-                channel = self._channel_locked()
-                try:
-                    self._flush_releases_locked(channel)
-                    reply = self._exchange_locked(channel, message, progress, reply_timeout)
-                except ConnectionLost:
-                    self._drop_channel_locked()
-                    if fresh or attempt == 2:
-                        raise
-                    continue  # a stale connection to a daemon that has restarted
-                except BaseException:
-                    # A protocol error, a progress callback that raised, Ctrl-C: replies may
-                    # still be on the way, and the next request must not read them as its own.
-                    self._drop_channel_locked()
+        for attempt in (1, 2):
+            with self._lock:
+                fresh = self._connection is None or self._connection.broken or self._pid != os.getpid()
+                connection, generation = self._connection_locked()
+                releases = self._take_releases_locked()
+            try:
+                for lease in releases:  # first, so that an open finds the room they free
+                    _expect(connection.call(protocol.Release(lease=lease)), protocol.Done)
+                reply = connection.call(message, progress, reply_timeout)
+            except ConnectionLost:
+                closed_here = connection.closed  # by close(), in another thread: no reason to reconnect
+                self._drop(connection)
+                if fresh or attempt == 2 or closed_here:
                     raise
-                return _expect(reply, reply_type), self._generation
+                continue  # a stale connection to a daemon that has restarted
+            return _expect(reply, reply_type), generation
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _exchange_locked(self, channel: transport.Channel, message: protocol.Message,
-                         progress: ProgressCallback | None = None,
-                         reply_timeout: float | None = None) -> protocol.Message:
-        self._next_id += 1
-        request_id = self._next_id
-        try:
-            channel.send(_with_id(message, request_id))
-        except ConnectionLost:
-            refusal = _pending_refusal(channel)
-            if refusal is None:
-                raise
-            return refusal
-        reply = channel.receive(reply_timeout, reply_timeout)
-        while isinstance(reply, protocol.Progress) and reply.id == request_id:
-            if progress is not None:
-                progress(reply.stage, reply.done, reply.total)
-            reply = channel.receive()
-        # id 0: an error about the connection itself (refused, or a bad frame), not a request
-        if reply.id != request_id and not (isinstance(reply, protocol.Error) and reply.id == 0):
-            _close_fds(reply.fds)
-            raise RemoteProtocolError(f"reply {reply.id} does not answer request {request_id}")
-        return reply
-
-    def _channel_locked(self) -> transport.Channel:
-        if self._pid != os.getpid():  # forked: the parent's connection is not ours to use
-            self._drop_channel_locked()
-            self._pid = os.getpid()
-        if self._channel is None:
+    def _connection_locked(self) -> tuple[Multiplexer, int]:
+        if self._pid != os.getpid():  # forked outside os.fork(): the parent's connection is not ours
+            self._forget_connection_in_child()
+        if self._connection is None or self._connection.broken:
+            if self._connection is not None:
+                self._drop_locked(self._connection)
             check_socket_directory(self.socket_path)
-            self._channel = transport.connect(self.socket_path, timeout=self._timeout)
+            channel = transport.connect(self.socket_path, timeout=self._timeout)
             self._generation += 1
-        return self._channel
+            self._connection = Multiplexer(channel, functools.partial(self._orphaned, self._generation))
+        return self._connection, self._generation
 
-    def _drop_channel_locked(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+    def _drop(self, connection: Multiplexer) -> None:
+        with self._lock:
+            self._drop_locked(connection)
+
+    def _drop_locked(self, connection: Multiplexer) -> None:
+        connection.close()
+        if connection is self._connection:
+            self._connection = None
             self._pending_releases.clear()  # those leases ended with the connection
+
+    def _forget_connection_in_child(self) -> None:
+        if self._connection is not None:
+            self._connection.forget_in_child()
+            self._connection = None
+        self._pending_releases.clear()
+        self._pid = os.getpid()
+
+    def _orphaned(self, generation: int, reply: protocol.Message) -> None:
+        """A reply no thread waits for any more (its progress callback raised, or it was
+        interrupted): an open's lease must still end."""
+        _close_fds(reply.fds)
+        if isinstance(reply, protocol.Opened):
+            self._release_later(reply.lease, generation)
 
     # --- leases ---------------------------------------------------------------------------------
 
     def _release(self, lease: int, generation: int) -> None:
         """End a lease now (an explicit close)."""
         with self._lock:
-            if generation == self._generation and self._channel is not None and self._pid == os.getpid():
-                try:
-                    _expect(self._exchange_locked(self._channel, protocol.Release(lease=lease)), protocol.Done)
-                except ConnectionLost:
-                    self._drop_channel_locked()
+            connection = self._connection
+            if connection is None or generation != self._generation or self._pid != os.getpid():
+                return  # its connection is gone, and the lease with it
+        try:
+            _expect(connection.call(protocol.Release(lease=lease)), protocol.Done)
+        except ConnectionLost:
+            self._drop(connection)
 
     def _release_later(self, lease: int, generation: int) -> None:
         """End a lease whose memory was garbage-collected, from the flusher thread (or with
@@ -302,22 +305,23 @@ class Client:
         if flusher is not None:
             flusher.wake()
 
+    def _take_releases_locked(self) -> list[int]:
+        pending, self._pending_releases = self._pending_releases, []
+        return [lease for lease, generation in pending if generation == self._generation]
+
     def _flush_releases(self) -> None:
         with self._lock:
-            if self._channel is None or self._pid != os.getpid() or not self._pending_releases:
+            connection = self._connection
+            if connection is None or connection.broken or self._pid != os.getpid():
                 return
-            try:
-                self._flush_releases_locked(self._channel)
-            except Exception:  # noqa: BLE001 -- no caller to tell; the next request reconnects
-                # A reply may be half read: the connection cannot be trusted with another
-                # request. Dropping it ends its leases, which is what was being asked.
-                self._drop_channel_locked()
-
-    def _flush_releases_locked(self, channel: transport.Channel) -> None:
-        pending, self._pending_releases = self._pending_releases, []
-        for lease, generation in pending:
-            if generation == self._generation:
-                _expect(self._exchange_locked(channel, protocol.Release(lease=lease)), protocol.Done)
+            releases = self._take_releases_locked()
+        try:
+            for lease in releases:
+                _expect(connection.call(protocol.Release(lease=lease)), protocol.Done)
+        except ConnectionLost:
+            self._drop(connection)
+        except RequestError as exc:  # no caller to tell; the lease is the daemon's to forget
+            log.warning("the daemon refused to end a lease: %s", exc)
 
 
 class _ReleaseFlusher:
@@ -539,16 +543,6 @@ def _read_whole(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _pending_refusal(channel: transport.Channel) -> protocol.Error | None:
-    """The daemon may refuse a connection (too many) and close it before our request is
-    written: its reason is still in the socket's buffer."""
-    try:
-        reply = channel.receive(0.5, 0.5)
-    except (OSError, ProtocolError):  # ConnectionLost included
-        return None
-    return reply if isinstance(reply, protocol.Error) and reply.id == 0 else None
-
-
 def _expect(reply: protocol.Message, reply_type: type[_Reply]) -> _Reply:
     if isinstance(reply, protocol.Error):
         if reply.code == "protocol_error":
@@ -558,10 +552,6 @@ def _expect(reply: protocol.Message, reply_type: type[_Reply]) -> _Reply:
         _close_fds(reply.fds)
         raise RemoteProtocolError(f"expected a {reply_type.TYPE} reply, got {reply.TYPE}")
     return reply
-
-
-def _with_id(message: protocol.Message, request_id: int) -> protocol.Message:
-    return dataclasses.replace(message, id=request_id)
 
 
 def _close_fds(fds: tuple[int, ...]) -> None:

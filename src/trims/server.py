@@ -1,9 +1,14 @@
-"""Serving the store over the socket: one thread per connection, requests in order.
+"""Serving the store over the socket: a reader thread per connection, and threads for the
+requests that may wait.
 
-Concurrency model of the daemon: the accept loop runs in the daemon's main thread; each
-connection gets a thread that reads a request, asks the store, writes the reply. All
-shared state is the store's, behind its lock. When a connection ends, for any reason, its
-leases end with it.
+Concurrency model of the daemon: threads. The accept loop runs in the daemon's main thread;
+each connection gets a thread that reads its requests. It answers those that never wait
+(release, ping, list, ...) itself, and hands each that may wait (open, push, pull, pin,
+adopt: a load from disk or cloud, a wait for memory under --busy-timeout) to a worker thread
+of that connection, so a release from one of a client's threads is answered while its other
+thread's open waits for the memory that release frees. Replies carry their request's id and
+go out in the order they are ready. All shared state is the store's, behind its lock. When a
+connection ends, for any reason, its workers finish and then its leases end with it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import errno
 import itertools
 import logging
 import os
+import queue
 import resource
 import selectors
 import socket
@@ -34,6 +40,10 @@ log = logging.getLogger("trims.server")
 
 # Replies whose descriptors were opened just to be sent (segment descriptors are the store's).
 _OPENED_FOR_THE_REPLY = (protocol.Files,)
+# Requests that may wait (for bytes to load, for memory to free): not answered by the reader.
+_MAY_WAIT = (protocol.Open, protocol.Push, protocol.Adopt, protocol.Pull, protocol.Pin)
+# One connection's requests waiting at once; each holds a thread, which a client must not take without bound.
+MAX_WAITING_REQUESTS = 64
 
 class _Context:
     """What a handler knows of its request: the connection, and the tenant the kernel vouched for."""
@@ -242,10 +252,7 @@ class Server:
             channels = list(self._connections.values())
             threads = list(self._threads.values())
         for channel in channels:
-            try:
-                channel.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            channel.hang_up()
         for thread in threads:
             thread.join(timeout=5)
         os.close(self._wake_r)
@@ -256,6 +263,7 @@ class Server:
     # --- one connection ------------------------------------------------------------------
 
     def _serve(self, conn_id: int, channel: Channel, peer: PeerCredentials | None, tenant: Tenant | None) -> None:
+        workers = _Workers(f"trims-conn-{conn_id}")
         try:
             if peer is None:  # the peer hung up before it could be identified
                 return
@@ -273,33 +281,58 @@ class Server:
                     log.warning("connection %d sent an invalid frame: %s", conn_id, exc)
                     channel.send(protocol.Error(code="protocol_error", message=str(exc)))
                     return
-                try:
-                    reply = self._handle(request, _Context(conn_id, tenant, channel, request.id))
-                finally:
-                    for fd in request.fds:
-                        os.close(fd)
-                try:
-                    channel.send(reply)
-                except LocalProtocolError:  # e.g. a reply over the frame cap: a bug, not the peer's fault
-                    log.exception("cannot encode the reply to %s", request.TYPE)
-                    if isinstance(reply, protocol.Opened):  # nobody will ever release it
-                        self.store.release(reply.lease, conn_id)
-                    channel.send(protocol.Error(id=request.id, code="internal",
-                                                message=f"the daemon could not encode its reply to {request.TYPE}; see its log"))
-                finally:
-                    if isinstance(reply, _OPENED_FOR_THE_REPLY):  # the peer has its own copies now
-                        for fd in reply.fds:
-                            os.close(fd)
+                ctx = _Context(conn_id, tenant, channel, request.id)
+                if not isinstance(request, _MAY_WAIT):
+                    self._answer(request, ctx, channel)
+                elif not workers.run(lambda request=request, ctx=ctx: self._answer_from_worker(request, ctx, channel)):
+                    self._answer_overloaded(request, channel)
         except (ConnectionLost, OSError):
             pass
         finally:
             try:
+                channel.hang_up()  # a worker still sending learns the connection is over
+                workers.finish()  # before the leases end: a lease a worker makes must end with them
                 released = self.store.release_owner(conn_id)
                 if released:
                     log.debug("connection %d closed holding %d leases; released", conn_id, released)
             finally:
                 self._forget(conn_id, tenant)
                 channel.close()
+
+    def _answer(self, request: protocol.Message, ctx: _Context, channel: Channel) -> None:
+        """Handle a request and send its reply (ConnectionLost or OSError if it cannot be sent)."""
+        try:
+            reply = self._handle(request, ctx)
+        finally:
+            for fd in request.fds:
+                os.close(fd)
+        try:
+            channel.send(reply)
+        except LocalProtocolError:  # e.g. a reply over the frame cap: a bug, not the peer's fault
+            log.exception("cannot encode the reply to %s", request.TYPE)
+            if isinstance(reply, protocol.Opened):  # nobody will ever release it
+                self.store.release(reply.lease, ctx.conn_id)
+            channel.send(protocol.Error(id=request.id, code="internal",
+                                        message=f"the daemon could not encode its reply to {request.TYPE}; see its log"))
+        finally:
+            if isinstance(reply, _OPENED_FOR_THE_REPLY):  # the peer has its own copies now
+                for fd in reply.fds:
+                    os.close(fd)
+
+    def _answer_from_worker(self, request: protocol.Message, ctx: _Context, channel: Channel) -> None:
+        try:
+            self._answer(request, ctx, channel)
+        except (ConnectionLost, OSError):
+            channel.hang_up()  # a peer that takes no replies is gone: the reader must stop too
+
+    def _answer_overloaded(self, request: protocol.Message, channel: Channel) -> None:
+        for fd in request.fds:
+            os.close(fd)
+        channel.send(protocol.Error(
+            id=request.id, code="too_many_requests",
+            message=f"this connection already has {MAX_WAITING_REQUESTS} requests waiting in the daemon "
+                    "(or the daemon cannot start a thread for another); wait for some to finish, or give "
+                    "the threads that open models concurrently clients of their own (trims.connect())"))
 
     def _handle(self, request: protocol.Message, ctx: _Context) -> protocol.Message:
         handler = self._handlers.get(type(request))
@@ -409,6 +442,56 @@ class Server:
         stats["daemon"] = self._describe()
         stats["tenant"] = self.store.usage(ctx.tenant)
         return protocol.StatsReply(id=request.id, stats=stats)
+
+
+class _Workers:
+    """A connection's threads for requests that may wait: started when none is idle, kept
+    while the connection lasts, at most MAX_WAITING_REQUESTS of them."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def run(self, job: Callable[[], None]) -> bool:
+        """Run ``job`` on a worker; False if every worker is busy and no more may start."""
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            elif not self._start_one():
+                return False
+        self._jobs.put(job)
+        return True
+
+    def _start_one(self) -> bool:
+        if len(self._threads) >= MAX_WAITING_REQUESTS:
+            return False
+        thread = threading.Thread(target=self._work, name=f"{self._name}-worker-{len(self._threads) + 1}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # the process's thread limit (a container's pids cap)
+            log.error("cannot start a thread for a request (%d running on its connection)", len(self._threads))
+            return False
+        self._threads.append(thread)
+        return True
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # noqa: BLE001 -- a bug must not take the worker, and the connection, with it
+                log.exception("a request's worker failed")
+            with self._lock:
+                self._idle += 1
+
+    def finish(self) -> None:
+        """Let every worker finish its request, then end them."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 def _spare_descriptor() -> int:

@@ -177,6 +177,7 @@ class Store:
         self._adopted: dict[tuple, str] = {}  # identities of files adopted -> model digest
         self._push_reserved: Counter[str] = Counter()  # tenant -> bytes of its pushes under way
         self._opening: Counter[tuple[str, str]] = Counter()  # (tenant, model digest) -> opens under way
+        self._waiting_for_room = 0  # requests waiting, under --busy-timeout, for a release to free memory
         self.gpu_capacity = gpu_capacity  # per device; 0: no GPU tier
         self._gpu_driver = gpu_driver
         self._gpus: dict[int, GpuTier] = {}
@@ -1054,7 +1055,11 @@ class Store:
             if remaining <= 0:
                 waited = f" after waiting {self.busy_timeout:g} s" if self.busy_timeout else ""
                 raise CapacityError(self._full_message(tier, nbytes) + waited) from None
-            self._changed.wait(remaining)
+            self._waiting_for_room += 1
+            try:
+                self._changed.wait(remaining)
+            finally:
+                self._waiting_for_room -= 1
             return False
 
     def _make_room_locked(self, tier: Tier, nbytes: int) -> None:
@@ -1281,6 +1286,7 @@ class Store:
         m.describe("trims_tier_segments", "gauge", "Segments a tier holds.")
         m.describe("trims_leases", "gauge", "Leases held by clients.")
         m.describe("trims_models", "gauge", "Models in the catalogue.")
+        m.describe("trims_waiting_for_room", "gauge", "Requests waiting (--busy-timeout) for a release to free memory.")
         tiers = lambda: list(self._tiers.items())  # noqa: E731 - a GPU tier may join meanwhile
         m.gauge("trims_tier_bytes", lambda: {(("tier", n),): t.bytes_used() for n, t in tiers()})
         m.gauge("trims_tier_capacity_bytes", lambda: {(("tier", n),): t.capacity for n, t in tiers()
@@ -1288,6 +1294,7 @@ class Store:
         m.gauge("trims_tier_segments", lambda: {(("tier", n),): len(list(t.segment_ids())) for n, t in tiers()})
         m.gauge("trims_leases", lambda: {(): len(self._leases)})
         m.gauge("trims_models", lambda: {(): len(self.catalog.manifests)})
+        m.gauge("trims_waiting_for_room", lambda: {(): self._waiting_for_room})
 
     def stats(self) -> dict[str, Any]:
         m = self.metrics
@@ -1311,7 +1318,8 @@ class Store:
                 tiers[gpu.name].update(uuid=gpu.capabilities.uuid, sharing=gpu.capabilities.sharing,
                                        read_only_mapping=gpu.capabilities.read_only_mapping)
             counts = {"models": len(self.catalog.manifests), "tags": len(self.catalog.tags),
-                      "pins": len(self.catalog.pins), "leases": len(self._leases)}
+                      "pins": len(self.catalog.pins), "leases": len(self._leases),
+                      "waiting_for_room": self._waiting_for_room}
         fetches = {}
         for source in TIERS:
             for destination in tiers:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import select
 import socket
 import struct
 import threading
@@ -51,7 +53,11 @@ class DescriptorBudget:
 
 
 class Channel:
-    """A connected socket speaking trims frames. Not thread-safe: one user at a time."""
+    """A connected socket speaking trims frames. Any number of threads may send (a frame goes
+    whole); one at a time may receive.
+
+    The socket stays blocking: receive timeouts wait in poll(), since a socket timeout would
+    also switch a concurrent sender's socket to non-blocking under it."""
 
     def __init__(self, sock: socket.socket, *, max_frame_bytes: int = protocol.MAX_FRAME_BYTES,
                  budget: DescriptorBudget | None = None) -> None:
@@ -59,12 +65,19 @@ class Channel:
         self._decoder = protocol.Decoder(max_frame_bytes=max_frame_bytes)
         self._budget = budget
         self._claimed = 0  # of the budget: the descriptors the decoder holds
+        self._send_lock = threading.Lock()
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
 
     def send(self, message: protocol.Message) -> None:
         data = protocol.encode(message)
+        with self._send_lock:
+            self._send_frame(data, message.fds)
+
+    def _send_frame(self, data: bytes, fds: tuple[int, ...]) -> None:
         try:
             # Descriptors ride on the first chunk; the rest of a large frame follows.
-            sent = socket.send_fds(self.sock, [data], list(message.fds)) if message.fds else 0
+            sent = socket.send_fds(self.sock, [data], list(fds)) if fds else 0
             if sent < len(data):
                 self.sock.sendall(memoryview(data)[sent:])
         except (BrokenPipeError, ConnectionResetError) as exc:
@@ -91,21 +104,17 @@ class Channel:
                     raise ConnectionLost(f"peer stalled: no complete frame within {frame_timeout:g} s")
             else:
                 timeout = first_byte_timeout or None
-            self.sock.settimeout(timeout)
-            try:
-                self._receive_some(frame_timeout if self._decoder.buffered else timeout)
-            finally:
-                if timeout:  # sends stay blocking (or bounded by SO_SNDTIMEO)
-                    self.sock.settimeout(None)
+            if timeout is not None and not self._readable.poll(math.ceil(timeout * 1000)):
+                limit = frame_timeout if self._decoder.buffered else timeout
+                what = "no complete frame" if self._decoder.buffered else "no answer"
+                raise ConnectionLost(f"peer stalled: {what} within {limit:g} s")
+            self._receive_some()
 
-    def _receive_some(self, limit: float | None) -> None:
+    def _receive_some(self) -> None:
         try:
             data, fds, flags, _ = socket.recv_fds(
                 self.sock, _RECV_BYTES, protocol.MAX_FDS_PER_FRAME, socket.MSG_CMSG_CLOEXEC
             )
-        except TimeoutError:
-            what = "no complete frame" if self._decoder.buffered else "no answer"
-            raise ConnectionLost(f"peer stalled: {what} within {limit:g} s") from None
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise ConnectionLost(f"connection reset: {exc}") from None
         self._decoder.feed(data, fds)
@@ -128,6 +137,14 @@ class Channel:
         if held < self._claimed:
             self._budget.give_back(self._claimed - held)
         self._claimed = held
+
+    def hang_up(self) -> None:
+        """End the connection both ways, waking a thread blocked receiving on it (it sees EOF);
+        the socket stays open until close()."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # not connected any more
+            pass
 
     def close(self) -> None:
         """Close the socket and any descriptors received but never handed out."""

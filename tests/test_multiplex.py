@@ -1,0 +1,237 @@
+"""One client, many threads: replies matched to requests by id, so no thread waits behind
+another's request. The multiplexer against a scripted peer on a real socket pair, then a
+real daemon."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+import trims
+from trims import protocol
+from trims.errors import ConnectionLost
+from trims.multiplex import Multiplexer
+from trims.server import MAX_WAITING_REQUESTS
+from trims.transport import Channel
+
+from .conftest import DaemonProcess, make_models, wait_for
+
+
+class ScriptedDaemon:
+    """The far end of a socket pair, answering as a test tells it to."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.channel = Channel(ours)
+        self.orphans: list[protocol.Message] = []
+        self.client = Multiplexer(Channel(theirs), self.orphans.append)
+
+    def requests(self, count: int) -> list[protocol.Message]:
+        return [self.channel.receive(5, 5) for _ in range(count)]
+
+
+def call_in_thread(client: Multiplexer, message: protocol.Message, **kwargs) -> tuple[threading.Thread, list]:
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(client.call(message, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 -- the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def answer(request: protocol.Message) -> protocol.Error:
+    """A reply that names the request it answers (any final frame will do)."""
+    return protocol.Error(id=request.id, code="test", message=request.name)
+
+
+def test_replies_reach_their_threads_in_any_order():
+    peer = ScriptedDaemon()
+    first, first_outcome = call_in_thread(peer.client, protocol.Info(name="first"))
+    first_request, = peer.requests(1)
+    second, second_outcome = call_in_thread(peer.client, protocol.Info(name="second"))
+    second_request, = peer.requests(1)
+    seen = []
+    peer.channel.send(protocol.Progress(id=second_request.id, stage="load", done=1, total=2))
+    peer.channel.send(answer(second_request))  # the later request is answered first
+    second.join(5)
+    assert second_outcome[0].message == "second" and first.is_alive()
+    third, third_outcome = call_in_thread(peer.client, protocol.Info(name="third"),
+                                          progress=lambda *update: seen.append(update))
+    third_request, = peer.requests(1)
+    peer.channel.send(protocol.Progress(id=third_request.id, stage="load", done=1, total=2))
+    peer.channel.send(answer(first_request))
+    peer.channel.send(answer(third_request))
+    first.join(5)
+    third.join(5)
+    assert first_outcome[0].message == "first" and third_outcome[0].message == "third"
+    assert seen == [("load", 1, 2)]  # its own progress only
+    assert not peer.orphans and not peer.client.broken
+
+
+def test_a_reply_whose_caller_gave_up_goes_to_the_orphan_handler():
+    peer = ScriptedDaemon()
+
+    def give_up(*update) -> None:
+        raise KeyboardInterrupt
+
+    caller, outcome = call_in_thread(peer.client, protocol.Info(name="abandoned"), progress=give_up)
+    request, = peer.requests(1)
+    peer.channel.send(protocol.Progress(id=request.id, stage="load", done=0, total=1))
+    caller.join(5)
+    assert isinstance(outcome[0], KeyboardInterrupt)
+    read_end, write_end = os.pipe()
+    peer.channel.send(protocol.Progress(id=request.id, stage="load", done=1, total=1))
+    peer.channel.send(protocol.Files(id=request.id, names=("late",), fds=(read_end,)))
+    os.close(read_end)
+    # The connection outlives the abandoned request: the next call reads the late reply on the way.
+    later, later_outcome = call_in_thread(peer.client, protocol.Info(name="later"))
+    peer.channel.send(answer(peer.requests(1)[0]))
+    later.join(5)
+    assert later_outcome[0].message == "later" and not peer.client.broken
+    orphan, = peer.orphans
+    assert isinstance(orphan, protocol.Files) and orphan.names == ("late",)
+    os.write(write_end, b"x")  # the descriptor came across: the orphan handler is the one to close it
+    assert os.read(orphan.fds[0], 1) == b"x"
+    os.close(orphan.fds[0])
+    os.close(write_end)
+
+
+def test_an_error_about_the_connection_answers_every_waiting_thread():
+    peer = ScriptedDaemon()
+    calls = [call_in_thread(peer.client, protocol.Info(name=str(i))) for i in range(3)]
+    peer.requests(3)
+    peer.channel.send(protocol.Error(code="too_many_connections", message="refused"))
+    for thread, outcome in calls:
+        thread.join(5)
+        assert outcome[0].code == "too_many_connections"
+    assert peer.client.broken
+    with pytest.raises(ConnectionLost, match="refused"):
+        peer.client.call(protocol.Info(name="after"))
+
+
+def test_a_daemon_that_hangs_up_fails_every_waiting_thread():
+    peer = ScriptedDaemon()
+    calls = [call_in_thread(peer.client, protocol.Info(name=str(i))) for i in range(3)]
+    peer.requests(3)
+    peer.channel.close()
+    for thread, outcome in calls:
+        thread.join(5)
+        assert isinstance(outcome[0], ConnectionLost)
+
+
+def test_a_reply_timeout_breaks_the_connection_for_every_thread():
+    peer = ScriptedDaemon()
+    patient, outcome = call_in_thread(peer.client, protocol.Info(name="patient"))
+    with pytest.raises(ConnectionLost, match="no answer within 0.2 s"):
+        peer.client.call(protocol.Ping(), timeout=0.2)
+    patient.join(5)
+    assert isinstance(outcome[0], ConnectionLost) and peer.client.broken
+
+
+def test_a_reply_to_no_request_is_a_protocol_error():
+    peer = ScriptedDaemon()
+    caller, outcome = call_in_thread(peer.client, protocol.Info(name="x"))
+    peer.requests(1)
+    peer.channel.send(protocol.Done(id=999))
+    caller.join(5)
+    assert isinstance(outcome[0], trims.errors.RemoteProtocolError) and "999" in str(outcome[0])
+
+
+# --- a real daemon ------------------------------------------------------------------------------
+
+@pytest.fixture
+def tight_daemon(tmp_path):
+    """Room for one of two 256 KiB models; an open waits up to 30 s for room."""
+    make_models(tmp_path, range(2))
+    daemon = DaemonProcess(tmp_path / "d", host_memory="300K", extra=("--busy-timeout", "30")).start()
+    client = daemon.client()
+    for seed in range(2):
+        client.push(tmp_path / f"m{seed}.safetensors", f"m{seed}")
+    client.close()
+    yield daemon
+    daemon.kill()
+
+
+def open_in_thread(client: trims.Client, name: str) -> tuple[threading.Thread, list]:
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(client.open(name))
+        except Exception as exc:  # noqa: BLE001 -- the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_release_overtakes_an_open_waiting_on_the_same_client(tight_daemon):
+    client = tight_daemon.client()
+    held = client.open("m0")
+    waiter, outcome = open_in_thread(client, "m1")  # waits for m0's room
+    wait_for(lambda: client.stats()["waiting_for_room"] == 1 or not waiter.is_alive(), message="the open to wait")
+    assert waiter.is_alive()
+    held.close()  # one connection: before, this waited behind the open for the whole 30 s
+    waiter.join(25)
+    view, = outcome
+    assert isinstance(view, trims.ModelView) and view["w"].shape == (64 * 1024,)
+    assert client.stats()["leases"] == 1
+    view.close()
+
+
+def test_a_progress_callback_that_raises_costs_only_its_own_request(tmp_path, daemon):
+    make_models(tmp_path, range(2))
+    client = daemon.client()
+    client.push(tmp_path / "m0.safetensors", "m0")
+    held = client.open("m0")
+
+    def interrupt(*update) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        client.push(tmp_path / "m1.safetensors", "m1", progress=interrupt)
+    wait_for(lambda: "m1:latest" in {m.name for m in client.list()}, message="the abandoned push to finish")
+    assert client.stats()["leases"] == 1  # the same connection: m0 is still leased
+    assert held["w"].shape == (64 * 1024,)
+    held.close()
+    assert client.stats()["leases"] == 0
+
+
+def test_a_connection_that_ends_while_its_open_waits_leaves_no_lease(tight_daemon):
+    holder, leaver = tight_daemon.client(), tight_daemon.client()
+    held = holder.open("m0")
+    waiter, outcome = open_in_thread(leaver, "m1")
+    wait_for(lambda: holder.stats()["waiting_for_room"] == 1, message="the open to wait")
+    leaver.close()  # the daemon's worker still waits for room, for a connection now gone
+    waiter.join(5)
+    assert isinstance(outcome[0], ConnectionLost)
+    held.close()  # the worker's open now succeeds, and its lease must end with its connection
+    wait_for(lambda: holder.info("m1").tiers[0] == "host" and holder.stats()["leases"] == 0,
+             message="the gone connection's lease to end")
+    assert holder.evict("m1") > 0
+
+
+def test_a_connection_may_hold_only_so_many_waiting_requests(tight_daemon):
+    client = tight_daemon.client()
+    held = client.open("m0")
+    waiting = [open_in_thread(client, "m1") for _ in range(MAX_WAITING_REQUESTS)]
+    wait_for(lambda: client.stats()["waiting_for_room"] == MAX_WAITING_REQUESTS, message="every open to wait")
+    with pytest.raises(trims.errors.RequestError, match=f"already has {MAX_WAITING_REQUESTS} requests waiting"):
+        client.open("m1")
+    assert client.info("m0").leases == 1  # the reader still answers what never waits
+    held.close()
+    for thread, outcome in waiting:
+        thread.join(25)
+        assert isinstance(outcome[0], trims.ModelView)
+        outcome[0].close()
+    assert client.stats()["leases"] == 0
