@@ -341,7 +341,8 @@ def _stats(args: argparse.Namespace) -> int:
             print(f"{'':6} segments in {pages} pages (the kernel's shmem_enabled: {tier['shmem_enabled']})")
     opens = stats["opens"]
     print(f"policy {stats['policy']}; {stats['models']} models ({stats['tags']} names, {stats['pins']} pinned); "
-          f"{stats['leases']} leases over {stats['connections']} connections")
+          f"{stats['leases']} leases over {stats['connections']} connections; "
+          f"{stats['waiting_for_room']} requests waiting for memory")
     print(f"opens  {opens['total']:g} ({opens['hits']:g} hits, {opens['misses']:g} misses), "
           f"mean {opens['mean_seconds'] * 1e3:.1f} ms")
     for route, fetch in stats["fetches"].items():
