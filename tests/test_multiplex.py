@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 
 import pytest
 
@@ -34,18 +33,23 @@ class ScriptedDaemon:
         return [self.channel.receive(5, 5) for _ in range(count)]
 
 
-def call_in_thread(client: Multiplexer, message: protocol.Message, **kwargs) -> tuple[threading.Thread, list]:
+def in_thread(function, *args, **kwargs) -> tuple[threading.Thread, list]:
+    """Run ``function`` in a thread of its own; the list gets its result or its exception."""
     outcome: list = []
 
     def run() -> None:
         try:
-            outcome.append(client.call(message, **kwargs))
+            outcome.append(function(*args, **kwargs))
         except BaseException as exc:  # noqa: BLE001 -- the test looks at it
             outcome.append(exc)
 
     thread = threading.Thread(target=run)
     thread.start()
     return thread, outcome
+
+
+def call_in_thread(client: Multiplexer, message: protocol.Message, **kwargs) -> tuple[threading.Thread, list]:
+    return in_thread(client.call, message, **kwargs)
 
 
 def answer(request: protocol.Message) -> protocol.Error:
@@ -162,17 +166,7 @@ def tight_daemon(tmp_path):
 
 
 def open_in_thread(client: trims.Client, name: str) -> tuple[threading.Thread, list]:
-    outcome: list = []
-
-    def run() -> None:
-        try:
-            outcome.append(client.open(name))
-        except Exception as exc:  # noqa: BLE001 -- the test looks at it
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
+    return in_thread(client.open, name)
 
 
 def test_a_release_overtakes_an_open_waiting_on_the_same_client(tight_daemon):

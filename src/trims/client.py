@@ -228,12 +228,12 @@ class Client:
         """Send one request and wait for its reply, reconnecting once if the daemon restarted."""
         for attempt in (1, 2):
             with self._lock:
-                fresh = self._connection is None or self._connection.broken or self._pid != os.getpid()
+                before = self._generation
                 connection, generation = self._connection_locked()
+                fresh = generation != before  # made for this request: a failure is no stale connection
                 releases = self._take_releases_locked()
             try:
-                for lease in releases:  # first, so that an open finds the room they free
-                    _expect(connection.call(protocol.Release(lease=lease)), protocol.Done)
+                _end_leases(connection, releases)  # first, so that an open finds the room they free
                 reply = connection.call(message, progress, reply_timeout)
             except ConnectionLost:
                 closed_here = connection.closed  # by close(), in another thread: no reason to reconnect
@@ -289,7 +289,7 @@ class Client:
             if connection is None or generation != self._generation or self._pid != os.getpid():
                 return  # its connection is gone, and the lease with it
         try:
-            _expect(connection.call(protocol.Release(lease=lease)), protocol.Done)
+            _end_leases(connection, [lease])
         except ConnectionLost:
             self._drop(connection)
 
@@ -316,8 +316,7 @@ class Client:
                 return
             releases = self._take_releases_locked()
         try:
-            for lease in releases:
-                _expect(connection.call(protocol.Release(lease=lease)), protocol.Done)
+            _end_leases(connection, releases)
         except ConnectionLost:
             self._drop(connection)
         except RequestError as exc:  # no caller to tell; the lease is the daemon's to forget
@@ -541,6 +540,11 @@ def _read_whole(fd: int) -> bytes:
         chunks.append(chunk)
         offset += len(chunk)
     return b"".join(chunks)
+
+
+def _end_leases(connection: Multiplexer, leases: list[int]) -> None:
+    for lease in leases:
+        _expect(connection.call(protocol.Release(lease=lease)), protocol.Done)
 
 
 def _expect(reply: protocol.Message, reply_type: type[_Reply]) -> _Reply:

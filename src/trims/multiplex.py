@@ -56,26 +56,24 @@ class Multiplexer:
             request_id = next(self._ids)
             frames = self._frames[request_id] = collections.deque()
             self._users += 1
-        answered = sent = False
+        settled = False  # no frame for this id can come any more
         try:
             try:
                 self._channel.send(_with_id(message, request_id))
-                sent = True
-            except ConnectionLost as exc:
-                sent = True  # maybe in part: nothing else can be sent on it
-                reply = self._refusal(request_id, frames, exc)
-                answered = True
-                return reply
             except LocalProtocolError:
-                raise  # refused before a byte went out
+                settled = True  # refused before a byte went out
+                raise
+            except ConnectionLost as exc:
+                reply = self._refusal(frames, exc)
             except BaseException as exc:  # interrupted in the middle of a frame
                 self._break(ConnectionLost(f"a request was cut off while being sent ({type(exc).__name__})"))
                 raise
-            reply = self._await(frames, progress, deadline)
-            answered = True
+            else:
+                reply = self._await(frames, progress, deadline)
+            settled = True
             return reply
         finally:
-            self._leave(request_id, frames, abandoned=sent and not answered)
+            self._leave(request_id, frames, abandoned=not settled)
 
     def close(self) -> None:
         """End the connection (the daemon ends its leases); calls waiting raise ConnectionLost."""
@@ -166,8 +164,7 @@ class Multiplexer:
                                                "which no thread is waiting for"))
         return message
 
-    def _refusal(self, request_id: int, frames: collections.deque[protocol.Message],
-                 lost: ConnectionLost) -> protocol.Message:
+    def _refusal(self, frames: collections.deque[protocol.Message], lost: ConnectionLost) -> protocol.Message:
         """The daemon's word on why it closed a connection before a request could be sent
         (too many connections, not a tenant), if it said one; else ``lost``."""
         try:

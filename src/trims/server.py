@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -53,7 +54,7 @@ class _Context:
     def __init__(self, conn_id: int, tenant: Tenant, channel: Channel, request_id: int) -> None:
         self.conn_id = conn_id
         self.tenant = tenant
-        self._channel = channel
+        self.channel = channel
         self._request_id = request_id
 
     def progress(self) -> protocol.ProgressCallback:
@@ -68,7 +69,7 @@ class _Context:
                     return
                 last[:] = [stage, now]
                 try:
-                    self._channel.send(protocol.Progress(id=self._request_id, stage=stage, done=done, total=total))
+                    self.channel.send(protocol.Progress(id=self._request_id, stage=stage, done=done, total=total))
                 except (ConnectionLost, OSError):
                     pass  # the reply will fail the same way; the request still completes
 
@@ -283,8 +284,8 @@ class Server:
                     return
                 ctx = _Context(conn_id, tenant, channel, request.id)
                 if not isinstance(request, _MAY_WAIT):
-                    self._answer(request, ctx, channel)
-                elif not workers.run(lambda request=request, ctx=ctx: self._answer_from_worker(request, ctx, channel)):
+                    self._answer(request, ctx)
+                elif not workers.run(functools.partial(self._answer_from_worker, request, ctx)):
                     self._answer_overloaded(request, channel)
         except (ConnectionLost, OSError):
             pass
@@ -299,7 +300,7 @@ class Server:
                 self._forget(conn_id, tenant)
                 channel.close()
 
-    def _answer(self, request: protocol.Message, ctx: _Context, channel: Channel) -> None:
+    def _answer(self, request: protocol.Message, ctx: _Context) -> None:
         """Handle a request and send its reply (ConnectionLost or OSError if it cannot be sent)."""
         try:
             reply = self._handle(request, ctx)
@@ -307,23 +308,23 @@ class Server:
             for fd in request.fds:
                 os.close(fd)
         try:
-            channel.send(reply)
+            ctx.channel.send(reply)
         except LocalProtocolError:  # e.g. a reply over the frame cap: a bug, not the peer's fault
             log.exception("cannot encode the reply to %s", request.TYPE)
             if isinstance(reply, protocol.Opened):  # nobody will ever release it
                 self.store.release(reply.lease, ctx.conn_id)
-            channel.send(protocol.Error(id=request.id, code="internal",
-                                        message=f"the daemon could not encode its reply to {request.TYPE}; see its log"))
+            ctx.channel.send(protocol.Error(id=request.id, code="internal",
+                                            message=f"the daemon could not encode its reply to {request.TYPE}; see its log"))
         finally:
             if isinstance(reply, _OPENED_FOR_THE_REPLY):  # the peer has its own copies now
                 for fd in reply.fds:
                     os.close(fd)
 
-    def _answer_from_worker(self, request: protocol.Message, ctx: _Context, channel: Channel) -> None:
+    def _answer_from_worker(self, request: protocol.Message, ctx: _Context) -> None:
         try:
-            self._answer(request, ctx, channel)
+            self._answer(request, ctx)
         except (ConnectionLost, OSError):
-            channel.hang_up()  # a peer that takes no replies is gone: the reader must stop too
+            ctx.channel.hang_up()  # a peer that takes no replies is gone: the reader must stop too
 
     def _answer_overloaded(self, request: protocol.Message, channel: Channel) -> None:
         for fd in request.fds:
