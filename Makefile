@@ -16,6 +16,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/tiers.py
 	$(BIN)/python bench/transparent.py
 	$(BIN)/python bench/assemble.py
+	$(BIN)/python bench/threads.py
 
 bench-faas: $(VENV)/.installed
 	$(BIN)/python bench/faas/run.py
