@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from trims.acl import EVERYONE
 from trims.errors import CapacityError, GpuError, ModelBusy
-from trims.store import Store
+from trims.store import Store, _Patience
 
 from .fake_cuda import FakeDriver
 from .test_store import _push, _segments
@@ -202,7 +202,7 @@ def test_a_client_asking_a_daemon_without_a_gpu_tier_gets_a_typed_error(daemon, 
 def test_an_open_under_way_keeps_its_gpu_copy_from_trims_evict(store):
     (segment_id,) = _segments(store, "m0")
     tier = store._gpu_tier(0)
-    store._acquire_on_gpu(tier, segment_id, deadline=0)  # what an open holds before its lease exists
+    store._acquire_on_gpu(tier, segment_id, _Patience(deadline=0))  # what an open holds before its lease exists
     with pytest.raises(ModelBusy):
         store.evict("m0")
     with store._changed:

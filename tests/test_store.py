@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 import trims
 from trims import ingest, protocol, transport
 from trims.sources import FileSource
+from trims.store import _Patience
 
 from .conftest import DaemonProcess, open_concurrently, wait_for
 from .models import build, raw_safetensors
@@ -592,7 +593,7 @@ def test_evict_refuses_a_segment_an_unfinished_open_holds(tmp_path):
         store.push("m", [FileSource("m.safetensors", fd)])
         _os.close(fd)
         segments = store._placement(store._resolve("m")[1]).segments
-        store._acquire_all(segments, deadline=0)  # what open() does before it records the lease
+        store._acquire_all(segments, _Patience(deadline=0))  # what open() does before it records the lease
         with pytest.raises(trims.ModelBusy):
             store.evict("m")
         assert store.host.get(segments[0]).fd >= 0 and _os.fstat(store.host.get(segments[0]).fd)
@@ -621,12 +622,13 @@ def test_a_segment_just_loaded_is_not_evicted_before_its_open_takes_it(tmp_path)
 
     store.host.put = put_then_pause
     first = {}
-    opener = threading.Thread(target=lambda: first.update(segments=store._acquire_all(_segments(store, "m1"), 0)[0]))
+    opener = threading.Thread(
+        target=lambda: first.update(segments=store._acquire_all(_segments(store, "m1"), _Patience(deadline=0))[0]))
     try:
         opener.start()
         assert resident.wait(10)
         with pytest.raises(CapacityError, match="host memory is full"):  # m1 is taken: nothing may go
-            store._acquire_all(_segments(store, "m0"), deadline=time.monotonic() + 0.2)
+            store._acquire_all(_segments(store, "m0"), _Patience(deadline=time.monotonic() + 0.2))
         go.set()
         opener.join(10)
         assert [os.fstat(segment.fd).st_size for segment in first["segments"]] == [size]
@@ -659,7 +661,7 @@ def test_a_model_removed_while_an_open_loads_it_is_served_then_collected(tmp_pat
     got: dict = {}
 
     def take(key):
-        got[key] = store._acquire_all(segments, deadline=time.monotonic() + 10)[0]
+        got[key] = store._acquire_all(segments, _Patience(deadline=time.monotonic() + 10))[0]
 
     openers = [threading.Thread(target=take, args=(key,)) for key in ("loader", "waiter")]
     try:
@@ -938,5 +940,43 @@ def test_a_models_lease_quota_counts_while_an_open_of_it_is_under_way(tmp_path, 
         gate.set()
         again.join(10)
         assert store.usage(tenant_one)["leases"] == 2 and store.usage(tenant_one)["leased_bytes"] == 16384
+    finally:
+        store.close()
+
+
+def test_a_wait_for_memory_abandoned_makes_no_room_when_memory_frees(tmp_path):
+    """A pull waiting (busy timeout) for a lease to end, whose requester has gone: when the
+    lease ends, it neither evicts the model nor loads its own for no one, and fails at once."""
+    import threading
+
+    from trims.acl import EVERYONE
+    from trims.errors import CapacityError
+    from trims.store import Store
+
+    from .conftest import make_models
+
+    make_models(tmp_path, range(2))
+    store = Store(tmp_path / "store", host_capacity=300 * 1024, busy_timeout=60)
+    try:
+        for seed in range(2):
+            _push(store, f"m{seed}", tmp_path / f"m{seed}.safetensors", EVERYONE)
+        held = store.open("m0", owner=1)
+        abandoned, outcome = threading.Event(), []
+
+        def pull() -> None:
+            try:
+                outcome.append(store.pull("m1", abandoned=abandoned))
+            except CapacityError as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=pull)
+        waiter.start()
+        wait_for(lambda: store.stats()["waiting_for_room"] == 1, message="the pull to wait")
+        abandoned.set()
+        store.release(held.lease, owner=1)  # wakes the waiter, as the end of its connection would
+        waiter.join(10)
+        assert not waiter.is_alive() and isinstance(outcome[0], CapacityError), outcome
+        assert "client went away" in str(outcome[0])
+        assert store.info("m0").tiers[0] == "host" and store.info("m1").tiers[0] != "host"
     finally:
         store.close()

@@ -51,10 +51,12 @@ class _Context:
 
     _INTERVAL = 0.25  # seconds between progress frames
 
-    def __init__(self, conn_id: int, tenant: Tenant, channel: Channel, request_id: int) -> None:
+    def __init__(self, conn_id: int, tenant: Tenant, channel: Channel, ended: threading.Event,
+                 request_id: int) -> None:
         self.conn_id = conn_id
         self.tenant = tenant
         self.channel = channel
+        self.ended = ended  # set once the connection is over: nobody waits for the reply any more
         self._request_id = request_id
 
     def progress(self) -> protocol.ProgressCallback:
@@ -265,6 +267,7 @@ class Server:
 
     def _serve(self, conn_id: int, channel: Channel, peer: PeerCredentials | None, tenant: Tenant | None) -> None:
         workers = _Workers(f"trims-conn-{conn_id}")
+        ended = threading.Event()
         try:
             if peer is None:  # the peer hung up before it could be identified
                 return
@@ -282,7 +285,7 @@ class Server:
                     log.warning("connection %d sent an invalid frame: %s", conn_id, exc)
                     channel.send(protocol.Error(code="protocol_error", message=str(exc)))
                     return
-                ctx = _Context(conn_id, tenant, channel, request.id)
+                ctx = _Context(conn_id, tenant, channel, ended, request.id)
                 if not isinstance(request, _MAY_WAIT):
                     self._answer(request, ctx)
                 elif not workers.run(functools.partial(self._answer_from_worker, request, ctx)):
@@ -292,6 +295,8 @@ class Server:
         finally:
             try:
                 channel.hang_up()  # a worker still sending learns the connection is over
+                ended.set()
+                self.store.wake_waiters()  # its requests waiting for memory give up
                 workers.finish()  # before the leases end: a lease a worker makes must end with them
                 released = self.store.release_owner(conn_id)
                 if released:
@@ -356,7 +361,7 @@ class Server:
 
     def _on_open(self, request: protocol.Open, ctx: _Context) -> protocol.Message:
         device = None if request.device is None else self.store.gpu_device(request.device)
-        opened = self.store.open(request.name, owner=ctx.conn_id, tenant=ctx.tenant, device=device)
+        opened = self.store.open(request.name, owner=ctx.conn_id, tenant=ctx.tenant, device=device, abandoned=ctx.ended)
         return protocol.Opened(
             id=request.id,
             lease=opened.lease,
@@ -422,12 +427,14 @@ class Server:
 
     def _on_pull(self, request: protocol.Pull, ctx: _Context) -> protocol.Message:
         ctx.tenant.require(ADMIN, "pull models")
-        moved = self.store.pull(request.name, request.tier, progress=ctx.progress(), tenant=ctx.tenant)
+        moved = self.store.pull(request.name, request.tier, progress=ctx.progress(), tenant=ctx.tenant,
+                                abandoned=ctx.ended)
         return protocol.Pulled(id=request.id, name=request.name, tier=request.tier, moved_bytes=moved)
 
     def _on_pin(self, request: protocol.Pin, ctx: _Context) -> protocol.Message:
         ctx.tenant.require(ADMIN, "pin models")
-        moved = self.store.pin(request.name, request.tier, progress=ctx.progress(), tenant=ctx.tenant)
+        moved = self.store.pin(request.name, request.tier, progress=ctx.progress(), tenant=ctx.tenant,
+                               abandoned=ctx.ended)
         return protocol.Pulled(id=request.id, name=request.name, tier=request.tier, moved_bytes=moved)
 
     def _on_unpin(self, request: protocol.Unpin, ctx: _Context) -> protocol.Message:

@@ -94,6 +94,22 @@ class _Placement:
     extras: frozenset[str]  # other models' tensors that share its segments
 
 
+@dataclass(frozen=True)
+class _Patience:
+    """How long a request may wait for memory to be freed (--busy-timeout), and the sign that
+    nobody waits for its answer any more (its connection ended)."""
+
+    deadline: float
+    abandoned: threading.Event | None = None
+
+    def gave_up(self) -> bool:
+        return self.abandoned is not None and self.abandoned.is_set()
+
+    def for_a_shared_load(self) -> _Patience:
+        """Other requests wait on a load once it has begun: one requester leaving must not fail it."""
+        return _Patience(self.deadline)
+
+
 class _NoRoom(Exception):
     """Everything the tier holds is in use; waiting for a release may help."""
 
@@ -566,9 +582,11 @@ class Store:
 
     # --- opening, pulling, pinning ------------------------------------------------------------
 
-    def open(self, reference: str, owner: int, tenant: Tenant = EVERYONE, device: int | None = None) -> OpenResult:
+    def open(self, reference: str, owner: int, tenant: Tenant = EVERYONE, device: int | None = None,
+             abandoned: threading.Event | None = None) -> OpenResult:
         """Lease a model's segments in host memory, or in CUDA ``device``'s memory, bringing
-        them up the hierarchy if needed."""
+        them up the hierarchy if needed. Once ``abandoned`` is set (and :meth:`wake_waiters`
+        called), a wait for memory gives up."""
         started = self._clock()
         with self._changed:
             while True:
@@ -588,11 +606,11 @@ class Store:
             self._check_lease_quota_locked(tenant, manifest)
         try:
             gpu = None if device is None else self._gpu_tier(device)  # only for a model this tenant may open
-            deadline = started + self.busy_timeout
+            patience = _Patience(started + self.busy_timeout, abandoned)
             if gpu is None:
-                segments, missed = self._acquire_all(placement.segments, deadline)
+                segments, missed = self._acquire_all(placement.segments, patience)
             else:
-                segments, missed = self._acquire_all_on_gpu(gpu, placement.segments, deadline)
+                segments, missed = self._acquire_all_on_gpu(gpu, placement.segments, patience)
             with self._lock:
                 lease = next(self._lease_ids)
                 self._leases[lease] = _Lease(owner, tenant.name, manifest.digest, manifest.nbytes, placement.segments,
@@ -607,22 +625,24 @@ class Store:
         return OpenResult(lease, name, manifest, tuple(segments), placement.tensors, device)
 
     def pull(self, reference: str, tier: str = "host", progress: ProgressCallback | None = None,
-             tenant: Tenant = EVERYONE) -> int:
-        """Bring a model into ``tier`` without leasing it; returns the bytes that moved."""
+             tenant: Tenant = EVERYONE, abandoned: threading.Event | None = None) -> int:
+        """Bring a model into ``tier`` without leasing it; returns the bytes that moved.
+        ``abandoned`` as for :meth:`open`."""
         device = gpu_device(tier)
         with self._lock:
             _, manifest = self._resolve(reference, tenant)
             segments = self._placement(manifest).segments
             layouts = [self.catalog.segments[s] for s in segments]
         tracker = _Tracker(sum(layout.size for layout in layouts), progress)
+        patience = _Patience(self._clock() + self.busy_timeout, abandoned)
         if device is not None:
             gpu = self._gpu_tier(device)
-            _, missed = self._acquire_all_on_gpu(gpu, segments, self._clock() + self.busy_timeout)
+            _, missed = self._acquire_all_on_gpu(gpu, segments, patience)
             with self._changed:
                 self._unref_gpu_locked(gpu.name, segments)
             return sum(layout.size for layout in layouts) if missed else 0
         if tier == "host":
-            _, missed = self._acquire_all(segments, self._clock() + self.busy_timeout, tracker)
+            _, missed = self._acquire_all(segments, patience, tracker)
             with self._changed:
                 self._unref_locked(segments)
             return sum(layout.size for layout in layouts) if missed else 0
@@ -636,8 +656,9 @@ class Store:
         return moved
 
     def pin(self, reference: str, tier: str = "host", progress: ProgressCallback | None = None,
-            tenant: Tenant = EVERYONE) -> int:
-        """Keep a model in ``tier`` across pressure and restarts; brings it there now."""
+            tenant: Tenant = EVERYONE, abandoned: threading.Event | None = None) -> int:
+        """Keep a model in ``tier`` across pressure and restarts; brings it there now.
+        ``abandoned`` as for :meth:`open`."""
         device = gpu_device(tier)
         with self._lock:
             self._resolve(reference, tenant)  # a model this tenant may see, before any GPU is set up for it
@@ -656,7 +677,7 @@ class Store:
                 )
             self.catalog.set_pin(name, tier)  # before the pull: what it brings in must not be evicted meanwhile
         try:
-            return self.pull(name, tier, progress, tenant)
+            return self.pull(name, tier, progress, tenant, abandoned)
         except BaseException:
             with self._lock:
                 if current is None:
@@ -678,13 +699,13 @@ class Store:
             except Exception as exc:  # noqa: BLE001 - one bad pin must not stop the others
                 log.error("could not re-warm pinned %s into %s: %s", name, tier, exc)
 
-    def _acquire_all(self, segment_ids: tuple[str, ...], deadline: float,
+    def _acquire_all(self, segment_ids: tuple[str, ...], patience: _Patience,
                      tracker: _Tracker | None = None) -> tuple[list[HostSegment], bool]:
-        return self._acquire_each(segment_ids, lambda s: self._acquire(s, deadline, tracker), self._unref_locked)
+        return self._acquire_each(segment_ids, lambda s: self._acquire(s, patience, tracker), self._unref_locked)
 
     def _acquire_all_on_gpu(self, gpu: GpuTier, segment_ids: tuple[str, ...],
-                            deadline: float) -> tuple[list[GpuSegment], bool]:
-        return self._acquire_each(segment_ids, lambda s: self._acquire_on_gpu(gpu, s, deadline),
+                            patience: _Patience) -> tuple[list[GpuSegment], bool]:
+        return self._acquire_each(segment_ids, lambda s: self._acquire_on_gpu(gpu, s, patience),
                                   lambda ids: self._unref_gpu_locked(gpu.name, ids))
 
     def _acquire_each(self, segment_ids: tuple[str, ...], acquire: Callable[[str], tuple[Any, bool]],
@@ -703,7 +724,7 @@ class Store:
             raise
         return acquired, missed
 
-    def _acquire(self, segment_id: str, deadline: float, tracker: _Tracker | None = None) -> tuple[HostSegment, bool]:
+    def _acquire(self, segment_id: str, patience: _Patience, tracker: _Tracker | None = None) -> tuple[HostSegment, bool]:
         """Take a reference on a segment in host memory, loading it (once) if it is not."""
         while True:
             with self._changed:
@@ -716,7 +737,7 @@ class Store:
                 pending = self._loading.get(segment_id)
                 if pending is None:
                     layout = self._layout_locked(segment_id)
-                    if not self._room_or_wait_locked(self.host, layout.size, deadline):
+                    if not self._room_or_wait_locked(self.host, layout.size, patience):
                         continue
                     self._reserved["host"] += layout.size
                     pending = self._loading[segment_id] = Future()
@@ -906,7 +927,7 @@ class Store:
                      tier.capabilities.sharing, "supported" if tier.capabilities.read_only_mapping else "UNSUPPORTED")
             return tier
 
-    def _acquire_on_gpu(self, tier: GpuTier, segment_id: str, deadline: float) -> tuple[GpuSegment, bool]:
+    def _acquire_on_gpu(self, tier: GpuTier, segment_id: str, patience: _Patience) -> tuple[GpuSegment, bool]:
         """Take a reference on a segment in ``tier``, uploading it (once) from host memory."""
         key = (tier.name, segment_id)
         while True:
@@ -921,20 +942,20 @@ class Store:
                 if pending is None:
                     layout = self._layout_locked(segment_id)
                     footprint = tier.footprint(layout.size)
-                    if not self._room_or_wait_locked(tier, footprint, deadline):
+                    if not self._room_or_wait_locked(tier, footprint, patience):
                         continue
                     self._reserved[tier.name] += footprint
                     pending = self._gpu_loading[key] = Future()
                     self.metrics.inc("trims_tier_misses_total", tier=tier.name)
                     break
             pending.result()
-        return self._load_onto_gpu(tier, layout, footprint, pending, deadline), True
+        return self._load_onto_gpu(tier, layout, footprint, pending, patience.for_a_shared_load()), True
 
     def _load_onto_gpu(self, tier: GpuTier, layout: SegmentLayout, footprint: int, pending: Future,
-                       deadline: float) -> GpuSegment:
+                       patience: _Patience) -> GpuSegment:
         key, started = (tier.name, layout.id), self._clock()
         try:
-            host_segment, _ = self._acquire(layout.id, deadline)  # the host copy is held only while it is read
+            host_segment, _ = self._acquire(layout.id, patience)  # the host copy is held only while it is read
             try:
                 tier.put_from(layout, host_segment.fd)
             finally:
@@ -976,6 +997,11 @@ class Store:
             if held is not None and held.owner == owner:
                 del self._leases[lease]
                 self._end_lease_locked(held)
+
+    def wake_waiters(self) -> None:
+        """Have every request waiting for memory look again (one may have been abandoned)."""
+        with self._changed:
+            self._changed.notify_all()
 
     def release_owner(self, owner: int) -> int:
         """End every lease of a connection that went away; returns how many."""
@@ -1042,16 +1068,19 @@ class Store:
 
     # --- accounting: the one place bytes are made room for -------------------------------------
 
-    def _room_or_wait_locked(self, tier: Tier, nbytes: int, deadline: float) -> bool:
-        """Make room in ``tier``; if everything is in use, wait for a release until ``deadline``.
+    def _room_or_wait_locked(self, tier: Tier, nbytes: int, patience: _Patience) -> bool:
+        """Make room in ``tier``; if everything is in use, wait for a release until the
+        deadline, or until nobody waits for the request any more.
 
         True once there is room; False after a wait (the caller re-checks its state).
         """
+        if patience.gave_up():  # room made now would evict others' models for no one
+            raise CapacityError(f"no room made in the {tier.name} tier for a request whose client went away")
         try:
             self._make_room_locked(tier, nbytes)
             return True
         except _NoRoom:
-            remaining = deadline - self._clock()
+            remaining = patience.deadline - self._clock()
             if remaining <= 0:
                 waited = f" after waiting {self.busy_timeout:g} s" if self.busy_timeout else ""
                 raise CapacityError(self._full_message(tier, nbytes) + waited) from None
