@@ -142,7 +142,7 @@ def test_public_api_is_small_and_explicit():
     assert sorted(trims.__all__) == sorted([
         "__version__", "connect", "Client", "ModelView", "ModelSummary", "PushResult", "TensorEntry",
         "TrimsError", "ConfigError", "ModelMismatch", "ProtocolError", "LocalProtocolError",
-        "RemoteProtocolError", "DaemonUnavailable", "ConnectionLost", "RequestError", "PermissionDenied",
+        "RemoteProtocolError", "DaemonUnavailable", "ConnectionLost", "PeerStalled", "RequestError", "PermissionDenied",
         "InvalidName", "ModelNotFound", "InvalidModel", "UnsupportedFormat", "ModelBusy", "CapacityError", "QuotaExceeded",
         "IntegrityError", "StorageError", "GpuError", "InternalError",
     ])

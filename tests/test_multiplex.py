@@ -5,6 +5,7 @@ real daemon."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 
@@ -12,7 +13,7 @@ import pytest
 
 import trims
 from trims import protocol
-from trims.errors import ConnectionLost
+from trims.errors import ConnectionLost, PeerStalled
 from trims.multiplex import Multiplexer
 from trims.server import MAX_WAITING_REQUESTS
 from trims.transport import Channel
@@ -54,7 +55,7 @@ def call_in_thread(client: Multiplexer, message: protocol.Message, **kwargs) -> 
 
 def answer(request: protocol.Message) -> protocol.Error:
     """A reply that names the request it answers (any final frame will do)."""
-    return protocol.Error(id=request.id, code="test", message=request.name)
+    return protocol.Error(id=request.id, code="test", message=getattr(request, "name", request.TYPE))
 
 
 def test_replies_reach_their_threads_in_any_order():
@@ -132,13 +133,40 @@ def test_a_daemon_that_hangs_up_fails_every_waiting_thread():
         assert isinstance(outcome[0], ConnectionLost)
 
 
-def test_a_reply_timeout_breaks_the_connection_for_every_thread():
+def test_a_reply_timeout_costs_only_its_own_call():
+    """Whether the thread that times out reads for all or waits while another reads, the
+    connection lives on: the other call gets its reply, the late ones go to the orphan handler."""
     peer = ScriptedDaemon()
+    with pytest.raises(PeerStalled, match="no answer within 0.2 s"):
+        peer.client.call(protocol.Ping(), timeout=0.2)  # alone: it was the reader
     patient, outcome = call_in_thread(peer.client, protocol.Info(name="patient"))
-    with pytest.raises(ConnectionLost, match="no answer within 0.2 s"):
-        peer.client.call(protocol.Ping(), timeout=0.2)
+    wait_for(lambda: peer.client._reading, message="the patient call to read for all")
+    with pytest.raises(PeerStalled, match="no answer within 0.2 s"):
+        peer.client.call(protocol.Ping(), timeout=0.2)  # waiting on the patient call's read
+    requests = peer.requests(3)
+    for request in sorted(requests, key=lambda r: isinstance(r, protocol.Info)):  # the patient call's last
+        peer.channel.send(answer(request))
     patient.join(5)
-    assert isinstance(outcome[0], ConnectionLost) and peer.client.broken
+    assert outcome[0].message == "patient" and not peer.client.broken
+    pings = [request.id for request in requests if isinstance(request, protocol.Ping)]
+    assert sorted(orphan.id for orphan in peer.orphans) == sorted(pings)
+
+
+def test_a_frame_half_read_when_its_call_times_out_is_finished_by_the_next_reader():
+    peer = ScriptedDaemon()
+    caller, outcome = call_in_thread(peer.client, protocol.Info(name="slow"), timeout=0.3)
+    request, = peer.requests(1)
+    frame = protocol.encode(answer(request))
+    peer.channel.sock.sendall(frame[:5])  # then nothing, past the call's limit
+    caller.join(5)
+    assert isinstance(outcome[0], PeerStalled)
+    later, later_outcome = call_in_thread(peer.client, protocol.Info(name="later"))
+    peer.channel.sock.sendall(frame[5:])
+    peer.channel.send(answer(peer.requests(1)[0]))
+    later.join(5)
+    assert later_outcome[0].message == "later" and not peer.client.broken
+    orphan, = peer.orphans
+    assert orphan.id == request.id and orphan.message == "slow"
 
 
 def test_a_reply_to_no_request_is_a_protocol_error():
@@ -219,6 +247,25 @@ def test_an_open_waiting_for_memory_gives_up_when_its_connection_ends(tight_daem
     assert view["w"].shape == (64 * 1024,)
     view.close()
     del held
+
+
+def test_a_ping_that_times_out_keeps_the_connections_leases(tmp_path, daemon):
+    """A health check through the process's shared client, against a daemon that stops
+    answering for a while: the ping fails, the models the other threads hold stay leased."""
+    make_models(tmp_path, range(1))
+    client = daemon.client()
+    client.push(tmp_path / "m0.safetensors", "m0")
+    view = client.open("m0")
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(trims.DaemonUnavailable, match="no answer within 0.5 s"):
+            client.ping(timeout=0.5)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    assert client.info("m0").leases == 1  # the same connection: its lease lives
+    assert view["w"].shape == (64 * 1024,)
+    view.close()
+    assert client.stats()["leases"] == 0
 
 
 def test_a_connection_may_hold_only_so_many_waiting_requests(tight_daemon):

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Iterator, TypeVar
 from . import layout, protocol, transport
 from ._mapping import map_private
 from .config import check_socket_directory, default_socket_path
-from .errors import (ConnectionLost, DaemonUnavailable, GpuError, IntegrityError, InvalidModel, RemoteProtocolError,
-                     RequestError, error_for_code)
+from .errors import (ConnectionLost, DaemonUnavailable, GpuError, IntegrityError, InvalidModel, PeerStalled,
+                     RemoteProtocolError, RequestError, error_for_code)
 from .multiplex import Multiplexer
 from .protocol import ModelSummary, ProgressCallback, PushResult, TensorEntry
 from .torch_format import PUSHABLE
@@ -115,11 +115,10 @@ class Client:
     def ping(self, timeout: float | None = None) -> protocol.Pong:
         """The daemon's version and pid; :class:`DaemonUnavailable` if it does not answer
         within ``timeout`` seconds (a daemon that accepts but never answers is not healthy).
-        A timeout drops the connection, ending the leases it carried: probe with a client of
-        its own, as ``trims health`` does."""
+        A timeout costs only the ping: the connection, and its leases, stay."""
         try:
             return self._request(protocol.Ping(), protocol.Pong, reply_timeout=timeout)[0]
-        except ConnectionLost as exc:
+        except (ConnectionLost, PeerStalled) as exc:
             raise DaemonUnavailable(f"the trims daemon at {self.socket_path} did not answer: {exc}") from None
 
     def open(self, name: str, *, device: int | None = None) -> ModelView:

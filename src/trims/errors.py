@@ -9,7 +9,8 @@
     │   ├── LocalProtocolError       this side was about to send something invalid (a bug here)
     │   └── RemoteProtocolError      the peer sent something invalid
     ├── DaemonUnavailable            no daemon answers on the socket
-    │   └── ConnectionLost           the daemon went away in the middle of a request
+    │   ├── ConnectionLost           the daemon went away in the middle of a request
+    │   └── PeerStalled              no answer, or no whole frame, within the time allowed
     └── RequestError                 the daemon understood the request and refused it
         ├── PermissionDenied         your uid is not a tenant, or your tenant lacks the role
         ├── InvalidName              a model name that is not NAME[:TAG]
@@ -41,6 +42,7 @@ __all__ = [
     "RemoteProtocolError",
     "DaemonUnavailable",
     "ConnectionLost",
+    "PeerStalled",
     "RequestError",
     "PermissionDenied",
     "InvalidName",
@@ -87,6 +89,12 @@ class DaemonUnavailable(TrimsError, ConnectionError):
 
 class ConnectionLost(DaemonUnavailable):
     """The connection to the daemon closed in the middle of a request."""
+
+
+class PeerStalled(DaemonUnavailable):
+    """The peer sent no answer, or no whole frame, within the time allowed. The connection
+    itself may be sound: a client's request that times out gives up alone, and its reply,
+    should it come, is dropped."""
 
 
 class RequestError(TrimsError):

@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from . import protocol
-from .errors import ConnectionLost, LocalProtocolError, ProtocolError, RemoteProtocolError, TrimsError
+from .errors import ConnectionLost, LocalProtocolError, PeerStalled, ProtocolError, RemoteProtocolError, TrimsError
 from .transport import Channel
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -26,8 +26,8 @@ _REFUSAL_WAIT = 0.5  # seconds to read why a daemon closed a connection a reques
 
 class Multiplexer:
     """One connection to the daemon, shared by threads. Once broken (the daemon went away, a
-    reply timed out, a frame was cut off) it stays broken: every call raises, and the owner
-    opens a new connection."""
+    frame was cut off) it stays broken: every call raises, and the owner opens a new
+    connection. A call that times out gives up alone."""
 
     def __init__(self, channel: Channel, on_orphan: Callable[[protocol.Message], None]) -> None:
         """``on_orphan`` takes a reply whose request's thread stopped waiting (its progress
@@ -48,8 +48,8 @@ class Multiplexer:
     def call(self, message: protocol.Message, progress: ProgressCallback | None = None,
              timeout: float | None = None) -> protocol.Message:
         """Send ``message`` and return its reply, passing its progress frames to ``progress``.
-        Raises ConnectionLost if the connection breaks or no reply comes within ``timeout``
-        seconds (which breaks it: the reply may yet come, half read)."""
+        Raises ConnectionLost if the connection breaks, PeerStalled if no reply comes within
+        ``timeout`` seconds (the reply, should it come, goes to the orphan handler)."""
         deadline = _Deadline(timeout)
         with self._lock:
             self._raise_if_broken()
@@ -112,8 +112,8 @@ class Multiplexer:
         """A frame for this call, or None once this thread is the one to read."""
         with self._lock:
             while not frames and self._broken is None and self._reading:
-                if not self._arrived.wait(deadline.remaining()):
-                    self._break_locked(ConnectionLost(f"peer stalled: no answer within {deadline.seconds:g} s"))
+                if not self._arrived.wait(deadline.remaining()) and not frames:
+                    raise deadline.stalled()
             if frames:
                 return frames.popleft()
             self._raise_if_broken()
@@ -124,9 +124,12 @@ class Multiplexer:
         timeout = deadline.remaining()
         try:
             message = self._channel.receive(timeout, timeout)
+        except PeerStalled:  # nothing lost: what was read of a frame stays for the next reader
+            with self._lock:
+                self._reading = False
+                self._arrived.notify_all()  # another waiting call reads from here on
+            raise deadline.stalled() from None
         except (ConnectionLost, ProtocolError) as exc:
-            if deadline.passed():  # the whole wait's limit, not what was left of it for this read
-                exc = ConnectionLost(f"peer stalled: no answer within {deadline.seconds:g} s")
             with self._lock:
                 self._reading = False
                 self._break_locked(exc)
@@ -169,7 +172,7 @@ class Multiplexer:
         (too many connections, not a tenant), if it said one; else ``lost``."""
         try:
             return self._await(frames, None, _Deadline(_REFUSAL_WAIT))
-        except ConnectionLost:
+        except (ConnectionLost, PeerStalled):
             raise lost from None
 
     # --- the connection's end -------------------------------------------------------------
@@ -217,5 +220,5 @@ class _Deadline:
         """Seconds left (a little at least, so that a wait never means for ever), or None: no limit."""
         return None if self._at is None else max(self._at - time.monotonic(), 0.001)
 
-    def passed(self) -> bool:
-        return self._at is not None and time.monotonic() >= self._at
+    def stalled(self) -> PeerStalled:
+        return PeerStalled(f"peer stalled: no answer within {self.seconds:g} s")

@@ -30,8 +30,8 @@ from typing import Callable
 from . import __version__, protocol
 from .cloud import remote_model_files
 from .acl import ADMIN, CLIENT_URL_SCHEMES, WRITE, AccessPolicy, Tenant, not_a_tenant, plain_url
-from .errors import (ConnectionLost, InvalidModel, InvalidName, LocalProtocolError, PermissionDenied, ProtocolError,
-                     RequestError, StorageError)
+from .errors import (ConnectionLost, InvalidModel, InvalidName, LocalProtocolError, PeerStalled, PermissionDenied,
+                     ProtocolError, RequestError, StorageError)
 from .objects import location_problem
 from .sources import FileSource
 from .store import Store
@@ -290,6 +290,8 @@ class Server:
                     self._answer(request, ctx)
                 elif not workers.run(functools.partial(self._answer_from_worker, request, ctx)):
                     self._answer_overloaded(request, channel)
+        except PeerStalled as exc:
+            log.info("connection %d: %s; closing it", conn_id, exc)
         except (ConnectionLost, OSError):
             pass
         finally:
@@ -361,7 +363,8 @@ class Server:
 
     def _on_open(self, request: protocol.Open, ctx: _Context) -> protocol.Message:
         device = None if request.device is None else self.store.gpu_device(request.device)
-        opened = self.store.open(request.name, owner=ctx.conn_id, tenant=ctx.tenant, device=device, abandoned=ctx.ended)
+        opened = self.store.open(request.name, owner=ctx.conn_id, tenant=ctx.tenant, device=device,
+                                 abandoned=ctx.ended)
         return protocol.Opened(
             id=request.id,
             lease=opened.lease,

@@ -724,7 +724,8 @@ class Store:
             raise
         return acquired, missed
 
-    def _acquire(self, segment_id: str, patience: _Patience, tracker: _Tracker | None = None) -> tuple[HostSegment, bool]:
+    def _acquire(self, segment_id: str, patience: _Patience,
+                 tracker: _Tracker | None = None) -> tuple[HostSegment, bool]:
         """Take a reference on a segment in host memory, loading it (once) if it is not."""
         while True:
             with self._changed:

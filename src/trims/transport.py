@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import protocol
-from .errors import ConnectionLost, DaemonUnavailable
+from .errors import ConnectionLost, DaemonUnavailable, PeerStalled
 
 _RECV_BYTES = 256 * 1024
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; Python 3.11 has no name for it
@@ -84,7 +84,8 @@ class Channel:
             raise ConnectionLost(f"connection closed while sending: {exc}") from None
 
     def receive(self, frame_timeout: float | None = None, first_byte_timeout: float | None = None) -> protocol.Message:
-        """The next message; raises :class:`ConnectionLost` on EOF.
+        """The next message; raises :class:`ConnectionLost` on EOF, :class:`PeerStalled` when
+        a limit below runs out (what was read of a frame stays, for the next call).
 
         With ``frame_timeout``, a frame begun must be complete within that many seconds (a
         peer trickling a byte at a time cannot hold a frame's buffer for ever). Waiting for a
@@ -101,13 +102,13 @@ class Channel:
                 deadline = deadline or time.monotonic() + frame_timeout
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
-                    raise ConnectionLost(f"peer stalled: no complete frame within {frame_timeout:g} s")
+                    raise PeerStalled(f"peer stalled: no complete frame within {frame_timeout:g} s")
             else:
                 timeout = first_byte_timeout or None
             if timeout is not None and not self._readable.poll(math.ceil(timeout * 1000)):
                 limit = frame_timeout if self._decoder.buffered else timeout
                 what = "no complete frame" if self._decoder.buffered else "no answer"
-                raise ConnectionLost(f"peer stalled: {what} within {limit:g} s")
+                raise PeerStalled(f"peer stalled: {what} within {limit:g} s")
             self._receive_some()
 
     def _receive_some(self) -> None:
