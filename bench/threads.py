@@ -1,7 +1,7 @@
 """One client, many threads: a threaded function process (gunicorn's gthread workers, a Ray
 replica with threads) sharing one trims client, against one client per thread.
 
-    python bench/threads.py            # about 3 minutes
+    python bench/threads.py            # about 2.5 minutes
     python bench/threads.py --quick    # about a minute
 
 A daemon with --models models on disk (safetensors, --model-mib each, random weights) and a
@@ -19,9 +19,10 @@ latency and the whole request's.
    out of time, and the most opens seen waiting for room at once (the daemon's stats,
    sampled every 50 ms).
 
-Both phases also run trims' client as it was before replies were matched to requests by id
-(revision 9ab59b5, taken from this checkout's history with git archive; left out where the
-history lacks it): one request at a time per connection, shared by every thread.
+Both phases also run trims as it was before replies were matched to requests by id (revision
+9ab59b5, client and daemon, taken from this checkout's history with git archive; left out
+where the history lacks it): one request at a time per connection, the client shared by every
+thread.
 
 Every run is a fresh function process; the modes of a phase run one after the other against
 the same daemon, the host tier emptied before each. Writes threads.json, threads.md and
@@ -48,22 +49,22 @@ sys.path.insert(0, str(HERE.parent / "src"))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))
 
 MiB = 2**20
-IN_ORDER_REVISION = "9ab59b595964bec6ab6dae268170acae3072fbd9"  # the last client to carry one request at a time
+IN_ORDER_REVISION = "9ab59b595964bec6ab6dae268170acae3072fbd9"  # the last to carry one request at a time
 
 
 class Mode(NamedTuple):
     label: str
     one_thread: bool  # else --threads threads
     client_per_thread: bool  # else one client shared by the process's threads
-    in_order: bool  # the client of IN_ORDER_REVISION, else this checkout's
+    in_order: bool  # the client and daemon of IN_ORDER_REVISION, else this checkout's
 
 
 MODES = {
     "one thread": Mode("one client, one thread", True, False, False),
-    "one thread, in order": Mode("one client, one thread (9ab59b5)", True, False, True),
+    "one thread, in order": Mode("one client, one thread (9ab59b5, client and daemon)", True, False, True),
     "shared": Mode("one client shared by every thread", False, False, False),
     "per-thread": Mode("one client per thread", False, True, False),
-    "in order": Mode("one client shared by every thread (9ab59b5)", False, False, True),
+    "in order": Mode("one client shared by every thread (9ab59b5, client and daemon)", False, False, True),
 }
 PHASES = {"warm": ["one thread", "one thread, in order", "shared", "per-thread", "in order"],
           "pressure": ["shared", "per-thread", "in order"]}
@@ -106,27 +107,36 @@ def measure(work: Path, *, threads: int, models: int, model_bytes: int, resident
                 "seconds": seconds, "busy_timeout": busy_timeout}
     warm_budget = (models + 1) * model_bytes
     pressure_budget = resident * model_bytes + model_bytes // 2  # room for `resident`, never one more
-    in_order_src = _client_of_revision(IN_ORDER_REVISION, work / "in-order")
+    in_order_src = _source_of_revision(IN_ORDER_REVISION, work / "in-order")
     results: dict = {"settings": settings}
     for phase in phases:
-        with Daemon(work / phase, warm_budget if phase == "warm" else pressure_budget, busy_timeout) as daemon:
-            daemon.push_all(work / "models", names)
-            results[phase] = {}
-            for mode in PHASES[phase]:
-                how = MODES[mode]
-                if how.in_order and in_order_src is None:
-                    continue
-                daemon.empty_host(names)
-                if phase == "warm":
-                    daemon.pull_all(names)
-                spec = {"socket": str(daemon.socket), "names": names, "threads": 1 if how.one_thread else threads,
-                        "client_per_thread": how.client_per_thread, "seconds": seconds,
-                        "src": str(in_order_src) if how.in_order else None, "ping": phase == "warm" and how.one_thread}
-                with daemon.watching_waiters() as peak:
-                    run = run_function(spec)
-                results[phase][mode] = summarize(run, peak.value)
-                print(f"{phase:9} {mode:21} {results[phase][mode]['requests_per_s']:8.1f} requests/s", flush=True)
+        results[phase] = {}
+        revisions = [(None, False)] + ([(in_order_src, True)] if in_order_src else [])
+        for src, in_order in revisions:
+            modes = [mode for mode in PHASES[phase] if MODES[mode].in_order == in_order]
+            budget = warm_budget if phase == "warm" else pressure_budget
+            with Daemon(work / phase / ("in-order" if src else "now"), budget, busy_timeout, src) as daemon:
+                daemon.push_all(work / "models", names)
+                for mode in modes:
+                    results[phase][mode] = run_mode(daemon, phase, mode, names, threads, seconds, src)
     return results
+
+
+def run_mode(daemon: Daemon, phase: str, mode: str, names: list[str], threads: int, seconds: float,
+             src: Path | None) -> dict:
+    """One fresh function process's run against ``daemon``, from an empty (or, warm, a full) host tier."""
+    how = MODES[mode]
+    daemon.empty_host(names)
+    if phase == "warm":
+        daemon.pull_all(names)
+    spec = {"socket": str(daemon.socket), "names": names, "threads": 1 if how.one_thread else threads,
+            "client_per_thread": how.client_per_thread, "seconds": seconds, "src": str(src) if src else None,
+            "ping": phase == "warm" and mode == "one thread"}
+    with daemon.watching_waiters() as peak:
+        run = run_function(spec)
+    summary = summarize(run, peak.value)
+    print(f"{phase:9} {mode:21} {summary['requests_per_s']:8.1f} requests/s", flush=True)
+    return summary
 
 
 def write_models(directory: Path, count: int, nbytes: int) -> list[str]:
@@ -144,13 +154,16 @@ def write_models(directory: Path, count: int, nbytes: int) -> list[str]:
 
 
 class Daemon:
-    def __init__(self, workdir: Path, host_memory: int, busy_timeout: float) -> None:
+    """A daemon of this checkout, or of the trims source at ``src``."""
+
+    def __init__(self, workdir: Path, host_memory: int, busy_timeout: float, src: Path | None = None) -> None:
         import trims
         from trims.spawn import start_daemon_process
 
         self.socket = workdir / "trims.sock"
+        env = {**os.environ, "PYTHONPATH": str(src)} if src else None
         self.proc = start_daemon_process(self.socket, workdir / "store", host_memory, workdir / "daemon.log",
-                                         ("--busy-timeout", str(busy_timeout)))
+                                         ("--busy-timeout", str(busy_timeout)), env=env)
         self.client = trims.connect(self.socket)
 
     def __enter__(self) -> Daemon:
@@ -179,10 +192,11 @@ class Daemon:
 
 class _PeakWaiters:
     """The most requests the daemon had waiting for room at once, sampled while the block runs
-    (a client of its own, so its stats requests never queue behind the function's)."""
+    (a client of its own, so its stats requests never queue behind the function's); None from
+    a daemon that does not count them (9ab59b5)."""
 
     def __init__(self, socket_path: Path) -> None:
-        self.socket_path, self.value = socket_path, 0
+        self.socket_path, self.value = socket_path, None
         self._stop = threading.Event()
 
     def __enter__(self) -> _PeakWaiters:
@@ -199,14 +213,15 @@ class _PeakWaiters:
 
         with trims.connect(self.socket_path) as client:
             while not self._stop.wait(0.05):
-                self.value = max(self.value, client.stats()["waiting_for_room"])
+                waiting = client.stats().get("waiting_for_room")
+                self.value = None if waiting is None else max(self.value or 0, waiting)
 
 
-def _client_of_revision(revision: str, directory: Path) -> Path | None:
+def _source_of_revision(revision: str, directory: Path) -> Path | None:
     """trims' source at ``revision``, from this checkout's history; None if it lacks it."""
     archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", revision, "src/trims"], capture_output=True)
     if archive.returncode != 0:
-        print(f"left out the in-order client: no revision {revision[:7]} here ({archive.stderr.decode().strip()})")
+        print(f"left out the in-order runs: no revision {revision[:7]} here ({archive.stderr.decode().strip()})")
         return None
     directory.mkdir(parents=True)
     subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
@@ -226,7 +241,7 @@ def run_function(spec: dict) -> dict:
 def serve(spec: dict) -> dict:
     """Run the spec's threads for its seconds; every request's timings, relative to the start."""
     if spec["src"]:
-        sys.path.insert(0, spec["src"])  # another revision's client (the daemon stays this one)
+        sys.path.insert(0, spec["src"])  # another revision's client
     import trims
 
     socket_path, names, count = spec["socket"], spec["names"], spec["threads"]
@@ -235,7 +250,9 @@ def serve(spec: dict) -> dict:
     ping = _ping_round_trips(shared, 200) if spec["ping"] else []
     start = threading.Barrier(count + 1)
     records: list[list] = [[] for _ in range(count)]
-    threads = [threading.Thread(target=_serve_requests, args=(clients[i], names, start, spec["seconds"], records[i], i))
+    failures: list[BaseException] = []
+    threads = [threading.Thread(target=_serve_requests,
+                                args=(clients[i], names, start, spec["seconds"], records[i], i, failures))
                for i in range(count)]
     for thread in threads:
         thread.start()
@@ -246,6 +263,8 @@ def serve(spec: dict) -> dict:
     elapsed = time.perf_counter() - began
     for client in set(clients):
         client.close()
+    if failures:  # a run that lost a thread measured fewer requests than it served: no result
+        raise failures[0]
     return {"elapsed": elapsed, "ping": ping, "requests": [r for rows in records for r in rows]}
 
 
@@ -259,13 +278,19 @@ def _ping_round_trips(client, count: int) -> list[float]:
 
 
 def _serve_requests(client, names: list[str], start: threading.Barrier, seconds: float, records: list,
-                    seed: int) -> None:
-    """Requests back to back until ``seconds`` have passed: (open s, request s, ok)."""
+                    seed: int, failures: list[BaseException]) -> None:
+    """Requests back to back until ``seconds`` have passed: (open s, request s, ok); anything
+    but running out of time ends the thread, into ``failures``."""
+    start.wait()
+    try:
+        _requests_until(client, names, time.perf_counter() + seconds, random.Random(seed).choice, records)
+    except BaseException as exc:  # noqa: BLE001 -- the process reports it
+        failures.append(exc)
+
+
+def _requests_until(client, names: list[str], end: float, choose, records: list) -> None:
     from trims.errors import CapacityError
 
-    choose = random.Random(seed).choice
-    start.wait()
-    end = time.perf_counter() + seconds
     while (began := time.perf_counter()) < end:
         name = choose(names)
         try:
@@ -283,7 +308,7 @@ def _serve_requests(client, names: list[str], start: threading.Barrier, seconds:
 # --- report -----------------------------------------------------------------------------------
 
 
-def summarize(run: dict, peak_waiting: int) -> dict:
+def summarize(run: dict, peak_waiting: int | None) -> dict:
     served = [r for r in run["requests"] if r[2]]
     opens = sorted(r[0] for r in served)
     whole = sorted(r[1] for r in served)
@@ -294,11 +319,19 @@ def summarize(run: dict, peak_waiting: int) -> dict:
         "open_ms": _percentiles(opens),
         "request_ms": _percentiles(whole),
         "peak_waiting_for_room": peak_waiting,
-        "open_latencies_ms": [round(t * 1e3, 4) for t in opens],
+        "open_cdf_ms": _every_percentile(opens),
     }
     if run["ping"]:
         summary["ping_ms"] = _percentiles(sorted(run["ping"]))
     return summary
+
+
+def _every_percentile(sorted_seconds: list[float]) -> list[float]:
+    """Milliseconds at 0, 1, ... 100 %: the distribution's shape, in a fixed size."""
+    if not sorted_seconds:
+        return []
+    last = len(sorted_seconds) - 1
+    return [round(sorted_seconds[min(last, len(sorted_seconds) * q // 100)] * 1e3, 4) for q in range(101)]
 
 
 def _percentiles(sorted_seconds: list[float]) -> dict:
@@ -324,7 +357,7 @@ def table(results: dict) -> str:
             lines.append(
                 f"| {phase} | {MODES[mode].label} | {row['requests_per_s']:.1f} | {_ms(row['open_ms']['p50'])} "
                 f"| {_ms(row['open_ms']['p99'])} | {_ms(row['request_ms']['p50'])} | {_ms(row['request_ms']['p99'])} "
-                f"| {row['ran_out_of_time']} | {row['peak_waiting_for_room']} |")
+                f"| {row['ran_out_of_time']} | {_or_dash(row['peak_waiting_for_room'])} |")
     lines += ["", *_findings(results)]
     return "\n".join(lines) + "\n"
 
@@ -340,7 +373,7 @@ def _findings(results: dict) -> list[str]:
         if "one thread, in order" in warm:
             before = warm["one thread, in order"]["open_ms"]
             found.append(f"- One thread's warm open takes {alone['p50'] / before['p50']:.2f}x (p50) and "
-                         f"{alone['p99'] / before['p99']:.2f}x (p99) the time it took with 9ab59b5's client.")
+                         f"{alone['p99'] / before['p99']:.2f}x (p99) the time it took with 9ab59b5 (client and daemon).")
         shared, apart = warm["shared"], warm["per-thread"]
         found.append(f"- Warm, {results['settings']['threads']} threads: the shared client serves "
                      f"{shared['requests_per_s'] / apart['requests_per_s']:.2f}x the requests of a client per thread, "
@@ -348,8 +381,9 @@ def _findings(results: dict) -> list[str]:
                      f"{shared['request_ms']['p50'] / apart['request_ms']['p50']:.2f}x.")
     if "in order" in pressure:
         shared, before = pressure["shared"], pressure["in order"]
-        found.append(f"- Under pressure the shared client serves {shared['requests_per_s'] / before['requests_per_s']:.1f}x "
-                     f"the requests 9ab59b5's did; {before['ran_out_of_time']} of that client's opens ran out of time "
+        ratio = shared["requests_per_s"] / before["requests_per_s"]
+        found.append(f"- Under pressure the shared client serves {ratio:.1f}x "
+                     f"the requests 9ab59b5 did; {before['ran_out_of_time']} of that client's opens ran out of time "
                      f"(a release queued behind an open waiting for the memory it would free), "
                      f"{shared['ran_out_of_time']} of this one's.")
     return found
@@ -357,6 +391,10 @@ def _findings(results: dict) -> list[str]:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _or_dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -376,8 +414,7 @@ def plot(results: dict, path: Path) -> None:
 
 def _plot_warm(runs: dict, ax) -> None:
     for mode, row in runs.items():
-        opens = row["open_latencies_ms"]
-        ax.plot(opens, [(i + 1) / len(opens) for i in range(len(opens))], label=MODES[mode].label)
+        ax.plot(row["open_cdf_ms"], [q / 100 for q in range(len(row["open_cdf_ms"]))], label=MODES[mode].label)
     ax.axvline(runs["one thread"]["ping_ms"]["p50"], color="grey", linestyle=":", label="ping p50")
     ax.set_xscale("log")
     ax.set_xlabel("warm open latency, ms")

@@ -6,6 +6,7 @@ checks the same paths against a real GPU."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import pytest
@@ -16,6 +17,7 @@ from trims.acl import EVERYONE
 from trims.errors import CapacityError, GpuError, ModelBusy
 from trims.store import Store, _Patience
 
+from .conftest import wait_for
 from .fake_cuda import FakeDriver
 from .test_store import _push, _segments
 
@@ -397,3 +399,52 @@ def test_the_current_cuda_device_where_pytorch_has_none_is_a_gpu_error(monkeypat
     with pytest.raises(GpuError, match="device='cuda' names the current CUDA device, and PyTorch has none here"):
         cuda_index("cuda")
     assert cuda_index("cuda:1") == 1 and cuda_index("cpu") is None and cuda_index(None) is None
+
+
+def test_an_upload_whose_requester_went_away_is_made_by_the_next_open_waiting_on_it(tmp_path, driver):
+    """Host memory for one model, leased: an open on the GPU that is uploading m1 waits for
+    host room to read it from. Its client goes away, so it gives up; a second open waiting on
+    that upload does not fail with it, but uploads m1 itself once the host room is freed."""
+    store = Store(tmp_path / "store", host_capacity=MODEL_BYTES + GRANULE, gpu_capacity=4 * MODEL_BYTES,
+                  gpu_driver=lambda: driver, busy_timeout=60)
+    try:
+        for seed in range(2):
+            path = tmp_path / f"{seed}.safetensors"
+            save_file({"w": torch.randn(MODEL_BYTES // 4, generator=torch.Generator().manual_seed(seed))}, path)
+            _push(store, f"m{seed}", path, EVERYONE)
+        held = store.open("m0", owner=1)  # the host's only room
+        abandoned, outcomes = threading.Event(), {}
+
+        def open_m1(owner: int, gone: threading.Event | None) -> None:
+            try:
+                outcomes[owner] = store.open("m1", owner=owner, device=0, abandoned=gone)
+            except CapacityError as exc:
+                outcomes[owner] = exc
+
+        leaving = threading.Thread(target=open_m1, args=(2, abandoned))
+        leaving.start()
+        wait_for(lambda: store.stats()["waiting_for_room"] == 1, message="the upload to wait for host room")
+        staying = threading.Thread(target=open_m1, args=(3, None))
+        staying.start()
+        wait_for(lambda: _in_future_result(staying), message="the second open to wait on the upload")
+        abandoned.set()
+        store.wake_waiters()
+        leaving.join(10)
+        assert isinstance(outcomes[2], CapacityError) and "went away" in str(outcomes[2])
+        wait_for(lambda: store.stats()["waiting_for_room"] == 1, message="the second open to upload it itself")
+        store.release(held.lease, owner=1)
+        staying.join(10)
+        assert not staying.is_alive() and outcomes[3].device == 0 and driver.uploads == 1
+        store.release(outcomes[3].lease, owner=3)
+    finally:
+        store.close()
+
+
+def _in_future_result(thread: threading.Thread) -> bool:
+    """``thread`` waits on a Future's result (on a load another request makes)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == "result" and frame.f_code.co_filename.endswith("futures/_base.py"):
+            return True
+        frame = frame.f_back
+    return False

@@ -268,6 +268,25 @@ def test_a_ping_that_times_out_keeps_the_connections_leases(tmp_path, daemon):
     assert client.stats()["leases"] == 0
 
 
+def test_a_connect_whose_ping_times_out_closes_its_connection(tmp_path):
+    """A socket that accepts and never answers: connect() fails, and its connection goes with
+    it at once (a daemon counts connections against --max-connections)."""
+    path = tmp_path / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen()
+    with pytest.raises(trims.DaemonUnavailable, match="no answer within 0.2 s"):
+        trims.connect(path, timeout=0.2)
+    peer, _ = listener.accept()
+    peer.settimeout(5)
+    received = b""
+    while chunk := peer.recv(4096):  # the ping, then the end of the connection
+        received += chunk
+    assert received
+    peer.close()
+    listener.close()
+
+
 def test_a_connection_may_hold_only_so_many_waiting_requests(tight_daemon):
     client = tight_daemon.client()
     held = client.open("m0")

@@ -54,7 +54,11 @@ def connect(socket: str | os.PathLike | None = None, *, timeout: float | None = 
     Raises :class:`~trims.errors.DaemonUnavailable` if no daemon answers.
     """
     client = Client(Path(socket) if socket is not None else default_socket_path(), timeout=timeout)
-    client.ping(timeout)
+    try:
+        client.ping(timeout)
+    except BaseException:
+        client.close()  # a stalled daemon's connection would otherwise stay open until the gc's next cycle
+        raise
     return client
 
 
@@ -230,7 +234,9 @@ class Client:
                 before = self._generation
                 connection, generation = self._connection_locked()
                 fresh = generation != before  # made for this request: a failure is no stale connection
-                releases = self._take_releases_locked()
+                # A request with a limit carries no releases: a stalled daemon's reply to one
+                # would hold it past its limit (the flusher thread sends them).
+                releases = self._take_releases_locked() if reply_timeout is None else []
             try:
                 _end_leases(connection, releases)  # first, so that an open finds the room they free
                 reply = connection.call(message, progress, reply_timeout)

@@ -173,6 +173,7 @@ class Multiplexer:
         try:
             return self._await(frames, None, _Deadline(_REFUSAL_WAIT))
         except (ConnectionLost, PeerStalled):
+            self._break(lost)
             raise lost from None
 
     # --- the connection's end -------------------------------------------------------------

@@ -298,7 +298,8 @@ class Server:
             try:
                 channel.hang_up()  # a worker still sending learns the connection is over
                 ended.set()
-                self.store.wake_waiters()  # its requests waiting for memory give up
+                if workers.busy:
+                    self.store.wake_waiters()  # its requests waiting for memory give up
                 workers.finish()  # before the leases end: a lease a worker makes must end with them
                 released = self.store.release_owner(conn_id)
                 if released:
@@ -475,6 +476,12 @@ class _Workers:
                 return False
         self._jobs.put(job)
         return True
+
+    @property
+    def busy(self) -> bool:
+        """A request is on a worker (or on its way to one)."""
+        with self._lock:
+            return self._idle < len(self._threads)
 
     def _start_one(self) -> bool:
         if len(self._threads) >= MAX_WAITING_REQUESTS:

@@ -12,8 +12,10 @@ from .errors import DaemonUnavailable
 
 
 def start_daemon_process(socket_path: Path, store: Path, host_memory: int | str, log_path: Path,
-                         extra: tuple[str, ...] = (), timeout: float = 30.0) -> subprocess.Popen:
-    """``trims serve`` in a child process, logging to ``log_path``; returns once it answers.
+                         extra: tuple[str, ...] = (), timeout: float = 30.0,
+                         env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``trims serve`` in a child process (environment ``env``, else this one's), logging to
+    ``log_path``; returns once it answers.
 
     Raises :class:`DaemonUnavailable` (with the log's tail) if it exits or does not answer.
     """
@@ -22,7 +24,7 @@ def start_daemon_process(socket_path: Path, store: Path, host_memory: int | str,
         process = subprocess.Popen(
             [sys.executable, "-m", "trims", "serve", "--socket", str(socket_path), "--store", str(store),
              "--host-memory", str(host_memory), *extra],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     deadline = time.monotonic() + timeout
     while True:

@@ -105,9 +105,10 @@ class _Patience:
     def gave_up(self) -> bool:
         return self.abandoned is not None and self.abandoned.is_set()
 
-    def for_a_shared_load(self) -> _Patience:
-        """Other requests wait on a load once it has begun: one requester leaving must not fail it."""
-        return _Patience(self.deadline)
+
+class _RequesterLeft(CapacityError):
+    """A wait for memory ended because its requester's connection did. Requests waiting on
+    the load it was making (a GPU upload waiting for host room) make it themselves."""
 
 
 class _NoRoom(Exception):
@@ -949,8 +950,11 @@ class Store:
                     pending = self._gpu_loading[key] = Future()
                     self.metrics.inc("trims_tier_misses_total", tier=tier.name)
                     break
-            pending.result()
-        return self._load_onto_gpu(tier, layout, footprint, pending, patience.for_a_shared_load()), True
+            try:
+                pending.result()
+            except _RequesterLeft:
+                continue  # its loader's client went away: load it for this one
+        return self._load_onto_gpu(tier, layout, footprint, pending, patience), True
 
     def _load_onto_gpu(self, tier: GpuTier, layout: SegmentLayout, footprint: int, pending: Future,
                        patience: _Patience) -> GpuSegment:
@@ -1076,7 +1080,7 @@ class Store:
         True once there is room; False after a wait (the caller re-checks its state).
         """
         if patience.gave_up():  # room made now would evict others' models for no one
-            raise CapacityError(f"no room made in the {tier.name} tier for a request whose client went away")
+            raise _RequesterLeft(f"no room made in the {tier.name} tier for a request whose client went away")
         try:
             self._make_room_locked(tier, nbytes)
             return True
