@@ -25,7 +25,7 @@ where the history lacks it): one request at a time per connection, the client sh
 thread.
 
 Every run is a fresh function process; the modes of a phase run one after the other against
-the same daemon, the host tier emptied before each. Writes threads.json, threads.md and
+one daemon per revision, the host tier emptied before each. Writes threads.json, threads.md and
 threads.png to bench/results/.
 """
 
