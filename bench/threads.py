@@ -8,7 +8,8 @@ A daemon with --models models on disk (safetensors, --model-mib each, random wei
 function process (a child, as a server's worker would be) of --threads threads, each serving
 requests back to back for --seconds: pick a model (uniformly), open it, read every weight
 (numpy sums: inference's memory traffic, outside the GIL), close it. Per request: the open's
-latency and the whole request's.
+latency and the whole request's; requests per second are over the run's whole length, the
+tail of its last requests (up to the busy timeout) included.
 
 1. warm: host memory holds every model. One thread; then every thread sharing one client
    (what trims.shared_client() and the adapters give a process), and one client per thread.

@@ -4,6 +4,7 @@ real daemon."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -266,6 +267,28 @@ def test_a_ping_that_times_out_keeps_the_connections_leases(tmp_path, daemon):
     assert view["w"].shape == (64 * 1024,)
     view.close()
     assert client.stats()["leases"] == 0
+
+
+def test_a_timed_ping_does_not_wait_behind_the_releases_it_would_carry(tmp_path, daemon, monkeypatch):
+    """A request sends the releases of garbage-collected views first; a ping with a limit must
+    not, or a stalled daemon's silence about a release would hold it past its limit."""
+    make_models(tmp_path, range(1))
+    client = daemon.client()
+    client.push(tmp_path / "m0.safetensors", "m0")
+    dropped, kept = client.open("m0"), client.open("m0")
+    monkeypatch.setattr(client._release_flusher, "wake", lambda: None)  # its release stays pending
+    del dropped
+    gc.collect()
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        pinger, outcome = in_thread(client.ping, timeout=0.5)
+        pinger.join(5)
+        assert not pinger.is_alive() and isinstance(outcome[0], trims.DaemonUnavailable)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+        pinger.join(5)
+    assert client.info("m0").leases == 1  # the next request without a limit carried the release
+    kept.close()
 
 
 def test_a_connect_whose_ping_times_out_closes_its_connection(tmp_path):
