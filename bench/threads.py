@@ -116,24 +116,25 @@ def measure(work: Path, *, threads: int, models: int, model_bytes: int, resident
         for src, in_order in revisions:
             modes = [mode for mode in PHASES[phase] if MODES[mode].in_order == in_order]
             budget = warm_budget if phase == "warm" else pressure_budget
-            with Daemon(work / phase / ("in-order" if src else "now"), budget, busy_timeout, src) as daemon:
-                daemon.push_all(work / "models", names)
+            with start_daemon(work / phase / ("in-order" if src else "now"), budget, busy_timeout, src) as daemon:
+                push_all(daemon.client, work / "models", names)
                 for mode in modes:
                     results[phase][mode] = run_mode(daemon, phase, mode, names, threads, seconds, src)
     return results
 
 
-def run_mode(daemon: Daemon, phase: str, mode: str, names: list[str], threads: int, seconds: float,
+def run_mode(daemon, phase: str, mode: str, names: list[str], threads: int, seconds: float,
              src: Path | None) -> dict:
     """One fresh function process's run against ``daemon``, from an empty (or, warm, a full) host tier."""
     how = MODES[mode]
-    daemon.empty_host(names)
-    if phase == "warm":
-        daemon.pull_all(names)
+    for name in names:
+        daemon.client.evict(name, "host")
+        if phase == "warm":
+            daemon.client.pull(name, "host")
     spec = {"socket": str(daemon.socket), "names": names, "threads": 1 if how.one_thread else threads,
             "client_per_thread": how.client_per_thread, "seconds": seconds, "src": str(src) if src else None,
             "ping": phase == "warm" and mode == "one thread"}
-    with daemon.watching_waiters() as peak:
+    with _PeakWaiters(daemon.socket) as peak:
         run = run_function(spec)
     summary = summarize(run, peak.value)
     print(f"{phase:9} {mode:21} {summary['requests_per_s']:8.1f} requests/s", flush=True)
@@ -141,54 +142,28 @@ def run_mode(daemon: Daemon, phase: str, mode: str, names: list[str], threads: i
 
 
 def write_models(directory: Path, count: int, nbytes: int) -> list[str]:
-    import numpy as np
-    from safetensors.numpy import save_file
+    from tiers import write_model
 
     directory.mkdir(parents=True)
-    names = []
-    for index in range(count):
-        rng = np.random.default_rng(index)
-        tensors = {f"layer{i}.weight": rng.standard_normal(nbytes // 4 // 8, dtype=np.float32) for i in range(8)}
-        save_file(tensors, str(directory / f"model{index}.safetensors"))
-        names.append(f"model{index}")
+    names = [f"model{index}" for index in range(count)]
+    for index, name in enumerate(names):
+        write_model(directory / f"{name}.safetensors", nbytes, seed=index)
     return names
 
 
-class Daemon:
-    """A daemon of this checkout, or of the trims source at ``src``."""
+def start_daemon(workdir: Path, host_memory: int, busy_timeout: float, src: Path | None):
+    """A daemon of this checkout, or of the trims source at ``src``.
+    (bench/tiers.py is imported here, in the parent alone: it imports this checkout's trims,
+    which a function process of another revision must not.)"""
+    from tiers import Daemon
 
-    def __init__(self, workdir: Path, host_memory: int, busy_timeout: float, src: Path | None = None) -> None:
-        import trims
-        from trims.spawn import start_daemon_process
+    env = {**os.environ, "PYTHONPATH": str(src)} if src else None
+    return Daemon(workdir, "--busy-timeout", str(busy_timeout), host_memory=host_memory, env=env)
 
-        self.socket = workdir / "trims.sock"
-        env = {**os.environ, "PYTHONPATH": str(src)} if src else None
-        self.proc = start_daemon_process(self.socket, workdir / "store", host_memory, workdir / "daemon.log",
-                                         ("--busy-timeout", str(busy_timeout)), env=env)
-        self.client = trims.connect(self.socket)
 
-    def __enter__(self) -> Daemon:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.client.close()
-        self.proc.terminate()
-        self.proc.wait()
-
-    def push_all(self, directory: Path, names: list[str]) -> None:
-        for name in names:
-            self.client.push(directory / f"{name}.safetensors", name)
-
-    def empty_host(self, names: list[str]) -> None:
-        for name in names:
-            self.client.evict(name, "host")
-
-    def pull_all(self, names: list[str]) -> None:
-        for name in names:
-            self.client.pull(name, "host")
-
-    def watching_waiters(self) -> _PeakWaiters:
-        return _PeakWaiters(self.socket)
+def push_all(client, directory: Path, names: list[str]) -> None:
+    for name in names:
+        client.push(directory / f"{name}.safetensors", name)
 
 
 class _PeakWaiters:

@@ -87,9 +87,12 @@ def write_model(path: Path, nbytes: int, seed: int = 0, tensors: int = 8) -> Non
 
 
 class Daemon:
-    def __init__(self, workdir: Path, *extra: str, host_memory: int = 8 * GiB) -> None:
+    """A daemon in a child process (``env``: its environment, else this one's), and a client of it."""
+
+    def __init__(self, workdir: Path, *extra: str, host_memory: int = 8 * GiB, env: dict[str, str] | None = None) -> None:
         self.socket = workdir / "trims.sock"
-        self.proc = start_daemon_process(self.socket, workdir / "store", host_memory, workdir / "daemon.log", extra)
+        self.proc = start_daemon_process(self.socket, workdir / "store", host_memory, workdir / "daemon.log", extra,
+                                         env=env)
         self.client = trims.connect(self.socket)
 
     def __enter__(self) -> Daemon:
