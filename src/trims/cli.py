@@ -140,25 +140,43 @@ def _parser() -> argparse.ArgumentParser:
     hook.add_argument("action", choices=["install", "uninstall"])
     hook.set_defaults(run=_hook)
 
+    bench = commands.add_parser("bench", help="time fresh processes getting a pushed model from the daemon "
+                                              "(and loading its files without trims, side by side)")
+    bench.add_argument("name")
+    bench.add_argument("-n", "--processes", type=_whole_number(1), default=4,
+                       help="function processes to start (default: 4)")
+    bench.add_argument("--burst", action="store_true",
+                       help="start them all at once, as a scale-out from nothing (default: one after another)")
+    bench.add_argument("--framework", choices=["numpy", "torch"], default="numpy",
+                       help="get the weights as NumPy arrays or torch tensors (default: numpy)")
+    bench.add_argument("--plain", type=Path, default=None,
+                       help="the .safetensors file (or directory of them) the model came from: also time loading it "
+                            "with safetensors' load_file, from a warm page cache")
+    bench.add_argument("--evict-first", action="store_true",
+                       help="drop the model from host memory first, so the first open brings it up (admins only)")
+    bench.add_argument("--json", action="store_true", help="every process's timings, as JSON")
+    bench.set_defaults(run=_bench)
+
     demo = commands.add_parser("demo", help="start a daemon, share an example model with fresh processes, print a table")
     demo.add_argument("--model", default="gpt2", choices=sorted(EXAMPLES),
                       help="example architecture (default: gpt2, 124M parameters)")
-    demo.add_argument("--processes", type=_at_least_two, default=4,
+    demo.add_argument("--processes", type=_whole_number(2, " (the first trims open is not warm)"), default=4,
                       help="function processes per mode (at least 2: trims's first open loads, the rest are warm)")
     demo.add_argument("--workdir", type=Path, default=None, help="keep the example model and store here")
     demo.set_defaults(run=_demo)
     return parser
 
 
-def _at_least_two(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 2:
-        raise argparse.ArgumentTypeError(f"needs a whole number of at least 2 (the first trims open is not warm), "
-                                         f"not {text!r}")
-    return number
+def _whole_number(minimum: int, why: str = "") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"needs a whole number of at least {minimum}{why}, not {text!r}")
+        return number
+    return parse
 
 
 def _size(text: str) -> int:
@@ -396,6 +414,19 @@ def _hook(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot {args.action} the hook {path}: {exc.strerror or exc}; run it as a user who may "
                           "write to this Python environment") from None
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import format_results, run_bench
+
+    with _client(args) as client:
+        results = run_bench(client, args.name, processes=args.processes, burst=args.burst,
+                            framework=args.framework, plain=args.plain, evict_first=args.evict_first)
+    if args.json:
+        _print_json(results)
+    else:
+        print(format_results(results))
     return 0
 
 

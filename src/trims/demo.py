@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import connect
+from ._report import format_table, pss_bytes
 from .config import format_size
 from .examples import EXAMPLES
 from .spawn import start_daemon_process
@@ -58,12 +59,6 @@ sys.stdin.readline()
 class Function:
     process: subprocess.Popen
     report: dict
-
-    def pss_bytes(self) -> int:
-        for line in open(f"/proc/{self.process.pid}/smaps_rollup"):
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-        return 0
 
     def finish(self) -> None:
         self.process.stdin.write("\n")
@@ -149,7 +144,7 @@ def _run_functions(example: str, count: int, directory: Path, name: str, env: di
             functions.append(Function(process, json.loads(line)))
             _say(f"  {mode:5} function {i + 1}/{count}: model ready in {functions[-1].report['ready_s'] * 1e3:.0f} ms")
         for f in functions:
-            f.report["pss"] = f.pss_bytes()
+            f.report["pss"] = pss_bytes(f.process.pid)
         return functions
     finally:
         for f in functions:
@@ -174,11 +169,7 @@ def _row(label: str, functions: list[Function], pss_of: list[Function] | None = 
 
 def _print_table(rows: list[list[str]], processes: int) -> None:
     header = ["function processes", "n", "imports", "model ready", "1st inference", f"PSS, {processes} alive"]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    print()
-    for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-    print()
+    print(f"\n{format_table(header, rows)}\n")
 
 
 def _print_summary(own_disk: list[Function], own_cached: list[Function], shared: list[Function],
