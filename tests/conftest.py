@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 class DaemonProcess:
     """A ``trims serve`` subprocess on its own socket and store."""
 
-    def __init__(self, workdir: Path, host_memory: str = "256M", extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, host_memory: str = "256M", extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.daemon_env = env  # the daemon's environment (default: this process's)
         self.socket = workdir / "run" / "trims.sock"
         self.store = workdir / "store"
         self.host_memory = host_memory
@@ -47,7 +49,7 @@ class DaemonProcess:
     def start(self) -> DaemonProcess:
         try:
             self.proc = start_daemon_process(self.socket, self.store, self.host_memory, self.log_path,
-                                             ("--log-level", "debug", *self.extra))
+                                             ("--log-level", "debug", *self.extra), env=self.daemon_env)
         except trims.DaemonUnavailable as exc:
             raise RuntimeError(str(exc)) from None
         return self

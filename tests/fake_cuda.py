@@ -1,13 +1,15 @@
 """A stand-in for the CUDA driver, backed by memfds, so CI (no GPU) tests the GPU tier's
 own logic and the store's bookkeeping of it: uploads in chunks, granule accounting,
 single-flight loads, leases, eviction. Device memory is a memfd, an export a dup of it, a
-mapping an mmap with the asked protection. What only a GPU can show (VMM export across
-processes, read-only device mappings, kernels faulting) is tested by tests/test_gpu.py on
-a machine with one.
+mapping an mmap with the asked protection. The binding under it (trims.cuda_driver's ctypes
+calls) runs against a stand-in libcuda in tests/test_cuda_binding.py; what only a GPU can
+show (the real driver's VMM export, read-only device mappings, kernels faulting) is tested by
+tests/test_gpu.py on a machine with one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import mmap
@@ -74,6 +76,9 @@ class FakeDriver:
 
     def synchronize_device(self, device: int) -> None:
         pass
+
+    def current(self, device: int) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def unmap(self, mapping: Mapping) -> None:
         _libc.munmap(mapping.pointer, mapping.size)

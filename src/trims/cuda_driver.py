@@ -17,10 +17,12 @@ README's threat model).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 import uuid
 from dataclasses import dataclass
+from typing import Iterator
 
 from .errors import GpuError
 
@@ -98,8 +100,10 @@ class Mapping:
 
 class Driver:
     """libcuda, loaded once. Methods that take a device make its primary context (the one
-    PyTorch uses too) current first, so any thread may call them (the daemon's loaders, a
-    client's finalizers); the rest work on objects made under that context."""
+    PyTorch uses too) current for the call and then put back what was current before, so any
+    thread may call them (the daemon's loaders, a client's finalizers) and none finds its
+    current device changed; the rest (copies, events, stream waits) work on objects made under
+    that context, inside the caller's ``with driver.current(device):``."""
 
     def __init__(self) -> None:
         try:
@@ -110,6 +114,18 @@ class Driver:
         self._contexts: dict[int, ctypes.c_void_p] = {}
         self._granularity: dict[int, int] = {}
         self._lock = threading.RLock()  # a mapping's finalizer may run inside a locked section (GC)
+
+    @contextlib.contextmanager
+    def current(self, device: int) -> Iterator[None]:
+        """``device``'s primary context (the one PyTorch uses too) current in this thread for
+        the block, and whatever was current before it again afterwards: a thread's current
+        context is PyTorch's current device there, which mapping a model on another device (or
+        a finalizer unmapping one, on whatever thread the collector runs) must not change."""
+        self._check(self._lib.cuCtxPushCurrent_v2(self._primary(device)), "cuCtxPushCurrent")
+        try:
+            yield
+        finally:
+            self._lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
 
     # --- devices ------------------------------------------------------------------------
 
@@ -149,24 +165,26 @@ class Driver:
 
     def allocate(self, device: int, nbytes: int) -> Allocation:
         """Device memory of at least ``nbytes``, exportable as a file descriptor."""
-        self._use(device)
-        size = granules(nbytes, self.granularity(device))
-        handle = CUhandle()
-        self._check(self._lib.cuMemCreate(ctypes.byref(handle), ctypes.c_size_t(size), ctypes.byref(_prop(device)),
-                                          ctypes.c_ulonglong(0)), f"cuMemCreate({size} bytes)")
-        fd = ctypes.c_int(-1)
-        try:
-            self._check(self._lib.cuMemExportToShareableHandle(ctypes.byref(fd), handle, _HANDLE_POSIX_FD,
-                                                               ctypes.c_ulonglong(0)), "cuMemExportToShareableHandle")
-        except CudaError:
-            self._lib.cuMemRelease(handle)
-            raise
-        return Allocation(device=device, size=size, handle=handle.value, fd=fd.value)
+        with self.current(device):
+            size = granules(nbytes, self.granularity(device))
+            handle = CUhandle()
+            self._check(self._lib.cuMemCreate(ctypes.byref(handle), ctypes.c_size_t(size),
+                                              ctypes.byref(_prop(device)), ctypes.c_ulonglong(0)),
+                        f"cuMemCreate({size} bytes)")
+            fd = ctypes.c_int(-1)
+            try:
+                self._check(self._lib.cuMemExportToShareableHandle(ctypes.byref(fd), handle, _HANDLE_POSIX_FD,
+                                                                   ctypes.c_ulonglong(0)),
+                            "cuMemExportToShareableHandle")
+            except CudaError:
+                self._lib.cuMemRelease(handle)
+                raise
+            return Allocation(device=device, size=size, handle=handle.value, fd=fd.value)
 
     def release(self, device: int, handle: int) -> None:
         """Drop a handle; the memory is freed once no process maps it any more."""
-        self._use(device)
-        self._check(self._lib.cuMemRelease(CUhandle(handle)), "cuMemRelease")
+        with self.current(device):
+            self._check(self._lib.cuMemRelease(CUhandle(handle)), "cuMemRelease")
 
     def copy_to_device(self, pointer: int, source: int, nbytes: int, stream: int) -> None:
         self._check(self._lib.cuMemcpyHtoDAsync_v2(CUdeviceptr(pointer), ctypes.c_void_p(source),
@@ -179,28 +197,29 @@ class Driver:
 
     def pinned(self, device: int, nbytes: int) -> ctypes.Array:
         """Page-locked host memory (a staging buffer the copy engines read directly)."""
-        self._use(device)
-        pointer = ctypes.c_void_p()
-        self._check(self._lib.cuMemHostAlloc(ctypes.byref(pointer), ctypes.c_size_t(nbytes), 0), "cuMemHostAlloc")
-        return (ctypes.c_ubyte * nbytes).from_address(pointer.value)
+        with self.current(device):
+            pointer = ctypes.c_void_p()
+            self._check(self._lib.cuMemHostAlloc(ctypes.byref(pointer), ctypes.c_size_t(nbytes), 0),
+                        "cuMemHostAlloc")
+            return (ctypes.c_ubyte * nbytes).from_address(pointer.value)
 
     def free_pinned(self, buffer: ctypes.Array) -> None:
         self._lib.cuMemFreeHost(ctypes.c_void_p(ctypes.addressof(buffer)))
 
     def stream(self, device: int) -> int:
-        self._use(device)
-        stream = ctypes.c_void_p()
-        self._check(self._lib.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")  # non-blocking
-        return stream.value or 0
+        with self.current(device):
+            stream = ctypes.c_void_p()
+            self._check(self._lib.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")  # non-blocking
+            return stream.value or 0
 
     def destroy_stream(self, stream: int) -> None:
         self._lib.cuStreamDestroy_v2(ctypes.c_void_p(stream))
 
     def event(self, device: int) -> int:
-        self._use(device)
-        event = ctypes.c_void_p()
-        self._check(self._lib.cuEventCreate(ctypes.byref(event), 2), "cuEventCreate")  # no timing
-        return event.value or 0
+        with self.current(device):
+            event = ctypes.c_void_p()
+            self._check(self._lib.cuEventCreate(ctypes.byref(event), 2), "cuEventCreate")  # no timing
+            return event.value or 0
 
     def record(self, event: int, stream: int) -> None:
         self._check(self._lib.cuEventRecord(ctypes.c_void_p(event), ctypes.c_void_p(stream)), "cuEventRecord")
@@ -218,48 +237,48 @@ class Driver:
 
     def import_fd(self, device: int, fd: int) -> int:
         """The allocation behind an exported descriptor (the descriptor stays open)."""
-        self._use(device)
-        handle = CUhandle()
-        self._check(self._lib.cuMemImportFromShareableHandle(ctypes.byref(handle), ctypes.c_void_p(fd),
-                                                             _HANDLE_POSIX_FD), "cuMemImportFromShareableHandle")
-        return handle.value
+        with self.current(device):
+            handle = CUhandle()
+            self._check(self._lib.cuMemImportFromShareableHandle(ctypes.byref(handle), ctypes.c_void_p(fd),
+                                                                 _HANDLE_POSIX_FD), "cuMemImportFromShareableHandle")
+            return handle.value
 
     def map(self, device: int, handle: int, size: int, protection: int) -> Mapping:
         """Map ``handle`` at a fresh address with ``protection`` for ``device``."""
-        self._use(device)
-        pointer = CUdeviceptr()
-        self._check(self._lib.cuMemAddressReserve(ctypes.byref(pointer), ctypes.c_size_t(size), ctypes.c_size_t(0),
-                                                  CUdeviceptr(0), ctypes.c_ulonglong(0)), "cuMemAddressReserve")
-        try:
-            self._check(self._lib.cuMemMap(pointer, ctypes.c_size_t(size), ctypes.c_size_t(0), CUhandle(handle),
-                                           ctypes.c_ulonglong(0)), "cuMemMap")
+        with self.current(device):
+            pointer = CUdeviceptr()
+            self._check(self._lib.cuMemAddressReserve(ctypes.byref(pointer), ctypes.c_size_t(size),
+                                                      ctypes.c_size_t(0), CUdeviceptr(0), ctypes.c_ulonglong(0)),
+                        "cuMemAddressReserve")
             try:
-                access = _AccessDesc(_Location(_LOCATION_DEVICE, device), protection)
-                self._check(self._lib.cuMemSetAccess(pointer, ctypes.c_size_t(size), ctypes.byref(access),
-                                                     ctypes.c_size_t(1)), "cuMemSetAccess")
+                self._check(self._lib.cuMemMap(pointer, ctypes.c_size_t(size), ctypes.c_size_t(0), CUhandle(handle),
+                                               ctypes.c_ulonglong(0)), "cuMemMap")
+                try:
+                    access = _AccessDesc(_Location(_LOCATION_DEVICE, device), protection)
+                    self._check(self._lib.cuMemSetAccess(pointer, ctypes.c_size_t(size), ctypes.byref(access),
+                                                         ctypes.c_size_t(1)), "cuMemSetAccess")
+                except CudaError:
+                    self._lib.cuMemUnmap(pointer, ctypes.c_size_t(size))
+                    raise
             except CudaError:
-                self._lib.cuMemUnmap(pointer, ctypes.c_size_t(size))
+                self._lib.cuMemAddressFree(pointer, ctypes.c_size_t(size))
                 raise
-        except CudaError:
-            self._lib.cuMemAddressFree(pointer, ctypes.c_size_t(size))
-            raise
-        return Mapping(device=device, pointer=pointer.value, size=size, handle=handle, protection=protection)
+            return Mapping(device=device, pointer=pointer.value, size=size, handle=handle, protection=protection)
 
     def synchronize_device(self, device: int) -> None:
         """Wait for all work queued on ``device`` by this process (kernels may still read a
         mapping that nothing refers to any more)."""
-        self._use(device)
-        self._check(self._lib.cuCtxSynchronize(), "cuCtxSynchronize")
+        with self.current(device):
+            self._check(self._lib.cuCtxSynchronize(), "cuCtxSynchronize")
 
     def unmap(self, mapping: Mapping) -> None:
-        self._use(mapping.device)
-        self._lib.cuMemUnmap(CUdeviceptr(mapping.pointer), ctypes.c_size_t(mapping.size))
-        self._lib.cuMemAddressFree(CUdeviceptr(mapping.pointer), ctypes.c_size_t(mapping.size))
+        with self.current(mapping.device):
+            self._lib.cuMemUnmap(CUdeviceptr(mapping.pointer), ctypes.c_size_t(mapping.size))
+            self._lib.cuMemAddressFree(CUdeviceptr(mapping.pointer), ctypes.c_size_t(mapping.size))
 
     # --- plumbing -----------------------------------------------------------------------
 
-    def _use(self, device: int) -> None:
-        """Make ``device``'s primary context (the one PyTorch uses too) current in this thread."""
+    def _primary(self, device: int) -> ctypes.c_void_p:
         with self._lock:
             context = self._contexts.get(device)
             if context is None:
@@ -269,7 +288,7 @@ class Driver:
                 self._check(self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle),
                             "cuDevicePrimaryCtxRetain")
                 self._contexts[device] = context
-        self._check(self._lib.cuCtxSetCurrent(context), "cuCtxSetCurrent")
+            return context
 
     def _attribute(self, device: int, attribute: int) -> int:
         value, handle = ctypes.c_int(), ctypes.c_int()

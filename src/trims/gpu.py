@@ -94,7 +94,8 @@ class GpuTier(Tier):
         try:
             mapping = self._driver.map(self.device, allocation.handle, allocation.size, PROT_READWRITE)
             try:
-                self._upload(source, mapping.pointer, layout.size)
+                with self._driver.current(self.device):
+                    self._upload(source, mapping.pointer, layout.size)
             finally:
                 self._driver.unmap(mapping)
         except BaseException:
@@ -112,10 +113,11 @@ class GpuTier(Tier):
                                        PROT_READ if self.capabilities.read_only_mapping else PROT_READWRITE)
             try:
                 buffer = (ctypes.c_ubyte * min(STAGING_CHUNK, max(layout.size, 1)))()
-                for offset in range(0, layout.size, len(buffer)):
-                    n = min(len(buffer), layout.size - offset)
-                    self._driver.copy_to_host(ctypes.addressof(buffer), mapping.pointer + offset, n)
-                    _write_all(destination, memoryview(buffer)[:n], offset)
+                with self._driver.current(self.device):
+                    for offset in range(0, layout.size, len(buffer)):
+                        n = min(len(buffer), layout.size - offset)
+                        self._driver.copy_to_host(ctypes.addressof(buffer), mapping.pointer + offset, n)
+                        _write_all(destination, memoryview(buffer)[:n], offset)
             finally:
                 self._driver.unmap(mapping)
         finally:
@@ -136,7 +138,8 @@ class GpuTier(Tier):
                 self._staging = None
 
     def _upload(self, source: int, pointer: int, size: int) -> None:
-        """Read ``size`` bytes of ``source`` into device memory at ``pointer``, pipelined."""
+        """Read ``size`` bytes of ``source`` into device memory at ``pointer``, pipelined (in
+        this device's context)."""
         with self._staging_lock:
             if self._staging is None:
                 self._staging = (self._driver.pinned(self.device, STAGING_CHUNK),
