@@ -10,7 +10,7 @@
 # FAAS_ARGS="--phases latency --no-grid" measures the per-model latency table (Fig. 7) instead.
 # The device has no network: carry .whl with blake3 in it (bench/results/gpu/README.md).
 set -u -o pipefail
-. bench/device-env.sh
+. bench/device-env.sh || exit 1
 # What the run needs, checked before minutes go into building the zoo.
 python3 -c "import blake3, safetensors, torch, transformers; assert torch.cuda.is_available(), 'no CUDA device'" \
   2>&1 | tee "$OUT/preflight.log" || exit 1

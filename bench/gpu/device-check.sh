@@ -4,7 +4,7 @@
 # only or none; BENCH_ARGS passes flags to bench/gpu/run.py. Wheels the machine lacks
 # (blake3) come in .whl/ (see bench/results/gpu/README.md).
 set -u
-. bench/device-env.sh
+. bench/device-env.sh || exit 1
 run_tests() {
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_store.py \
     "tests/test_tiers.py::TestGpuTierLogic" "$@" 2>&1 | tee -a "$OUT/gpu-tests.log"
