@@ -13,7 +13,7 @@
 set -u
 started=$(date +%s)
 left() { echo $(( ${DEVICE_SECONDS:-540} - ($(date +%s) - started) )); }
-cap() { local l; l=$(( $(left) - 40 )); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }  # 40 s kept for packing
+cap() { local l; l=$(( $(left) - 40 )); [ "$l" -lt 30 ] && l=30; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }  # 40 s kept for packing
 . bench/device-env.sh || exit 1
 TESTS=only TEST_TIMEOUT=$(cap 300) bash bench/gpu/device-check.sh
 echo "== GPU tests done, $(left) s left"
@@ -24,7 +24,7 @@ if [ "$(cap 600)" -gt 60 ]; then
   TESTS=none BENCH_TIMEOUT=$(cap 600) BENCH_ARGS="--models resnet50 --repeats 1" bash bench/gpu/device-check.sh
 fi
 echo "== bench/gpu done, $(left) s left"
-cd "$OUT" && mkdir -p kept && for f in faas/faas.md gpu.md; do [ -f "$f" ] && cp "$f" "kept/$(basename "$f")"; done
+cd "$OUT" || exit 1; mkdir -p kept && for f in faas/faas.md gpu.md; do [ -f "$f" ] && cp "$f" "kept/$(basename "$f")"; done
 tar czf results.tgz --exclude=results.tgz --exclude=kept . && find . -mindepth 1 -maxdepth 1 \
   ! -name results.tgz ! -name kept ! -name gpu-tests.log ! -name nvidia-smi.txt -exec rm -rf {} + \
   && mv kept/* . 2>/dev/null; rmdir kept 2>/dev/null; ls -la

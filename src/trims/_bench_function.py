@@ -27,7 +27,8 @@ def main(spec: dict[str, Any]) -> None:
         _report(_failure(exc))
         return
     _report({"ready": True})
-    sys.stdin.readline()
+    if not sys.stdin.readline():  # end of input: the parent gave up before telling this one to go
+        return
     weights: dict = {}  # held until the parent lets this process go
     try:
         started = time.perf_counter()
