@@ -87,7 +87,9 @@ def _run_mode(client: Client, spec: dict[str, Any], count: int, burst: bool) -> 
     try:
         if burst:
             for _ in range(count):
-                functions.append(_start(spec))
+                functions.append(_Function(_spawn(spec)))  # their imports run side by side
+            for function in functions:
+                _read_report(function.process)  # its imports are done
             for function in functions:
                 function.go()
             for function in functions:
@@ -108,11 +110,15 @@ def _run_mode(client: Client, spec: dict[str, Any], count: int, burst: bool) -> 
     return {"samples": samples, "weights_pss": weights_pss, "daemon": _daemon_delta(before, after)}
 
 
+def _spawn(spec: dict[str, Any]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trims._bench_function", json.dumps(spec)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
 def _start(spec: dict[str, Any]) -> _Function:
-    process = subprocess.Popen([sys.executable, "-m", "trims._bench_function", json.dumps(spec)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    _read_report(process)  # its imports are done
-    return _Function(process)
+    function = _Function(_spawn(spec))
+    _read_report(function.process)  # its imports are done
+    return function
 
 
 def _result(function: _Function) -> dict[str, Any]:

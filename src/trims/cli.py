@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .bench import FRAMEWORKS
 from .client import Client, connect
 from .config import Settings, default_socket_path, format_size, parse_size
 from .errors import ConfigError, TrimsError
@@ -147,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="function processes to start (default: 4)")
     bench.add_argument("--burst", action="store_true",
                        help="start them all at once, as a scale-out from nothing (default: one after another)")
-    bench.add_argument("--framework", choices=["numpy", "torch"], default="numpy",
+    bench.add_argument("--framework", choices=FRAMEWORKS, default="numpy",
                        help="get the weights as NumPy arrays or torch tensors (default: numpy)")
     bench.add_argument("--plain", type=Path, default=None,
                        help="the .safetensors file (or directory of them) the model came from: also time loading it "
